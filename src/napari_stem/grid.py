@@ -1,0 +1,47 @@
+"""Spots for slides without spatial data: a Visium-like hexagonal grid over detected tissue."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from napari_stem.slide import Slide
+from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, Spots, hex_grid
+from napari_stem.tissue import tissue_fraction_at, tissue_mask_from_rgb
+
+#: Longest edge of the overview the tissue mask is computed on.
+_MASK_MAX_SIZE = 2048
+
+
+def spots_over_tissue(
+    slide: Slide,
+    pitch_um: float = VISIUM_PITCH_UM,
+    diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+    min_tissue_fraction: float = 0.5,
+) -> Spots:
+    """Hexagonal spots (Visium: 100 µm pitch, 55 µm spots; legacy ST: 200/100) over the tissue.
+
+    Only spots whose footprint is at least ``min_tissue_fraction`` tissue are kept. Spots carry
+    Visium-like ``array_row``/``array_col`` and barcodes ``"<row>x<col>"``.
+    """
+    mpp = slide.require_mpp()
+    overview, scale = slide.thumbnail(_MASK_MAX_SIZE)
+    mask = tissue_mask_from_rgb(overview)
+    height_px, width_px = slide.shape
+    layout = hex_grid(width_px * mpp, height_px * mpp, pitch_um, origin_um=(pitch_um / 2, pitch_um / 2))
+    centers_px = np.stack([layout["x_um"].to_numpy(), layout["y_um"].to_numpy()], axis=1) / mpp
+    radius_px = diameter_um / 2 / mpp
+    fraction = tissue_fraction_at(mask, scale, centers_px, radius_px)
+    keep = fraction >= min_tissue_fraction
+    layout = layout[keep].reset_index(drop=True)
+    barcodes = np.array([f"{r}x{c}" for r, c in zip(layout["array_row"], layout["array_col"], strict=True)], dtype=object)
+    obs = pd.DataFrame(
+        {
+            "in_tissue": np.ones(len(layout), dtype=np.int64),
+            "array_row": layout["array_row"].to_numpy(),
+            "array_col": layout["array_col"].to_numpy(),
+            "tissue_fraction": fraction[keep],
+        },
+        index=pd.Index(barcodes.astype(str), name="barcode"),
+    )
+    return Spots(centers_px=centers_px[keep], diameter_px=diameter_um / mpp, mpp=mpp, barcodes=barcodes, obs=obs)

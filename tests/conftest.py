@@ -1,0 +1,64 @@
+"""Shared fixtures: real demo files (cached), a small synthetic HEST dataset, isolated napari settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_napari_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep napari's settings out of the user's home; keep the asset cache shared."""
+    settings = tmp_path_factory.mktemp("napari-settings")
+    os.environ["NAPARI_CONFIG"] = str(settings / "settings.yaml")
+    os.environ.setdefault("NAPARI_STEM_CACHE", str(Path.home() / ".cache" / "napari-stem"))
+
+
+@pytest.fixture(scope="session")
+def demo_slide_file() -> Path:
+    """The real H&E slide cmu_small_region.svs (2220 × 2967 px, 0.499 µm/px)."""
+    from napari_stem.datasets import demo_slide_path
+
+    return demo_slide_path()
+
+
+@pytest.fixture(scope="session")
+def synthetic_hest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four small synthetic HEST samples (two patients), 30 genes; shared read-only by tests."""
+    from napari_stem.synthetic import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("synthetic_hest")
+    make_demo_dataset(root, n_slides=4, n_genes=30, seed=7, slide_size_um=1200.0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def spaceranger_outs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scanpy's real mini spaceranger ``outs/`` (Visium 1.0.0), from the scanpy sdist, cached."""
+    from napari_stem.datasets import cache_dir
+
+    target = cache_dir() / "scanpy-visium-1.0.0"
+    if not (target / "filtered_feature_bc_matrix.h5").exists():
+        download = tmp_path_factory.mktemp("scanpy-sdist")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "scanpy==1.11.5", "-d", str(download)],
+            check=True,
+            capture_output=True,
+        )
+        archive = next(download.glob("scanpy-*.tar.gz"))
+        prefix = "scanpy-1.11.5/tests/_data/visium_data/1.0.0/"
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
+            partial = target.with_name(target.name + ".part")
+            for member in members:
+                member.name = member.name[len(prefix) :]
+                tar.extract(member, partial, filter="data")
+        partial.replace(target)
+    return target

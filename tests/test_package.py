@@ -1,0 +1,101 @@
+"""Packaging: the manifest validates and ships, imports stay light, the CLI explains itself."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+CORE_DIR = ROOT / "src" / "napari_stem"
+BIN = Path(sys.executable).parent
+
+
+def test_import_is_light() -> None:
+    code = "import sys, napari_stem; print(sorted(m for m in ('torch', 'napari', 'qtpy', 'PyQt6', 'magicgui', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_core_modules_import_no_gui() -> None:
+    """Only the npe2 contributions (files starting with '_') may touch napari, Qt or magicgui."""
+    gui = {"napari", "qtpy", "PyQt6", "PyQt5", "PySide6", "magicgui", "superqt"}
+    offenders = []
+    for path in CORE_DIR.glob("*.py"):
+        if path.name.startswith("_"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in gui]
+    assert offenders == []
+
+
+def test_training_toolkit_is_not_imported_by_core() -> None:
+    for path in CORE_DIR.rglob("*.py"):
+        assert "stem_train" not in path.read_text(), path
+
+
+def test_npe2_validate() -> None:
+    result = subprocess.run([str(BIN / "npe2"), "validate", "napari-stem"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid" in result.stdout
+
+
+def test_wheel_ships_manifest_and_both_packages(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT), "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("napari_stem-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        manifest = archive.read("napari_stem/napari.yaml").decode()
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "napari_stem/slide.py" in names and "stem_train/cli.py" in names
+    assert manifest == (ROOT / "napari.yaml").read_text()
+    assert "napari-stem = napari_stem:napari.yaml" in entry_points
+    assert "stem-train = stem_train.cli:main" in entry_points
+
+
+def test_stem_train_help_explains_itself() -> None:
+    result = subprocess.run([str(BIN / "stem-train"), "--help"], capture_output=True, text=True, check=True)
+    assert "make-demo-data" in result.stdout
+    sub = subprocess.run([str(BIN / "stem-train"), "make-demo-data", "--help"], capture_output=True, text=True, check=True)
+    for option in ("--slides", "--genes", "--seed", "--source"):
+        assert option in sub.stdout
+
+
+def test_stem_train_make_demo_data(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "stem-train"), "make-demo-data", str(tmp_path / "d"), "--slides", "1", "--genes", "8", "--size-um", "500"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SYN000" in result.stdout and str(tmp_path / "d") in result.stdout
+    assert (tmp_path / "d" / "wsis" / "SYN000.tif").exists()
+
+
+def test_stem_train_reports_errors_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "notaslide.svs").write_text("x")
+    result = subprocess.run(
+        [str(BIN / "stem-train"), "make-demo-data", str(tmp_path / "d"), "--source", str(tmp_path / "notaslide.svs")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "notaslide.svs" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script", ["scripts/test", "scripts/demo", "scripts/setup", ".ci/run"])
+def test_scripts_are_valid_bash(script: str) -> None:
+    subprocess.run(["bash", "-n", str(ROOT / script)], check=True)

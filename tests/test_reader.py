@@ -1,0 +1,70 @@
+"""npe2 reader and sample data: sniffing, layer data, and what napari shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_stem._reader import get_reader
+
+
+def test_get_reader_only_sniffs(tmp_path: Path, demo_slide_file: Path, synthetic_hest: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    assert get_reader(str(tmp_path / "notes.txt")) is None
+    assert get_reader(str(tmp_path / "missing.png")) is None
+    assert get_reader(str(tmp_path)) is None  # a folder that is not HEST
+    assert get_reader([str(demo_slide_file), str(demo_slide_file)]) is None
+    assert get_reader(str(demo_slide_file)) is not None
+    assert get_reader(str(synthetic_hest / "st" / "SYN000.h5ad")) is not None
+    assert get_reader(str(synthetic_hest)) is not None
+
+
+def test_slide_layer_data_in_microns(demo_slide_file: Path) -> None:
+    reader = get_reader(str(demo_slide_file))
+    ((data, kwargs, layer_type),) = reader(str(demo_slide_file))
+    assert layer_type == "image"
+    assert kwargs["rgb"] and kwargs["contrast_limits"] == (0, 255)
+    assert kwargs["scale"] == (0.499, 0.499) and kwargs["units"] == ("um", "um")
+    assert kwargs["metadata"]["mpp"] == 0.499
+    assert data.shape == (2967, 2220, 3)
+
+
+def test_hest_folder_opens_slide_and_spots_in_one_frame(synthetic_hest: Path) -> None:
+    layers = get_reader(str(synthetic_hest))(str(synthetic_hest))
+    (image, image_kwargs, image_type), (points, points_kwargs, points_type) = layers
+    assert (image_type, points_type) == ("image", "points")
+    assert image_kwargs["multiscale"] and len(image) >= 3
+    assert image_kwargs["scale"] == (0.5, 0.5)
+    assert points_kwargs["size"] == pytest.approx(55.0)  # µm
+    assert points.max() <= 2400 * 0.5  # spot coordinates in µm, inside the slide
+    assert list(points_kwargs["features"].columns[:3]) == ["barcode", "in_tissue", "array_row"]
+
+
+@pytest.mark.gui
+def test_napari_shows_slide_and_spots(make_napari_viewer, qtbot, synthetic_hest: Path) -> None:  # noqa: ANN001
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(synthetic_hest), plugin="napari-stem")
+    image, points = viewer.layers
+    assert image.multiscale and image.rgb
+    assert tuple(points.units) == tuple(image.units)
+    viewer.reset_view()
+    qtbot.wait(300)
+    shot = viewer.screenshot(canvas_only=True)
+    rgb = shot[..., :3].astype(int)
+    pinkish = (rgb[..., 0] > 150) & (rgb[..., 2] > 120) & (rgb[..., 1] < rgb[..., 0] - 30)
+    assert pinkish.mean() > 0.02  # tissue is drawn
+    cyan = (rgb[..., 1] > 200) & (rgb[..., 2] > 200) & (rgb[..., 0] < 80)
+    assert cyan.sum() > 50  # spot outlines are drawn
+
+
+@pytest.mark.gui
+def test_sample_data_demo_slide(make_napari_viewer) -> None:  # noqa: ANN001
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-stem", "demo_slide")
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["demo H&E", "demo spots"]
+    spots = viewer.layers["demo spots"]
+    assert 30 < len(spots.data) < 170
+    assert np.allclose(spots.size, 55.0)

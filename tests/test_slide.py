@@ -1,0 +1,152 @@
+"""Slide I/O: lazy pyramids from OpenSlide and tifffile, physical-size patches, bad files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import openslide
+import pytest
+
+from napari_stem.errors import SlideError
+from napari_stem.slide import open_slide
+from napari_stem.synthetic import write_pyramidal_tiff
+
+
+@pytest.fixture
+def gradient_tiff(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A lossless 1100 × 900 px pyramidal TIFF at 0.5 µm/px whose pixels encode their position."""
+    yy, xx = np.mgrid[0:1100, 0:900]
+    image = np.stack([xx % 256, yy % 256, (xx // 256) * 40 + (yy // 256)], axis=-1).astype(np.uint8)
+    path = tmp_path / "gradient.tif"
+    write_pyramidal_tiff(path, image, mpp=0.5, compression="zlib", tile=256)
+    return path, image
+
+
+def test_real_svs_opens_lazily_with_its_pixel_size(demo_slide_file: Path) -> None:
+    slide = open_slide(demo_slide_file)
+    assert slide.backend == "openslide"
+    assert slide.shape == (2967, 2220)
+    assert slide.mpp == pytest.approx(0.499)
+    assert isinstance(slide.levels[0], da.Array)
+    assert slide.levels[0].chunks[0][0] == 240  # Aperio's native tile height
+    assert slide.levels[0].shape == (2967, 2220, 3)
+
+
+def test_real_svs_region_matches_openslide(demo_slide_file: Path) -> None:
+    slide = open_slide(demo_slide_file)
+    ours = slide.read_region(1000, 1200, 300, 200)
+    reference = np.asarray(openslide.OpenSlide(str(demo_slide_file)).read_region((1000, 1200), 0, (300, 200)))[..., :3]
+    np.testing.assert_array_equal(ours, reference)
+    lazy = np.asarray(slide.levels[0][1200:1400, 1000:1300])
+    np.testing.assert_array_equal(lazy, reference)
+
+
+def test_real_svs_patches_in_microns(demo_slide_file: Path) -> None:
+    slide = open_slide(demo_slide_file)
+    patch = slide.read_patch((1100.0, 1500.0), size_um=112.0, target_mpp=0.5)
+    assert patch.shape == (224, 224, 3) and patch.dtype == np.uint8
+    assert patch.std() > 10  # real tissue, not blank
+    native = slide.read_native_crop((1100.4, 1500.6), spot_diameter_px=110.2)
+    assert native.shape == (224, 224, 3)
+    np.testing.assert_array_equal(native, slide.read_region(988, 1389, 224, 224))
+    big = slide.read_native_crop((1100, 1500), spot_diameter_px=301.0)
+    assert big.shape == (300, 300, 3)
+
+
+def test_generated_tiff_pyramid_in_both_backends(gradient_tiff: tuple[Path, np.ndarray]) -> None:
+    path, image = gradient_tiff
+    by_tifffile = open_slide(path)
+    by_openslide = open_slide(path, backend="openslide")
+    assert by_tifffile.backend == "tifffile"
+    for slide in (by_tifffile, by_openslide):
+        assert slide.mpp == pytest.approx(0.5)
+        assert slide.level_count == 3
+        assert slide.shape == (1100, 900)
+        assert slide.downsamples[1] == pytest.approx(2.0)
+        np.testing.assert_array_equal(slide.read_region(130, 270, 300, 250), image[270:520, 130:430])
+    assert by_tifffile.levels[0].chunksize[:2] == (256, 256)
+    assert openslide.OpenSlide(str(path)).level_count == 3  # every level is a top-level page
+
+
+def test_region_outside_slide_is_filled(gradient_tiff: tuple[Path, np.ndarray]) -> None:
+    path, image = gradient_tiff
+    slide = open_slide(path)
+    region = slide.read_region(-10, -5, 30, 20)
+    assert (region[:5] == 255).all() and (region[:, :10] == 255).all()
+    np.testing.assert_array_equal(region[5:, 10:], image[0:15, 0:20])
+    assert (slide.read_region(5000, 5000, 4, 4, fill=0) == 0).all()
+
+
+def test_patch_reads_from_coarser_level_when_target_is_coarser(gradient_tiff: tuple[Path, np.ndarray]) -> None:
+    path, _ = gradient_tiff
+    slide = open_slide(path)
+    assert slide.best_level_for_mpp(0.5) == 0
+    assert slide.best_level_for_mpp(1.0) == 1
+    assert slide.best_level_for_mpp(1.5) == 1
+    patch = slide.read_patch((450.0, 550.0), size_um=112.0, target_mpp=1.0)
+    assert patch.shape == (112, 112, 3)
+    expected = slide.read_region(225 - 56, 275 - 56, 112, 112, level=1)
+    np.testing.assert_array_equal(patch, expected)
+
+
+def test_mpp_override_and_missing_mpp(tmp_path: Path, gradient_tiff: tuple[Path, np.ndarray]) -> None:
+    import tifffile
+
+    path, image = gradient_tiff
+    assert open_slide(path, mpp=0.25).mpp == 0.25
+    bare = tmp_path / "bare.tif"
+    tifffile.imwrite(bare, image, tile=(256, 256), photometric="rgb")
+    slide = open_slide(bare)
+    assert slide.mpp is None
+    with pytest.raises(SlideError, match=r"bare\.tif.*no pixel size.*mpp="):
+        slide.read_patch((100, 100), 112, 0.5)
+
+
+def test_truncated_tiff_is_refused_naming_the_file(tmp_path: Path, gradient_tiff: tuple[Path, np.ndarray]) -> None:
+    path, _ = gradient_tiff
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(SlideError, match=r"truncated\.tif.*(truncated|corrupt)"):
+        open_slide(truncated)
+
+
+def test_truncated_svs_is_refused(tmp_path: Path, demo_slide_file: Path) -> None:
+    truncated = tmp_path / "cut.svs"
+    truncated.write_bytes(demo_slide_file.read_bytes()[:300_000])
+    with pytest.raises(SlideError, match=r"cut\.svs"):
+        open_slide(truncated)
+
+
+def test_non_slide_files_are_refused(tmp_path: Path) -> None:
+    text = tmp_path / "notes.tif"
+    text.write_text("this is not an image")
+    with pytest.raises(SlideError, match=r"notes\.tif"):
+        open_slide(text)
+    png = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(png)
+    with pytest.raises(SlideError, match=r"photo\.png.*not a slide"):
+        open_slide(png)
+    with pytest.raises(SlideError, match=r"missing\.svs.*does not exist"):
+        open_slide(tmp_path / "missing.svs")
+    gray = tmp_path / "gray.tif"
+    import tifffile
+
+    tifffile.imwrite(gray, np.zeros((64, 64), np.uint16))
+    with pytest.raises(SlideError, match=r"gray\.tif.*not an RGB"):
+        open_slide(gray)
+
+
+def test_thumbnail_scale(demo_slide_file: Path, tmp_path: Path) -> None:
+    slide = open_slide(demo_slide_file)
+    thumb, scale = slide.thumbnail(500)
+    assert max(thumb.shape[:2]) == 500
+    assert scale == pytest.approx(500 / 2967)
+    copy = tmp_path / "copy.svs"
+    shutil.copy(demo_slide_file, copy)
+    with open_slide(copy) as slide:
+        assert slide.shape == (2967, 2220)

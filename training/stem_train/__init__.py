@@ -1,0 +1,1 @@
+"""stem-train: the training toolkit of napari-stem (console script ``stem-train``)."""
