@@ -1,0 +1,412 @@
+"""napari-stem checkpoints: a folder with ``weights.safetensors`` and ``config.json``.
+
+Why our own format: the reference saves bare state dicts (no architecture, no gene list) or pickled
+whole modules, which run arbitrary code when loaded. Ours holds the architecture, the ordered gene
+list, the target transform, the embedding spec and provenance next to safetensors weights, and
+loading it never unpickles anything. Writes are atomic: a temporary folder renamed into place.
+
+Reference trainer checkpoints ({"model", "ema", "opt"} state dicts) are imported with
+``torch.load(weights_only=True)``; released "full model" pickles are refused with a recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from napari_stem.errors import CheckpointError, describe_path
+from napari_stem.model import StemConfig, StemModel
+
+FORMAT_NAME = "napari-stem-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+EMA_PREFIX, MODEL_PREFIX = "ema.", "model."
+REFERENCE_HEADS = 6  # the reference's default for hidden 384; not recoverable from weights
+
+# Reference (Stem/models.py) parameter-name prefixes -> ours; everything else is identical.
+REFERENCE_RENAMES = {
+    "gene_joint_embed.gene_name_ebd": "gene_embed.identity_table",
+    "gene_joint_embed.gene_count_ebd.": "gene_embed.value_mlp.",
+    "label_embed.": "cond_embed.",
+}
+
+CONVERT_FULL_MODEL_RECIPE = """\
+# in a trusted environment where the reference code (Stem/) is importable:
+import torch
+full_model = torch.load("FULL_MODEL.pt", weights_only=False, map_location="cpu")
+torch.save({"ema": full_model.state_dict()}, "FULL_MODEL_state_dict.pt")"""
+
+
+@dataclass
+class StemCheckpoint:
+    """A loaded checkpoint: the EMA model in eval mode plus everything needed to use it."""
+
+    path: Path
+    config: StemConfig
+    genes: list[str]
+    target_transform: str
+    model: StemModel
+    embedding: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+
+def reference_to_ours(state_dict: dict) -> dict:
+    return {_rename(k, REFERENCE_RENAMES): v for k, v in state_dict.items()}
+
+
+def ours_to_reference(state_dict: dict) -> dict:
+    inverse = {v: k for k, v in REFERENCE_RENAMES.items()}
+    return {_rename(k, inverse): v for k, v in state_dict.items()}
+
+
+def _rename(key: str, prefixes: dict[str, str]) -> str:
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+# -- saving ---------------------------------------------------------------------------------
+
+def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
+                    target_transform: str = "log2p1", embedding: dict | None = None,
+                    provenance: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a checkpoint folder atomically; returns its path.
+
+    ``ema`` (the weights used for sampling) and the optional ``model`` (raw training weights) are
+    modules or state dicts of a :class:`StemModel` built from ``config``. ``embedding`` describes
+    the condition (encoder name, dim, patch mode, patch size µm, µm/px...) and ``provenance`` the
+    run (steps, data); both are stored as given and must be JSON-serialisable.
+    """
+    path = Path(path)
+    genes = [str(g) for g in genes]
+    if len(genes) != config.n_genes:
+        raise CheckpointError(
+            f"cannot save {describe_path(path)}: {len(genes)} gene names for a model of "
+            f"{config.n_genes} genes")
+    if len(set(genes)) != len(genes):
+        raise CheckpointError(f"cannot save {describe_path(path)}: the gene list has duplicates")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{describe_path(path)} already exists; pass overwrite=True to replace it")
+    tensors = {}
+    for prefix, weights in ((EMA_PREFIX, ema), (MODEL_PREFIX, model)):
+        if weights is None:
+            continue
+        state = _validated_state_dict(weights, config, f"{describe_path(path)} ({prefix[:-1]})")
+        tensors.update({prefix + k: v.detach().to("cpu", torch.float32).contiguous().clone()
+                        for k, v in state.items()})
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "architecture": config.to_dict(),
+        "genes": genes,
+        "target_transform": target_transform,
+        "embedding": dict(embedding or {}),
+        "provenance": dict(provenance or {}),
+        "weights": {"file": WEIGHTS_FILE, "ema": True, "model": model is not None},
+    }
+    config_text = json.dumps(metadata, indent=1, default=_json_value)  # fails before any write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        _write_weights(tensors, staging / WEIGHTS_FILE)
+        with open(staging / CONFIG_FILE, "w", encoding="utf-8") as f:
+            f.write(config_text)
+            f.flush()
+            os.fsync(f.fileno())
+        _swap_into_place(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _json_value(value):
+    """numpy scalars/arrays and paths in embedding specs or provenance, as JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable: {value!r}")
+
+
+def _write_weights(tensors: dict, file: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _swap_into_place(staging: Path, path: Path) -> None:
+    """Rename the finished folder to ``path``; an old checkpoint there is removed only after."""
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, retired / path.name)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(retired / path.name, path)
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _validated_state_dict(weights, config: StemConfig, where: str) -> dict:
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in StemModel(config).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state)
+                         if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"weights for {where} do not fit the architecture {config.to_dict()}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}")
+    return state
+
+
+# -- loading --------------------------------------------------------------------------------
+
+def _checkpoint_dir(path) -> Path:
+    path = Path(path)
+    if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = path.parent
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {describe_path(path)} does not exist")
+    if path.is_file():
+        hint = (" It looks like a reference PyTorch checkpoint: convert it with "
+                "import_reference_checkpoint()." if path.suffix in (".pt", ".pth", ".ckpt") else "")
+        raise CheckpointError(
+            f"{describe_path(path)} is a file, but a napari-stem checkpoint is a folder holding "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE}.{hint}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"checkpoint {describe_path(path)} has no {name}")
+    return path
+
+
+def read_metadata(path) -> dict:
+    """The checkpoint's JSON (architecture, genes, embedding spec...) without loading weights."""
+    folder = _checkpoint_dir(path)
+    try:
+        metadata = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {describe_path(folder / CONFIG_FILE)}: {exc}") from exc
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{describe_path(folder / CONFIG_FILE)} is not a napari-stem checkpoint config")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{describe_path(folder)} has format version {metadata['format_version']}; this "
+            f"napari-stem reads up to {FORMAT_VERSION}. Update napari-stem.")
+    return metadata
+
+
+def load_checkpoint(path, *, expected_genes=None, expected_cond_dim: int | None = None,
+                    map_location="cpu", weights: str = "ema") -> StemCheckpoint:
+    """Load a checkpoint folder; the model gets the EMA weights (or ``weights="model"``), eval mode.
+
+    ``expected_genes`` (ordered) and ``expected_cond_dim`` are what the caller will use the model
+    with; a mismatch raises :class:`CheckpointError` naming both sides. ``map_location`` is a
+    device, or "auto" for CUDA when available.
+    """
+    folder = _checkpoint_dir(path)
+    metadata = read_metadata(folder)
+    try:
+        config = StemConfig.from_dict(metadata["architecture"])
+        genes = [str(g) for g in metadata["genes"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{describe_path(folder / CONFIG_FILE)} is malformed: {exc}") from exc
+    embedding = metadata.get("embedding", {})
+    check_compatible(folder, genes, config.cond_dim, embedding, expected_genes, expected_cond_dim)
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    state = _read_weights(folder / WEIGHTS_FILE, EMA_PREFIX if weights == "ema" else MODEL_PREFIX)
+    _validated_state_dict(state, config, describe_path(folder))
+    if str(map_location) == "auto":
+        map_location = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device("meta"):  # skip the random init the weights overwrite anyway
+        model = StemModel(config)
+    model.load_state_dict(state, assign=True)
+    model.to(map_location).eval()
+    return StemCheckpoint(path=folder, config=config, genes=genes,
+                          target_transform=metadata.get("target_transform", "log2p1"), model=model,
+                          embedding=embedding, provenance=metadata.get("provenance", {}))
+
+
+def _read_weights(file: Path, prefix: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read weights {describe_path(file)}: {exc}") from exc
+    if not state:
+        raise CheckpointError(f"{describe_path(file)} holds no '{prefix[:-1]}' weights")
+    return state
+
+
+def check_compatible(path, genes, cond_dim, embedding, expected_genes=None,
+                     expected_cond_dim=None) -> None:
+    """Raise CheckpointError when the checkpoint's genes or condition dim differ from the caller's."""
+    if expected_cond_dim is not None and int(expected_cond_dim) != cond_dim:
+        encoder = embedding.get("encoder")
+        made_with = f" (made with encoder '{encoder}')" if encoder else ""
+        raise CheckpointError(
+            f"checkpoint {describe_path(path)} expects {cond_dim}-dim embeddings{made_with}, "
+            f"but the embeddings given are {expected_cond_dim}-dim. Extract embeddings with the "
+            f"checkpoint's encoder.")
+    if expected_genes is not None:
+        expected = [str(g) for g in expected_genes]
+        if expected != list(genes):
+            raise CheckpointError(
+                f"checkpoint {describe_path(path)} predicts {len(genes)} genes "
+                f"{_preview(genes)}, but {len(expected)} genes {_preview(expected)} were expected: "
+                f"{_gene_difference(list(genes), expected)}")
+
+
+def _preview(genes, n: int = 4) -> str:
+    shown = ", ".join(genes[:n])
+    return f"[{shown}{', ...' if len(genes) > n else ''}]"
+
+
+def _gene_difference(in_checkpoint: list[str], expected: list[str]) -> str:
+    only_checkpoint = [g for g in in_checkpoint if g not in set(expected)]
+    only_expected = [g for g in expected if g not in set(in_checkpoint)]
+    if not only_checkpoint and not only_expected:
+        first = next(i for i, (a, b) in enumerate(zip(in_checkpoint, expected)) if a != b)
+        return (f"same genes in a different order (position {first}: '{in_checkpoint[first]}' "
+                f"in the checkpoint, '{expected[first]}' expected)")
+    return (f"{len(only_expected)} expected genes are not in the checkpoint {_preview(only_expected)}; "
+            f"{len(only_checkpoint)} checkpoint genes were not expected {_preview(only_checkpoint)}")
+
+
+# -- reference import -----------------------------------------------------------------------
+
+def import_reference_checkpoint(pt_path, gene_list_file, *, num_heads: int | None = None,
+                                out_path=None, target_transform: str = "log2p1",
+                                embedding: dict | None = None, provenance: dict | None = None,
+                                overwrite: bool = False, map_location="cpu") -> StemCheckpoint:
+    """Load a reference trainer checkpoint ({"model", "ema", "opt"} or {"ema"}) safely.
+
+    The architecture comes from the tensor shapes; the head count cannot, so ``num_heads`` is
+    required unless the hidden size is the reference default 384 (6 heads). The gene list file
+    (one symbol per line, the trainer's ``selected_gene_list.txt``) must match the checkpoint's
+    gene count. With ``out_path`` the result is also saved in our format.
+    """
+    pt_path = Path(pt_path)
+    raw = _torch_load_weights_only(pt_path)
+    ema_state, model_state = _reference_state_dicts(raw, pt_path)
+    config = infer_reference_config(ema_state, num_heads=num_heads, source=pt_path)
+    genes = read_gene_list(gene_list_file)
+    if len(genes) != config.n_genes:
+        raise CheckpointError(
+            f"gene list {describe_path(gene_list_file)} has {len(genes)} genes, but checkpoint "
+            f"{describe_path(pt_path)} was trained on {config.n_genes}")
+    model = StemModel(config)
+    model.load_state_dict(_validated_state_dict(reference_to_ours(ema_state), config,
+                                                describe_path(pt_path)))
+    step = int(pt_path.stem) if pt_path.stem.isdigit() else None
+    provenance = {"source": "reference-import", "reference_file": pt_path.name,
+                  "steps": step, "gene_list_file": Path(gene_list_file).name,
+                  "weights": "ema" if "ema" in raw else "model" if "model" in raw else "state_dict",
+                  **(provenance or {})}
+    embedding = dict(embedding or {})
+    if out_path is not None:
+        save_checkpoint(out_path, config=config, genes=genes, ema=model,
+                        model=reference_to_ours(model_state) if model_state is not None else None,
+                        target_transform=target_transform, embedding=embedding,
+                        provenance=provenance, overwrite=overwrite)
+    model.to(map_location).eval()
+    return StemCheckpoint(path=Path(out_path) if out_path is not None else pt_path, config=config,
+                          genes=genes, target_transform=target_transform, model=model,
+                          embedding=embedding, provenance=provenance)
+
+
+def _torch_load_weights_only(pt_path: Path):
+    if not pt_path.is_file():
+        raise CheckpointError(f"reference checkpoint {describe_path(pt_path)} does not exist")
+    try:
+        return torch.load(pt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # A class reference in the pickle (torch >= 2.4: "global", older: "class") is a module.
+        if re.search(r"Unsupported (global|class)", str(exc)):
+            recipe = CONVERT_FULL_MODEL_RECIPE.replace("FULL_MODEL", pt_path.stem)
+            raise CheckpointError(
+                f"{describe_path(pt_path)} is a pickled full model, not a state dict. Loading it "
+                f"would run arbitrary code stored in the file, so napari-stem refuses. If you "
+                f"trust its source, convert it once to a state dict:\n{recipe}\n"
+                f"then import the converted file.") from exc
+        # torch's own text would suggest weights_only=False, which is never right for junk.
+        raise CheckpointError(
+            f"cannot read {describe_path(pt_path)} as a PyTorch checkpoint: it is corrupt or was "
+            f"not written by torch.save") from exc
+    except Exception as exc:  # torch.load reports junk as KeyError, EOFError, RuntimeError...
+        raise CheckpointError(
+            f"cannot read {describe_path(pt_path)} as a PyTorch checkpoint: "
+            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _reference_state_dicts(raw, pt_path: Path) -> tuple[dict, dict | None]:
+    """(weights to sample with, raw training weights or None) from a reference checkpoint."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{describe_path(pt_path)} does not hold a state dict")
+    if "ema" in raw or "model" in raw:
+        ema = raw.get("ema", raw.get("model"))
+        return ema, raw.get("model") if "ema" in raw else None
+    if "gene_joint_embed.gene_name_ebd" in raw:  # a bare state dict, as find_model() accepts
+        return raw, None
+    raise CheckpointError(
+        f"{describe_path(pt_path)} holds neither 'ema'/'model' state dicts nor Stem weights "
+        f"(keys: {sorted(raw)[:5]})")
+
+
+def infer_reference_config(state_dict: dict, *, num_heads: int | None = None,
+                           source="checkpoint") -> StemConfig:
+    """Architecture from reference tensor shapes (genes, condition dim, hidden, depth, MLP ratio)."""
+    try:
+        n_genes, hidden = state_dict["gene_joint_embed.gene_name_ebd"].shape
+        cond_dim = state_dict["label_embed.0.weight"].shape[1]
+        mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"{describe_path(source)} is not a Stem state dict: no {exc}") from exc
+    depth = len({m.group(1) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if num_heads is None:
+        if hidden != 384:
+            raise CheckpointError(
+                f"{describe_path(source)} has hidden size {hidden}; the number of attention heads "
+                f"is not stored in the weights, pass num_heads (the --num_heads used in training)")
+        num_heads = REFERENCE_HEADS
+    try:
+        return StemConfig(n_genes=int(n_genes), cond_dim=int(cond_dim), hidden_size=int(hidden),
+                          depth=depth, num_heads=int(num_heads), mlp_ratio=mlp_hidden / hidden)
+    except ValueError as exc:
+        raise CheckpointError(f"{describe_path(source)}: {exc}") from exc
+
+
+def read_gene_list(path) -> list[str]:
+    """One gene symbol per line (blank lines ignored), as the reference's selected_gene_list.txt."""
+    path = Path(path)
+    try:
+        genes = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except OSError as exc:
+        raise CheckpointError(f"cannot read gene list {describe_path(path)}: {exc}") from exc
+    genes = [g for g in genes if g]
+    if len(set(genes)) != len(genes):
+        raise CheckpointError(f"gene list {describe_path(path)} has duplicate genes")
+    return genes

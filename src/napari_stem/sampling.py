@@ -1,0 +1,208 @@
+"""Draw expression samples per spot from patch embeddings: what the plugin and the CLI call.
+
+Spots are processed in batches; each batch runs all its spots x samples through one forward per
+step (spot-major rows, as the reference: rows j*K .. j*K+K-1 are spot j). ``iter_sample`` yields
+after every batch so callers can show progress and stop early. All noise of spot j comes from its
+own generator seeded by (seed, j), drawn on the CPU, so a seed gives the same numbers whatever the
+batch size or device. The model's condition MLP runs once per batch, not once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_stem.checkpoint import StemCheckpoint, check_compatible, load_checkpoint
+from napari_stem.diffusion import N_TRAIN_STEPS, create_diffusion
+from napari_stem.model import StemModel
+
+ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # spots x samples per forward, by default
+VARIANCE_DDOF = 1  # unbiased sample variance over the K samples of a spot
+
+
+@dataclass
+class SampleBatch:
+    """Progress event: results for spots [start, stop) once their batch has finished."""
+
+    start: int
+    stop: int
+    total_spots: int
+    mean: np.ndarray  # (stop - start, G)
+    variance: np.ndarray  # (stop - start, G), ddof = VARIANCE_DDOF
+    samples: np.ndarray | None = None  # (stop - start, K, G) with keep_samples
+    quantiles: np.ndarray | None = None  # (Q, stop - start, G) with quantiles
+
+    @property
+    def done_spots(self) -> int:
+        return self.stop
+
+
+@dataclass
+class Prediction:
+    """Per-spot predictive mean and variance in the model's target space (e.g. log2(1 + count))."""
+
+    mean: np.ndarray  # (n_spots, G) float32
+    variance: np.ndarray  # (n_spots, G): sample variance, ddof 1; NaN when n_samples == 1
+    genes: list[str]
+    samples: np.ndarray | None = None  # (n_spots, K, G)
+    quantile_levels: tuple[float, ...] | None = None
+    quantiles: np.ndarray | None = None  # (len(quantile_levels), n_spots, G)
+    metadata: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def spot_generator(seed: int, spot_index: int) -> torch.Generator:
+    """The CPU generator all noise of one spot comes from; independent streams per (seed, spot)."""
+    state = np.random.SeedSequence([int(seed), int(spot_index)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _as_model(model_or_checkpoint, embedding_dim: int, map_location):
+    """(model, checkpoint or None) from a StemModel, a loaded checkpoint or a checkpoint path."""
+    if isinstance(model_or_checkpoint, (str, Path)):
+        checkpoint = load_checkpoint(model_or_checkpoint, expected_cond_dim=embedding_dim,
+                                     map_location=map_location)
+        return checkpoint.model, checkpoint
+    if isinstance(model_or_checkpoint, StemCheckpoint):
+        checkpoint = model_or_checkpoint
+        check_compatible(checkpoint.path, checkpoint.genes, checkpoint.config.cond_dim,
+                         checkpoint.embedding, expected_cond_dim=embedding_dim)
+        return checkpoint.model, checkpoint
+    if isinstance(model_or_checkpoint, StemModel):
+        if model_or_checkpoint.config.cond_dim != embedding_dim:
+            raise ValueError(f"the model expects {model_or_checkpoint.config.cond_dim}-dim "
+                             f"embeddings, got {embedding_dim}-dim")
+        return model_or_checkpoint, None
+    raise TypeError(f"expected a StemModel, StemCheckpoint or checkpoint path, got "
+                    f"{type(model_or_checkpoint).__name__}")
+
+
+def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
+                steps: int | str = 50, sampler: str = "ddim", eta: float = 0.0,
+                batch_size: int | None = None, device: str | torch.device = "auto",
+                precision: str = "auto", seed: int = 0, keep_samples: bool = False,
+                quantiles: Sequence[float] | None = None) -> Iterator[SampleBatch]:
+    """Sample ``n_samples`` expression vectors for each row of ``embeddings`` (n_spots, D).
+
+    ``steps``: an int N keeps N of the 1000 training steps evenly spread (the reference sampler's
+    ``create_diffusion(str(N))``; 1000 = the full chain), or a respacing string like "ddim50".
+    ``sampler``: "ddim" (``eta`` 0 = deterministic given the start noise) or "ancestral" (the
+    reference's p_sample_loop). ``batch_size``: spots per batch (each brings ``n_samples`` rows);
+    default ~256 rows on CPU, ~4096 on CUDA. ``precision``: "auto" = bf16 autocast on CUDA, fp32
+    on CPU; "bf16" or "fp32" to force. A StemModel passed in is moved to ``device``.
+    Yields one :class:`SampleBatch` per batch; stop iterating to cancel.
+    """
+    embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)
+                                 if not isinstance(embeddings, torch.Tensor) else embeddings).float()
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be (n_spots, dim), got shape {tuple(embeddings.shape)}")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if isinstance(steps, int) and not 1 <= steps <= N_TRAIN_STEPS:
+        raise ValueError(f"steps must be between 1 and {N_TRAIN_STEPS}, got {steps}")
+    if sampler not in ("ddim", "ancestral"):
+        raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
+    device = resolve_device(device)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    model, _ = _as_model(model_or_checkpoint, embeddings.shape[1], device)
+    model.to(device)  # train/eval mode left as is: the model has no mode-dependent layers
+    diffusion = create_diffusion(str(steps))
+    levels = torch.tensor(sorted(quantiles), dtype=torch.float32) if quantiles else None
+    n_spots = embeddings.shape[0]
+    if batch_size is None:
+        batch_size = max(1, ROWS_PER_BATCH.get(device.type, 256) // n_samples)
+    for start in range(0, n_spots, batch_size):
+        stop = min(start + batch_size, n_spots)
+        samples = _sample_batch(model, diffusion, embeddings[start:stop], range(start, stop),
+                                n_samples, sampler, eta, seed, device, precision)
+        yield SampleBatch(
+            start, stop, n_spots,
+            mean=samples.mean(dim=1).numpy(),
+            variance=samples.var(dim=1, correction=VARIANCE_DDOF).numpy() if n_samples > 1
+            else np.full((stop - start, samples.shape[2]), np.nan, dtype=np.float32),
+            samples=samples.numpy() if keep_samples else None,
+            quantiles=torch.quantile(samples, levels, dim=1).numpy() if levels is not None else None,
+        )
+
+
+def _sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, spot_indices: range,
+                  n_samples: int, sampler: str, eta: float, seed: int, device: torch.device,
+                  precision: str) -> torch.Tensor:
+    """(n_spots, K, G) float32 CPU samples for one batch of spots."""
+    n_genes = model.config.n_genes
+    generators = [spot_generator(seed, j) for j in spot_indices]
+
+    def draw_noise() -> torch.Tensor:  # one block of K rows per spot, spot-major
+        noise = [torch.randn((n_samples, 1, n_genes), generator=g) for g in generators]
+        return torch.cat(noise).to(device)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), autocast:
+        cond = model.embed_condition(embeddings.to(device)).repeat_interleave(n_samples, dim=0)
+        x_T = draw_noise()
+        x_0 = diffusion.sample_loop(
+            lambda x, t: model.forward_embedded(x, t, cond), x_T, sampler=sampler, eta=eta,
+            step_noise=lambda step_index: draw_noise())
+    return x_0.float().reshape(len(spot_indices), n_samples, n_genes).cpu()
+
+
+def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
+                      steps: int | str = 50, sampler: str = "ddim", eta: float = 0.0,
+                      batch_size: int | None = None, device: str | torch.device = "auto",
+                      precision: str = "auto", seed: int = 0, keep_samples: bool = False,
+                      quantiles: Sequence[float] | None = None,
+                      genes: Sequence[str] | None = None) -> Prediction:
+    """Run :func:`iter_sample` to the end and gather a :class:`Prediction`.
+
+    Gene names come from the checkpoint, else from ``genes``, else "gene0", "gene1", ...
+    """
+    if isinstance(model_or_checkpoint, (str, Path)):
+        model_or_checkpoint = load_checkpoint(model_or_checkpoint)
+    checkpoint = model_or_checkpoint if isinstance(model_or_checkpoint, StemCheckpoint) else None
+    batches = list(iter_sample(
+        model_or_checkpoint, embeddings, n_samples=n_samples, steps=steps, sampler=sampler,
+        eta=eta, batch_size=batch_size, device=device, precision=precision, seed=seed,
+        keep_samples=keep_samples, quantiles=quantiles))
+    config = (checkpoint.model if checkpoint else model_or_checkpoint).config
+    if checkpoint is not None:
+        genes = checkpoint.genes
+    elif genes is None:
+        genes = [f"gene{i}" for i in range(config.n_genes)]
+
+    def gather(name: str, axis: int = 0):
+        parts = [getattr(b, name) for b in batches]
+        if not parts or parts[0] is None:
+            return None
+        return np.concatenate(parts, axis=axis)
+
+    n_genes = config.n_genes
+    empty = np.zeros((0, n_genes), dtype=np.float32)
+    return Prediction(
+        mean=gather("mean") if batches else empty,
+        variance=gather("variance") if batches else empty,
+        genes=list(genes),
+        samples=gather("samples"),
+        quantile_levels=tuple(sorted(quantiles)) if quantiles else None,
+        quantiles=gather("quantiles", axis=1),
+        metadata={
+            "n_samples": n_samples, "steps": steps, "sampler": sampler, "eta": eta, "seed": seed,
+            "variance_ddof": VARIANCE_DDOF, "device": str(resolve_device(device)),
+            "precision": precision,
+            "target_transform": checkpoint.target_transform if checkpoint else None,
+            "checkpoint": str(checkpoint.path) if checkpoint else None,
+        },
+    )
