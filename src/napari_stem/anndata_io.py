@@ -1,0 +1,132 @@
+"""Predictions ⇄ ``.h5ad`` in scanpy's spatial layout.
+
+A written prediction is an AnnData that ``scanpy.pl.spatial(adata, library_id="ST",
+img_key="downscaled_fullres")`` draws over the slide thumbnail as is, HEST-style:
+
+* ``X``: predictive mean per spot and gene (the model's target space, e.g. log2(1 + count));
+* ``layers['variance']``: sample variance across the diffusion samples — the uncertainty;
+  ``layers['q<level>']``: quantiles when asked for;
+* ``obsm['spatial']``: spot centres (x, y) in full-resolution slide pixels;
+* ``uns['spatial']['ST']``: thumbnail and ``spot_diameter_fullres`` / ``tissue_downscaled_fullres_scalef``;
+* ``uns['napari_stem']``: provenance (checkpoint, encoder, sampler, steps, samples, seed, slide, µm/px).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_stem.errors import StemError, describe_path
+from napari_stem.spots import Spots
+
+LIBRARY_ID = "ST"
+IMAGE_KEY = "downscaled_fullres"
+VARIANCE_LAYER = "variance"
+
+
+def quantile_layer_name(level: float) -> str:
+    return f"q{round(level * 100):02d}"
+
+
+def prediction_to_anndata(prediction: Any, spots: Spots, slide: Any = None, thumbnail_max_size: int = 1000) -> Any:
+    """An AnnData of a :class:`~napari_stem.sampling.Prediction` for ``spots`` (same order)."""
+    import anndata
+    import pandas as pd
+
+    if prediction.mean.shape[0] != len(spots):
+        raise ValueError(f"prediction has {prediction.mean.shape[0]} spots, spots have {len(spots)}")
+    obs = spots.obs.copy()
+    obs.index = pd.Index(np.asarray(spots.barcodes, dtype=str), name="barcode")
+    obs = obs.loc[:, [c for c in obs.columns if not str(c).startswith("_")]]
+    var = pd.DataFrame(index=pd.Index(list(prediction.genes), name="gene"))
+    adata = anndata.AnnData(X=np.asarray(prediction.mean, dtype=np.float32), obs=obs, var=var)
+    adata.layers[VARIANCE_LAYER] = np.asarray(prediction.variance, dtype=np.float32)
+    if prediction.quantiles is not None:
+        for level, values in zip(prediction.quantile_levels, prediction.quantiles, strict=True):
+            adata.layers[quantile_layer_name(level)] = np.asarray(values, dtype=np.float32)
+    if prediction.samples is not None:
+        adata.obsm["samples"] = np.asarray(prediction.samples, dtype=np.float32).reshape(len(spots), -1)
+    adata.obsm["spatial"] = np.asarray(spots.centers_px, dtype=np.float64)
+
+    library: dict[str, Any] = {
+        "scalefactors": {"spot_diameter_fullres": float(spots.diameter_px)},
+        "metadata": {},
+    }
+    provenance = {key: _plain(value) for key, value in dict(prediction.metadata).items()}
+    if slide is not None:
+        thumbnail, scale = slide.thumbnail(thumbnail_max_size)
+        library["images"] = {IMAGE_KEY: thumbnail}
+        library["scalefactors"]["tissue_downscaled_fullres_scalef"] = float(scale)
+        provenance["slide"] = str(slide.path)
+    if spots.mpp:
+        provenance["mpp"] = float(spots.mpp)
+    adata.uns["spatial"] = {LIBRARY_ID: library}
+    adata.uns["napari_stem"] = {"provenance_json": json.dumps(provenance), "variance_layer": VARIANCE_LAYER}
+    return adata
+
+
+def write_h5ad_atomic(adata: Any, path: str | Path) -> Path:
+    """Write an AnnData so that ``path`` is either untouched or complete, never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        adata.write_h5ad(partial, compression="gzip")
+        os.replace(partial, path)
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return path
+
+
+def write_prediction(path: str | Path, prediction: Any, spots: Spots, slide: Any = None) -> Path:
+    """Export a prediction as ``.h5ad`` (see the module docstring for the layout)."""
+    return write_h5ad_atomic(prediction_to_anndata(prediction, spots, slide), path)
+
+
+def is_prediction(adata: Any) -> bool:
+    return "napari_stem" in adata.uns and VARIANCE_LAYER in adata.layers
+
+
+def read_prediction(path: str | Path) -> tuple[Any, Spots]:
+    """A napari-stem prediction ``.h5ad`` back as ``(Prediction, Spots)``."""
+    import anndata
+
+    from napari_stem.sampling import Prediction
+    from napari_stem.spots import spots_from_anndata
+
+    path = Path(path)
+    adata = anndata.read_h5ad(path)
+    if not is_prediction(adata):
+        raise StemError(
+            f"{describe_path(path)} is not a napari-stem prediction (no uns['napari_stem'] and "
+            f"layers['{VARIANCE_LAYER}']); open it as spots instead."
+        )
+    provenance = json.loads(adata.uns["napari_stem"]["provenance_json"])
+    levels = sorted(
+        float(name[1:]) / 100 for name in adata.layers if name.startswith("q") and name[1:].isdigit()
+    )
+    prediction = Prediction(
+        mean=np.asarray(adata.X, dtype=np.float32),
+        variance=np.asarray(adata.layers[VARIANCE_LAYER], dtype=np.float32),
+        genes=list(adata.var_names),
+        quantile_levels=tuple(levels) or None,
+        quantiles=np.stack([adata.layers[quantile_layer_name(q)] for q in levels]) if levels else None,
+        metadata=provenance,
+    )
+    spots = spots_from_anndata(adata, source=path, mpp=provenance.get("mpp"))
+    return prediction, spots
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value

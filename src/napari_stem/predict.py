@@ -1,0 +1,195 @@
+"""Slide + spots + checkpoint → per-spot predictive mean and variance: the one prediction path.
+
+The napari widget and ``stem-train predict`` both drive :func:`iter_predict`, a generator that
+embeds the spots the way the checkpoint was trained (its encoder and patch mode), then samples,
+yielding a :class:`PredictEvent` after every batch so callers can show progress, draw partial
+results and cancel between batches. The last event carries the finished :class:`Prediction`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_stem.errors import CheckpointError, describe_path
+from napari_stem.spots import Spots
+
+#: Interactive defaults (samples per spot, denoising steps): cheap on CPU, closer to the paper on GPU.
+DEFAULT_SETTINGS = {"cpu": {"n_samples": 4, "steps": 25}, "cuda": {"n_samples": 10, "steps": 50}}
+
+
+@dataclass
+class PredictEvent:
+    """Progress of a prediction run.
+
+    ``stage`` is ``"embed"`` (patches → embeddings), ``"sample"`` (diffusion sampling; ``batch``
+    holds the finished spots' mean/variance) or ``"done"`` (``prediction`` is set).
+    ``done``/``total`` count spots within the stage.
+    """
+
+    stage: str
+    done: int
+    total: int
+    batch: Any = None  # napari_stem.sampling.SampleBatch while sampling
+    prediction: Any = None  # napari_stem.sampling.Prediction when done
+    from_cache: bool = False
+
+
+def default_settings(device: str = "auto") -> dict[str, int]:
+    """Samples per spot and steps suited to ``device`` ("auto" resolves to CUDA when present)."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return dict(DEFAULT_SETTINGS["cuda" if str(device).startswith("cuda") else "cpu"])
+
+
+def embedding_spec(checkpoint: Any) -> tuple[str, Any]:
+    """The encoder name and :class:`~napari_stem.embed.PatchSpec` a checkpoint was trained with."""
+    from napari_stem.embed import PatchSpec
+
+    spec = checkpoint.embedding or {}
+    if "encoder" not in spec:
+        raise CheckpointError(
+            f"checkpoint {describe_path(checkpoint.path)} does not say which image encoder it was trained "
+            "on (config 'embedding': {'encoder': ..., 'patch': ...}); re-save it with stem-train, or give "
+            "precomputed embeddings instead of a slide."
+        )
+    return str(spec["encoder"]), PatchSpec.from_dict(spec.get("patch", {"mode": "hest"}))
+
+
+def iter_predict(
+    slide_path: str | Path,
+    spots: Spots,
+    checkpoint: Any,
+    *,
+    n_samples: int | None = None,
+    steps: int | None = None,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    seed: int = 0,
+    device: str = "auto",
+    encoder_weights: Any = None,
+    embeddings: np.ndarray | None = None,
+    cache_path: str | Path | None = None,
+    embed_batch_size: int = 32,
+    num_workers: int = 0,
+    sample_batch_size: int | None = None,
+    quantiles: Sequence[float] | None = None,
+    keep_samples: bool = False,
+) -> Iterator[PredictEvent]:
+    """Predict expression for ``spots`` of a slide; see the module docstring.
+
+    ``checkpoint`` is a path or a loaded :class:`~napari_stem.checkpoint.StemCheckpoint`.
+    ``embeddings`` skips the embedding stage (rows in spot order); ``cache_path`` keeps them in a
+    HEST-Bench HDF5 file reused on the next run. ``n_samples``/``steps`` default to
+    :func:`default_settings` for the device.
+    """
+    from napari_stem.checkpoint import load_checkpoint
+    from napari_stem.sampling import Prediction, iter_sample, resolve_device
+
+    if not isinstance(checkpoint, (str, Path)):
+        loaded = checkpoint
+    else:
+        loaded = load_checkpoint(checkpoint)
+    torch_device = resolve_device(device)
+    defaults = default_settings(torch_device.type)
+    n_samples = n_samples or defaults["n_samples"]
+    steps = steps or defaults["steps"]
+    n_spots = len(spots)
+
+    if embeddings is None:
+        embeddings = yield from _embed(
+            slide_path, spots, loaded, encoder_weights, torch_device, cache_path, embed_batch_size, num_workers
+        )
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.shape != (n_spots, loaded.config.cond_dim):
+        raise CheckpointError(
+            f"checkpoint {describe_path(loaded.path)} expects {loaded.config.cond_dim}-d embeddings, got "
+            f"{embeddings.shape[1] if embeddings.ndim == 2 else embeddings.shape} for {n_spots} spots."
+        )
+
+    parts = []
+    for batch in iter_sample(
+        loaded,
+        embeddings,
+        n_samples=n_samples,
+        steps=steps,
+        sampler=sampler,
+        eta=eta,
+        seed=seed,
+        device=torch_device,
+        batch_size=sample_batch_size,
+        quantiles=quantiles,
+        keep_samples=keep_samples,
+    ):
+        parts.append(batch)
+        yield PredictEvent("sample", batch.stop, n_spots, batch=batch)
+
+    def stacked(name: str, axis: int = 0) -> np.ndarray | None:
+        values = [getattr(part, name) for part in parts]
+        return None if not values or values[0] is None else np.concatenate(values, axis=axis)
+
+    n_genes = len(loaded.genes)
+    empty = np.zeros((0, n_genes), dtype=np.float32)
+    encoder_name, patch_spec = embedding_spec(loaded) if loaded.embedding.get("encoder") else ("", None)
+    prediction = Prediction(
+        mean=stacked("mean") if parts else empty,
+        variance=stacked("variance") if parts else empty,
+        genes=list(loaded.genes),
+        samples=stacked("samples"),
+        quantile_levels=tuple(sorted(quantiles)) if quantiles else None,
+        quantiles=stacked("quantiles", axis=1),
+        metadata={
+            "checkpoint": str(loaded.path),
+            "target_transform": loaded.target_transform,
+            "encoder": encoder_name,
+            "patch": patch_spec.to_dict() if patch_spec else {},
+            "n_samples": int(n_samples),
+            "steps": int(steps) if str(steps).isdigit() else str(steps),
+            "sampler": sampler,
+            "eta": float(eta),
+            "seed": int(seed),
+            "device": str(torch_device),
+        },
+    )
+    yield PredictEvent("done", n_spots, n_spots, prediction=prediction)
+
+
+def _embed(slide_path, spots, loaded, encoder_weights, device, cache_path, batch_size, num_workers):  # noqa: ANN001, ANN202
+    """Embedding stage of :func:`iter_predict` (a sub-generator whose return value is the array)."""
+    from napari_stem.embed import iter_embed_slide_cached, iter_embed_spots
+
+    encoder_name, patch_spec = embedding_spec(loaded)
+    n_spots = len(spots)
+    out = np.empty((n_spots, loaded.config.cond_dim), dtype=np.float32)
+    if n_spots == 0:
+        return out
+    common = {"encoder_weights": encoder_weights, "batch_size": batch_size, "num_workers": num_workers, "device": str(device)}
+    if cache_path is not None:
+        events = iter_embed_slide_cached(cache_path, slide_path, spots, encoder_name, patch_spec, **common)
+    else:
+        events = iter_embed_spots(slide_path, spots, encoder_name, patch_spec, **common)
+    for event in events:
+        if event.embeddings.shape[1] != loaded.config.cond_dim:
+            events.close()
+            raise CheckpointError(
+                f"encoder '{encoder_name}' gives {event.embeddings.shape[1]}-d embeddings but checkpoint "
+                f"{describe_path(loaded.path)} expects {loaded.config.cond_dim}-d; use the encoder it was trained with."
+            )
+        out[event.start : event.done] = event.embeddings
+        yield PredictEvent("embed", event.done, n_spots, from_cache=event.from_cache)
+    return out
+
+
+def predict(slide_path: str | Path, spots: Spots, checkpoint: Any, **options: Any) -> Any:
+    """Run :func:`iter_predict` to the end and return its :class:`~napari_stem.sampling.Prediction`."""
+    prediction = None
+    for event in iter_predict(slide_path, spots, checkpoint, **options):
+        if event.stage == "done":
+            prediction = event.prediction
+    return prediction

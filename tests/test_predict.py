@@ -1,0 +1,132 @@
+"""The one prediction path (slide + spots + checkpoint → mean/variance) and its .h5ad export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_stem.errors import CheckpointError, StemError
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained small Stem model on efficientnet_lite0 embeddings (1280-d), five genes."""
+    import torch
+
+    from napari_stem.checkpoint import save_checkpoint
+    from napari_stem.embed import PatchSpec
+    from napari_stem.model import StemConfig, StemModel
+
+    torch.manual_seed(0)
+    config = StemConfig(n_genes=5, cond_dim=1280, hidden_size=32, depth=1, num_heads=2)
+    model = StemModel(config)
+    with torch.no_grad():  # leave the zero-init so the output depends on the condition
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return save_checkpoint(
+        path,
+        config=config,
+        genes=["GA", "GB", "GC", "GD", "GE"],
+        ema=model,
+        embedding={"encoder": "efficientnet_lite0", "dim": 1280, "patch": PatchSpec().to_dict()},
+        provenance={"steps": 0, "data": "test"},
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_spots(demo_slide_file: Path):  # noqa: ANN201
+    from napari_stem.grid import spots_over_tissue
+    from napari_stem.slide import open_slide
+
+    return spots_over_tissue(open_slide(demo_slide_file)).subset(np.arange(6))
+
+
+def test_iter_predict_stages_and_shapes(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots) -> None:  # noqa: ANN001
+    from napari_stem.predict import iter_predict
+
+    events = list(
+        iter_predict(demo_slide_file, demo_spots, tiny_checkpoint, n_samples=3, steps=4, seed=1, device="cpu",
+                     embed_batch_size=4, sample_batch_size=4, quantiles=(0.05, 0.95))
+    )
+    stages = [e.stage for e in events]
+    assert stages == ["embed", "embed", "sample", "sample", "done"]
+    assert [e.done for e in events[:4]] == [4, 6, 4, 6]
+    prediction = events[-1].prediction
+    assert prediction.mean.shape == prediction.variance.shape == (6, 5)
+    assert (prediction.variance > 0).all()
+    assert prediction.quantiles.shape == (2, 6, 5)
+    assert (prediction.quantiles[0] <= prediction.quantiles[1]).all()
+    np.testing.assert_allclose(events[2].batch.mean, prediction.mean[:4])
+    assert prediction.metadata["encoder"] == "efficientnet_lite0"
+    assert prediction.metadata["n_samples"] == 3 and prediction.metadata["steps"] == 4
+
+
+def test_predict_is_deterministic_and_cache_reused(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:  # noqa: ANN001
+    from napari_stem.predict import iter_predict, predict
+
+    options = {"n_samples": 2, "steps": 3, "seed": 5, "device": "cpu"}
+    cache = tmp_path / "demo.h5"
+    first = predict(demo_slide_file, demo_spots, tiny_checkpoint, cache_path=cache, **options)
+    assert cache.exists()
+    events = list(iter_predict(demo_slide_file, demo_spots, tiny_checkpoint, cache_path=cache, **options))
+    assert events[0].stage == "embed" and events[0].from_cache
+    np.testing.assert_allclose(events[-1].prediction.mean, first.mean, rtol=1e-5)
+    other_seed = predict(demo_slide_file, demo_spots, tiny_checkpoint, cache_path=cache, **{**options, "seed": 6})
+    assert not np.allclose(other_seed.mean, first.mean)
+
+
+def test_encoder_dimension_mismatch_is_named(tmp_path: Path, demo_slide_file: Path, demo_spots) -> None:  # noqa: ANN001
+    from napari_stem.checkpoint import save_checkpoint
+    from napari_stem.model import StemConfig, StemModel
+    from napari_stem.predict import predict
+
+    config = StemConfig(n_genes=2, cond_dim=64, hidden_size=16, depth=1, num_heads=2)
+    path = save_checkpoint(tmp_path / "c64", config=config, genes=["A", "B"], ema=StemModel(config),
+                           embedding={"encoder": "efficientnet_lite0", "patch": {"mode": "hest"}})
+    with pytest.raises(CheckpointError, match=r"1280-d.*c64.*64-d"):
+        predict(demo_slide_file, demo_spots, path, n_samples=1, steps=2, device="cpu")
+    bare = save_checkpoint(tmp_path / "noenc", config=config, genes=["A", "B"], ema=StemModel(config))
+    with pytest.raises(CheckpointError, match=r"noenc.*which image encoder"):
+        predict(demo_slide_file, demo_spots, bare, n_samples=1, steps=2, device="cpu")
+
+
+def test_export_h5ad_is_scanpy_ready_and_reopens(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:  # noqa: ANN001
+    import anndata
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    from napari_stem.anndata_io import read_prediction, write_prediction
+    from napari_stem.predict import predict
+    from napari_stem.slide import open_slide
+
+    prediction = predict(demo_slide_file, demo_spots, tiny_checkpoint, n_samples=3, steps=3, device="cpu", quantiles=(0.1, 0.9))
+    slide = open_slide(demo_slide_file)
+    out = write_prediction(tmp_path / "pred.h5ad", prediction, demo_spots, slide)
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.h5ad"]  # no partial file left behind
+    adata = anndata.read_h5ad(out)
+    np.testing.assert_allclose(adata.X, prediction.mean)
+    np.testing.assert_allclose(adata.layers["variance"], prediction.variance)
+    assert {"q10", "q90"} <= set(adata.layers)
+    np.testing.assert_allclose(adata.obsm["spatial"], demo_spots.centers_px)
+    assert list(adata.var_names) == ["GA", "GB", "GC", "GD", "GE"]
+    axes = sc.pl.spatial(adata, color=["GA"], library_id="ST", img_key="downscaled_fullres", show=False)
+    assert len(axes) == 1 and axes[0].get_images()  # drawn over the slide thumbnail
+    again, spots = read_prediction(out)
+    np.testing.assert_allclose(again.variance, prediction.variance)
+    assert again.quantile_levels == (0.1, 0.9)
+    assert spots.mpp == pytest.approx(0.499) and again.metadata["slide"] == str(demo_slide_file)
+    with pytest.raises(StemError, match="not a napari-stem prediction"):
+        read_prediction(_plain_h5ad(tmp_path))
+
+
+def _plain_h5ad(tmp_path: Path) -> Path:
+    import anndata
+
+    path = tmp_path / "plain.h5ad"
+    anndata.AnnData(X=np.zeros((2, 2), np.float32)).write_h5ad(path)
+    return path
