@@ -1,7 +1,10 @@
-"""npe2 reader: slides, HEST/Visium ``.h5ad`` spots and HEST sample folders.
+"""npe2 reader: slides, HEST/Visium ``.h5ad`` spots, napari-stem predictions, HEST sample folders
+and spaceranger ``outs/`` folders.
 
 ``get_reader`` only sniffs (extension, folder layout) and returns ``None`` for anything else; it
-never raises, so napari can try other readers. The returned function does the real work.
+never raises, so napari can try other readers. The returned function does the real work. A
+napari-stem prediction ``.h5ad`` (written by the plugin or ``stem-train predict``) re-opens as its
+"mean" and "variance" layers; any other ``.h5ad`` opens as spots.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ def get_reader(path: str | list[str]) -> ReaderFunction | None:
         if candidate.is_dir():
             from napari_stem.hest import is_hest_folder
 
-            return read_hest_folder if is_hest_folder(candidate) else None
+            if is_hest_folder(candidate):
+                return read_hest_folder
+            return read_spaceranger if _spaceranger_outs(candidate) is not None else None
         suffix = candidate.suffix.lower()
         if suffix in SLIDE_EXTENSIONS:
             return read_slide
@@ -48,8 +53,89 @@ def read_h5ad(path: str | list[str]) -> list:
     from napari_stem.spots import read_spots_h5ad
 
     path = Path(_single(path))
+    if _is_prediction_file(path):
+        return read_prediction_h5ad(path)
     spots = read_spots_h5ad(path)
     return [spots_layer_data(spots, name=f"{path.stem} spots")]
+
+
+def read_prediction_h5ad(path: str | list[str]) -> list:
+    """A napari-stem prediction as "<name> mean" and "<name> variance" layers in the µm frame."""
+    from napari_stem.anndata_io import read_prediction
+    from napari_stem.layers import prediction_layer_data
+
+    path = Path(_single(path))
+    prediction, spots = read_prediction(path)
+    slide_path = prediction.metadata.get("slide")
+    return [
+        prediction_layer_data(prediction, spots, kind, name=f"{path.stem} {kind}", slide_path=slide_path)
+        for kind in ("mean", "variance")
+    ]
+
+
+def read_spaceranger(path: str | list[str]) -> list:
+    """Spots of a spaceranger ``outs/`` folder (or its parent), in µm estimated from the lattice.
+
+    spaceranger records no µm/px; Visium spots sit on a hexagonal lattice of 100 µm pitch indexed by
+    ``array_row``/``array_col``, so fitting the lattice to the pixel centres gives it (like HEST's
+    ``pixel_size_um_estimated``), putting the spots in the same µm frame as the full-resolution
+    slide they were aligned to.
+    """
+    from napari_stem.layers import spots_layer_data
+    from napari_stem.spots import read_spots_spaceranger
+
+    folder = Path(_single(path))
+    outs = _spaceranger_outs(folder) or folder
+    spots = read_spots_spaceranger(outs)
+    spots.mpp = visium_mpp_from_lattice(spots.centers_px, spots.obs.get("array_row"), spots.obs.get("array_col"))
+    name = outs.parent.name if outs.name == "outs" else outs.name
+    layer = spots_layer_data(spots, name=f"{name} spots")
+    if spots.mpp:
+        layer[1]["metadata"]["mpp_source"] = "estimated from the 100 µm Visium spot lattice"
+    return [layer]
+
+
+def visium_mpp_from_lattice(centers_px, array_row, array_col, pitch_um: float = 100.0) -> float | None:  # noqa: ANN001
+    """µm/px of a Visium slide from its spots: least-squares fit of lattice µm → pixel centres.
+
+    Lattice positions are ``x = array_col · pitch/2``, ``y = array_row · pitch·√3/2``; the fit is
+    affine (any rotation of the capture area), and µm/px is 1/√|det|. None when underdetermined.
+    """
+    import numpy as np
+
+    if array_row is None or array_col is None:
+        return None
+    centers_px = np.asarray(centers_px, dtype=np.float64)
+    lattice_um = np.stack(
+        [np.asarray(array_col, dtype=np.float64) * pitch_um / 2, np.asarray(array_row, dtype=np.float64) * pitch_um * np.sqrt(3) / 2],
+        axis=1,
+    )
+    design = np.hstack([lattice_um, np.ones((len(lattice_um), 1))])
+    if len(design) < 3 or np.linalg.matrix_rank(design) < 3:
+        return None
+    coefficients, *_ = np.linalg.lstsq(design, centers_px, rcond=None)
+    px_per_um = np.sqrt(abs(np.linalg.det(coefficients[:2])))
+    return float(1.0 / px_per_um) if px_per_um > 0 else None
+
+
+def _is_prediction_file(path: Path) -> bool:
+    """Cheap check (HDF5 keys only) for ``uns/napari_stem`` and ``layers/variance``."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            return "uns/napari_stem" in handle and "layers/variance" in handle
+    except OSError:
+        return False
+
+
+def _spaceranger_outs(folder: Path) -> Path | None:
+    """The ``outs/`` folder of a spaceranger run given as itself or as its parent, else None."""
+    for candidate in (folder, folder / "outs"):
+        spatial = candidate / "spatial"
+        if (spatial / "scalefactors_json.json").is_file() and (candidate / "filtered_feature_bc_matrix.h5").is_file():
+            return candidate
+    return None
 
 
 def read_hest_folder(path: str | list[str]) -> list:

@@ -1,0 +1,554 @@
+"""Qt-free state behind the prediction widget: inputs → validated job → run → results → export.
+
+The widget (``_widget.py``) turns napari layers into the plain inputs below (world coordinates,
+the slide layer's transform) and only wires signals; everything that can go wrong is decided here
+and unit-testable without a viewer. Nothing here imports napari or Qt.
+
+Job lifecycle. :meth:`PredictController.prepare` validates the inputs and raises a
+:class:`~napari_stem.errors.StemError` naming the problem and its fix. :meth:`~PredictController.run`
+is the generator a napari ``thread_worker`` (or, with ``NAPARI_STEM_NOTHREADS=1``, a plain loop)
+drives: it wraps :func:`napari_stem.predict.iter_predict` — the one prediction path shared with
+``stem-train predict`` — and stops at the next batch once a cancel was requested. Events come back
+on the main thread through :meth:`~PredictController.apply`, which folds each sampled batch into a
+:class:`PredictionResult` (NaN = spot not sampled yet) so partial results can be drawn. Stale
+events of an older job are ignored ("latest job wins").
+
+End states. Done: all spots. Cancelled: the spots finished so far are kept as a complete,
+smaller result (the widget names its layers "… (partial k/n)"); nothing is kept if no spot
+finished. Failed: the result is dropped, so nothing half-drawn remains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_stem.errors import CheckpointError, EncoderError, SlideError, SpotsError, StemError, describe_path
+from napari_stem.layers import SlideFrame
+from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, Spots
+
+GRID = "grid over tissue"
+WHOLE_SLIDE = "whole slide"
+DEVICES = ("auto", "cpu", "cuda")
+SAMPLERS = ("ddim", "ancestral")
+
+_GRID_CACHE: dict[tuple, Spots] = {}  # (slide file, µm/px, grid settings) -> grid spots
+_GRID_CACHE_SIZE = 8
+
+
+# ---------------------------------------------------------------------- plain inputs
+@dataclass
+class SlideInput:
+    """A slide image layer as plain data: its file, µm/px (None = unknown) and transform."""
+
+    name: str
+    path: Path | None
+    mpp: float | None
+    frame: SlideFrame
+
+
+@dataclass
+class PointsInput:
+    """A Points layer as plain data, in world coordinates."""
+
+    name: str
+    world_rc: np.ndarray  # (n, 2) world (row, col)
+    diameter_world: float
+    features: Any = None  # pandas DataFrame or None
+
+
+@dataclass
+class RegionInput:
+    """A Shapes layer as ``(shape_type, world vertices)`` pairs; no shapes = whole slide."""
+
+    name: str
+    shapes: list[tuple[str, np.ndarray]] = field(default_factory=list)
+
+
+@dataclass
+class PredictSettings:
+    checkpoint: Path | None = None
+    n_samples: int = 4
+    steps: int = 25
+    sampler: str = "ddim"
+    device: str = "auto"
+    seed: int = 0
+    encoder_weights: Path | None = None
+    mpp_override: float = 0.0  # > 0 replaces the slide's µm/px
+    pitch_um: float = VISIUM_PITCH_UM
+    diameter_um: float = VISIUM_SPOT_DIAMETER_UM
+    min_tissue_fraction: float = 0.5
+
+
+@dataclass
+class PredictJob:
+    """Everything one run needs, validated; spots are in the slide's level-0 pixels."""
+
+    job_id: int
+    slide_path: Path
+    slide_name: str
+    mpp: float
+    frame: SlideFrame
+    spots: Spots
+    checkpoint: Path
+    genes: list[str]
+    encoder: str
+    settings: PredictSettings
+    cache_path: Path
+    region_name: str | None = None
+
+
+@dataclass
+class PredictionResult:
+    """The results of one job, filled batch by batch (rows of NaN are spots not sampled yet)."""
+
+    job: PredictJob
+    prediction: Any  # napari_stem.sampling.Prediction; its arrays are filled in place
+    done: int = 0
+    status: str = "running"  # running, done, cancelled
+    from_cache: bool = False
+
+    @property
+    def spots(self) -> Spots:
+        return self.job.spots
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.prediction.genes)
+
+    @property
+    def n_spots(self) -> int:
+        return len(self.job.spots)
+
+    @property
+    def shown(self) -> np.ndarray:
+        """Spots with values (napari hides the rest)."""
+        shown = np.zeros(self.n_spots, dtype=bool)
+        shown[: self.done] = True
+        return shown
+
+    def finished(self) -> tuple[Any, Spots]:
+        """``(Prediction, Spots)`` of the spots sampled so far (batches finish in spot order)."""
+        from napari_stem.layers import subset_prediction
+
+        if self.done == self.n_spots:
+            return self.prediction, self.spots
+        index = np.arange(self.done)
+        return subset_prediction(self.prediction, index), self.spots.subset(index)
+
+
+@dataclass
+class Update:
+    """What :meth:`PredictController.apply` changed, for the view."""
+
+    stage: str
+    values_changed: bool = False
+
+
+# ---------------------------------------------------------------------- controller
+class PredictController:
+    """State machine of the prediction widget: idle → running → done / cancelled / failed."""
+
+    def __init__(self, embedding_cache_dir: str | Path | None = None) -> None:
+        #: Where per-slide embedding caches go (default: ``<napari-stem cache>/embeddings``).
+        self.embedding_cache_dir = Path(embedding_cache_dir) if embedding_cache_dir else None
+        #: Spots per sampling batch (None: napari-stem's default per device); smaller = more partial draws.
+        self.sample_batch_size: int | None = None
+        self.embed_batch_size = 16
+        self.job: PredictJob | None = None
+        self.result: PredictionResult | None = None
+        self.status = "idle"  # idle, running, done, cancelled, failed
+        self.message = ""
+        self.stage = ""
+        self.stage_done = 0
+        self.stage_total = 0
+        self._job_counter = 0
+        self._cancel_requested = False
+        self._started_at = 0.0
+        self._from_cache = False
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    # ------------------------------------------------------------------ inputs
+    @staticmethod
+    def checkpoint_summary(path: str | Path | None) -> str:
+        """One line about a checkpoint (genes, encoder, patches), read from its config only."""
+        metadata = _checkpoint_metadata(path)
+        embedding = metadata.get("embedding") or {}
+        patch = (embedding.get("patch") or {}).get("mode", "hest")
+        genes = metadata.get("genes") or []
+        encoder = embedding.get("encoder", "?")
+        return f"{len(genes)} genes · encoder {encoder} · {patch} patches"
+
+    def prepare(
+        self,
+        slide: SlideInput | None,
+        spots: PointsInput | str | None,
+        region: RegionInput | None,
+        settings: PredictSettings,
+    ) -> PredictJob:
+        """Validate everything a run needs; raise a :class:`StemError` naming problem and fix."""
+        from napari_stem.regions import has_area_shapes, select_in_shapes
+
+        if self.running:
+            raise StemError("a prediction is already running; wait for it or press Cancel.")
+        if slide is None:
+            raise SlideError("no slide chosen: open a slide (File > Open, or a HEST folder) and pick its layer under 'slide'.")
+        if slide.path is None or not Path(slide.path).is_file():
+            raise SlideError(
+                f"the layer '{slide.name}' has no slide file behind it"
+                + (f" ({describe_path(slide.path)} is missing)" if slide.path else "")
+                + "; open the slide file with napari-stem (File > Open) and pick that layer."
+            )
+        mpp = settings.mpp_override if settings.mpp_override and settings.mpp_override > 0 else slide.mpp
+        if not mpp:
+            raise SlideError(
+                f"slide {describe_path(slide.path)} does not record its pixel size (µm/px), which patches and "
+                "spot sizes need. Fix: enter it in the 'µm/px' field (e.g. 0.5 for a 20× scan, 0.25 for 40×)."
+            )
+        metadata = _checkpoint_metadata(settings.checkpoint)
+        checkpoint = Path(settings.checkpoint)  # type: ignore[arg-type]
+        embedding = metadata.get("embedding") or {}
+        encoder = embedding.get("encoder")
+        if not encoder:
+            raise CheckpointError(
+                f"checkpoint {describe_path(checkpoint)} does not say which image encoder it was trained on "
+                "(config 'embedding'); re-save it with stem-train, or choose another checkpoint."
+            )
+        genes = [str(g) for g in metadata.get("genes") or []]
+        if settings.encoder_weights is not None and not Path(settings.encoder_weights).is_file():
+            raise EncoderError(
+                f"encoder weights file {describe_path(settings.encoder_weights)} does not exist; choose the "
+                f"weights file of '{encoder}' or clear the field to use its default source."
+            )
+        _check_sampling(settings)
+
+        all_spots = self._spots(slide, mpp, spots, settings)
+        frame = slide.frame
+        selected = all_spots
+        region_name = None
+        if region is not None and region.shapes:
+            if not has_area_shapes([shape_type for shape_type, _ in region.shapes]):
+                raise SpotsError(
+                    f"the region layer '{region.name}' holds only lines or paths; draw a polygon, rectangle "
+                    "or ellipse, or choose 'whole slide'."
+                )
+            mask = select_in_shapes(frame.pixels_to_world(all_spots.centers_px), region.shapes)
+            selected = all_spots.subset(mask)
+            region_name = region.name
+            if len(selected) == 0:
+                raise SpotsError(
+                    f"no spots lie inside the region '{region.name}' ({len(all_spots)} spots on the slide); "
+                    "draw the region over the spots / tissue, or choose 'whole slide'."
+                )
+        if len(selected) == 0:
+            raise SpotsError("there are no spots to predict; choose a spots layer with points, or a grid over tissue.")
+
+        self._job_counter += 1
+        return PredictJob(
+            job_id=self._job_counter,
+            slide_path=Path(slide.path),
+            slide_name=slide.name,
+            mpp=float(mpp),
+            frame=frame,
+            spots=selected,
+            checkpoint=checkpoint,
+            genes=genes,
+            encoder=str(encoder),
+            settings=settings,
+            cache_path=self._cache_path(Path(slide.path), selected, embedding, settings.encoder_weights),
+            region_name=region_name,
+        )
+
+    def _spots(self, slide: SlideInput, mpp: float, spots: PointsInput | str | None, settings: PredictSettings) -> Spots:
+        if spots is None:
+            raise SpotsError(f"no spots chosen: pick a Points layer or '{GRID}'.")
+        if isinstance(spots, str):
+            if spots != GRID:
+                raise SpotsError(f"unknown spots choice {spots!r}")
+            from napari_stem.grid import spots_over_tissue
+            from napari_stem.slide import open_slide
+
+            if not (settings.pitch_um > 0 and 0 < settings.diameter_um):
+                raise SpotsError(f"grid pitch and spot diameter must be positive, got {settings.pitch_um} and {settings.diameter_um} µm.")
+            path = Path(slide.path)  # type: ignore[arg-type]
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, float(mpp), settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
+            grid = _GRID_CACHE.get(key)
+            if grid is None:  # the tissue mask takes seconds; re-runs with other settings reuse it
+                with open_slide(path, mpp=mpp) as opened:
+                    grid = spots_over_tissue(opened, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
+                while len(_GRID_CACHE) >= _GRID_CACHE_SIZE:
+                    _GRID_CACHE.pop(next(iter(_GRID_CACHE)))
+                _GRID_CACHE[key] = grid
+            if len(grid) == 0:
+                raise SpotsError(
+                    f"no tissue found on {describe_path(slide.path)} for a {settings.pitch_um:g} µm grid; "
+                    "check the slide, or use a spots layer instead."
+                )
+            return grid
+        return spots_from_points(spots, slide.frame, mpp)
+
+    def _cache_path(self, slide_path: Path, spots: Spots, embedding: dict, weights: Path | None) -> Path:
+        """One embedding file per slide + spots + encoder: re-runs with other sampling settings reuse it."""
+        from napari_stem.embed import spots_fingerprint
+
+        key = json.dumps(
+            [str(slide_path.resolve()), spots_fingerprint(spots), embedding.get("encoder"), embedding.get("patch"), str(weights or "")],
+            sort_keys=True,
+            default=str,
+        )
+        root = self.embedding_cache_dir
+        if root is None:
+            from napari_stem.datasets import cache_dir
+
+            root = cache_dir() / "embeddings"
+        return root / f"{slide_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.h5"
+
+    # ------------------------------------------------------------------ running
+    def start(self, job: PredictJob) -> None:
+        """Main thread, before the worker starts: forget the previous result, reset progress."""
+        self.job = job
+        self.result = None
+        self.status = "running"
+        self._cancel_requested = False
+        self._from_cache = False
+        self.stage, self.stage_done, self.stage_total = "embed", 0, len(job.spots)
+        self.message = f"embedding {len(job.spots)} spots…"
+        self._started_at = time.perf_counter()
+
+    def run(self, job: PredictJob) -> Iterator[Any]:
+        """Worker thread: the :class:`~napari_stem.predict.PredictEvent` stream; returns the outcome.
+
+        Returns ``"cancelled"`` after the first event that follows a cancel request, closing
+        ``iter_predict`` so its temporary files are removed; else ``"done"``.
+        """
+        from napari_stem.predict import iter_predict
+
+        settings = job.settings
+        events = iter_predict(
+            job.slide_path,
+            job.spots,
+            job.checkpoint,
+            n_samples=settings.n_samples,
+            steps=settings.steps,
+            sampler=settings.sampler,
+            seed=settings.seed,
+            device=settings.device,
+            encoder_weights=settings.encoder_weights,
+            cache_path=job.cache_path,
+            embed_batch_size=self.embed_batch_size,
+            sample_batch_size=self.sample_batch_size,
+        )
+        try:
+            for event in events:
+                yield event
+                if self._cancel_requested and job is self.job:
+                    return "cancelled"
+        finally:
+            events.close()
+        return "done"
+
+    def request_cancel(self) -> None:
+        """Ask the running job to stop at its next batch (safe from any thread)."""
+        if self.running:
+            self._cancel_requested = True
+            self.message = "cancelling after the current batch…"
+
+    def apply(self, job_id: int, event: Any) -> Update | None:
+        """Main thread: fold one event into the result; None for events of an older job."""
+        if self.job is None or job_id != self.job.job_id or not self.running:
+            return None
+        n_spots = len(self.job.spots)
+        if event.stage == "embed":
+            self.stage, self.stage_done, self.stage_total = "embed", event.done, n_spots
+            self.message = "embeddings from the cache" if event.from_cache else f"embedding {event.done}/{n_spots} spots"
+            self._from_cache = bool(event.from_cache)
+            return Update("embed")
+        if event.stage == "sample":
+            batch = event.batch
+            result = self._ensure_result()
+            result.prediction.mean[batch.start : batch.stop] = batch.mean
+            result.prediction.variance[batch.start : batch.stop] = batch.variance
+            result.done = max(result.done, batch.stop)
+            self.stage, self.stage_done, self.stage_total = "sample", result.done, n_spots
+            self.message = f"sampling: {result.done}/{n_spots} spots done"
+            return Update("sample", values_changed=True)
+        if event.stage == "done":
+            result = self._ensure_result()
+            final = event.prediction
+            final.metadata = {**final.metadata, "slide": str(self.job.slide_path), "mpp": self.job.mpp}
+            result.prediction.mean[...] = final.mean
+            result.prediction.variance[...] = final.variance
+            result.prediction.metadata = dict(final.metadata)
+            result.done = n_spots
+            self.stage, self.stage_done, self.stage_total = "sample", n_spots, n_spots
+            return Update("done", values_changed=True)
+        return Update(event.stage)
+
+    def _ensure_result(self) -> PredictionResult:
+        """The result buffers, made at the first sampled batch (so nothing exists while embedding)."""
+        if self.result is None:
+            from napari_stem.sampling import Prediction
+
+            job = self.job
+            n_genes = len(job.genes)
+            settings = job.settings
+            prediction = Prediction(
+                mean=np.full((len(job.spots), n_genes), np.nan, dtype=np.float32),
+                variance=np.full((len(job.spots), n_genes), np.nan, dtype=np.float32),
+                genes=list(job.genes),
+                metadata={
+                    "checkpoint": str(job.checkpoint),
+                    "encoder": job.encoder,
+                    "n_samples": settings.n_samples,
+                    "steps": settings.steps,
+                    "sampler": settings.sampler,
+                    "seed": settings.seed,
+                    "slide": str(job.slide_path),
+                    "mpp": job.mpp,
+                    "status": "running",
+                },
+            )
+            self.result = PredictionResult(job=job, prediction=prediction, from_cache=self._from_cache)
+        return self.result
+
+    def finish(self, job_id: int, outcome: str) -> str | None:
+        """Main thread: the job ended ("done" or "cancelled"); returns the new status or None if stale."""
+        if self.job is None or job_id != self.job.job_id or not self.running:
+            return None
+        seconds = time.perf_counter() - self._started_at
+        n_spots = len(self.job.spots)
+        if outcome == "cancelled" or self._cancel_requested and (self.result is None or self.result.done < n_spots):
+            self.status = "cancelled"
+            if self.result is None or self.result.done == 0:
+                self.result = None
+                self.message = "cancelled before any spot was sampled; nothing kept."
+            else:
+                prediction, spots = self.result.finished()
+                prediction.metadata = {**prediction.metadata, "status": f"cancelled after {self.result.done}/{n_spots} spots"}
+                kept = self.result.done
+                self.result = PredictionResult(job=_with_spots(self.job, spots), prediction=prediction, done=kept, status="cancelled")
+                self.message = f"cancelled: kept the {kept} of {n_spots} spots already sampled."
+            return self.status
+        if self.result is None:  # no sample event at all (cannot happen with ≥ 1 spot)
+            self.status = "failed"
+            self.message = "the prediction ended without results."
+            return self.status
+        self.status = "done"
+        self.result.status = "done"
+        self.result.prediction.metadata.pop("status", None)
+        self.message = (
+            f"done: {n_spots} spots × {len(self.result.genes)} genes in {seconds:.1f} s"
+            + (" (embeddings from the cache)" if self.result.from_cache else "")
+        )
+        return self.status
+
+    def fail(self, job_id: int, error: BaseException) -> str | None:
+        """Main thread: the job raised; drop the partial result. Returns the message for the user."""
+        if self.job is None or job_id != self.job.job_id or not self.running:
+            return None
+        self.status = "failed"
+        self.result = None
+        self.message = error_message(error)
+        return self.message
+
+    # ------------------------------------------------------------------ export
+    def export(self, path: str | Path | None) -> Path:
+        """Write the current result to ``.h5ad`` (same as ``stem-train predict``) or ``.csv``."""
+        from napari_stem._writer import write_prediction_csv
+
+        if self.result is None or self.running:
+            raise StemError("nothing to export yet: run a prediction first (and let it finish or cancel it).")
+        if path is None or str(path) in ("", "."):
+            raise StemError("choose a file to export to ('export to'), ending in .h5ad or .csv.")
+        path = Path(path)
+        prediction, spots = self.result.finished()
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            return write_prediction_csv(path, prediction, spots)
+        if suffix != ".h5ad":
+            raise StemError(f"cannot export to {describe_path(path)}: use a file name ending in .h5ad or .csv.")
+        from napari_stem.anndata_io import write_prediction
+        from napari_stem.slide import open_slide
+
+        with open_slide(self.result.job.slide_path, mpp=self.result.job.mpp) as slide:
+            return write_prediction(path, prediction, spots, slide)
+
+
+# ---------------------------------------------------------------------- helpers
+def spots_from_points(points: PointsInput, frame: SlideFrame, mpp: float) -> Spots:
+    """Spots in level-0 slide pixels from a Points layer given in world coordinates."""
+    import pandas as pd
+
+    world = np.asarray(points.world_rc, dtype=np.float64).reshape(-1, 2)
+    if len(world) == 0:
+        raise SpotsError(f"the points layer '{points.name}' has no spots; add points, or choose '{GRID}'.")
+    diameter_px = frame.length_to_pixels(points.diameter_world)
+    if not diameter_px > 0:
+        raise SpotsError(f"the points layer '{points.name}' has spots of size 0; set a spot size in µm.")
+    features = points.features
+    barcodes = None
+    obs = None
+    if features is not None and len(features.columns):
+        table = pd.DataFrame(features).reset_index(drop=True)
+        if "barcode" in table:
+            barcodes = np.asarray(table["barcode"], dtype=str).astype(object)
+            table = table.drop(columns="barcode")
+        if barcodes is not None:
+            table.index = pd.Index(barcodes.astype(str), name="barcode")
+        obs = table
+    if barcodes is None:
+        barcodes = np.array([f"spot_{i}" for i in range(len(world))], dtype=object)
+        if obs is not None:
+            obs.index = pd.Index(barcodes.astype(str), name="barcode")
+    return Spots(centers_px=frame.world_to_pixels(world), diameter_px=diameter_px, mpp=mpp, barcodes=barcodes, obs=obs)
+
+
+def error_message(error: BaseException) -> str:
+    """What the user reads: our errors as they are, others with what to try."""
+    if isinstance(error, StemError):
+        return str(error)
+    text = f"{type(error).__name__}: {error}"
+    if "out of memory" in str(error).lower():
+        return f"prediction failed, out of memory ({text}). Lower 'samples per spot', or choose device 'cpu'."
+    return f"prediction failed ({text}). Check the inputs; the full traceback is in napari's console/log."
+
+
+def _checkpoint_metadata(path: str | Path | None) -> dict:
+    if path is None or str(path) in ("", "."):
+        raise CheckpointError("no checkpoint chosen: pick a napari-stem checkpoint folder (from stem-train fit) under 'checkpoint'.")
+    from napari_stem.checkpoint import read_metadata
+
+    return read_metadata(path)
+
+
+def _check_sampling(settings: PredictSettings) -> None:
+    if settings.n_samples < 2:
+        raise StemError("'samples per spot' must be at least 2: the variance (uncertainty) needs two samples.")
+    if not 1 <= settings.steps <= 1000:
+        raise StemError(f"'steps' must be between 1 and 1000, got {settings.steps}.")
+    if settings.sampler not in SAMPLERS:
+        raise StemError(f"unknown sampler {settings.sampler!r}; use {' or '.join(SAMPLERS)}.")
+    if settings.device not in DEVICES and not str(settings.device).startswith("cuda:"):
+        raise StemError(f"unknown device {settings.device!r}; use {', '.join(DEVICES)}.")
+    if str(settings.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StemError("device 'cuda' was chosen but no CUDA GPU is usable here; choose 'auto' or 'cpu'.")
+
+
+def _with_spots(job: PredictJob, spots: Spots) -> PredictJob:
+    import dataclasses
+
+    return dataclasses.replace(job, spots=spots)

@@ -1,0 +1,478 @@
+"""The "Predict expression (Stem)" dock widget: a thin magicgui view over :mod:`._controller`.
+
+Sub-widgets are attributes (``widget.checkpoint.value = ...; widget.run_button.clicked()``) so
+tests and scripts drive it like a user. The view only turns layers into plain inputs, wires
+signals and touches layers — always on the main thread (worker events arrive through the
+``yielded``/``returned``/``errored``/``aborted`` handlers). The run happens in a napari
+``thread_worker`` over :meth:`PredictController.run`; set ``NAPARI_STEM_NOTHREADS=1`` (or
+``widget.use_threads = False``) to run the same generator synchronously, for deterministic tests.
+
+Results are two Points layers, "mean" and "variance", over the predicted spots, drawn as batches
+finish. A new run replaces the layers of the previous run unless they were renamed (rename to
+keep). A cancelled run keeps the spots already sampled as "mean (partial k/n)" / "variance
+(partial k/n)"; a failed run removes its layers and shows a notification naming the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
+from napari.layers import Layer
+from napari.utils.notifications import show_error, show_info
+
+from napari_stem._controller import (
+    DEVICES,
+    GRID,
+    SAMPLERS,
+    WHOLE_SLIDE,
+    PointsInput,
+    PredictController,
+    PredictSettings,
+    RegionInput,
+    SlideInput,
+)
+from napari_stem.errors import StemError
+from napari_stem.layers import SlideFrame, gene_contrast_limits, prediction_features, prediction_layer_data
+from napari_stem.predict import DEFAULT_SETTINGS
+
+if TYPE_CHECKING:
+    import napari
+
+KINDS = ("mean", "variance")
+
+
+def threads_enabled() -> bool:
+    """False when ``NAPARI_STEM_NOTHREADS`` is set (1/true/yes): run in the GUI thread, for tests."""
+    return os.environ.get("NAPARI_STEM_NOTHREADS", "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+class PredictWidget(Container):
+    """Slide + spots (+ region) + checkpoint → mean and variance maps; gene picker; export."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self.controller = PredictController()
+        self.use_threads = threads_enabled()
+        self.worker: Any = None
+        self._result_layers: dict[str, Any] = {}  # kind -> layer of the current result
+        self._layers_result: Any = None  # the PredictionResult those layers show
+        self._given_names: dict[int, str] = {}  # id(layer) -> the name this widget gave it
+        defaults = DEFAULT_SETTINGS["cpu"]
+
+        # inputs
+        self.slide = ComboBox(label="slide", choices=self._slide_choices, tooltip="An opened slide (napari-stem reader or any image layer with a file)")
+        self.spots = ComboBox(label="spots", choices=self._spots_choices, tooltip="A Points layer of spots, or a Visium-like grid over the detected tissue")
+        self.pitch_um = FloatSpinBox(label="grid pitch (µm)", value=100.0, min=10.0, max=2000.0, step=10.0, tooltip="Visium 100, legacy ST 200")
+        self.diameter_um = FloatSpinBox(label="spot diameter (µm)", value=55.0, min=5.0, max=2000.0, step=5.0, tooltip="Visium 55, legacy ST 100")
+        self.region = ComboBox(label="region", choices=self._region_choices, tooltip="A Shapes layer (polygon, rectangle, ellipse); empty = whole slide")
+        self.checkpoint = FileEdit(label="checkpoint", mode="d", nullable=True, tooltip="A napari-stem checkpoint folder; its config decides genes, encoder and patches")
+        self.checkpoint_info = Label(label="model", value="(choose a checkpoint)")
+        self.n_samples = SpinBox(label="samples per spot", value=defaults["n_samples"], min=2, max=1000, tooltip="More samples: steadier mean and variance (GPU default 10)")
+        self.steps = SpinBox(label="denoising steps", value=defaults["steps"], min=1, max=1000, tooltip="More steps: closer to the trained chain, slower (GPU default 50)")
+        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value="ddim")
+        self.device = ComboBox(label="device", choices=list(DEVICES), value="auto", tooltip="auto = CUDA when available")
+        self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
+        self.encoder_weights = FileEdit(label="encoder weights", mode="r", nullable=True, filter="*.safetensors *.pth *.pt *.bin", tooltip="Optional local weights (e.g. UNI); empty = the encoder's default source")
+        self.mpp = FloatSpinBox(label="µm/px (0 = from slide)", value=0.0, min=0.0, max=100.0, step=0.01, tooltip="Only for slides that do not record their pixel size")
+        # run
+        self.run_button = PushButton(text="Predict")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="progress", min=0, max=1, value=0)
+        self.status = Label(label="status", value="")
+        # results
+        self.gene_filter = LineEdit(label="find gene", tooltip="Type part of a gene name to narrow the list")
+        self.gene = ComboBox(label="gene", choices=[], tooltip="Recolours the mean and variance layers")
+        self.export_path = FileEdit(label="export to", mode="w", nullable=True, filter="*.h5ad *.csv")
+        self.export_button = PushButton(text="Export")
+
+        self.extend(
+            [
+                self.slide, self.spots, self.pitch_um, self.diameter_um, self.region,
+                self.checkpoint, self.checkpoint_info, self.n_samples, self.steps, self.sampler,
+                self.device, self.seed, self.encoder_weights, self.mpp,
+                self.run_button, self.cancel_button, self.progress, self.status,
+                self.gene_filter, self.gene, self.export_path, self.export_button,
+            ]
+        )  # fmt: skip
+        for label in (self.status, self.checkpoint_info):  # long messages wrap instead of widening the dock
+            label.native.setWordWrap(True)
+        self.spots.changed.connect(self._update_grid_fields)
+        self.checkpoint.changed.connect(self._on_checkpoint_changed)
+        self.run_button.clicked.connect(self._on_run)
+        self.cancel_button.clicked.connect(self._on_cancel)
+        self.gene_filter.changed.connect(self._refresh_genes)
+        self.gene.changed.connect(self._apply_gene)
+        self.export_button.clicked.connect(self._on_export)
+        self._update_grid_fields()
+        self._refresh_genes()
+
+    # ------------------------------------------------------------------ choices
+    def _slide_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return [(layer.name, layer) for layer in self._viewer.layers if _is_slide_layer(layer)]
+
+    def _spots_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        points = [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if layer._type_string == "points" and layer.metadata.get("napari_stem") != "prediction"
+        ]
+        return [(GRID, GRID), *points]
+
+    def _region_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        shapes = [(layer.name, layer) for layer in self._viewer.layers if layer._type_string == "shapes"]
+        return [(WHOLE_SLIDE, WHOLE_SLIDE), *shapes]
+
+    def reset_choices(self, *_: Any) -> None:
+        """Called by napari when layers change: refresh layer pickers and the gene list."""
+        super().reset_choices()
+        self._refresh_genes()
+
+    def _update_grid_fields(self, *_: Any) -> None:
+        is_grid = self.spots.value == GRID
+        self.pitch_um.visible = is_grid
+        self.diameter_um.visible = is_grid
+
+    def _on_checkpoint_changed(self, *_: Any) -> None:
+        if self.checkpoint.value is None:
+            self.checkpoint_info.value = "(choose a checkpoint)"
+            return
+        try:
+            self.checkpoint_info.value = self.controller.checkpoint_summary(self.checkpoint.value)
+        except StemError as exc:
+            self.checkpoint_info.value = f"not usable: {exc}"
+
+    # ------------------------------------------------------------------ inputs as plain data
+    def settings(self) -> PredictSettings:
+        return PredictSettings(
+            checkpoint=self.checkpoint.value,
+            n_samples=int(self.n_samples.value),
+            steps=int(self.steps.value),
+            sampler=str(self.sampler.value),
+            device=str(self.device.value),
+            seed=int(self.seed.value),
+            encoder_weights=self.encoder_weights.value,
+            mpp_override=float(self.mpp.value),
+            pitch_um=float(self.pitch_um.value),
+            diameter_um=float(self.diameter_um.value),
+        )
+
+    def slide_input(self) -> SlideInput | None:
+        layer = self.slide.value
+        if layer is None:
+            return None
+        path = layer.metadata.get("path") or getattr(layer.source, "path", None)
+        mpp = layer.metadata.get("mpp") if layer.metadata.get("napari_stem") == "slide" else _file_mpp(path)
+        units = tuple(str(u) for u in layer.units[-2:])
+        frame = SlideFrame(
+            scale=tuple(float(s) for s in layer.scale[-2:]),
+            translate=tuple(float(t) for t in layer.translate[-2:]),
+            units=None if units == ("pixel", "pixel") else units,
+        )
+        return SlideInput(name=layer.name, path=Path(path) if path else None, mpp=mpp, frame=frame)
+
+    def spots_input(self) -> PointsInput | str | None:
+        value = self.spots.value
+        if value is None or isinstance(value, str):
+            return value
+        size = np.asarray(value.size, dtype=np.float64)
+        diameter = float(np.median(size)) if size.size else 0.0
+        return PointsInput(
+            name=value.name,
+            world_rc=_to_world(value, value.data),
+            diameter_world=diameter * float(np.mean(np.abs(value.scale[-2:]))),
+            features=value.features,
+        )
+
+    def region_input(self) -> RegionInput | None:
+        value = self.region.value
+        if value is None or isinstance(value, str):
+            return None
+        return RegionInput(
+            name=value.name,
+            shapes=[(shape_type, _to_world(value, vertices)) for shape_type, vertices in zip(value.shape_type, value.data, strict=True)],
+        )
+
+    # ------------------------------------------------------------------ run
+    def _on_run(self, *_: Any) -> None:
+        try:
+            job = self.controller.prepare(self.slide_input(), self.spots_input(), self.region_input(), self.settings())
+        except StemError as exc:
+            self._set_status(str(exc))
+            show_error(str(exc))
+            return
+        self.controller.start(job)
+        self._set_running(True)
+        self._show_progress()
+        handlers = {
+            "yielded": partial(self._on_yielded, job.job_id),
+            "returned": partial(self._on_returned, job.job_id),
+            "errored": partial(self._on_errored, job.job_id),
+        }
+        if not self.use_threads:
+            self._run_synchronously(job, handlers)
+            return
+        from napari.qt.threading import create_worker
+
+        events = self.controller.run(job)
+
+        def work():  # noqa: ANN202 - a generator function, so napari makes a GeneratorWorker
+            return (yield from events)
+
+        self.worker = create_worker(
+            work,
+            _start_thread=False,
+            _connect={**handlers, "aborted": partial(self._on_aborted, job.job_id, events), "finished": self._on_worker_finished},
+        )
+        self.worker.start()
+
+    def _run_synchronously(self, job: Any, handlers: dict[str, Any]) -> None:
+        """The worker's loop in the GUI thread: same generator, same handlers, deterministic."""
+        events = self.controller.run(job)
+        try:
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration as stop:
+                    outcome = stop.value
+                    break
+                handlers["yielded"](event)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, like the worker's errored signal
+            handlers["errored"](exc)
+            return
+        finally:
+            events.close()
+        handlers["returned"](outcome)
+
+    def _on_cancel(self, *_: Any) -> None:
+        """Stop at the next batch (the worker cannot interrupt a batch in progress)."""
+        self.controller.request_cancel()
+        self._set_status(self.controller.message)
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _on_yielded(self, job_id: int, event: Any) -> None:
+        update = self.controller.apply(job_id, event)
+        if update is None:
+            return
+        self._show_progress()
+        if update.values_changed:
+            self._draw_result()
+
+    def _on_returned(self, job_id: int, outcome: str) -> None:
+        status = self.controller.finish(job_id, outcome)
+        if status is None:
+            return
+        self._set_running(False)
+        self._show_progress()
+        if status == "done":
+            self._draw_result()
+        elif status == "cancelled":
+            self._remove_result_layers()
+            if self.controller.result is not None:
+                self._draw_result(suffix=f" (partial {self.controller.result.done}/{len(self.controller.job.spots)})")
+            show_info(self.controller.message)
+        else:
+            self._remove_result_layers()
+            show_error(self.controller.message)
+
+    def _on_aborted(self, job_id: int, events: Any) -> None:
+        """worker.quit() took effect: the worker loop has left, so close the generator here
+        (runs its cleanup, e.g. removing a half-written embedding cache) and keep finished spots."""
+        events.close()
+        self._on_returned(job_id, "cancelled")
+
+    def _on_errored(self, job_id: int, error: BaseException) -> None:
+        message = self.controller.fail(job_id, error)
+        if message is None:
+            return
+        self._set_running(False)
+        self._remove_result_layers()
+        self._set_status(message)
+        show_error(message)
+
+    def _on_worker_finished(self, *_: Any) -> None:
+        self.worker = None
+        if self.controller.running:  # aborted before the generator could report (should not happen)
+            self._on_returned(self.controller.job.job_id, "cancelled")
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.enabled = not running
+        self.cancel_button.enabled = running
+        self.export_button.enabled = not running
+
+    def _show_progress(self) -> None:
+        controller = self.controller
+        total = max(controller.stage_total, 1)
+        self.progress.max = 2 * total  # embedding then sampling, each over all spots
+        done = controller.stage_done + (total if controller.stage == "sample" else 0)
+        self.progress.value = min(done, 2 * total)
+        self._set_status(controller.message)
+
+    def _set_status(self, text: str) -> None:
+        self.status.value = text if len(text) <= 160 else text[:157] + "…"
+        self.status.tooltip = text
+
+    # ------------------------------------------------------------------ result layers
+    def _draw_result(self, suffix: str = "") -> None:
+        """Create the result layers at the first batch, then update their values in place."""
+        result = self.controller.result
+        if result is None:
+            return
+        layers_ok = self._result_layers and all(layer in self._viewer.layers for layer in self._result_layers.values())
+        if self._layers_result is not result or not layers_ok:
+            self._replace_previous_layers()
+            self._layers_result = result
+            gene = self.gene.value if self.gene.value in result.genes else result.genes[0]
+            for kind in KINDS:
+                data, kwargs, layer_type = prediction_layer_data(
+                    result.prediction, result.spots, kind, gene,
+                    frame=result.job.frame, name=kind + suffix, shown=result.shown,
+                    slide_path=str(result.job.slide_path),
+                )  # fmt: skip
+                layer = Layer.create(data, kwargs, layer_type)
+                layer.face_colorbar.visible = True
+                self._viewer.add_layer(layer)
+                self._result_layers[kind] = layer
+                self._given_names[id(layer)] = layer.name
+            self._refresh_genes()
+            if self.gene.value != gene and gene in self.gene.choices:
+                self.gene.value = gene
+            return
+        gene = self.gene.value
+        for kind, layer in self._result_layers.items():
+            layer.features = prediction_features(result.prediction, result.spots, kind)
+            layer.shown = result.shown
+            _recolour(layer, gene if gene in layer.features else result.genes[0])
+
+    def _replace_previous_layers(self) -> None:
+        """Remove this widget's earlier result layers unless the user renamed them (to keep them)."""
+        for layer in list(self._result_layers.values()):
+            if layer in self._viewer.layers and layer.name == self._given_names.get(id(layer)):
+                self._viewer.layers.remove(layer)
+        self._result_layers = {}
+
+    def _remove_result_layers(self) -> None:
+        """Remove the layers of the job that just ended (a failed or cancelled run leaves the
+        previous run's layers alone)."""
+        if self._layers_result is None or self._layers_result.job is not self.controller.job:
+            return
+        for layer in list(self._result_layers.values()):
+            if layer in self._viewer.layers:
+                self._viewer.layers.remove(layer)
+        self._result_layers = {}
+        self._layers_result = None
+
+    def prediction_layers(self) -> list[Any]:
+        """Every napari-stem prediction layer in the viewer (this widget's and re-opened files)."""
+        return [layer for layer in self._viewer.layers if layer.metadata.get("napari_stem") == "prediction"]
+
+    # ------------------------------------------------------------------ genes
+    def _refresh_genes(self, *_: Any) -> None:
+        genes: dict[str, None] = {}
+        for layer in self.prediction_layers():
+            genes.update(dict.fromkeys(layer.metadata.get("genes", [])))
+        text = str(self.gene_filter.value or "").strip().lower()
+        choices = [gene for gene in genes if text in gene.lower()]
+        if list(self.gene.choices) == choices:
+            return
+        current = self.gene.value
+        with self.gene.changed.blocked():  # magicgui keeps old items first; rebuild to keep gene order
+            self.gene.choices = []
+            self.gene.choices = choices
+            if current in choices:
+                self.gene.value = current
+        if self.gene.value != current:
+            self._apply_gene(self.gene.value)
+
+    def _apply_gene(self, gene: str | None = None, *_: Any) -> None:
+        """Recolour every prediction layer by ``gene``: a feature switch plus new contrast limits."""
+        gene = gene if gene is not None else self.gene.value
+        if gene is None:
+            return
+        for layer in self.prediction_layers():
+            if gene in layer.features:
+                _recolour(layer, gene)
+
+    # ------------------------------------------------------------------ export
+    def _on_export(self, *_: Any) -> None:
+        try:
+            path = self.controller.export(self.export_path.value)
+        except StemError as exc:
+            self._set_status(str(exc))
+            show_error(str(exc))
+            return
+        except OSError as exc:
+            message = f"could not write '{self.export_path.value}': {exc}. Choose another folder or file name."
+            self._set_status(message)
+            show_error(message)
+            return
+        self._set_status(f"exported {path}")
+        show_info(f"napari-stem: exported the prediction to {path}")
+
+    def close(self) -> None:
+        """Stop a running job before the widget goes away."""
+        self.controller.request_cancel()
+        if self.worker is not None:
+            self.worker.quit()
+        super().close()
+
+
+# ---------------------------------------------------------------------- helpers
+def _recolour(layer: Any, gene: str) -> None:
+    """napari does not refresh contrast limits on a feature switch, so set them for ``gene``."""
+    layer.face_color = gene
+    layer.refresh_colors(update_color_mapping=False)
+    layer.face_contrast_limits = gene_contrast_limits(layer.features[gene])
+
+
+def _is_slide_layer(layer: Any) -> bool:
+    if layer._type_string != "image":
+        return False
+    return layer.metadata.get("napari_stem") == "slide" or bool(getattr(layer.source, "path", None))
+
+
+def _file_mpp(path: str | None) -> float | None:
+    """µm/px recorded in a slide file opened by another reader (None when unreadable or absent)."""
+    if not path:
+        return None
+    from napari_stem.slide import open_slide
+
+    try:
+        with open_slide(path) as slide:
+            return slide.mpp
+    except StemError:
+        return None
+
+
+def _to_world(layer: Any, coords: Any) -> np.ndarray:
+    """Layer data coordinates → world ``(row, col)``; vectorised for scale + translate layers."""
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.size == 0:
+        return np.zeros((0, 2))
+    ndim = layer.ndim
+    plain = (
+        np.allclose(layer.rotate, np.eye(ndim))
+        and np.allclose(layer.shear, 0)
+        and np.allclose(layer.affine.affine_matrix, np.eye(ndim + 1))
+    )
+    if plain:
+        world = coords * np.asarray(layer.scale) + np.asarray(layer.translate)
+    else:
+        world = np.array([layer.data_to_world(point) for point in coords])
+    return world[:, -2:]
