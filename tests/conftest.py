@@ -62,3 +62,45 @@ def spaceranger_outs(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 tar.extract(member, partial, filter="data")
         partial.replace(target)
     return target
+
+
+#: Options of the shared training run (small model, short EMA: a few hundred CPU steps that learn).
+SYNTHETIC_FIT_ARGS = (
+    "--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--num-heads", "4",
+    "--max-steps", "400", "--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.98",
+    "--log-every", "50", "--val-every", "200", "--ckpt-every", "200", "--val-samples", "2", "--device", "cpu",
+)
+
+
+@pytest.fixture(scope="session")
+def prepared_synthetic(synthetic_hest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``stem-train prepare`` of ``synthetic_hest``: efficientnet_lite0 on CPU, hest patches, SYN003
+    held out (test split), HMHVG panel of 20 genes chosen on SYN000-SYN002. Returns PREP_DIR (read-only)."""
+    from stem_train.cli import main
+
+    out = tmp_path_factory.mktemp("prepared_synthetic")
+    code = main(["prepare", str(synthetic_hest), "--out", str(out), "--held-out", "SYN003", "--n-genes", "20", "--device", "cpu"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def fitted_synthetic_run(prepared_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``stem-train fit`` on ``prepared_synthetic`` with :data:`SYNTHETIC_FIT_ARGS` (seed 0, CPU).
+    Returns RUN_DIR; RUN_DIR/checkpoint is the final EMA checkpoint (read-only).
+
+    Trained on one intra-op thread: a tiny model's ops are too small to split, and on a busy
+    machine two threads were 10-20x slower (spin waits); the result is the same either way.
+    """
+    import torch
+
+    from stem_train.cli import main
+
+    out = tmp_path_factory.mktemp("fitted_synthetic_run") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["fit", str(prepared_synthetic), "--out", str(out), *SYNTHETIC_FIT_ARGS]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out

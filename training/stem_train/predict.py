@@ -1,0 +1,279 @@
+"""``stem-train predict``: a trained checkpoint + slides → one prediction ``.h5ad`` per slide.
+
+Runs the plugin's own prediction path (:func:`napari_stem.predict.iter_predict`) so the CLI and the
+GUI give the same numbers for the same settings, and writes each result with
+:func:`napari_stem.anndata_io.write_prediction` (scanpy spatial layout, slide thumbnail included).
+
+Many slides can be split over processes: under ``torchrun`` (or with ``RANK``/``WORLD_SIZE`` set)
+rank r predicts slides r, r + world_size, ...; no process group is needed for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from napari_stem.errors import StemError, describe_path
+
+
+@dataclass
+class PredictJob:
+    """One slide to predict: where it is, where its spots come from, where the result goes."""
+
+    name: str
+    slide_path: Path
+    out_path: Path
+    spots_path: Path | None = None  # None: a Visium-like grid over the detected tissue
+    mpp: float | None = None
+
+
+# ---------------------------------------------------------------------- CLI
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "predict",
+        help="predict expression for a slide or every sample of a HEST folder; writes .h5ad files",
+        description=(
+            "Predict spatial expression with a trained checkpoint. INPUT is a slide file (spots from --spots, "
+            "else a Visium-like grid laid over the detected tissue) or a HEST-layout folder (every sample, or "
+            "--sample-ids, with the spots of its st/<id>.h5ad). Patches are embedded with the checkpoint's own "
+            "encoder and patch mode, then diffusion samples are drawn per spot.\n\n"
+            "Each slide gives one .h5ad: X = mean of the samples, layers['variance'] = their variance, "
+            "layers['q05'...] = quantiles, obsm['spatial'] = spot centres, uns['spatial']['ST'] = slide thumbnail "
+            "(scanpy.pl.spatial(adata, library_id='ST', img_key='downscaled_fullres') draws it), provenance in "
+            "uns['napari_stem'].\n\n"
+            "Under torchrun (or with RANK/WORLD_SIZE set) slides are split across ranks: rank r takes slides "
+            "r, r+W, r+2W, ...; on CUDA each rank uses the GPU of its LOCAL_RANK."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", type=Path, metavar="SLIDE_OR_HEST_DIR", help="a slide file (.tif, .svs, ...) or a HEST-layout folder (wsis/, st/, metadata/)")
+    parser.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="checkpoint folder written by stem-train fit (config.json + weights.safetensors)")
+    parser.add_argument("--out", type=Path, default=None, metavar="OUT",
+                        help="output .h5ad (one slide) or folder (one <name>.h5ad per slide); default: ./predictions/")
+    spots = parser.add_argument_group("spots (slide input)")
+    spots.add_argument("--spots", type=Path, default=None, metavar="ST.h5ad",
+                       help="spot coordinates: an .h5ad with obsm['spatial'] (x, y full-res pixels) and "
+                       "uns['spatial'][lib]['scalefactors']['spot_diameter_fullres']; default: a grid over the tissue")
+    spots.add_argument("--grid-pitch-um", type=float, default=100.0, help="grid spot pitch in µm (default: 100, Visium)")
+    spots.add_argument("--grid-diameter-um", type=float, default=55.0, help="grid spot diameter in µm (default: 55, Visium)")
+    spots.add_argument("--min-tissue-fraction", type=float, default=0.5, help="keep grid spots at least this much tissue (default: 0.5)")
+    spots.add_argument("--mpp", type=float, default=None, help="slide pixel size in µm/px when the file does not record it")
+    spots.add_argument("--sample-ids", "--samples-ids", dest="sample_ids", default=None, metavar="ID,ID",
+                       help="HEST input: comma-separated sample ids to predict (default: all)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--samples", type=int, default=None, metavar="K",
+                          help="diffusion samples per spot; their mean is the prediction, their spread the uncertainty "
+                          "(default: 4 on CPU, 10 on CUDA; the paper: 20)")
+    sampling.add_argument("--steps", type=int, default=None, metavar="N",
+                          help="denoising steps out of the 1000 trained (default: 25 on CPU, 50 on CUDA; the paper: 1000)")
+    sampling.add_argument("--sampler", choices=("ddim", "ancestral"), default="ddim",
+                          help="ddim (fast, eta 0 = deterministic per start noise) or ancestral (the paper's DDPM sampler)")
+    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
+    sampling.add_argument("--seed", type=int, default=0, help="random seed; same seed, same samples on any batch size (default: 0)")
+    sampling.add_argument("--quantiles", default="0.05,0.25,0.75,0.95", metavar="Q,Q",
+                          help="quantile levels stored as layers q05, q25, ... ('' for none; default: 0.05,0.25,0.75,0.95, "
+                          "the 90%% and 50%% intervals evaluate checks)")
+    sampling.add_argument("--keep-samples", action="store_true",
+                          help="also store every sample (obsm['samples'], n_spots x K*genes): lets evaluate compute the "
+                          "sample CRPS and exact rank coverage; files grow K-fold")
+    sampling.add_argument("--sample-batch-size", type=int, default=None, metavar="SPOTS",
+                          help="spots per sampling batch (default: about 256 rows on CPU, 4096 on CUDA)")
+    compute = parser.add_argument_group("compute")
+    compute.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
+    compute.add_argument("--encoder-weights", type=Path, default=None, metavar="PATH",
+                         help="local weights file for the checkpoint's encoder (default: its built-in source)")
+    compute.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                         help="keep patch embeddings in DIR/<name>.h5 and reuse them when encoder, patches and spots match "
+                         "(a prepared folder's embeddings/ works)")
+    compute.add_argument("--batch-size", type=int, default=32, help="patches per encoder forward pass (default: 32)")
+    compute.add_argument("--num-workers", type=int, default=0, help="patch-reading worker processes (default: 0 = in process)")
+    compute.add_argument("--skip-existing", action="store_true", help="leave slides whose output .h5ad exists alone (resume a long run)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_stem.checkpoint import load_checkpoint
+    from napari_stem.predict import embedding_spec
+
+    quantiles = parse_quantiles(args.quantiles)
+    checkpoint = load_checkpoint(args.checkpoint)
+    embedding_spec(checkpoint)  # fail now, not after the first slide, if it names no encoder
+    jobs = plan_jobs(args.input, args.out, spots_path=args.spots, sample_ids=_split_ids(args.sample_ids), mpp=args.mpp)
+    rank, world_size = shard_rank()
+    mine = shard(jobs, rank, world_size)
+    device = rank_device(args.device)
+    prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+    print(f"{prefix}{len(mine)} of {len(jobs)} slides; checkpoint {checkpoint.path} ({len(checkpoint.genes)} genes, "
+          f"encoder {checkpoint.embedding.get('encoder')}); device {device}")
+    for job in mine:
+        if args.skip_existing and job.out_path.exists():
+            print(f"{prefix}{job.name}: {job.out_path} exists, skipped")
+            continue
+        path = predict_job(
+            job, checkpoint, grid=(args.grid_pitch_um, args.grid_diameter_um, args.min_tissue_fraction),
+            options={
+                "n_samples": args.samples, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
+                "seed": args.seed, "device": device, "encoder_weights": args.encoder_weights,
+                "embed_batch_size": args.batch_size, "num_workers": args.num_workers,
+                "sample_batch_size": args.sample_batch_size, "quantiles": quantiles, "keep_samples": args.keep_samples,
+            },
+            cache_dir=args.cache_dir, progress_prefix=prefix,
+        )
+        print(f"{prefix}{job.name}: wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------- planning
+def parse_quantiles(text: str | None) -> tuple[float, ...] | None:
+    if not text or not text.strip():
+        return None
+    try:
+        levels = tuple(sorted({float(part) for part in text.split(",") if part.strip()}))
+    except ValueError as exc:
+        raise StemError(f"--quantiles must be comma-separated numbers in (0, 1), got {text!r}.") from exc
+    if not all(0 < q < 1 for q in levels):
+        raise StemError(f"--quantiles must lie strictly between 0 and 1, got {text!r}.")
+    return levels
+
+
+def _split_ids(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def plan_jobs(
+    input_path: Path,
+    out: Path | None,
+    *,
+    spots_path: Path | None = None,
+    sample_ids: Sequence[str] | None = None,
+    mpp: float | None = None,
+) -> list[PredictJob]:
+    """The slides to predict, in a fixed order (the same on every rank)."""
+    from napari_stem.hest import hest_sample, hest_sample_ids, is_hest_folder
+
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise StemError(f"input {describe_path(input_path)} does not exist; give a slide file or a HEST folder (wsis/, st/, metadata/).")
+    if input_path.is_dir():
+        if not is_hest_folder(input_path):
+            raise StemError(f"{describe_path(input_path)} is a folder but not a HEST-layout folder (it needs wsis/ and st/); give a slide file or a HEST folder.")
+        if spots_path is not None:
+            raise StemError("--spots is for a single slide; a HEST folder's spots come from its st/<id>.h5ad files.")
+        out_dir = _output_dir(out)
+        ids = list(sample_ids) if sample_ids else hest_sample_ids(input_path)
+        known = set(hest_sample_ids(input_path))
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise StemError(f"--sample-ids {', '.join(unknown)} not found in {describe_path(input_path / 'st')} (available: {', '.join(sorted(known)[:10])}).")
+        jobs = []
+        for sample_id in ids:
+            sample = hest_sample(input_path, sample_id)
+            jobs.append(PredictJob(sample_id, sample.wsi_path, out_dir / f"{sample_id}.h5ad", sample.st_path, mpp or sample.mpp))
+        return jobs
+    if sample_ids:
+        raise StemError("--sample-ids is for a HEST folder; the input is a single slide file.")
+    if spots_path is not None and not Path(spots_path).exists():
+        raise StemError(f"spot file {describe_path(spots_path)} does not exist.")
+    if out is not None and out.suffix == ".h5ad":
+        out_path = out
+    else:
+        out_path = _output_dir(out) / f"{input_path.stem}.h5ad"
+    return [PredictJob(input_path.stem, input_path, out_path, spots_path, mpp)]
+
+
+def _output_dir(out: Path | None) -> Path:
+    out = Path("predictions") if out is None else Path(out)
+    if out.suffix == ".h5ad":
+        raise StemError(f"--out {describe_path(out)} names one file, but several slides are predicted; give a folder.")
+    return out
+
+
+def shard_rank() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside it."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as exc:
+        raise StemError(f"RANK/WORLD_SIZE must be integers, got {os.environ.get('RANK')!r}/{os.environ.get('WORLD_SIZE')!r}.") from exc
+    if not 0 <= rank < world_size:
+        raise StemError(f"RANK {rank} is outside WORLD_SIZE {world_size}.")
+    return rank, world_size
+
+
+def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Rank r's share: items r, r + world_size, ... (round-robin keeps big and small slides mixed)."""
+    return list(items[rank::world_size])
+
+
+def rank_device(device: str) -> str:
+    """``auto`` under torchrun with CUDA → this rank's GPU (LOCAL_RANK); otherwise unchanged."""
+    if device != "auto" or "LOCAL_RANK" not in os.environ:
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return "cpu"
+
+
+# ---------------------------------------------------------------------- one slide
+def job_spots(job: PredictJob, slide: Any, grid: tuple[float, float, float]) -> Any:
+    """The job's spots: read from its h5ad, or a grid over the slide's tissue."""
+    from napari_stem.grid import spots_over_tissue
+    from napari_stem.spots import read_spots_h5ad
+
+    if job.spots_path is not None:
+        return read_spots_h5ad(job.spots_path, mpp=slide.mpp if slide.mpp else None)
+    pitch_um, diameter_um, min_fraction = grid
+    spots = spots_over_tissue(slide, pitch_um=pitch_um, diameter_um=diameter_um, min_tissue_fraction=min_fraction)
+    if len(spots) == 0:
+        raise StemError(
+            f"no tissue found on {describe_path(job.slide_path)} for a grid of {pitch_um:g} µm spots; lower "
+            "--min-tissue-fraction or give the spots with --spots ST.h5ad."
+        )
+    print(f"{job.name}: laid a {pitch_um:g} µm grid over the tissue: {len(spots)} spots")
+    return spots
+
+
+def predict_job(
+    job: PredictJob,
+    checkpoint: Any,
+    *,
+    grid: tuple[float, float, float] = (100.0, 55.0, 0.5),
+    options: dict[str, Any] | None = None,
+    cache_dir: Path | None = None,
+    progress_prefix: str = "",
+) -> Path:
+    """Predict one slide with progress bars; returns the written .h5ad path."""
+    from tqdm.auto import tqdm
+
+    from napari_stem.anndata_io import write_prediction
+    from napari_stem.predict import iter_predict
+    from napari_stem.slide import open_slide
+
+    options = dict(options or {})
+    with open_slide(job.slide_path, mpp=job.mpp) as slide:
+        spots = job_spots(job, slide, grid)
+        cache_path = Path(cache_dir) / f"{job.name}.h5" if cache_dir is not None else None
+        bars: dict[str, Any] = {}
+        prediction = None
+        try:
+            for event in iter_predict(job.slide_path, spots, checkpoint, cache_path=cache_path, **options):
+                if event.stage == "done":
+                    prediction = event.prediction
+                    break
+                bar = bars.get(event.stage)
+                if bar is None:
+                    label = {"embed": "embedding patches", "sample": "sampling"}.get(event.stage, event.stage)
+                    bar = bars[event.stage] = tqdm(total=event.total, desc=f"{progress_prefix}{job.name}: {label}", unit="spot", leave=False)
+                bar.update(event.done - bar.n)
+                if event.from_cache:
+                    bar.set_postfix_str("from cache")
+        finally:
+            for bar in bars.values():
+                bar.close()
+        return write_prediction(job.out_path, prediction, spots, slide)
