@@ -19,8 +19,10 @@ def main() -> None:
 
     paths = ensure_demo_model(FULL)
     viewer, widget = open_in_napari(paths, run_event_loop=False)
-    viewer.window._qt_window.resize(1500, 950)
     viewer.window.show()
+    viewer.window._qt_window.resize(1550, 950)
+    for _ in range(20):
+        QApplication.processEvents()
     widget.n_samples.value = 4
     widget.steps.value = 10
     widget.run_button.clicked()

@@ -57,3 +57,45 @@ def test_mean_variance_maps_png(tmp_path: Path, demo_cache: Path) -> None:
     image = np.asarray(Image.open(png).convert("RGB"))
     assert image.shape[0] > 600 and image.shape[1] > 600
     assert image.std() > 20  # a slide with coloured spots, not a blank canvas
+
+
+@pytest.mark.gui
+def test_interactive_demo_opens_the_ready_plugin(demo_cache: Path, make_napari_viewer, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The demo's napari session: slide, spot grid, widget docked with the demo checkpoint chosen."""
+    import napari
+
+    from stem_train.demo import QUICK, ensure_demo_model, open_in_napari
+
+    paths = ensure_demo_model(QUICK, device="cpu")
+    viewer = make_napari_viewer()
+    monkeypatch.setattr(napari, "Viewer", lambda **_: viewer)
+    _, widget = open_in_napari(paths, run_event_loop=False)
+    assert [layer.name for layer in viewer.layers] == ["demo H&E", "spot grid"]
+    assert Path(widget.checkpoint.value) == paths.checkpoint
+    assert widget.spots.value is viewer.layers["spot grid"]
+    assert "12 genes" in widget.checkpoint_info.value
+
+
+def test_torch_survives_napari_on_software_opengl(tmp_path: Path) -> None:
+    """Opening napari on Mesa (llvmpipe), then the widget, then torch's triton-importing modules.
+
+    Without napari_stem._torch_guard this crashes the process with a segmentation fault (two LLVMs).
+    """
+    import os
+    import subprocess
+    import sys
+
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("needs an X server (run the suite under xvfb-run)")
+    script = (
+        "import napari\n"
+        "viewer = napari.Viewer(show=True)\n"
+        "from napari_stem._widget import PredictWidget\n"
+        "widget = PredictWidget(viewer)\n"
+        "import torchvision.ops, torch._dynamo\n"
+        "print('alive', 'triton blocked' if __import__('sys').modules.get('triton', 1) is None else 'triton loaded')\n"
+        "viewer.close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "alive" in result.stdout

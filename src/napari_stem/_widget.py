@@ -46,6 +46,7 @@ from napari_stem._controller import (
     RegionInput,
     SlideInput,
 )
+from napari_stem._torch_guard import block_triton_if_llvm_loaded
 from napari_stem.errors import StemError
 from napari_stem.layers import SlideFrame, gene_contrast_limits, prediction_features, prediction_layer_data
 from napari_stem.predict import DEFAULT_SETTINGS
@@ -66,6 +67,7 @@ class PredictWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
+        block_triton_if_llvm_loaded()  # before anything imports torch in this GL process
         self._viewer = viewer
         self.controller = PredictController()
         self.use_threads = threads_enabled()
@@ -210,6 +212,7 @@ class PredictWidget(Container):
 
     # ------------------------------------------------------------------ run
     def _on_run(self, *_: Any) -> None:
+        block_triton_if_llvm_loaded()
         try:
             job = self.controller.prepare(self.slide_input(), self.spots_input(), self.region_input(), self.settings())
         except StemError as exc:

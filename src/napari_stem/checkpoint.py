@@ -164,10 +164,13 @@ def _swap_into_place(staging: Path, path: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def _validated_state_dict(weights, config: StemConfig, where: str) -> dict:
+def _validated_state_dict(weights, config: StemConfig, where: str, template: StemModel | None = None) -> dict:
     state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in StemModel(config).state_dict().items()}
+    # Built on the CPU, not under ``torch.device("meta")``: that context routes nn.init through
+    # torch._refs, which imports torch._dynamo and triton, and triton's bundled LLVM crashes a
+    # process that already holds Mesa's (napari under software OpenGL).
+    template = template if template is not None else StemModel(config)
+    expected = {k: tuple(v.shape) for k, v in template.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state)
@@ -235,12 +238,11 @@ def load_checkpoint(path, *, expected_genes=None, expected_cond_dim: int | None 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     state = _read_weights(folder / WEIGHTS_FILE, EMA_PREFIX if weights == "ema" else MODEL_PREFIX)
-    _validated_state_dict(state, config, describe_path(folder))
+    model = StemModel(config)
+    _validated_state_dict(state, config, describe_path(folder), template=model)
     if str(map_location) == "auto":
         map_location = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device("meta"):  # skip the random init the weights overwrite anyway
-        model = StemModel(config)
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state)
     model.to(map_location).eval()
     return StemCheckpoint(path=folder, config=config, genes=genes,
                           target_transform=metadata.get("target_transform", "log2p1"), model=model,

@@ -1,0 +1,49 @@
+"""``stem-train import-reference``: the reference trainer's checkpoint into our format, safely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from stem_train.cli import main
+
+FIXTURE = Path(__file__).parent / "data" / "stem_reference" / "0000100.pt"
+
+
+@pytest.fixture
+def gene_list(tmp_path: Path) -> Path:
+    path = tmp_path / "selected_gene_list.txt"
+    path.write_text("\n".join(f"GENE{i}" for i in range(40)) + "\n")
+    return path
+
+
+def test_import_writes_a_checkpoint_the_sampler_uses(tmp_path: Path, gene_list: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import napari_stem.encoders as encoders
+    from napari_stem.checkpoint import load_checkpoint
+    from napari_stem.sampling import sample_expression
+
+    # the fixture's tiny model has a 64-d condition; stand in an encoder of that width
+    monkeypatch.setattr(encoders, "get_encoder_spec", lambda name: SimpleNamespace(dim=64))
+    out = tmp_path / "converted"
+    assert main(["import-reference", str(FIXTURE), "--genes", str(gene_list), "--out", str(out), "--num-heads", "4",
+                 "--encoder", "tiny64"]) == 0
+    loaded = load_checkpoint(out)
+    assert loaded.genes[:2] == ["GENE0", "GENE1"] and loaded.config.cond_dim == 64
+    assert loaded.embedding["encoder"] == "tiny64" and loaded.embedding["patch"]["mode"] == "stem-native"
+    cases = np.load(Path(__file__).parent / "data" / "stem_reference" / "cases.npz")
+    prediction = sample_expression(loaded, cases["y"][:2], n_samples=2, steps=3, device="cpu")
+    assert prediction.mean.shape == (2, 40)
+
+
+def test_import_refuses_a_mismatched_encoder_and_gene_list(tmp_path: Path, gene_list: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["import-reference", str(FIXTURE), "--genes", str(gene_list), "--out", str(tmp_path / "x"),
+                 "--num-heads", "4"]) == 2
+    assert "64-d" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    short = tmp_path / "short.txt"
+    short.write_text("A\nB\n")
+    assert main(["import-reference", str(FIXTURE), "--genes", str(short), "--out", str(tmp_path / "y"), "--num-heads", "4"]) == 2
+    error = capsys.readouterr().err
+    assert "short.txt" in error and "40" in error
