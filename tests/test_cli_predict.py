@@ -6,29 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, synthetic_hest: Path) -> Path:
     """An untrained small Stem model on efficientnet_lite0 embeddings for five synthetic genes."""
     import anndata
-    import torch
-
-    from napari_stem.checkpoint import save_checkpoint
-    from napari_stem.embed import PatchSpec
-    from napari_stem.model import StemConfig, StemModel
 
     genes = list(anndata.read_h5ad(synthetic_hest / "st" / "SYN003.h5ad", backed="r").var_names[:5])
-    torch.manual_seed(0)
-    config = StemConfig(n_genes=5, cond_dim=1280, hidden_size=32, depth=1, num_heads=2)
-    model = StemModel(config)
-    with torch.no_grad():  # leave the zero-init so the output depends on the condition
-        for parameter in model.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "tiny", config=config, genes=genes, ema=model,
-        embedding={"encoder": "efficientnet_lite0", "dim": 1280, "patch": PatchSpec().to_dict()},
-    )
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", genes)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import save_tiny_checkpoint
 
 from napari_stem.errors import CheckpointError, StemError
 
@@ -13,27 +14,7 @@ from napari_stem.errors import CheckpointError, StemError
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained small Stem model on efficientnet_lite0 embeddings (1280-d), five genes."""
-    import torch
-
-    from napari_stem.checkpoint import save_checkpoint
-    from napari_stem.embed import PatchSpec
-    from napari_stem.model import StemConfig, StemModel
-
-    torch.manual_seed(0)
-    config = StemConfig(n_genes=5, cond_dim=1280, hidden_size=32, depth=1, num_heads=2)
-    model = StemModel(config)
-    with torch.no_grad():  # leave the zero-init so the output depends on the condition
-        for parameter in model.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    return save_checkpoint(
-        path,
-        config=config,
-        genes=["GA", "GB", "GC", "GD", "GE"],
-        ema=model,
-        embedding={"encoder": "efficientnet_lite0", "dim": 1280, "patch": PatchSpec().to_dict()},
-        provenance={"steps": 0, "data": "test"},
-    )
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", ["GA", "GB", "GC", "GD", "GE"])
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import save_tiny_checkpoint
 
 gui = pytest.mark.gui
 
@@ -20,20 +21,7 @@ ROI = np.array([[839.3, 480.0], [839.3, 720.0], [1079.3, 720.0], [1079.3, 480.0]
 
 
 def _save_tiny_checkpoint(path: Path, *, encoder: str = "efficientnet_lite0", cond_dim: int = 1280) -> Path:
-    import torch
-
-    from napari_stem.checkpoint import save_checkpoint
-    from napari_stem.embed import PatchSpec
-    from napari_stem.model import StemConfig, StemModel
-
-    torch.manual_seed(0)
-    config = StemConfig(n_genes=len(GENES), cond_dim=cond_dim, hidden_size=32, depth=1, num_heads=2)
-    model = StemModel(config)
-    with torch.no_grad():  # leave the zero-init so the output depends on the condition
-        for parameter in model.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    embedding = {"encoder": encoder, "dim": cond_dim, "patch": PatchSpec().to_dict()}
-    return save_checkpoint(path, config=config, genes=GENES, ema=model, embedding=embedding)
+    return save_tiny_checkpoint(path, GENES, encoder=encoder, cond_dim=cond_dim)
 
 
 @pytest.fixture(scope="module")
