@@ -111,7 +111,7 @@ def whole_slide_projection(n_spots: int, samples: int, steps: int) -> None:
 
 
 def worker_overhead(n_spots: int, samples: int, steps: int) -> None:
-    from napari.qt import get_app
+    from napari.qt import get_qapp
     from napari.qt.threading import create_worker
 
     from napari_stem.checkpoint import load_checkpoint
@@ -129,7 +129,7 @@ def worker_overhead(n_spots: int, samples: int, steps: int) -> None:
     list(job())
     direct = time.perf_counter() - start
 
-    app = get_app()
+    app = get_qapp()
     finished = []
     worker = create_worker(job)
     worker.finished.connect(lambda: finished.append(time.perf_counter()))

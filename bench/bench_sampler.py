@@ -191,8 +191,9 @@ def read_embeddings(path: Path, key: str | None) -> np.ndarray:
     import h5py
 
     with h5py.File(path, "r") as f:
-        if key is None:
-            key = next(k for k, v in f.items() if isinstance(v, h5py.Dataset) and v.ndim == 2)
+        if key is None:  # napari-stem / HEST-Bench caches call it "embeddings"; else the first 2-D one
+            key = "embeddings" if "embeddings" in f else next(
+                k for k, v in f.items() if isinstance(v, h5py.Dataset) and v.ndim == 2)
         return f[key][()]
 
 
@@ -242,7 +243,7 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="PCC of 25/50/100 steps vs 1000 steps")
     parser.add_argument("--checkpoint", help="napari-stem checkpoint folder (for --quality)")
     parser.add_argument("--embeddings", help=".npy or .h5 (n_spots, D) embeddings (for --quality)")
-    parser.add_argument("--embeddings-key", help="dataset inside the .h5 (default: first 2-D one)")
+    parser.add_argument("--embeddings-key", help="dataset inside the .h5 (default: 'embeddings', else the first 2-D one)")
     parser.add_argument("--batch-size", type=int, default=None, help="spots per batch (for --quality)")
     parser.add_argument("--precisions", default="fp32", help="comma list for --quality, e.g. fp32,bf16")
     args = parser.parse_args()
