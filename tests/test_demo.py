@@ -99,3 +99,22 @@ def test_torch_survives_napari_on_software_opengl(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "alive" in result.stdout
+
+
+def test_demo_prediction_sample_data(demo_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import napari_stem.datasets as datasets
+    from napari_stem._sample_data import demo_prediction
+    from napari_stem.errors import StemError
+    from stem_train.demo import QUICK, ensure_demo_model
+
+    monkeypatch.setattr(datasets, "demo_model_dir", lambda size="full": datasets.cache_dir() / "demo" / "v1-quick")
+    with pytest.raises(StemError, match="stem-train demo"):
+        demo_prediction()
+    ensure_demo_model(QUICK, device="cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    (slide, slide_kwargs, _), (mean, mean_kwargs, mean_type), (_, variance_kwargs, _) = demo_prediction()
+    assert slide_kwargs["name"] == "demo H&E" and mean_type == "points"
+    assert mean_kwargs["name"] == "demo mean" and variance_kwargs["name"] == "demo variance"
+    assert mean_kwargs["features"].shape[1] >= 12 and len(mean) > 30
+    gene = mean_kwargs["face_color"]
+    assert (variance_kwargs["features"][gene] >= 0).all()

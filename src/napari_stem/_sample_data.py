@@ -12,3 +12,30 @@ def demo_slide() -> list:
     slide = open_slide(demo_slide_path())
     spots = spots_over_tissue(slide)
     return [slide_layer_data(slide, name="demo H&E"), spots_layer_data(spots, name="demo spots")]
+
+
+def demo_prediction() -> list:
+    """The demo slide with the demo model's predicted mean and variance over its tissue grid.
+
+    Uses the cached demo model that ``stem-train demo`` trains once; embeddings are cached too, so
+    opening this sample again only re-samples (a few seconds on a CPU).
+    """
+    from napari_stem._torch_guard import block_triton_if_llvm_loaded
+
+    block_triton_if_llvm_loaded()  # napari's canvas may already hold Mesa's LLVM; see _torch_guard
+    from napari_stem.checkpoint import load_checkpoint
+    from napari_stem.datasets import cache_dir, demo_checkpoint_path, demo_slide_path
+    from napari_stem.grid import spots_over_tissue
+    from napari_stem.layers import prediction_layer_data, slide_layer_data
+    from napari_stem.predict import predict
+    from napari_stem.slide import open_slide
+
+    checkpoint = load_checkpoint(demo_checkpoint_path())
+    slide = open_slide(demo_slide_path())
+    spots = spots_over_tissue(slide)
+    prediction = predict(slide.path, spots, checkpoint, cache_path=cache_dir() / "embeddings" / "demo_sample.h5", seed=0)
+    return [
+        slide_layer_data(slide, name="demo H&E"),
+        *(prediction_layer_data(prediction, spots, kind, name=f"demo {kind}", slide_path=str(slide.path))
+          for kind in ("mean", "variance")),
+    ]

