@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from napari_stem.errors import CheckpointError, describe_path
+from napari_stem.gene_list import read_gene_list as read_gene_list_file
 from napari_stem.model import StemConfig, StemModel
 
 FORMAT_NAME = "napari-stem-checkpoint"
@@ -402,13 +403,5 @@ def infer_reference_config(state_dict: dict, *, num_heads: int | None = None,
 
 
 def read_gene_list(path) -> list[str]:
-    """One gene symbol per line (blank lines ignored), as the reference's selected_gene_list.txt."""
-    path = Path(path)
-    try:
-        genes = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except OSError as exc:
-        raise CheckpointError(f"cannot read gene list {describe_path(path)}: {exc}") from exc
-    genes = [g for g in genes if g]
-    if len(set(genes)) != len(genes):
-        raise CheckpointError(f"gene list {describe_path(path)} has duplicate genes")
-    return genes
+    """The gene list a reference checkpoint was trained on (its ``selected_gene_list.txt``)."""
+    return read_gene_list_file(path, error=CheckpointError)

@@ -83,18 +83,10 @@ def run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- loading
 def read_gene_panel(path: str | Path) -> list[str]:
-    """A gene list file: one symbol per line, blank lines and '#' comments ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"gene panel {describe_path(path)} does not exist; give a text file with one gene per line.")
-    genes = [line.split("#")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    genes = [g for g in genes if g]
-    if not genes:
-        raise EvaluationError(f"gene panel {describe_path(path)} lists no genes.")
-    duplicates = sorted({g for g in genes if genes.count(g) > 1})
-    if duplicates:
-        raise EvaluationError(f"gene panel {describe_path(path)} lists genes twice: {', '.join(duplicates[:10])}.")
-    return genes
+    """The fixed gene panel to score (see :func:`napari_stem.gene_list.read_gene_list`)."""
+    from napari_stem.gene_list import read_gene_list
+
+    return read_gene_list(path, error=EvaluationError)
 
 
 def _read_h5ad(path: Path, role: str):  # noqa: ANN202

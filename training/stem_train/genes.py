@@ -199,18 +199,10 @@ def select_hvg(
 
 
 def read_gene_list_file(path: str | Path) -> list[str]:
-    """One gene symbol per line; blank lines and ``#`` comments ignored; duplicates are an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"gene list {describe_path(path)} does not exist; give a text file with one gene symbol per line.")
-    genes = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    genes = [gene for gene in genes if gene]
-    if not genes:
-        raise DatasetError(f"gene list {describe_path(path)} is empty; give one gene symbol per line.")
-    duplicates = sorted({gene for gene in genes if genes.count(gene) > 1})
-    if duplicates:
-        raise DatasetError(f"gene list {describe_path(path)} names {', '.join(duplicates)} more than once; list each gene once.")
-    return genes
+    """A user's gene panel file (see :func:`napari_stem.gene_list.read_gene_list`)."""
+    from napari_stem.gene_list import read_gene_list
+
+    return read_gene_list(path, error=DatasetError)
 
 
 def select_from_list(path: str | Path, all_adatas: Mapping[str, Any]) -> GeneSelection:
