@@ -14,12 +14,12 @@ img_key="downscaled_fullres")`` draws over the slide thumbnail as is, HEST-style
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from napari_stem.atomic import replace_atomically
 from napari_stem.errors import StemError, describe_path
 from napari_stem.spots import Spots
 
@@ -73,14 +73,7 @@ def write_h5ad_atomic(adata: Any, path: str | Path) -> Path:
     """Write an AnnData so that ``path`` is either untouched or complete, never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        adata.write_h5ad(partial, compression="gzip")
-        os.replace(partial, path)
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return path
+    return replace_atomically(path, lambda partial: adata.write_h5ad(partial, compression="gzip"))
 
 
 def write_prediction(path: str | Path, prediction: Any, spots: Spots, slide: Any = None) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_stem.atomic import replace_atomically, write_text_atomically
 from napari_stem.errors import SpotsError, StemError, describe_path
 
 REPORT_FILE = "report.json"
@@ -331,18 +332,14 @@ def _json_ready(value: Any) -> Any:
 
 
 def _write_json(data: dict, path: Path) -> None:
-    partial = path.with_name(f".{path.name}.part")
-    partial.write_text(json.dumps(_json_ready(data), indent=2))
-    partial.replace(path)
+    write_text_atomically(path, json.dumps(_json_ready(data), indent=2))
 
 
 def _write_table(per_gene: dict[str, np.ndarray], path: Path) -> None:
     import pandas as pd
 
     table = pd.DataFrame({name: np.asarray(values) for name, values in per_gene.items()})
-    partial = path.with_name(f".{path.name}.part")
-    table.to_csv(partial, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
-    partial.replace(path)
+    replace_atomically(path, lambda partial: table.to_csv(partial, sep="\t", index=False, na_rep="NaN", float_format="%.6g"))
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from copy import deepcopy
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_stem.atomic import replace_atomically, write_text_atomically
 from napari_stem.errors import CheckpointError, StemError, describe_path
 
 from stem_train.manifest import PreparedDataset
@@ -407,7 +407,7 @@ def _save_step_checkpoint(checkpoints: Path, step: int, state: dict, config: Any
     save_checkpoint(folder, config=config, genes=manifest.genes, ema=ema, model=model, target_transform=args.target_transform,
                     embedding=manifest.embedding_spec(), provenance=_provenance(step, manifest, args, training_set, ctx), overwrite=True)
     _torch_save_atomic(state, folder / STATE_FILE)
-    _write_text_atomic(checkpoints / LATEST_FILE, folder.name + "\n")
+    write_text_atomically(checkpoints / LATEST_FILE, folder.name + "\n")
     if args.keep_last:
         for old in sorted(checkpoints.glob("step_*"))[: -args.keep_last]:
             if old.name != folder.name:
@@ -542,7 +542,7 @@ def _start_log(path: Path, keep_until: int) -> None:
                 continue  # a line cut short by the kill
             if record.get("step", 0) <= keep_until:
                 kept.append(line)
-    _write_text_atomic(path, "".join(line + "\n" for line in kept))
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:
@@ -550,29 +550,14 @@ def _append_log(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    _replace_atomic(path, lambda partial: partial.write_text(text))
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=2))
+    write_text_atomically(path, json.dumps(data, indent=2))
 
 
 def _torch_save_atomic(obj: Any, path: Path) -> None:
     import torch
 
-    _replace_atomic(path, lambda partial: torch.save(obj, partial))
-
-
-def _replace_atomic(path: Path, write: Any) -> None:
-    """``write(partial)`` to a hidden sibling, then rename it over ``path``; no leftovers on failure."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    replace_atomically(path, lambda partial: torch.save(obj, partial))
 
 
 def _preview(genes: list[str], n: int = 4) -> str:

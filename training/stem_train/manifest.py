@@ -15,11 +15,11 @@ HEST data folder) so a prepared folder can be moved together with its embeddings
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_stem.atomic import write_text_atomically
 from napari_stem.errors import DatasetError, describe_path
 
 MANIFEST_FILE = "manifest.json"
@@ -80,9 +80,9 @@ class PreparedDataset:
         self.root = root
         data = asdict(self)
         data.pop("root")
-        _write_text_atomic(root / MANIFEST_FILE, json.dumps(data, indent=2))
-        _write_text_atomic(root / GENE_LIST_FILE, "\n".join(self.genes) + "\n")
-        _write_text_atomic(root / SLIDE_LIST_FILE, "\n".join(s.sample_id for s in self.slides) + "\n")
+        write_text_atomically(root / MANIFEST_FILE, json.dumps(data, indent=2))
+        write_text_atomically(root / GENE_LIST_FILE, "\n".join(self.genes) + "\n")
+        write_text_atomically(root / SLIDE_LIST_FILE, "\n".join(s.sample_id for s in self.slides) + "\n")
         return root / MANIFEST_FILE
 
     @classmethod
@@ -106,9 +106,3 @@ class PreparedDataset:
         manifest = cls(**data, slides=slides)
         manifest.root = path.parent
         return manifest
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    partial.write_text(text)
-    os.replace(partial, path)
