@@ -9,7 +9,12 @@ same crop (the reference's: max(224 px, spot diameter) around each spot at full 
   transform, batch of 1 under ``torch.inference_mode()``, features accumulated with ``torch.cat``
   inside the loop. The network is the plain (NCHW) model, as the reference builds it.
 - ours: ``napari_stem.embed.embed_spots`` (DataLoader over spot centres, patches read lazily from
-  the pyramid's tiles in worker processes, batched, channels-last).
+  the pyramid's tiles in worker processes, batched, channels-last, bf16 autocast where the GPU or
+  CPU computes bf16 natively: ``--precision``, glibc malloc thresholds that keep activations in
+  the heap: ``napari_stem.allocator``).
+
+``--augment`` adds the seven flipped/rotated views per spot on both sides (the reference encodes
+each on its own; ours on the batch tensor); patches/s then counts every view embedded.
 
 Each side runs in its own subprocess so their peak memory is measured separately: the process
 tree's summed PSS (proportional set size, so pages shared between a process and its DataLoader
@@ -25,6 +30,7 @@ over a centred 6.5 mm capture area (or the whole slide when smaller).
     python bench/bench_embed.py                                   # quick: 8192² px, 400 spots
     python bench/bench_embed.py --size-px 20000 --max-spots 0     # the target: 20k × 20k, all spots
     python bench/bench_embed.py --size-px 20000 --max-spots 1000 --workdir /tmp/bench  # keep the slide
+    python bench/bench_embed.py --size-px 20000 --augment --precision fp32                # other settings
 
 Targets (issue 5): ≥ 10× the patches/s and ≤ 0.25× the peak memory on the 20k × 20k slide.
 """
@@ -126,8 +132,12 @@ def visium_spots(size_px: int, max_spots: int, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- the two sides (child processes)
-def run_reference(slide: Path, centers: np.ndarray, encoder_name: str) -> dict:
-    """Stem's get_img_patch_embd, restated: whole level in RAM, one patch at a time, torch.cat."""
+def run_reference(slide: Path, centers: np.ndarray, encoder_name: str, augment: bool) -> dict:
+    """Stem's get_img_patch_embd, restated: whole level in RAM, one patch at a time, torch.cat.
+
+    With ``augment`` each spot also gets the reference's seven ``patch.transpose(k)`` views, each
+    resized, transformed and encoded on its own (batch 1), as its notebook precomputes them.
+    """
     import torch
     from PIL import Image
     from torchvision import transforms
@@ -154,20 +164,23 @@ def run_reference(slide: Path, centers: np.ndarray, encoder_name: str) -> dict:
     radius = 112 if spot_diameter < 224 else int(spot_diameter // 2)
     features = None
     first_patch_done = None
+    views = [None, *range(7)] if augment else [None]
     with torch.inference_mode():
         for x, y in centers:
             patch = image.crop((x - radius, y - radius, x + radius, y + radius)).convert("RGB")
-            patch = patch.resize((224, 224), Image.Resampling.LANCZOS)
-            batch = transform(patch).unsqueeze(0)
-            tick = time.perf_counter()
-            out = model.forward_head(model.forward_features(batch), pre_logits=True)
-            network_seconds += time.perf_counter() - tick
-            features = out if features is None else torch.cat([features, out])
+            for view in views:
+                viewed = patch if view is None else patch.transpose(view)
+                viewed = viewed.resize((224, 224), Image.Resampling.LANCZOS)
+                batch = transform(viewed).unsqueeze(0)
+                tick = time.perf_counter()
+                out = model.forward_head(model.forward_features(batch), pre_logits=True)
+                network_seconds += time.perf_counter() - tick
+                features = out if features is None else torch.cat([features, out])
             if first_patch_done is None:
                 first_patch_done = time.perf_counter()  # includes decoding the whole level
     end, cpu_end = time.perf_counter(), _cpu_seconds()
     return {
-        "n": int(features.shape[0]),
+        "n": int(features.shape[0]),  # embeddings computed: spots, or spots x 8 with augment
         "cpu_seconds": cpu_end - cpu_start,
         "seconds_total": end - start,
         "seconds_model": built - start,
@@ -178,22 +191,26 @@ def run_reference(slide: Path, centers: np.ndarray, encoder_name: str) -> dict:
     }
 
 
-def run_ours(slide: Path, centers: np.ndarray, encoder_name: str, batch_size: int, num_workers: int) -> dict:
+def run_ours(
+    slide: Path, centers: np.ndarray, encoder_name: str, batch_size: int, num_workers: int, augment: bool, precision: str
+) -> dict:
     from napari_stem.embed import PatchSpec, iter_embed_spots
     from napari_stem.encoders import create_encoder
     from napari_stem.spots import Spots
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    encoder = _TimedEncoder(create_encoder(encoder_name, device=None))
+    encoder = _TimedEncoder(create_encoder(encoder_name, device=None, precision=precision))
     built = time.perf_counter()
     baseline_mb = _own_pss_mb()
     spots = Spots(centers_px=centers, diameter_px=SPOT_DIAMETER_UM / MPP, mpp=MPP)
     n_done, first_batch_done, checksum = 0, None, 0.0
     for event in iter_embed_spots(
-        slide, spots, encoder, PatchSpec.stem_native(), batch_size=batch_size, num_workers=num_workers
+        slide, spots, encoder, PatchSpec.stem_native(), batch_size=batch_size, num_workers=num_workers, augment=augment
     ):
-        n_done = event.done
+        n_done = event.done * (8 if augment else 1)
         checksum += float(np.abs(event.embeddings.astype(np.float64)).sum())
+        if augment:
+            checksum += float(np.abs(event.embeddings_aug.astype(np.float64)).sum())
         if first_batch_done is None:
             first_batch_done = time.perf_counter()
     end, cpu_end = time.perf_counter(), _cpu_seconds()  # DataLoader workers are joined by now
@@ -207,6 +224,7 @@ def run_ours(slide: Path, centers: np.ndarray, encoder_name: str, batch_size: in
         "baseline_pss_mb": baseline_mb,
         "features_checksum": checksum,
         "device": str(encoder.device),
+        "precision": encoder.precision,
     }
 
 
@@ -217,6 +235,7 @@ class _TimedEncoder:
         self.encoder = encoder
         self.name, self.dim, self.input_size = encoder.name, encoder.dim, encoder.input_size
         self.weights_id, self.device = encoder.weights_id, getattr(encoder, "device", "cpu")
+        self.precision = encoder.precision
         self.seconds = 0.0
 
     def __call__(self, batch):  # noqa: ANN001, ANN204
@@ -252,9 +271,11 @@ def _child_main(args: argparse.Namespace) -> None:
 
     centers = np.load(args.spots_file)
     if args.child == "reference":
-        result = run_reference(Path(args.slide), centers, args.encoder)
+        result = run_reference(Path(args.slide), centers, args.encoder, args.augment)
     else:
-        result = run_ours(Path(args.slide), centers, args.encoder, args.batch_size, args.num_workers)
+        result = run_ours(
+            Path(args.slide), centers, args.encoder, args.batch_size, args.num_workers, args.augment, args.precision
+        )
     result["maxrss_main_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -291,8 +312,13 @@ def measure(side: str, args: argparse.Namespace, slide: Path, spots_file: Path) 
         str(args.batch_size),
         "--num-workers",
         str(args.num_workers),
+        "--precision",
+        args.precision,
+        *(["--augment"] if args.augment else []),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The reference runs on plain torch: without napari_stem's malloc thresholds (napari_stem.allocator).
+    env = {**os.environ, "NAPARI_STEM_MALLOC_TUNING": "0"} if side == "reference" else None
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     watched = psutil.Process(process.pid)
     peak = [0.0]
     stop = threading.Event()
@@ -332,6 +358,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="ours; 8 suits CPU caches, use 64+ on a GPU")
     parser.add_argument("--num-workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)))
     parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="ours (the reference runs fp32): auto = bf16 on a GPU or a CPU with native bf16, else fp32",
+    )
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="both sides also embed the 7 flipped/rotated views of every patch, as the reference precomputes them",
+    )
+    parser.add_argument(
         "--compression", default="jpeg", choices=["jpeg", "lzw", "zlib"], help="tile compression (HEST uses LZW)"
     )
     parser.add_argument(
@@ -361,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
         np.save(spots_file, centers)
         print(
             f"slide {args.size_px} × {args.size_px} px ({args.size_px * MPP / 1000:.1f} mm) at {MPP} µm/px, {len(centers)} spots, "
-            f"encoder {args.encoder}, ours: batch {args.batch_size}, {args.num_workers} workers, CPU cores {os.cpu_count()}"
+            f"encoder {args.encoder}{' with the 7 augmented views' if args.augment else ''}, ours: batch {args.batch_size}, "
+            f"{args.num_workers} workers, precision {args.precision}, CPU cores {os.cpu_count()}"
         )
         results = {}
         for side in ("reference", "ours"):
@@ -401,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"  memory above the shared Python + torch + model baseline: {working:.2f}×")
             print(
-                f"feature checksums differ by {agree:.2e} (same crops and network; only batching/memory layout differ)"
+                f"feature checksums differ by {agree:.2e} (same crops and network; ours batched, channels-last, in "
+                f"{ours['precision']}; the reference in fp32)"
             )
 
 

@@ -138,6 +138,12 @@ def throughput(args, device: torch.device) -> None:
     rows = n_spots * args.samples
     spot_steps = rows * args.steps
 
+    # One process, one allocator: napari_stem's glibc thresholds (napari_stem.allocator) would be
+    # set by our first sampling call anyway, so set them up front and every variant shares them.
+    from napari_stem.allocator import keep_tensor_buffers_in_heap
+
+    tuned = keep_tensor_buffers_in_heap()
+    print(f"glibc malloc thresholds for tensor buffers: {'set for all variants' if tuned else 'left as they are'}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as stem_sample.py sets
         torch.backends.cudnn.allow_tf32 = True

@@ -26,7 +26,7 @@ def hest_prediction(tmp_path_factory: pytest.TempPathFactory, synthetic_hest: Pa
     out, cache = root / "predictions", root / "cache"
     code = main(["predict", str(synthetic_hest), "--checkpoint", str(tiny_checkpoint), "--sample-ids", "SYN003",
                  "--out", str(out), "--samples", "3", "--steps", "3", "--device", "cpu", "--keep-samples",
-                 "--cache-dir", str(cache), "--batch-size", "16"])
+                 "--cache-dir", str(cache), "--batch-size", "16", "--precision", "fp32"])
     assert code == 0
     return {"out": out, "cache": cache, "root": root}
 
@@ -55,6 +55,12 @@ def test_predict_hest_sample_is_scanpy_ready_and_evaluable(hest_prediction: dict
     report = evaluate_files(path, synthetic_hest / "st" / "SYN003.h5ad", hest_prediction["root"] / "eval", plots=False)
     assert report["calibration"]["source"] == "samples" and report["calibration"]["n_samples"] == 3
     assert report["provenance"]["checkpoint"] == str(tiny_checkpoint)
+    assert report["provenance"]["precision"] == "fp32"  # --precision reaches the sampler ...
+    import h5py
+
+    (cache_file,) = hest_prediction["cache"].rglob("*.h5")
+    with h5py.File(cache_file, "r") as handle:
+        assert handle.attrs["precision"] == "fp32"  # ... and the encoder
 
 
 def test_predict_shards_slides_across_ranks(hest_prediction: dict[str, Path], synthetic_hest: Path, tiny_checkpoint: Path,

@@ -30,7 +30,7 @@ DEMO_MPP = 0.499
 def effnet():
     from napari_stem.encoders import create_encoder
 
-    return create_encoder("efficientnet_lite0", device="cpu")
+    return create_encoder("efficientnet_lite0", device="cpu", precision="fp32")  # bit-stable across batchings
 
 
 @pytest.fixture(scope="module")

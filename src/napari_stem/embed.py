@@ -211,15 +211,16 @@ def iter_embed_spots(
     num_workers: int = 0,
     augment: bool = False,
     device: str | None = None,
+    precision: str = "auto",
     mpp: float | None = None,
     encoder_weights: Any = None,
 ) -> Iterator[EmbedProgress]:
     """Embed every spot, yielding an :class:`EmbedProgress` per batch, in spot order.
 
     ``encoder`` is an :class:`~napari_stem.encoders.Encoder` or a registered name (built once here
-    with ``encoder_weights`` on ``device``). ``mpp`` overrides the slide's µm/px (default: the
-    spots' ``mpp``, else the file's). ``num_workers`` > 0 reads patches in that many processes.
-    Closing the generator early stops the workers.
+    with ``encoder_weights`` on ``device``, computing in ``precision``). ``mpp`` overrides the
+    slide's µm/px (default: the spots' ``mpp``, else the file's). ``num_workers`` > 0 reads patches
+    in that many processes. Closing the generator early stops the workers.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -231,7 +232,7 @@ def iter_embed_spots(
         if patch_spec.mode == "hest":
             slide.require_mpp()
         mpp = slide.mpp
-    encoder = _resolve_encoder(encoder, encoder_weights, device)
+    encoder = _resolve_encoder(encoder, encoder_weights, device, precision)
     dataset = SpotPatches(slide_path, mpp, spots.centers_px, spots.diameter_px, patch_spec)
     total = len(dataset)
     if total == 0:
@@ -278,11 +279,12 @@ def embed_spots(
     num_workers: int = 0,
     augment: bool = False,
     device: str | None = None,
+    precision: str = "auto",
     mpp: float | None = None,
     encoder_weights: Any = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """All embeddings at once: ``(n, D)`` float32 and, with ``augment``, ``(n, 7, D)`` (else None)."""
-    encoder = _resolve_encoder(encoder, encoder_weights, device)
+    encoder = _resolve_encoder(encoder, encoder_weights, device, precision)
     n_spots = len(spots)
     embeddings = np.empty((n_spots, encoder.dim), dtype=np.float32)
     embeddings_aug = np.empty((n_spots, N_AUGMENTATIONS, encoder.dim), dtype=np.float32) if augment else None
@@ -300,11 +302,11 @@ def _as_float32(features: Any) -> np.ndarray:
     return np.asarray(features.detach().cpu() if hasattr(features, "detach") else features, dtype=np.float32)
 
 
-def _resolve_encoder(encoder: Any, weights: Any, device: str | None) -> Any:
+def _resolve_encoder(encoder: Any, weights: Any, device: str | None, precision: str) -> Any:
     if isinstance(encoder, str):
         from napari_stem.encoders import create_encoder
 
-        return create_encoder(encoder, weights=weights, device=device)
+        return create_encoder(encoder, weights=weights, device=device, precision=precision)
     return encoder
 
 
@@ -456,6 +458,7 @@ def iter_embed_slide_cached(
     num_workers: int = 0,
     augment: bool = False,
     device: str | None = None,
+    precision: str = "auto",
     mpp: float | None = None,
 ) -> Iterator[EmbedProgress]:
     """Like :func:`iter_embed_spots`, but reuse or (re)write ``cache_path``.
@@ -484,7 +487,7 @@ def iter_embed_slide_cached(
         )
         return
 
-    encoder = _resolve_encoder(encoder, encoder_weights, device)
+    encoder = _resolve_encoder(encoder, encoder_weights, device, precision)
     expected["dim"] = int(encoder.dim)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -507,6 +510,8 @@ def iter_embed_slide_cached(
         # HEST-Bench stores barcodes as bytes; UTF-8 keeps any non-ASCII barcode intact.
         handle.create_dataset("barcodes", data=np.array([str(b).encode() for b in spots.barcodes], dtype="S"))
         handle.attrs.update({key: value for key, value in expected.items()})
+        # Informational, not a reuse condition: bf16 and fp32 features differ by rounding only.
+        handle.attrs["precision"] = str(getattr(encoder, "precision", "fp32"))
         handle.attrs["complete"] = False
 
         def finish() -> None:
@@ -556,6 +561,7 @@ def embed_slide_cached(
     num_workers: int = 0,
     augment: bool = False,
     device: str | None = None,
+    precision: str = "auto",
     mpp: float | None = None,
 ) -> SlideEmbeddings:
     """Embeddings of one slide's spots, from ``cache_path`` when it matches, else computed and cached."""
@@ -571,6 +577,7 @@ def embed_slide_cached(
         num_workers=num_workers,
         augment=augment,
         device=device,
+        precision=precision,
         mpp=mpp,
     ):
         reused = event.from_cache

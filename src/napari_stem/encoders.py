@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_stem.allocator import keep_tensor_buffers_in_heap
 from napari_stem.errors import EncoderError, describe_path
+from napari_stem.precision import autocast, resolve_precision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -204,13 +206,14 @@ class Encoder:
 
     ``batch`` is uint8 ``(N, H, W, 3)`` (patches as read from the slide) or float ``(N, 3, H, W)``
     in [0, 1]. The encoder resizes to its input size, normalises with its own mean/std and runs
-    under ``torch.inference_mode()`` (bf16 autocast on CUDA).
+    under ``torch.inference_mode()``, in bf16 autocast when ``precision`` is "bf16".
     """
 
     name: str
     dim: int
     input_size: int
     weights_id: str
+    precision: str = "fp32"
 
     def __call__(self, batch: Any) -> Any:
         raise NotImplementedError
@@ -278,7 +281,7 @@ class _SingleEncoder(Encoder):
         import torch
 
         x = self.preprocess(batch)
-        with torch.inference_mode(), _autocast(self.device):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             features = self._forward(x)
         features = features.float().cpu()
         if features.ndim != 2 or features.shape[1] != self.dim:
@@ -297,22 +300,13 @@ class ConcatEncoder(Encoder):
         self.dim = sum(part.dim for part in parts)
         self.input_size = max(part.input_size for part in parts)
         self.device = getattr(parts[0], "device", None)
+        self.precision = getattr(parts[0], "precision", "fp32")
         self.weights_id = ";".join(f"{part.name}={part.weights_id}" for part in parts)
 
     def __call__(self, batch: Any) -> Any:
         import torch
 
         return torch.cat([part(batch) for part in self.parts], dim=1)
-
-
-def _autocast(device: Any) -> Any:
-    import contextlib
-
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def default_device() -> str:
@@ -327,32 +321,44 @@ def create_encoder(
     weights: str | Path | Mapping[str, str | Path] | None = None,
     device: str | Any | None = None,
     *,
+    precision: str = "auto",
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> Encoder:
-    """Build an encoder once, in eval mode on ``device``.
+    """Build an encoder once, in eval mode on ``device``, computing in ``precision``.
 
     ``weights`` is a local file; without it the registered default source is used (the packaged
     EfficientNet weights, or the Hugging Face Hub for UNI/CONCH). For ``uni+conch`` pass a mapping
     ``{"uni": PATH, "conch": PATH}`` or the string ``"uni=PATH,conch=PATH"``. ``model_kwargs``
     override the architecture's create kwargs (e.g. ``{"depth": 2}`` for a test-sized ViT).
+    ``precision``: "auto" (bf16 where the hardware has it natively, see
+    :mod:`napari_stem.precision`), "bf16" or "fp32".
     """
     import torch
 
     spec = get_encoder_spec(name)
     device = torch.device(device if device is not None else default_device())
+    precision = resolve_precision(precision, device)
+    if device.type == "cpu":
+        keep_tensor_buffers_in_heap()
     if spec.kind == "concat":
         per_part = _split_weights(spec, weights)
         if any(get_encoder_spec(part).kind == "conch" for part in spec.parts):
             _import_conch()  # fail before spending minutes on the other parts
         return ConcatEncoder(
             spec.name,
-            [create_encoder(part, per_part.get(part), device, model_kwargs=model_kwargs) for part in spec.parts],
+            [
+                create_encoder(part, per_part.get(part), device, precision=precision, model_kwargs=model_kwargs)
+                for part in spec.parts
+            ],
         )
     if isinstance(weights, Mapping):
         raise EncoderError(f"encoder '{name}' takes one weights file, not a mapping {dict(weights)}")
     if spec.kind == "conch":
-        return _create_conch(spec, weights, device)
-    return _create_timm(spec, weights, device, model_kwargs or {})
+        encoder = _create_conch(spec, weights, device)
+    else:
+        encoder = _create_timm(spec, weights, device, model_kwargs or {})
+    encoder.precision = precision
+    return encoder
 
 
 def _split_weights(spec: EncoderSpec, weights: Any) -> dict[str, str | Path]:

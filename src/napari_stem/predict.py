@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from napari_stem.errors import CheckpointError, describe_path
+from napari_stem.precision import resolve_precision
 from napari_stem.spots import Spots
 
 #: Interactive defaults (samples per spot, denoising steps): cheap on CPU, closer to the paper on GPU.
@@ -73,6 +74,7 @@ def iter_predict(
     eta: float = 0.0,
     seed: int = 0,
     device: str = "auto",
+    precision: str = "auto",
     encoder_weights: Any = None,
     embeddings: np.ndarray | None = None,
     cache_path: str | Path | None = None,
@@ -87,7 +89,8 @@ def iter_predict(
     ``checkpoint`` is a path or a loaded :class:`~napari_stem.checkpoint.StemCheckpoint`.
     ``embeddings`` skips the embedding stage (rows in spot order); ``cache_path`` keeps them in a
     HEST-Bench HDF5 file reused on the next run. ``n_samples``/``steps`` default to
-    :func:`default_settings` for the device.
+    :func:`default_settings` for the device. ``precision`` ("auto", "bf16", "fp32") applies to the
+    encoder and the sampler alike; "auto" is bf16 where the hardware computes it natively.
     """
     from napari_stem.checkpoint import load_checkpoint
     from napari_stem.sampling import Prediction, iter_sample, resolve_device
@@ -97,6 +100,7 @@ def iter_predict(
     else:
         loaded = load_checkpoint(checkpoint)
     torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
     defaults = default_settings(torch_device.type)
     n_samples = n_samples or defaults["n_samples"]
     steps = steps or defaults["steps"]
@@ -104,7 +108,7 @@ def iter_predict(
 
     if embeddings is None:
         embeddings = yield from _embed(
-            slide_path, spots, loaded, encoder_weights, torch_device, cache_path, embed_batch_size, num_workers
+            slide_path, spots, loaded, encoder_weights, torch_device, precision, cache_path, embed_batch_size, num_workers
         )
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.shape != (n_spots, loaded.config.cond_dim):
@@ -123,6 +127,7 @@ def iter_predict(
         eta=eta,
         seed=seed,
         device=torch_device,
+        precision=precision,
         batch_size=sample_batch_size,
         quantiles=quantiles,
         keep_samples=keep_samples,
@@ -155,12 +160,13 @@ def iter_predict(
             "eta": float(eta),
             "seed": int(seed),
             "device": str(torch_device),
+            "precision": precision,
         },
     )
     yield PredictEvent("done", n_spots, n_spots, prediction=prediction)
 
 
-def _embed(slide_path, spots, loaded, encoder_weights, device, cache_path, batch_size, num_workers):  # noqa: ANN001, ANN202
+def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers):  # noqa: ANN001, ANN202
     """Embedding stage of :func:`iter_predict` (a sub-generator whose return value is the array)."""
     from napari_stem.embed import iter_embed_slide_cached, iter_embed_spots
 
@@ -169,7 +175,13 @@ def _embed(slide_path, spots, loaded, encoder_weights, device, cache_path, batch
     out = np.empty((n_spots, loaded.config.cond_dim), dtype=np.float32)
     if n_spots == 0:
         return out
-    common = {"encoder_weights": encoder_weights, "batch_size": batch_size, "num_workers": num_workers, "device": str(device)}
+    common = {
+        "encoder_weights": encoder_weights,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "device": str(device),
+        "precision": precision,
+    }
     if cache_path is not None:
         events = iter_embed_slide_cached(cache_path, slide_path, spots, encoder_name, patch_spec, **common)
     else:

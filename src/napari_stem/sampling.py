@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_stem.allocator import keep_tensor_buffers_in_heap
 from napari_stem.checkpoint import StemCheckpoint, check_compatible, load_checkpoint
 from napari_stem.diffusion import N_TRAIN_STEPS, create_diffusion
 from napari_stem.model import StemModel
+from napari_stem.precision import autocast, resolve_precision
 
 ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # spots x samples per forward, by default
 VARIANCE_DDOF = 1  # unbiased sample variance over the K samples of a spot
@@ -97,8 +99,8 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     ``create_diffusion(str(N))``; 1000 = the full chain), or a respacing string like "ddim50".
     ``sampler``: "ddim" (``eta`` 0 = deterministic given the start noise) or "ancestral" (the
     reference's p_sample_loop). ``batch_size``: spots per batch (each brings ``n_samples`` rows);
-    default ~256 rows on CPU, ~4096 on CUDA. ``precision``: "auto" = bf16 autocast on CUDA, fp32
-    on CPU; "bf16" or "fp32" to force. A StemModel passed in is moved to ``device``.
+    default ~256 rows on CPU, ~4096 on CUDA. ``precision``: "auto" = bf16 autocast on CUDA and
+    on CPUs with native bf16 (:mod:`napari_stem.precision`), else fp32; "bf16" or "fp32" to force. A StemModel passed in is moved to ``device``.
     Yields one :class:`SampleBatch` per batch; stop iterating to cancel.
     """
     embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)
@@ -114,10 +116,9 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     if sampler not in ("ddim", "ancestral"):
         raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
     device = resolve_device(device)
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    precision = resolve_precision(precision, device)
+    if device.type == "cpu":
+        keep_tensor_buffers_in_heap()
     model, _ = _as_model(model_or_checkpoint, embeddings.shape[1], device)
     model.to(device)  # train/eval mode left as is: the model has no mode-dependent layers
     diffusion = create_diffusion(str(steps))
@@ -150,8 +151,7 @@ def _sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, spot_in
         noise = [torch.randn((n_samples, 1, n_genes), generator=g) for g in generators]
         return torch.cat(noise).to(device)
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, precision):
         cond = model.embed_condition(embeddings.to(device)).repeat_interleave(n_samples, dim=0)
         x_T = draw_noise()
         x_0 = diffusion.sample_loop(
@@ -201,7 +201,7 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         metadata={
             "n_samples": n_samples, "steps": steps, "sampler": sampler, "eta": eta, "seed": seed,
             "variance_ddof": VARIANCE_DDOF, "device": str(resolve_device(device)),
-            "precision": precision,
+            "precision": resolve_precision(precision, resolve_device(device)),
             "target_transform": checkpoint.target_transform if checkpoint else None,
             "checkpoint": str(checkpoint.path) if checkpoint else None,
         },

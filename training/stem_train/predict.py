@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_stem.errors import StemError, describe_path
+from napari_stem.precision import PRECISION_HELP, PRECISIONS
 
 
 @dataclass
@@ -84,6 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           help="spots per sampling batch (default: about 256 rows on CPU, 4096 on CUDA)")
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
+    compute.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"encoder and sampler arithmetic. {PRECISION_HELP}")
     compute.add_argument("--encoder-weights", type=Path, default=None, metavar="PATH",
                          help="local weights file for the checkpoint's encoder (default: its built-in source)")
     compute.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             job, checkpoint, grid=(args.grid_pitch_um, args.grid_diameter_um, args.min_tissue_fraction),
             options={
                 "n_samples": args.samples, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
-                "seed": args.seed, "device": device, "encoder_weights": args.encoder_weights,
+                "seed": args.seed, "device": device, "precision": args.precision, "encoder_weights": args.encoder_weights,
                 "embed_batch_size": args.batch_size, "num_workers": args.num_workers,
                 "sample_batch_size": args.sample_batch_size, "quantiles": quantiles, "keep_samples": args.keep_samples,
             },

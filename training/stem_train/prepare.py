@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_stem.errors import DatasetError, describe_path
+from napari_stem.precision import PRECISION_HELP, PRECISIONS
 
 from stem_train import genes as gene_selection
 from stem_train.manifest import EMBEDDINGS_DIR, MANIFEST_FILE, PreparedDataset, PreparedSlide
@@ -94,6 +95,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--num-workers", type=int, default=0, help="processes reading patches from the slides (default: 0, in the main process)")
     parser.add_argument("--device", default="auto", help="device for the encoder: auto (a GPU if present), cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"encoder arithmetic. {PRECISION_HELP}")
     return parser
 
 
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"gene panel: {len(selection.genes)} genes by {method} ({_describe(selection.info)})")
 
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a stale manifest must not outlive a failed rerun
-    encoder = LazyEncoder(args.encoder, args.encoder_weights, None if args.device == "auto" else args.device)
+    encoder = LazyEncoder(args.encoder, args.encoder_weights, None if args.device == "auto" else args.device, args.precision)
     slides, embedding_dim = [], 0
     for sample in samples:
         spots = sample.read_spots()
@@ -204,7 +206,7 @@ class LazyEncoder:
     is all the embedding cache needs to decide whether it can be reused.
     """
 
-    def __init__(self, name: str, weights: Any, device: str | None) -> None:
+    def __init__(self, name: str, weights: Any, device: str | None, precision: str = "auto") -> None:
         from napari_stem.encoders import encoder_weights_id, get_encoder_spec
 
         self.name = name
@@ -212,13 +214,14 @@ class LazyEncoder:
         self.weights_id = encoder_weights_id(name, weights)
         self._spec_dim = int(get_encoder_spec(name).dim)
         self._device = device
+        self._precision = precision
         self._built = None
 
     def _build(self) -> Any:
         if self._built is None:
             from napari_stem.encoders import create_encoder
 
-            self._built = create_encoder(self.name, weights=self.weights, device=self._device)
+            self._built = create_encoder(self.name, weights=self.weights, device=self._device, precision=self._precision)
         return self._built
 
     @property
@@ -230,6 +233,10 @@ class LazyEncoder:
     @property
     def device(self) -> Any:
         return getattr(self._build(), "device", None)
+
+    @property
+    def precision(self) -> str:
+        return str(getattr(self._build(), "precision", "fp32"))
 
     def __call__(self, batch: Any) -> Any:
         return self._build()(batch)
