@@ -356,7 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--encoder", default="efficientnet_lite0", help="encoder name (same network on both sides)")
     parser.add_argument("--batch-size", type=int, default=8, help="ours; 8 suits CPU caches, use 64+ on a GPU")
-    parser.add_argument("--num-workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)))
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=min(4, max(0, (os.cpu_count() or 2) - 2)),
+        help="ours: patch-reading processes (default: leave two cores to the network, at most 4)",
+    )
     parser.add_argument(
         "--precision",
         default="auto",

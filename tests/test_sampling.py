@@ -47,7 +47,7 @@ def test_prediction_shapes_and_statistics(model, embeddings) -> None:
     assert pred.quantile_levels == (0.1, 0.5, 0.9) and pred.quantiles.shape == (3, 7, 10)
     assert (pred.quantiles[0] <= pred.quantiles[1]).all() and (pred.quantiles[1] <= pred.quantiles[2]).all()
     assert (pred.variance > 0).all()  # samples of one spot differ
-    assert pred.metadata["steps"] == 5 and pred.metadata["sampler"] == "ddim" and pred.metadata["variance_ddof"] == 1
+    assert pred.metadata["steps"] == 5 and pred.metadata["sampler"] == "ancestral" and pred.metadata["variance_ddof"] == 1
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.5), ("ancestral", 0.0)])

@@ -32,12 +32,12 @@ import numpy as np
 
 from napari_stem.errors import CheckpointError, EncoderError, SlideError, SpotsError, StemError, describe_path
 from napari_stem.layers import SlideFrame
+from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
 from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, Spots
 
 GRID = "grid over tissue"
 WHOLE_SLIDE = "whole slide"
 DEVICES = ("auto", "cpu", "cuda")
-SAMPLERS = ("ddim", "ancestral")
 
 _GRID_CACHE: dict[tuple, Spots] = {}  # (slide file, µm/px, grid settings) -> grid spots
 _GRID_CACHE_SIZE = 8
@@ -77,7 +77,7 @@ class PredictSettings:
     checkpoint: Path | None = None
     n_samples: int = 4
     steps: int = 25
-    sampler: str = "ddim"
+    sampler: str = DEFAULT_SAMPLER
     device: str = "auto"
     seed: int = 0
     encoder_weights: Path | None = None

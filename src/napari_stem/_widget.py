@@ -38,7 +38,6 @@ from napari.utils.notifications import show_error, show_info
 from napari_stem._controller import (
     DEVICES,
     GRID,
-    SAMPLERS,
     WHOLE_SLIDE,
     PointsInput,
     PredictController,
@@ -49,7 +48,7 @@ from napari_stem._controller import (
 from napari_stem._torch_guard import block_triton_if_llvm_loaded
 from napari_stem.errors import StemError
 from napari_stem.layers import SlideFrame, gene_contrast_limits, prediction_features, prediction_layer_data
-from napari_stem.predict import DEFAULT_SETTINGS
+from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
 
 if TYPE_CHECKING:
     import napari
@@ -87,7 +86,7 @@ class PredictWidget(Container):
         self.checkpoint_info = Label(label="model", value="(choose a checkpoint)")
         self.n_samples = SpinBox(label="samples per spot", value=defaults["n_samples"], min=2, max=1000, tooltip="More samples: steadier mean and variance (GPU default 10)")
         self.steps = SpinBox(label="denoising steps", value=defaults["steps"], min=1, max=1000, tooltip="More steps: closer to the trained chain, slower (GPU default 50)")
-        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value="ddim")
+        self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
         self.device = ComboBox(label="device", choices=list(DEVICES), value="auto", tooltip="auto = CUDA when available")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.encoder_weights = FileEdit(label="encoder weights", mode="r", nullable=True, filter="*.safetensors *.pth *.pt *.bin", tooltip="Optional local weights (e.g. UNI); empty = the encoder's default source")

@@ -21,6 +21,7 @@ from napari_stem.checkpoint import StemCheckpoint, check_compatible, load_checkp
 from napari_stem.diffusion import N_TRAIN_STEPS, create_diffusion
 from napari_stem.model import StemModel
 from napari_stem.precision import autocast, resolve_precision
+from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
 
 ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # spots x samples per forward, by default
 VARIANCE_DDOF = 1  # unbiased sample variance over the K samples of a spot
@@ -89,7 +90,7 @@ def _as_model(model_or_checkpoint, embedding_dim: int, map_location):
 
 
 def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
-                steps: int | str = 50, sampler: str = "ddim", eta: float = 0.0,
+                steps: int | str = 50, sampler: str = DEFAULT_SAMPLER, eta: float = 0.0,
                 batch_size: int | None = None, device: str | torch.device = "auto",
                 precision: str = "auto", seed: int = 0, keep_samples: bool = False,
                 quantiles: Sequence[float] | None = None) -> Iterator[SampleBatch]:
@@ -97,10 +98,12 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
 
     ``steps``: an int N keeps N of the 1000 training steps evenly spread (the reference sampler's
     ``create_diffusion(str(N))``; 1000 = the full chain), or a respacing string like "ddim50".
-    ``sampler``: "ddim" (``eta`` 0 = deterministic given the start noise) or "ancestral" (the
-    reference's p_sample_loop). ``batch_size``: spots per batch (each brings ``n_samples`` rows);
-    default ~256 rows on CPU, ~4096 on CUDA. ``precision``: "auto" = bf16 autocast on CUDA and
-    on CPUs with native bf16 (:mod:`napari_stem.precision`), else fp32; "bf16" or "fp32" to force. A StemModel passed in is moved to ``device``.
+    ``sampler``: "ancestral" (the reference's p_sample_loop; the default, see
+    :data:`napari_stem.predict.DEFAULT_SAMPLER`) or "ddim" (``eta`` 0 = deterministic given the
+    start noise). ``batch_size``: spots per batch (each brings ``n_samples`` rows); default ~256
+    rows on CPU, ~4096 on CUDA. ``precision``: "auto" = bf16 autocast on CUDA and on CPUs with
+    native bf16 (:mod:`napari_stem.precision`), else fp32; "bf16" or "fp32" to force. A
+    StemModel passed in is moved to ``device``.
     Yields one :class:`SampleBatch` per batch; stop iterating to cancel.
     """
     embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)
@@ -113,8 +116,8 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if isinstance(steps, int) and not 1 <= steps <= N_TRAIN_STEPS:
         raise ValueError(f"steps must be between 1 and {N_TRAIN_STEPS}, got {steps}")
-    if sampler not in ("ddim", "ancestral"):
-        raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     if device.type == "cpu":
@@ -161,7 +164,7 @@ def _sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, spot_in
 
 
 def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
-                      steps: int | str = 50, sampler: str = "ddim", eta: float = 0.0,
+                      steps: int | str = 50, sampler: str = DEFAULT_SAMPLER, eta: float = 0.0,
                       batch_size: int | None = None, device: str | torch.device = "auto",
                       precision: str = "auto", seed: int = 0, keep_samples: bool = False,
                       quantiles: Sequence[float] | None = None,

@@ -177,7 +177,7 @@ def run_headless(paths: DemoPaths, size: DemoSize, out: Path, device: str = "aut
     predictions = out / "predictions"
     _check(stem_train(["predict", str(paths.hest), "--checkpoint", str(paths.checkpoint), "--sample-ids", held_out,
                        "--out", str(predictions), "--samples", str(size.samples), "--steps", str(size.steps),
-                       "--quantiles", "0.05,0.25,0.75,0.95", "--device", device]), "predict")
+                       "--quantiles", "0.05,0.25,0.75,0.95", "--keep-samples", "--device", device]), "predict")
     prediction = predictions / f"{held_out}.h5ad"
     truth = paths.hest / "st" / f"{held_out}.h5ad"
     evaluation = out / "evaluation"

@@ -105,7 +105,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     io.add_argument("--val-every", type=int, default=500, help="steps between validations on the held-out slides; 0 turns validation off (default: 500)")
     io.add_argument("--val-spots", type=int, default=256, help="held-out spots validated, evenly spread over the held-out slides (default: 256)")
     io.add_argument("--val-samples", type=int, default=2, help="samples per spot averaged for the validation PCC (default: 2)")
-    io.add_argument("--val-sample-steps", type=int, default=10, help="DDIM steps of the validation sampler (default: 10)")
+    io.add_argument("--val-sample-steps", type=int, default=10, help="steps of the validation sampler (ancestral, as predict) (default: 10)")
     io.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from checkpoints/latest (same model, genes and training options)")
     return parser
 
@@ -373,7 +373,7 @@ def validate(ema: Any, diffusion: Any, held_out: Any, args: argparse.Namespace, 
     with torch.no_grad(), autocast:
         losses = diffusion.training_losses(ema, x.to(device), t.to(device), model_kwargs={"y": y.to(device)}, noise=noise.to(device))
     prediction = sample_expression(ema, held_out.conditions[chosen], n_samples=args.val_samples, steps=args.val_sample_steps,
-                                   sampler="ddim", device=device, seed=args.seed)
+                                   device=device, seed=args.seed)
     pcc = pearson_per_gene(held_out.targets[chosen], prediction.mean)
     finite = np.isfinite(pcc)
     return {

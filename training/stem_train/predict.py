@@ -19,6 +19,7 @@ from typing import Any
 
 from napari_stem.errors import StemError, describe_path
 from napari_stem.precision import PRECISION_HELP, PRECISIONS
+from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
 
 
 @dataclass
@@ -71,8 +72,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           "(default: 4 on CPU, 10 on CUDA; the paper: 20)")
     sampling.add_argument("--steps", type=int, default=None, metavar="N",
                           help="denoising steps out of the 1000 trained (default: 25 on CPU, 50 on CUDA; the paper: 1000)")
-    sampling.add_argument("--sampler", choices=("ddim", "ancestral"), default="ddim",
-                          help="ddim (fast, eta 0 = deterministic per start noise) or ancestral (the paper's DDPM sampler)")
+    sampling.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
+                          help=f"ancestral (the paper's DDPM sampler, respaced to --steps) or ddim (eta 0 = deterministic "
+                               f"per start noise; can diverge on undertrained models) (default: {DEFAULT_SAMPLER})")
     sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
     sampling.add_argument("--seed", type=int, default=0, help="random seed; same seed, same samples on any batch size (default: 0)")
     sampling.add_argument("--quantiles", default="0.05,0.25,0.75,0.95", metavar="Q,Q",
