@@ -220,3 +220,18 @@ def test_import_errors_name_the_files(tmp_path: Path, gene_file: Path) -> None:
     with pytest.raises(CheckpointError, match="neither 'ema'/'model'"):
         import_reference_checkpoint(wrong, gene_file)
     assert json.loads((Path(__file__).parent / "data" / "stem_reference" / "config.json").read_text())
+
+
+def test_reading_metadata_does_not_import_torch(saved) -> None:
+    """The widget shows a checkpoint's genes and encoder the moment it is chosen: no 2 s torch import."""
+    import subprocess
+    import sys
+
+    path = saved[0]
+    code = (
+        "import sys, napari_stem.checkpoint as c\n"
+        f"meta = c.read_metadata({str(path)!r})\n"
+        "print(len(meta['genes']), 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == [str(len(GENES)), "False"]

@@ -107,3 +107,27 @@ def test_real_slide_as_image_source(tmp_path: Path, demo_slide_file: Path) -> No
     second = open_slide(tmp_path / "wsis" / "SYN001.tif")
     assert first.shape == (round(2967 * 0.998), round(2220 * 0.998))  # 2967 × 2220 px at 0.499 µm/px resampled to 0.5 µm/px
     assert second.shape == first.shape[::-1]  # the second slide shows the tissue rotated by 90°
+
+
+def test_a_failed_slide_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    import tifffile
+
+    from napari_stem.synthetic import write_pyramidal_tiff
+
+    image = np.full((1024, 1024, 3), 200, np.uint8)
+    calls = []
+
+    def fail_on_second_level(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return original(self, *args, **kwargs)
+
+    original = tifffile.TiffWriter.write
+    monkeypatch.setattr(tifffile.TiffWriter, "write", fail_on_second_level)
+    with pytest.raises(OSError, match="disk full"):
+        write_pyramidal_tiff(tmp_path / "slide.tif", image, mpp=0.5, tile=256)
+    assert list(tmp_path.iterdir()) == []  # neither the slide nor a partial file
+    monkeypatch.setattr(tifffile.TiffWriter, "write", original)
+    write_pyramidal_tiff(tmp_path / "slide.tif", image, mpp=0.5, tile=256)
+    assert [p.name for p in tmp_path.iterdir()] == ["slide.tif"] and len(open_slide(tmp_path / "slide.tif").levels) >= 2

@@ -19,12 +19,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from napari_stem.errors import CheckpointError, describe_path
 from napari_stem.gene_list import read_gene_list as read_gene_list_file
-from napari_stem.model import StemConfig, StemModel
+
+if TYPE_CHECKING:  # torch is imported where weights are touched: reading metadata stays instant
+    from napari_stem.model import StemConfig, StemModel
 
 FORMAT_NAME = "napari-stem-checkpoint"
 FORMAT_VERSION = 1
@@ -88,6 +89,8 @@ def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
     the condition (encoder name, dim, patch mode, patch size µm, µm/px...) and ``provenance`` the
     run (steps, data); both are stored as given and must be JSON-serialisable.
     """
+    import torch
+
     path = Path(path)
     genes = [str(g) for g in genes]
     if len(genes) != config.n_genes:
@@ -166,6 +169,10 @@ def _swap_into_place(staging: Path, path: Path) -> None:
 
 
 def _validated_state_dict(weights, config: StemConfig, where: str, template: StemModel | None = None) -> dict:
+    import torch
+
+    from napari_stem.model import StemModel
+
     state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
     # Built on the CPU, not under ``torch.device("meta")``: that context routes nn.init through
     # torch._refs, which imports torch._dynamo and triton, and triton's bundled LLVM crashes a
@@ -227,6 +234,10 @@ def load_checkpoint(path, *, expected_genes=None, expected_cond_dim: int | None 
     with; a mismatch raises :class:`CheckpointError` naming both sides. ``map_location`` is a
     device, or "auto" for CUDA when available.
     """
+    import torch
+
+    from napari_stem.model import StemConfig, StemModel
+
     folder = _checkpoint_dir(path)
     metadata = read_metadata(folder)
     try:
@@ -312,6 +323,8 @@ def import_reference_checkpoint(pt_path, gene_list_file, *, num_heads: int | Non
     (one symbol per line, the trainer's ``selected_gene_list.txt``) must match the checkpoint's
     gene count. With ``out_path`` the result is also saved in our format.
     """
+    from napari_stem.model import StemModel
+
     pt_path = Path(pt_path)
     raw = _torch_load_weights_only(pt_path)
     ema_state, model_state = _reference_state_dicts(raw, pt_path)
@@ -342,6 +355,8 @@ def import_reference_checkpoint(pt_path, gene_list_file, *, num_heads: int | Non
 
 
 def _torch_load_weights_only(pt_path: Path):
+    import torch
+
     if not pt_path.is_file():
         raise CheckpointError(f"reference checkpoint {describe_path(pt_path)} does not exist")
     try:
@@ -382,6 +397,8 @@ def _reference_state_dicts(raw, pt_path: Path) -> tuple[dict, dict | None]:
 def infer_reference_config(state_dict: dict, *, num_heads: int | None = None,
                            source="checkpoint") -> StemConfig:
     """Architecture from reference tensor shapes (genes, condition dim, hidden, depth, MLP ratio)."""
+    from napari_stem.model import StemConfig
+
     try:
         n_genes, hidden = state_dict["gene_joint_embed.gene_name_ebd"].shape
         cond_dim = state_dict["label_embed.0.weight"].shape[1]

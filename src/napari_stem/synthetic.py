@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_stem.atomic import replace_atomically, write_text_atomically
 from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, hex_grid
 
 #: Genes whose names start like this are dropped by Stem's HMHVG filter; the generator includes a
@@ -245,29 +246,30 @@ def write_pyramidal_tiff(
     """
     import tifffile
 
-    path = Path(path)
-    partial = path.with_name(path.name + ".part")
     options = {"compression": compression}
     if compression == "jpeg":
         options["compressionargs"] = {"level": 90}
-    with tifffile.TiffWriter(partial, bigtiff=image.nbytes > 2**31) as writer:
-        level_image, downsample = image, 1
-        while True:
-            writer.write(
-                level_image,
-                tile=(tile, tile),
-                photometric="rgb",
-                subfiletype=0 if downsample == 1 else 1,
-                resolution=(1e4 / (mpp * downsample), 1e4 / (mpp * downsample)),
-                resolutionunit="CENTIMETER",
-                metadata=None,
-                **options,
-            )
-            if max(level_image.shape[:2]) <= 2 * tile:
-                break
-            level_image = _downsample_by_two(level_image)
-            downsample *= 2
-    partial.replace(path)
+
+    def write(partial: Path) -> None:
+        with tifffile.TiffWriter(partial, bigtiff=image.nbytes > 2**31) as writer:
+            level_image, downsample = image, 1
+            while True:
+                writer.write(
+                    level_image,
+                    tile=(tile, tile),
+                    photometric="rgb",
+                    subfiletype=0 if downsample == 1 else 1,
+                    resolution=(1e4 / (mpp * downsample), 1e4 / (mpp * downsample)),
+                    resolutionunit="CENTIMETER",
+                    metadata=None,
+                    **options,
+                )
+                if max(level_image.shape[:2]) <= 2 * tile:
+                    break
+                level_image = _downsample_by_two(level_image)
+                downsample *= 2
+
+    replace_atomically(path, write)
 
 
 def _downsample_by_two(image: np.ndarray) -> np.ndarray:
@@ -328,9 +330,7 @@ def _write_sample(
         }
     }
     st_path = out_dir / "st" / f"{sample_id}.h5ad"
-    partial = st_path.with_name(st_path.name + ".part")
-    adata.write_h5ad(partial, compression="gzip")
-    partial.replace(st_path)
+    replace_atomically(st_path, lambda partial: adata.write_h5ad(partial, compression="gzip"))
 
     metadata = {
         "id": sample_id,
@@ -351,4 +351,4 @@ def _write_sample(
         "magnification": "20x",
         "license": "CC0 (synthetic)",
     }
-    (out_dir / "metadata" / f"{sample_id}.json").write_text(json.dumps(metadata, indent=2))
+    write_text_atomically(out_dir / "metadata" / f"{sample_id}.json", json.dumps(metadata, indent=2))
