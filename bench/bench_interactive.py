@@ -45,7 +45,7 @@ def region_end_to_end(n_spots: int, samples: int, steps: int) -> None:
     patches = [PatchSpec().read(slide, tuple(c), spots.diameter_px) for c in spots.centers_px]
     reads = time.perf_counter() - start
     start = time.perf_counter()
-    embeddings, _ = embed_spots(paths.slide, spots, encoder, batch_size=32)
+    embeddings, _ = embed_spots(paths.slide, spots, encoder)
     embed_total = time.perf_counter() - start
     start = time.perf_counter()
     sample_expression(checkpoint, embeddings, n_samples=samples, steps=steps, device="cpu", seed=0)

@@ -160,6 +160,14 @@ def test_progress_events_cover_every_spot_once(demo_slide_file, demo_spots):
     assert events[-1].fraction == 1.0 and encoder.calls == 3
 
 
+def test_default_batch_size_follows_the_device(demo_slide_file, demo_spots):
+    from napari_stem.embed import default_batch_size
+
+    events = list(iter_embed_spots(demo_slide_file, demo_spots, CountingEncoder()))  # a CPU encoder
+    assert [e.done for e in events] == [8, 16, 23]
+    assert default_batch_size("cuda:1") == 64 and default_batch_size("cpu") == 8
+
+
 def test_augmented_embeddings_are_the_seven_pil_transposes(demo_slide_file, demo_spots, effnet):
     spots = demo_spots.subset(np.arange(2))
     native = PatchSpec.stem_native()

@@ -161,7 +161,8 @@ class PredictController:
         self.embedding_cache_dir = Path(embedding_cache_dir) if embedding_cache_dir else None
         #: Spots per sampling batch (None: napari-stem's default per device); smaller = more partial draws.
         self.sample_batch_size: int | None = None
-        self.embed_batch_size = 16
+        #: Patches per encoder pass (None: napari-stem's default per device).
+        self.embed_batch_size: int | None = None
         self.job: PredictJob | None = None
         self.result: PredictionResult | None = None
         self.status = "idle"  # idle, running, done, cancelled, failed

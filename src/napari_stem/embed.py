@@ -207,7 +207,7 @@ def iter_embed_spots(
     encoder: Any,
     patch_spec: PatchSpec = PatchSpec(),
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int = 0,
     augment: bool = False,
     device: str | None = None,
@@ -225,7 +225,7 @@ def iter_embed_spots(
     import torch
     from torch.utils.data import DataLoader
 
-    if batch_size < 1 or num_workers < 0:
+    if (batch_size is not None and batch_size < 1) or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     mpp = mpp if mpp is not None else spots.mpp
     with open_slide(slide_path, mpp=mpp) as slide:  # fail early (missing file, no µm/px), before the model loads
@@ -233,6 +233,7 @@ def iter_embed_spots(
             slide.require_mpp()
         mpp = slide.mpp
     encoder = _resolve_encoder(encoder, encoder_weights, device, precision)
+    batch_size = batch_size or default_batch_size(getattr(encoder, "device", "cpu"))
     dataset = SpotPatches(slide_path, mpp, spots.centers_px, spots.diameter_px, patch_spec)
     total = len(dataset)
     if total == 0:
@@ -275,7 +276,7 @@ def embed_spots(
     encoder: Any,
     patch_spec: PatchSpec = PatchSpec(),
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int = 0,
     augment: bool = False,
     device: str | None = None,
@@ -296,6 +297,12 @@ def embed_spots(
         if embeddings_aug is not None:
             embeddings_aug[event.start : event.done] = event.embeddings_aug
     return embeddings, embeddings_aug
+
+
+def default_batch_size(device: Any) -> int:
+    """Patches per forward pass: 8 on a CPU (cache-sized: 1.4× the throughput of 32 on
+    efficientnet_lite0, measured by bench/bench_embed.py), 64 on a GPU."""
+    return 64 if getattr(device, "type", str(device).split(":")[0]) == "cuda" else 8
 
 
 def _as_float32(features: Any) -> np.ndarray:
@@ -454,7 +461,7 @@ def iter_embed_slide_cached(
     patch_spec: PatchSpec = PatchSpec(),
     *,
     encoder_weights: Any = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int = 0,
     augment: bool = False,
     device: str | None = None,
@@ -557,7 +564,7 @@ def embed_slide_cached(
     patch_spec: PatchSpec = PatchSpec(),
     *,
     encoder_weights: Any = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_workers: int = 0,
     augment: bool = False,
     device: str | None = None,

@@ -83,7 +83,7 @@ def iter_predict(
     encoder_weights: Any = None,
     embeddings: np.ndarray | None = None,
     cache_path: str | Path | None = None,
-    embed_batch_size: int = 32,
+    embed_batch_size: int | None = None,
     num_workers: int = 0,
     sample_batch_size: int | None = None,
     quantiles: Sequence[float] | None = None,

@@ -93,7 +93,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     compute.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                          help="keep patch embeddings in DIR/<name>.h5 and reuse them when encoder, patches and spots match "
                          "(a prepared folder's embeddings/ works)")
-    compute.add_argument("--batch-size", type=int, default=32, help="patches per encoder forward pass (default: 32)")
+    compute.add_argument("--batch-size", type=int, default=None, help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)")
     compute.add_argument("--num-workers", type=int, default=0, help="patch-reading worker processes (default: 0 = in process)")
     compute.add_argument("--skip-existing", action="store_true", help="leave slides whose output .h5ad exists alone (resume a long run)")
     return parser
