@@ -1,0 +1,47 @@
+"""The benchmarks in bench/ still run and still compare like with like (smallest settings).
+
+Their numbers are not asserted (speed is the benchmarks' business); what is: both sides compute
+the same function, and the ratio lines the issues ask for are printed.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"no line matching {pattern!r} in:\n{text}"
+    return float(match.group(1))
+
+
+def test_embedding_bench_compares_the_same_features(tmp_path: Path) -> None:
+    out = _run("bench_embed.py", "--size-px", "2048", "--max-spots", "12", "--workdir", str(tmp_path))
+    assert _number(r"ratio patches/s ours/reference: ([\d.]+)×", out) > 0
+    assert _number(r"ratio peak memory ours/reference: ([\d.]+)× PSS", out) > 0
+    # Same crops, same network: the feature sums agree up to bf16 rounding.
+    assert _number(r"feature checksums differ by ([\d.e+-]+)", out) < 1e-2
+    assert (tmp_path / "bench_2048px_jpeg.tif").is_file()
+
+
+def test_sampler_bench_runs_the_same_function_on_both_sides() -> None:
+    out = _run(
+        "bench_sampler.py", "--spots", "2", "--samples", "2", "--steps", "2", "--repeats", "1",
+        "--genes", "8", "--cond-dim", "16", "--hidden", "32", "--depth", "1", "--heads", "2",
+    )
+    assert _number(r"max \|reference - ours\| forward = ([\d.e+-]+)", out) < 1e-4
+    rows = re.findall(r"^\s+(reference fp32 \(.*?\)|ours fp32|ours bf16)\s+([\d.]+)\s", out, flags=re.M)
+    assert len(rows) == 4 and all(float(rate) > 0 for _, rate in rows)
