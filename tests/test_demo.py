@@ -37,7 +37,10 @@ def test_headless_quick_demo_writes_its_outputs(demo_cache: Path, tmp_path: Path
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert report["fixed_panel_pcc"]["n_genes"] == 12 and np.isfinite(report["fixed_panel_pcc"]["mean"])
     # the demo model is cached: a second run does not rebuild it
-    checkpoint = demo_cache / "demo" / "v1-quick" / "run" / "checkpoint" / "weights.safetensors"
+    from napari_stem.datasets import demo_model_dir
+
+    checkpoint = demo_model_dir("quick") / "run" / "checkpoint" / "weights.safetensors"
+    assert checkpoint.is_relative_to(demo_cache)
     stamp = checkpoint.stat().st_mtime_ns
     assert main(["demo", "--headless", "--quick", "--out", str(tmp_path / "again"), "--device", "cpu"]) == 0
     assert checkpoint.stat().st_mtime_ns == stamp
@@ -107,7 +110,7 @@ def test_demo_prediction_sample_data(demo_cache: Path, monkeypatch: pytest.Monke
     from napari_stem.errors import StemError
     from stem_train.demo import QUICK, ensure_demo_model
 
-    monkeypatch.setattr(datasets, "demo_model_dir", lambda size="full": datasets.cache_dir() / "demo" / "v1-quick")
+    monkeypatch.setattr(datasets, "demo_model_dir", lambda size="full": datasets.cache_dir() / "demo" / "quick-as-full")
     with pytest.raises(StemError, match="stem-train demo"):
         demo_prediction()
     ensure_demo_model(QUICK, device="cpu")

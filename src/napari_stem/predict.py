@@ -21,9 +21,10 @@ from napari_stem.spots import Spots
 
 #: Interactive defaults (samples per spot, denoising steps): cheap on CPU, closer to the paper on GPU.
 DEFAULT_SETTINGS = {"cpu": {"n_samples": 4, "steps": 25}, "cuda": {"n_samples": 10, "steps": 50}}
-#: The paper's ancestral sampler (respaced) is the default: on the demo model deterministic DDIM
-#: (eta 0) sent ~0.1 % of samples to log-counts of 60+ (per-spot variance up to 500), lowering the
-#: held-out PCC from 0.56 to 0.54 at the same cost; ancestral sampling at 25-100 steps never did.
+#: The paper's ancestral sampler (respaced) is the default: on the demo models deterministic DDIM
+#: (eta 0) sent ~0.1 % of sample values to log-counts of 20-300 (per-spot variance in the
+#: thousands), lowering the held-out PCC from 0.58 to 0.48 at the same cost; ancestral sampling at
+#: 25-100 steps never did (bench/bench_sampler.py --quality).
 SAMPLERS = ("ancestral", "ddim")
 DEFAULT_SAMPLER = "ancestral"
 

@@ -41,9 +41,12 @@ FULL = DemoSize(
     n_slides=8,
     n_genes_data=40,
     n_genes_panel=24,
-    fit_args=("--preset", "stem-small", "--max-steps", "1500", "--global-batch-size", "128", "--lr", "1e-3",
-              "--ema-decay", "0.995", "--num-aug-ratio", "0", "--log-every", "100", "--val-every", "500",
-              "--ckpt-every", "500", "--val-samples", "2"),
+    # Chosen by CRPS on a validation slide (SYN006, the held-out SYN007 unseen): against 1,500 steps
+    # of the 128-wide, 4-deep stem-small it has the better CRPS (0.503 vs 0.559) and calibration
+    # (rank coverage 0.49/0.90 vs 0.29/0.76 at nominal 0.5/0.9), the same PCC, and trains 8x faster.
+    fit_args=("--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "400",
+              "--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.98", "--num-aug-ratio", "0",
+              "--log-every", "50", "--val-every", "200", "--ckpt-every", "200", "--val-samples", "2"),
     samples=8,
     steps=25,
 )
