@@ -347,6 +347,8 @@ def measure(side: str, args: argparse.Namespace, slide: Path, spots_file: Path) 
 
 
 def main(argv: list[str] | None = None) -> None:
+    from napari_stem.precision import PRECISIONS
+
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "bf16", "fp32"],
+        choices=PRECISIONS,
         help="ours (the reference runs fp32): auto = bf16 on a GPU or a CPU with native bf16, else fp32",
     )
     parser.add_argument(

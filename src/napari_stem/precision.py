@@ -43,14 +43,19 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def device_type(device: Any) -> str:
+    """"cpu", "cuda", ... of a ``torch.device`` or a device string such as "cuda:1"."""
+    return getattr(device, "type", str(device).split(":")[0])
+
+
 def resolve_precision(precision: str, device: Any) -> str:
     """``"bf16"`` or ``"fp32"``: "auto" is bf16 on CUDA and on CPUs with native bf16, else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision != "auto":
         return precision
-    device_type = getattr(device, "type", str(device).split(":")[0])
-    if device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16()):
+    kind = device_type(device)
+    if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16()):
         return "bf16"
     return "fp32"
 
@@ -61,4 +66,4 @@ def autocast(device: Any, precision: str) -> Any:
 
     if precision != "bf16":
         return contextlib.nullcontext()
-    return torch.autocast(getattr(device, "type", str(device).split(":")[0]), dtype=torch.bfloat16)
+    return torch.autocast(device_type(device), dtype=torch.bfloat16)

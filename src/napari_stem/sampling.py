@@ -176,6 +176,8 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     if isinstance(model_or_checkpoint, (str, Path)):
         model_or_checkpoint = load_checkpoint(model_or_checkpoint)
     checkpoint = model_or_checkpoint if isinstance(model_or_checkpoint, StemCheckpoint) else None
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     batches = list(iter_sample(
         model_or_checkpoint, embeddings, n_samples=n_samples, steps=steps, sampler=sampler,
         eta=eta, batch_size=batch_size, device=device, precision=precision, seed=seed,
@@ -203,8 +205,7 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         quantiles=gather("quantiles", axis=1),
         metadata={
             "n_samples": n_samples, "steps": steps, "sampler": sampler, "eta": eta, "seed": seed,
-            "variance_ddof": VARIANCE_DDOF, "device": str(resolve_device(device)),
-            "precision": resolve_precision(precision, resolve_device(device)),
+            "variance_ddof": VARIANCE_DDOF, "device": str(device), "precision": precision,
             "target_transform": checkpoint.target_transform if checkpoint else None,
             "checkpoint": str(checkpoint.path) if checkpoint else None,
         },
