@@ -49,6 +49,16 @@ def test_prediction_shapes_and_statistics(model, embeddings) -> None:
     assert (pred.variance > 0).all()  # samples of one spot differ
     assert pred.metadata["steps"] == 5 and pred.metadata["sampler"] == "ancestral" and pred.metadata["variance_ddof"] == 1
 
+    # a selection keeps every per-spot array aligned, whether given as a mask or as indices
+    mask = np.array([True, False, True, False, False, True, False])
+    for index in (mask, np.flatnonzero(mask)):
+        part = pred.subset(index)
+        np.testing.assert_array_equal(part.mean, pred.mean[[0, 2, 5]])
+        np.testing.assert_array_equal(part.variance, pred.variance[[0, 2, 5]])
+        np.testing.assert_array_equal(part.samples, pred.samples[[0, 2, 5]])
+        np.testing.assert_array_equal(part.quantiles, pred.quantiles[:, [0, 2, 5]])
+        assert part.genes == GENES and part.metadata == pred.metadata and part.metadata is not pred.metadata
+
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.5), ("ancestral", 0.0)])
 def test_same_seed_same_result_whatever_the_batch_size(model, embeddings, sampler, eta) -> None:

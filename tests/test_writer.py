@@ -167,7 +167,8 @@ def test_plain_spots_h5ad_still_opens_as_spots(synthetic_hest: Path) -> None:
 
 
 def test_spaceranger_outs_open_as_spots_in_microns(spaceranger_outs: Path) -> None:
-    from napari_stem._reader import get_reader, visium_mpp_from_lattice
+    from napari_stem._reader import get_reader
+    from napari_stem.spots import read_spots_spaceranger, visium_mpp_from_lattice
 
     reader = get_reader(str(spaceranger_outs))
     assert reader is not None
@@ -178,6 +179,9 @@ def test_spaceranger_outs_open_as_spots_in_microns(spaceranger_outs: Path) -> No
     assert kwargs["size"] == pytest.approx(65.0, rel=0.02)
     assert kwargs["metadata"]["spot_diameter_px"] * mpp == pytest.approx(kwargs["size"])
     assert len(coords) == len(kwargs["features"]) > 10
+    # the core reader estimates the same µm/px (the CLI and the plugin see one frame); a given one wins
+    assert read_spots_spaceranger(spaceranger_outs).mpp == pytest.approx(mpp)
+    assert read_spots_spaceranger(spaceranger_outs, mpp=0.3).mpp == 0.3
     # a perfect lattice at 0.5 µm/px, rotated by 10°, is recovered exactly
     rows, cols = np.meshgrid(np.arange(6), np.arange(0, 12, 2), indexing="ij")
     cols = cols + rows % 2

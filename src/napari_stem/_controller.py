@@ -136,12 +136,10 @@ class PredictionResult:
 
     def finished(self) -> tuple[Any, Spots]:
         """``(Prediction, Spots)`` of the spots sampled so far (batches finish in spot order)."""
-        from napari_stem.layers import subset_prediction
-
         if self.done == self.n_spots:
             return self.prediction, self.spots
         index = np.arange(self.done)
-        return subset_prediction(self.prediction, index), self.spots.subset(index)
+        return self.prediction.subset(index), self.spots.subset(index)
 
 
 @dataclass

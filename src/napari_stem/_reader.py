@@ -87,35 +87,11 @@ def read_spaceranger(path: str | list[str]) -> list:
     folder = Path(_single(path))
     outs = _spaceranger_outs(folder) or folder
     spots = read_spots_spaceranger(outs)
-    spots.mpp = visium_mpp_from_lattice(spots.centers_px, spots.obs.get("array_row"), spots.obs.get("array_col"))
     name = outs.parent.name if outs.name == "outs" else outs.name
     layer = spots_layer_data(spots, name=f"{name} spots")
     if spots.mpp:
         layer[1]["metadata"]["mpp_source"] = "estimated from the 100 µm Visium spot lattice"
     return [layer]
-
-
-def visium_mpp_from_lattice(centers_px, array_row, array_col, pitch_um: float = 100.0) -> float | None:  # noqa: ANN001
-    """µm/px of a Visium slide from its spots: least-squares fit of lattice µm → pixel centres.
-
-    Lattice positions are ``x = array_col · pitch/2``, ``y = array_row · pitch·√3/2``; the fit is
-    affine (any rotation of the capture area), and µm/px is 1/√|det|. None when underdetermined.
-    """
-    import numpy as np
-
-    if array_row is None or array_col is None:
-        return None
-    centers_px = np.asarray(centers_px, dtype=np.float64)
-    lattice_um = np.stack(
-        [np.asarray(array_col, dtype=np.float64) * pitch_um / 2, np.asarray(array_row, dtype=np.float64) * pitch_um * np.sqrt(3) / 2],
-        axis=1,
-    )
-    design = np.hstack([lattice_um, np.ones((len(lattice_um), 1))])
-    if len(design) < 3 or np.linalg.matrix_rank(design) < 3:
-        return None
-    coefficients, *_ = np.linalg.lstsq(design, centers_px, rcond=None)
-    px_per_um = np.sqrt(abs(np.linalg.det(coefficients[:2])))
-    return float(1.0 / px_per_um) if px_per_um > 0 else None
 
 
 def _is_prediction_file(path: Path) -> bool:

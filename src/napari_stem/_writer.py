@@ -75,8 +75,6 @@ def prediction_from_layers(layer_data: list[tuple[Any, dict, str]], path: str | 
 
     Spots removed from the first prediction layer, and spots not predicted yet, are left out.
     """
-    from napari_stem.layers import subset_prediction
-
     found = [meta for _, meta, layer_type in layer_data if layer_type == "points" and _is_prediction(meta)]
     if not found:
         raise StemError(
@@ -94,7 +92,7 @@ def prediction_from_layers(layer_data: list[tuple[Any, dict, str]], path: str | 
     if not keep.any():
         raise StemError(f"cannot write {describe_path(path)}: the prediction layers hold no predicted spots yet.")
     if not keep.all():
-        prediction, spots = subset_prediction(prediction, keep), spots.subset(keep)
+        prediction, spots = prediction.subset(keep), spots.subset(keep)
     return prediction, spots, metadata.get("slide_path")
 
 

@@ -7,7 +7,6 @@ the prediction widget all build their layers here so the frames cannot disagree.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,18 +188,3 @@ def prediction_layer_data(
     if frame.units:
         kwargs["units"] = frame.units
     return frame.pixels_to_world(spots.centers_px), kwargs, "points"
-
-
-def subset_prediction(prediction: Any, index: np.ndarray) -> Any:
-    """The rows of a prediction for the selected spots (boolean mask or integer index)."""
-    index = np.asarray(index)
-    if index.dtype == bool:
-        index = np.flatnonzero(index)
-    return dataclasses.replace(
-        prediction,
-        mean=np.asarray(prediction.mean)[index],
-        variance=np.asarray(prediction.variance)[index],
-        samples=None if prediction.samples is None else np.asarray(prediction.samples)[index],
-        quantiles=None if prediction.quantiles is None else np.asarray(prediction.quantiles)[:, index],
-        metadata=dict(prediction.metadata),
-    )

@@ -9,6 +9,7 @@ batch size or device. The model's condition MLP runs once per batch, not once pe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,20 @@ class Prediction:
     quantile_levels: tuple[float, ...] | None = None
     quantiles: np.ndarray | None = None  # (len(quantile_levels), n_spots, G)
     metadata: dict = field(default_factory=dict)
+
+    def subset(self, index: np.ndarray) -> Prediction:
+        """The rows of the selected spots (boolean mask or integer index), like :meth:`Spots.subset`."""
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        return dataclasses.replace(
+            self,
+            mean=np.asarray(self.mean)[index],
+            variance=np.asarray(self.variance)[index],
+            samples=None if self.samples is None else np.asarray(self.samples)[index],
+            quantiles=None if self.quantiles is None else np.asarray(self.quantiles)[:, index],
+            metadata=dict(self.metadata),
+        )
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -12,6 +12,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -144,7 +145,12 @@ def spot_diameter_fullres(adata, source: str | Path = "<AnnData>") -> float:  # 
 
 
 def read_spots_spaceranger(outs_dir: str | Path, mpp: float | None = None) -> Spots:
-    """Spots of a spaceranger ``outs/`` folder, read with :func:`scanpy.read_visium`."""
+    """Spots of a spaceranger ``outs/`` folder, read with :func:`scanpy.read_visium`.
+
+    spaceranger records no µm/px; without ``mpp`` it is estimated from the spots' 100 µm Visium
+    lattice (:func:`visium_mpp_from_lattice`, like HEST's ``pixel_size_um_estimated``), so the spots
+    land in the µm frame of the full-resolution slide they were aligned to.
+    """
     import scanpy as sc
 
     outs_dir = Path(outs_dir)
@@ -156,7 +162,36 @@ def read_spots_spaceranger(outs_dir: str | Path, mpp: float | None = None) -> Sp
             adata = sc.read_visium(outs_dir)
     except Exception as exc:
         raise SpotsError(f"scanpy could not read the spaceranger folder {describe_path(outs_dir)}: {exc}") from exc
-    return spots_from_anndata(adata, source=outs_dir, mpp=mpp)
+    spots = spots_from_anndata(adata, source=outs_dir, mpp=mpp)
+    if spots.mpp is None:
+        spots.mpp = visium_mpp_from_lattice(spots.centers_px, spots.obs.get("array_row"), spots.obs.get("array_col"))
+    return spots
+
+
+def visium_mpp_from_lattice(
+    centers_px: np.ndarray, array_row: Any, array_col: Any, pitch_um: float = VISIUM_PITCH_UM
+) -> float | None:
+    """µm/px of a Visium slide from its spots: least-squares fit of lattice µm → pixel centres.
+
+    Lattice positions are ``x = array_col · pitch/2``, ``y = array_row · pitch·√3/2``; the fit is
+    affine (any rotation of the capture area), and µm/px is 1/√|det|. None when underdetermined.
+    """
+    if array_row is None or array_col is None:
+        return None
+    centers_px = np.asarray(centers_px, dtype=np.float64)
+    lattice_um = np.stack(
+        [
+            np.asarray(array_col, dtype=np.float64) * pitch_um / 2,
+            np.asarray(array_row, dtype=np.float64) * pitch_um * np.sqrt(3) / 2,
+        ],
+        axis=1,
+    )
+    design = np.hstack([lattice_um, np.ones((len(lattice_um), 1))])
+    if len(design) < 3 or np.linalg.matrix_rank(design) < 3:
+        return None
+    coefficients, *_ = np.linalg.lstsq(design, centers_px, rcond=None)
+    px_per_um = np.sqrt(abs(np.linalg.det(coefficients[:2])))
+    return float(1.0 / px_per_um) if px_per_um > 0 else None
 
 
 def _hest_metadata_mpp(st_path: Path) -> float | None:
