@@ -6,8 +6,10 @@ same crop (the reference's: max(224 px, spot diameter) around each spot at full 
 - reference: a re-statement of Stem's ``get_img_patch_embd``: ``Image.MAX_IMAGE_PIXELS = None``,
   ``PIL.Image.open`` on the slide (the whole full-resolution level is decoded into RAM on the
   first crop), then one spot at a time: ``crop``, LANCZOS resize to 224, torchvision eval
-  transform, batch of 1 under ``torch.inference_mode()``, features accumulated with ``torch.cat``
-  inside the loop. The network is the plain (NCHW) model, as the reference builds it.
+  transform, batch of 1 under ``torch.inference_mode()`` on the same device as ours (the
+  reference moves its model and each patch to CUDA when there is one), features accumulated with
+  ``torch.cat`` inside the loop. The network is the plain (NCHW, fp32) model, as the reference
+  builds it.
 - ours: ``napari_stem.embed.embed_spots`` (DataLoader over spot centres, patches read lazily from
   the pyramid's tiles in worker processes, batched, channels-last, bf16 autocast where the GPU or
   CPU computes bf16 natively: ``--precision``, glibc malloc thresholds that keep activations in
@@ -18,9 +20,12 @@ each on its own; ours on the batch tensor); patches/s then counts every view emb
 
 Each side runs in its own subprocess so their peak memory is measured separately: the process
 tree's summed PSS (proportional set size, so pages shared between a process and its DataLoader
-workers are not counted twice), sampled every 50 ms, plus the main process's exact peak RSS
-(``ru_maxrss``). Times are end to end after imports: model construction, opening/decoding the
-slide, reading, encoding.
+workers are not counted twice), sampled every 0.5 s (``--pss-interval``), plus the main process's
+exact peak RSS (``ru_maxrss``). Reading a torch process's PSS costs the kernel ~14 ms (it walks the
+process's page tables under its memory lock), so sampling faster slows down the side being
+measured: every 50 ms made both sides 1.2-2× slower here, every 0.25 s still ~10 %. The parent
+never imports torch: sharing its library pages would lower both sides' PSS. Times are end to end
+after imports: model construction, opening/decoding the slide, reading, encoding.
 
 The slide is written tile by tile with tifffile (bounded memory): 256 px JPEG tiles, one top-level
 page per pyramid level (``subfiletype=1``), 0.5 µm/px in pixels/cm resolution tags. Its texture is
@@ -31,6 +36,7 @@ over a centred 6.5 mm capture area (or the whole slide when smaller).
     python bench/bench_embed.py --size-px 20000 --max-spots 0     # the target: 20k × 20k, all spots
     python bench/bench_embed.py --size-px 20000 --max-spots 1000 --workdir /tmp/bench  # keep the slide
     python bench/bench_embed.py --size-px 20000 --augment --precision fp32                # other settings
+    python bench/bench_embed.py --size-px 20000 --max-spots 0 --num-workers 12            # on a GPU machine
 
 Targets (issue 5): ≥ 10× the patches/s and ≤ 0.25× the peak memory on the 20k × 20k slide.
 """
@@ -132,7 +138,7 @@ def visium_spots(size_px: int, max_spots: int, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- the two sides (child processes)
-def run_reference(slide: Path, centers: np.ndarray, encoder_name: str, augment: bool) -> dict:
+def run_reference(slide: Path, centers: np.ndarray, encoder_name: str, augment: bool, device: str) -> dict:
     """Stem's get_img_patch_embd, restated: whole level in RAM, one patch at a time, torch.cat.
 
     With ``augment`` each spot also gets the reference's seven ``patch.transpose(k)`` views, each
@@ -145,8 +151,9 @@ def run_reference(slide: Path, centers: np.ndarray, encoder_name: str, augment: 
     from napari_stem.encoders import create_encoder
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    encoder = create_encoder(encoder_name, device="cpu")
+    encoder = create_encoder(encoder_name, device=_device(device), precision="fp32")
     model = encoder.model.to(memory_format=torch.contiguous_format)  # as the reference builds it
+    on_cuda = encoder.device.type == "cuda"
     transform = transforms.Compose(
         [
             transforms.Resize(encoder.input_size),
@@ -171,9 +178,11 @@ def run_reference(slide: Path, centers: np.ndarray, encoder_name: str, augment: 
             for view in views:
                 viewed = patch if view is None else patch.transpose(view)
                 viewed = viewed.resize((224, 224), Image.Resampling.LANCZOS)
-                batch = transform(viewed).unsqueeze(0)
+                batch = transform(viewed).unsqueeze(0).to(encoder.device)
                 tick = time.perf_counter()
                 out = model.forward_head(model.forward_features(batch), pre_logits=True)
+                if on_cuda:
+                    torch.cuda.synchronize()  # so the network's time is counted as the network's
                 network_seconds += time.perf_counter() - tick
                 features = out if features is None else torch.cat([features, out])
             if first_patch_done is None:
@@ -188,18 +197,27 @@ def run_reference(slide: Path, centers: np.ndarray, encoder_name: str, augment: 
         "seconds_network": network_seconds,
         "baseline_pss_mb": baseline_mb,
         "features_checksum": float(features.double().abs().sum()),
+        "device": str(encoder.device),
+        "precision": "fp32",
     }
 
 
 def run_ours(
-    slide: Path, centers: np.ndarray, encoder_name: str, batch_size: int, num_workers: int, augment: bool, precision: str
+    slide: Path,
+    centers: np.ndarray,
+    encoder_name: str,
+    batch_size: int,
+    num_workers: int,
+    augment: bool,
+    precision: str,
+    device: str,
 ) -> dict:
     from napari_stem.embed import PatchSpec, iter_embed_spots
     from napari_stem.encoders import create_encoder
     from napari_stem.spots import Spots
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    encoder = _TimedEncoder(create_encoder(encoder_name, device=None, precision=precision))
+    encoder = _TimedEncoder(create_encoder(encoder_name, device=_device(device), precision=precision))
     built = time.perf_counter()
     baseline_mb = _own_pss_mb()
     spots = Spots(centers_px=centers, diameter_px=SPOT_DIAMETER_UM / MPP, mpp=MPP)
@@ -245,6 +263,12 @@ class _TimedEncoder:
         return out
 
 
+def _device(name: str) -> str | None:
+    """None lets the encoder pick (cuda when there is a GPU). Resolved in the children: importing
+    torch in the parent would share its library pages with them and lower both sides' PSS."""
+    return None if name == "auto" else name
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (DataLoader workers): robust to a busy host."""
     import resource
@@ -271,10 +295,17 @@ def _child_main(args: argparse.Namespace) -> None:
 
     centers = np.load(args.spots_file)
     if args.child == "reference":
-        result = run_reference(Path(args.slide), centers, args.encoder, args.augment)
+        result = run_reference(Path(args.slide), centers, args.encoder, args.augment, args.device)
     else:
         result = run_ours(
-            Path(args.slide), centers, args.encoder, args.batch_size, args.num_workers, args.augment, args.precision
+            Path(args.slide),
+            centers,
+            args.encoder,
+            args.batch_size,
+            args.num_workers,
+            args.augment,
+            args.precision,
+            args.device,
         )
     result["maxrss_main_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
@@ -308,12 +339,13 @@ def measure(side: str, args: argparse.Namespace, slide: Path, spots_file: Path) 
         str(spots_file),
         "--encoder",
         args.encoder,
-        "--batch-size",
-        str(args.batch_size),
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         "--num-workers",
         str(args.num_workers),
         "--precision",
         args.precision,
+        "--device",
+        args.device,
         *(["--augment"] if args.augment else []),
     ]
     # The reference runs on plain torch: without napari_stem's malloc thresholds (napari_stem.allocator).
@@ -329,7 +361,7 @@ def measure(side: str, args: argparse.Namespace, slide: Path, spots_file: Path) 
                 peak[0] = max(peak[0], _tree_pss_mb(watched))
             except Exception:
                 pass
-            stop.wait(0.05)
+            stop.wait(args.pss_interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -357,7 +389,9 @@ def main(argv: list[str] | None = None) -> None:
         "--max-spots", type=int, default=400, help="embed this many random grid spots (0 = all, ~4.9k on 20k px)"
     )
     parser.add_argument("--encoder", default="efficientnet_lite0", help="encoder name (same network on both sides)")
-    parser.add_argument("--batch-size", type=int, default=8, help="ours; 8 suits CPU caches, use 64+ on a GPU")
+    parser.add_argument(
+        "--batch-size", type=int, help="ours (default: napari_stem.embed's per device: 8 on CPU, 64 on a GPU)"
+    )
     parser.add_argument(
         "--num-workers",
         type=int,
@@ -371,6 +405,11 @@ def main(argv: list[str] | None = None) -> None:
         help="ours (the reference runs fp32): auto = bf16 on a GPU or a CPU with native bf16, else fp32",
     )
     parser.add_argument(
+        "--device",
+        default="auto",
+        help="both sides run their network here (default auto: cuda when there is a GPU, else cpu)",
+    )
+    parser.add_argument(
         "--augment",
         action="store_true",
         help="both sides also embed the 7 flipped/rotated views of every patch, as the reference precomputes them",
@@ -382,6 +421,12 @@ def main(argv: list[str] | None = None) -> None:
         "--workdir", type=Path, help="keep the generated slide here and reuse it (default: a temporary folder)"
     )
     parser.add_argument("--only", choices=["reference", "ours"], help="run one side only")
+    parser.add_argument(
+        "--pss-interval",
+        type=float,
+        default=0.5,
+        help="seconds between memory samples (each costs the measured process ~14 ms of kernel time)",
+    )
     parser.add_argument("--child", choices=["reference", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--slide", help=argparse.SUPPRESS)
     parser.add_argument("--spots-file", help=argparse.SUPPRESS)
@@ -405,8 +450,8 @@ def main(argv: list[str] | None = None) -> None:
         np.save(spots_file, centers)
         print(
             f"slide {args.size_px} × {args.size_px} px ({args.size_px * MPP / 1000:.1f} mm) at {MPP} µm/px, {len(centers)} spots, "
-            f"encoder {args.encoder}{' with the 7 augmented views' if args.augment else ''}, ours: batch {args.batch_size}, "
-            f"{args.num_workers} workers, precision {args.precision}, CPU cores {os.cpu_count()}"
+            f"encoder {args.encoder}{' with the 7 augmented views' if args.augment else ''}, ours: batch {args.batch_size or 'auto'}, "
+            f"{args.num_workers} workers, precision {args.precision}; device {args.device} (both sides); CPU cores {os.cpu_count()}"
         )
         results = {}
         for side in ("reference", "ours"):
@@ -419,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{result['seconds_model']:.1f} + network {result['seconds_network']:.1f} + everything else {outside:.1f} s "
                 f"(first patch after {result['seconds_first_patch']:.1f} s); {result['cpu_seconds']:.1f} CPU-s = "
                 f"{result['patches_per_cpu_s']:.2f} patches per CPU-second\n"
-                f"{'':>11}peak PSS {result['peak_pss_tree_mb']:6.0f} MiB (process tree; {result['baseline_pss_mb']:.0f} MiB of it is "
+                f"{'':>11}{result['device']}, {result['precision']}; peak PSS {result['peak_pss_tree_mb']:6.0f} MiB (process tree; {result['baseline_pss_mb']:.0f} MiB of it is "
                 f"Python + torch + model before the slide is touched), main-process ru_maxrss {result['maxrss_main_mb']:6.0f} MiB"
             )
         if len(results) == 2:

@@ -35,6 +35,9 @@ def test_embedding_bench_compares_the_same_features(tmp_path: Path) -> None:
     # Same crops, same network: the feature sums agree up to bf16 rounding.
     assert _number(r"feature checksums differ by ([\d.e+-]+)", out) < 1e-2
     assert (tmp_path / "bench_2048px_jpeg.tif").is_file()
+    # Both networks run on the same device; the reference in fp32, as it is written.
+    devices = re.findall(r"^\s+(\w+(?::\d+)?), (fp32|bf16); peak PSS", out, flags=re.M)
+    assert len(devices) == 2 and devices[0][0] == devices[1][0] and devices[0][1] == "fp32", devices
 
 
 def test_sampler_bench_runs_the_same_function_on_both_sides() -> None:
