@@ -71,6 +71,67 @@ def test_generated_tiff_pyramid_in_both_backends(gradient_tiff: tuple[Path, np.n
     assert openslide.OpenSlide(str(path)).level_count == 3  # every level is a top-level page
 
 
+@pytest.mark.parametrize("compression,tile,alpha", [("jpeg", 256, False), ("lzw", 128, True), ("zlib", 256, False)])
+def test_tile_reader_reads_what_zarr_reads(tmp_path: Path, compression: str, tile: int, alpha: bool) -> None:
+    """Patch reads decode tiles directly (and keep recent ones); every pixel equals the zarr view."""
+    import tifffile
+
+    from napari_stem.slide import _RGBView, _TiffTiles
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (1000, 1300, 4 if alpha else 3), dtype=np.uint8)
+    path = tmp_path / f"tiles_{compression}.tif"
+    with tifffile.TiffWriter(path) as writer:  # edges not multiples of the tile; a reduced level too
+        for level_image in (image, image[::3, ::3]):
+            writer.write(
+                np.ascontiguousarray(level_image), tile=(tile, tile), photometric="rgb",
+                extrasamples=[2] if alpha else None, compression=compression,
+                subfiletype=0 if level_image is image else 1,
+            )
+    slide = open_slide(path, mpp=0.5)
+    assert [type(reader) for reader in slide._reader] == [_TiffTiles, _TiffTiles]
+    for level in range(slide.level_count):
+        height, width = slide.levels[level].shape[:2]
+        for _ in range(40):
+            x, y = int(rng.integers(-50, width)), int(rng.integers(-50, height))
+            w, h = (int(v) for v in rng.integers(1, 400, 2))
+            expected = np.full((h, w, 3), 9, np.uint8)
+            xa, ya, xb, yb = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+            if xb > xa and yb > ya:
+                expected[ya - y : yb - y, xa - x : xb - x] = np.asarray(slide.levels[level][ya:yb, xa:xb])
+            np.testing.assert_array_equal(slide.read_region(x, y, w, h, level=level, fill=9), expected)
+    if compression != "jpeg":
+        np.testing.assert_array_equal(slide.read_region(0, 0, 1300, 1000), image[..., :3])
+    reader = slide._reader[0]
+    assert 0 < len(reader._tiles) <= reader.max_tiles == 2 * reader.tiles_across + 8
+
+    # a box read again comes from the kept tiles: the file is not read
+    reads = []
+
+    class CountingHandle:
+        def __init__(self, handle) -> None:  # noqa: ANN001
+            self.handle, self.lock, self.seek = handle, handle.lock, handle.seek
+
+        def read(self, size: int) -> bytes:
+            reads.append(size)
+            return self.handle.read(size)
+
+    reader.filehandle = CountingHandle(reader.filehandle)
+    reader._tiles.clear()
+    box = slide.read_region(10, 900, 100, 90)
+    assert len(reads) > 0
+    reads.clear()
+    np.testing.assert_array_equal(slide.read_region(10, 900, 100, 90), box)
+    assert reads == []
+
+    # a stripped (untiled) TIFF still reads through zarr
+    stripped = tmp_path / "stripped.tif"
+    tifffile.imwrite(stripped, image[..., :3], photometric="rgb", compression="zlib", rowsperstrip=64)
+    plain = open_slide(stripped, mpp=0.5)
+    assert isinstance(plain._reader[0], _RGBView)
+    np.testing.assert_array_equal(plain.read_region(100, 50, 300, 200), image[50:250, 100:400, :3])
+
+
 def test_region_outside_slide_is_filled(gradient_tiff: tuple[Path, np.ndarray]) -> None:
     path, image = gradient_tiff
     slide = open_slide(path)
