@@ -122,8 +122,12 @@ def write_slide(path: Path, size_px: int, compression: str = "jpeg", seed: int =
     partial.replace(path)
 
 
-def visium_spots(size_px: int, max_spots: int, seed: int = 0) -> np.ndarray:
-    """Centres (x, y) in px of a 100 µm hex grid over a centred capture area; ``max_spots`` random ones (0 = all)."""
+def visium_spots(size_px: int, max_spots: int, seed: int = 0, shuffle: bool = True) -> np.ndarray:
+    """Centres (x, y) in px of a 100 µm hex grid over a centred capture area; ``max_spots`` random ones (0 = all).
+
+    ``shuffle`` puts them in random order, like the barcode order of HEST's and spaceranger's files;
+    otherwise they are in grid (row-major) order.
+    """
     from napari_stem.spots import hex_grid
 
     slide_um = size_px * MPP
@@ -134,6 +138,8 @@ def visium_spots(size_px: int, max_spots: int, seed: int = 0) -> np.ndarray:
     if max_spots and len(centers) > max_spots:
         keep = np.sort(np.random.default_rng(seed).choice(len(centers), max_spots, replace=False))
         centers = centers[keep]
+    if shuffle:
+        centers = centers[np.random.default_rng(seed + 1).permutation(len(centers))]
     return centers
 
 
@@ -420,6 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--workdir", type=Path, help="keep the generated slide here and reuse it (default: a temporary folder)"
     )
+    parser.add_argument(
+        "--spot-order",
+        choices=["barcode", "grid"],
+        default="barcode",
+        help="order of the spots handed to both sides: random, as in barcode-sorted HEST files, or row-major",
+    )
     parser.add_argument("--only", choices=["reference", "ours"], help="run one side only")
     parser.add_argument(
         "--pss-interval",
@@ -445,11 +457,12 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"wrote {slide.name}: {args.size_px}² px, {slide.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - started:.1f} s"
             )
-        centers = visium_spots(args.size_px, args.max_spots)
+        centers = visium_spots(args.size_px, args.max_spots, shuffle=args.spot_order == "barcode")
         spots_file = workdir / "spots.npy"
         np.save(spots_file, centers)
         print(
-            f"slide {args.size_px} × {args.size_px} px ({args.size_px * MPP / 1000:.1f} mm) at {MPP} µm/px, {len(centers)} spots, "
+            f"slide {args.size_px} × {args.size_px} px ({args.size_px * MPP / 1000:.1f} mm) at {MPP} µm/px, "
+            f"{len(centers)} spots in {args.spot_order} order, "
             f"encoder {args.encoder}{' with the 7 augmented views' if args.augment else ''}, ours: batch {args.batch_size or 'auto'}, "
             f"{args.num_workers} workers, precision {args.precision}; device {args.device} (both sides); CPU cores {os.cpu_count()}"
         )

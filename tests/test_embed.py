@@ -158,6 +158,32 @@ def test_progress_events_cover_every_spot_once(demo_slide_file, demo_spots):
     assert [(e.start, e.done) for e in events] == [(0, 10), (10, 20), (20, 23)]
     assert all(e.total == 23 and e.embeddings.shape == (e.done - e.start, 6) for e in events)
     assert events[-1].fraction == 1.0 and encoder.calls == 3
+    # each event says which spots it holds (increasing rows); together every spot exactly once
+    assert all(len(e.index) == e.done - e.start and (np.diff(e.index) > 0).all() for e in events)
+    assert sorted(np.concatenate([e.index for e in events]).tolist()) == list(range(23))
+
+
+def test_spots_are_read_band_by_band_whatever_their_file_order(tmp_path, demo_slide_file, demo_spots, effnet):
+    from napari_stem.embed import reading_order
+
+    centers = np.array([[900.0, 10.0], [5.0, 300.0], [10.0, 20.0], [500.0, 250.0], [400.0, 10.0], [10.0, 20.0]])
+    # bands of 224 px down the slide, left to right in a band, ties in file order
+    assert reading_order(centers, 224).tolist() == [2, 5, 4, 0, 1, 3]
+    assert reading_order(np.zeros((0, 2)), 224).tolist() == []
+
+    # barcode order is spatially random: the features and the cache rows still follow the spots
+    shuffled = demo_spots.subset(np.random.default_rng(5).permutation(len(demo_spots)))
+    in_order, _ = embed_spots(demo_slide_file, demo_spots, effnet, batch_size=4)
+    by_barcode = dict(zip(demo_spots.barcodes, in_order, strict=True))
+    expected = np.stack([by_barcode[barcode] for barcode in shuffled.barcodes])
+    features, _ = embed_spots(demo_slide_file, shuffled, effnet, batch_size=4)
+    np.testing.assert_allclose(features, expected, atol=1e-5, rtol=0)
+    cached = embed_slide_cached(tmp_path / "shuffled.h5", demo_slide_file, shuffled, effnet, batch_size=4, augment=True)
+    np.testing.assert_allclose(cached.embeddings, expected, atol=1e-5, rtol=0)
+    assert cached.barcodes.tolist() == [str(b) for b in shuffled.barcodes]
+    np.testing.assert_allclose(cached.coords, shuffled.centers_px)
+    _, augmented = embed_spots(demo_slide_file, shuffled, effnet, batch_size=23, augment=True)
+    np.testing.assert_allclose(cached.embeddings_aug, augmented, atol=1e-5, rtol=0)
 
 
 def test_default_batch_size_follows_the_device(demo_slide_file, demo_spots):

@@ -199,7 +199,7 @@ def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_
                 f"encoder '{encoder_name}' gives {event.embeddings.shape[1]}-d embeddings but checkpoint "
                 f"{describe_path(loaded.path)} expects {loaded.config.cond_dim}-d; use the encoder it was trained with."
             )
-        out[event.start : event.done] = event.embeddings
+        out[event.index] = event.embeddings
         yield PredictEvent("embed", event.done, n_spots, from_cache=event.from_cache)
     return out
 
