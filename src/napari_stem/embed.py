@@ -273,7 +273,7 @@ def iter_embed_spots(
                 features_aug = np.stack(views, axis=1)
             start, done = done, done + len(batch)
             rows = order[start:done]
-            by_row = np.argsort(rows)  # increasing rows: h5py writes them as one selection
+            by_row = np.argsort(rows)  # increasing rows: runs of consecutive ones are written as slices
             yield EmbedProgress(
                 done=done,
                 total=total,
