@@ -212,7 +212,7 @@ def run_ours(
     slide: Path,
     centers: np.ndarray,
     encoder_name: str,
-    batch_size: int,
+    batch_size: int | None,
     num_workers: int,
     augment: bool,
     precision: str,
