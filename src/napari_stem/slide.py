@@ -298,8 +298,7 @@ class _TiffTiles:
         self.page = page
         self.filehandle = filehandle
         self.tile_h, self.tile_w = int(page.tilelength), int(page.tilewidth)
-        self.height, self.width = int(page.imagelength), int(page.imagewidth)
-        self.tiles_across = math.ceil(self.width / self.tile_w)
+        self.tiles_across = math.ceil(int(page.imagewidth) / self.tile_w)
         tile_bytes = self.tile_h * self.tile_w * int(page.samplesperpixel)
         self.max_tiles = max(4, min(2 * self.tiles_across + 8, TILE_CACHE_MAX_BYTES // tile_bytes))
         self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
