@@ -168,6 +168,16 @@ def read_spots_spaceranger(outs_dir: str | Path, mpp: float | None = None) -> Sp
     return spots
 
 
+def visium_lattice_um(
+    array_row: Any, array_col: Any, pitch_um: float = VISIUM_PITCH_UM
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` in µm of Visium lattice indices: ``array_col`` steps half a pitch along a row,
+    rows are ``pitch · √3/2`` apart."""
+    x_um = np.asarray(array_col, dtype=np.float64) * pitch_um / 2
+    y_um = np.asarray(array_row, dtype=np.float64) * pitch_um * math.sqrt(3) / 2
+    return x_um, y_um
+
+
 def visium_mpp_from_lattice(
     centers_px: np.ndarray, array_row: Any, array_col: Any, pitch_um: float = VISIUM_PITCH_UM
 ) -> float | None:
@@ -179,13 +189,7 @@ def visium_mpp_from_lattice(
     if array_row is None or array_col is None:
         return None
     centers_px = np.asarray(centers_px, dtype=np.float64)
-    lattice_um = np.stack(
-        [
-            np.asarray(array_col, dtype=np.float64) * pitch_um / 2,
-            np.asarray(array_row, dtype=np.float64) * pitch_um * np.sqrt(3) / 2,
-        ],
-        axis=1,
-    )
+    lattice_um = np.stack(visium_lattice_um(array_row, array_col, pitch_um), axis=1)
     design = np.hstack([lattice_um, np.ones((len(lattice_um), 1))])
     if len(design) < 3 or np.linalg.matrix_rank(design) < 3:
         return None
@@ -224,8 +228,8 @@ def hex_grid(
     rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
     keep = (rows + cols) % 2 == 0
     rows, cols = rows[keep], cols[keep]
-    x_um = origin_um[0] + cols * pitch_um / 2
-    y_um = origin_um[1] + rows * row_step
+    x_um, y_um = visium_lattice_um(rows, cols, pitch_um)
+    x_um, y_um = x_um + origin_um[0], y_um + origin_um[1]
     inside = (x_um <= origin_um[0] + width_um) & (y_um <= origin_um[1] + height_um)
     return pd.DataFrame(
         {"array_row": rows[inside], "array_col": cols[inside], "x_um": x_um[inside], "y_um": y_um[inside]}
