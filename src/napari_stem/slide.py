@@ -363,11 +363,8 @@ class _RGBView:
     def __init__(self, array: Any) -> None:
         self.array = array
 
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return np.asarray(self.array[key])[..., :3]
-
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
-        return self[y : y + height, x : x + width]
+        return np.asarray(self.array[y : y + height, x : x + width])[..., :3]
 
 
 def _check_tiff_not_truncated(tif: Any, path: Path) -> None:
