@@ -93,34 +93,34 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(open_widget, qtb
     _wait_until_idle(qtbot, widget)
     assert errors == [] and widget.controller.status == "done", widget.status.value
 
-    mean, variance = viewer.layers["mean"], viewer.layers["variance"]
+    mean, sd = viewer.layers["GA mean"], viewer.layers["GA sd"]
     expected = _expected_roi_spots(demo_slide_file)
-    assert len(mean.data) == len(variance.data) == len(expected) == 5
+    assert len(mean.data) == len(sd.data) == len(expected) == 5
     np.testing.assert_allclose(np.sort(mean.data, axis=0), np.sort(expected, axis=0))  # on the grid spots, in µm
-    assert list(mean.features.columns) == ["barcode", *GENES]
     prediction = widget.controller.result.prediction
-    np.testing.assert_allclose(mean.features[GENES].to_numpy(), prediction.mean)
-    np.testing.assert_allclose(variance.features[GENES].to_numpy(), prediction.variance)
-    assert (variance.features[GENES].to_numpy() > 0).all() and mean.shown.all()
-    assert mean.face_colorbar.visible and variance.face_colorbar.visible
+    np.testing.assert_allclose(mean.features["GA mean"], prediction.mean[:, 0])
+    np.testing.assert_allclose(sd.features["GA sd"], np.sqrt(prediction.variance[:, 0]), rtol=1e-6)
+    assert (sd.features["GA sd"] > 0).all() and mean.shown.all()
+    assert mean.face_colorbar.visible and sd.face_colorbar.visible
     assert mean.size[0] == pytest.approx(55.0) and tuple(mean.units) == tuple(viewer.layers["cmu_small_region"].units)
     assert widget.progress.value == widget.progress.max
 
-    # gene switch: both layers recolour with their own limits, no recomputation
+    # gene switch: both layers recolour with their own limits and follow in name, no recomputation
     from napari_stem.layers import gene_contrast_limits
 
     assert list(widget.gene.choices) == GENES
     before = mean.face_color.copy()
     widget.gene.value = "GC"
-    for layer in (mean, variance):
-        limits = gene_contrast_limits(layer.features["GC"])
+    assert (mean.name, sd.name) == ("GC mean", "GC sd")
+    for layer, column in ((mean, "GC mean"), (sd, "GC sd")):
+        limits = gene_contrast_limits(layer.features[column], lower_bound=0.0)
         assert layer.face_contrast_limits == pytest.approx(limits)
-        scaled = np.clip((layer.features["GC"].to_numpy() - limits[0]) / (limits[1] - limits[0]), 0, 1)
+        scaled = np.clip((layer.features[column].to_numpy() - limits[0]) / (limits[1] - limits[0]), 0, 1)
         np.testing.assert_allclose(layer.face_color, layer.face_colormap.map(scaled), atol=1e-5)
     assert not np.allclose(before, mean.face_color)
     assert widget.controller.result.prediction is prediction  # nothing was recomputed
     widget.gene_filter.value = "gd"  # searchable: narrows the list, recolours to the match
-    assert list(widget.gene.choices) == ["GD"] and mean.face_contrast_limits == pytest.approx(gene_contrast_limits(mean.features["GD"]))
+    assert list(widget.gene.choices) == ["GD"] and mean.face_contrast_limits == pytest.approx(gene_contrast_limits(mean.features["GD mean"], lower_bound=0.0))
     widget.gene_filter.value = ""
     assert list(widget.gene.choices) == GENES
 
@@ -128,21 +128,23 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(open_widget, qtb
     widget.export_path.value = tmp_path / "pred.h5ad"
     widget.export_button.clicked()
     adata = anndata.read_h5ad(tmp_path / "pred.h5ad")
-    np.testing.assert_allclose(adata.X, mean.features[GENES].to_numpy())
-    np.testing.assert_allclose(adata.layers["variance"], variance.features[GENES].to_numpy())
+    np.testing.assert_allclose(adata.X, prediction.mean)
+    np.testing.assert_allclose(adata.layers["variance"], prediction.variance)
     assert list(adata.obs_names) == mean.features["barcode"].tolist() and list(adata.var_names) == GENES
     assert "downscaled_fullres" in adata.uns["spatial"]["ST"]["images"]  # scanpy.pl.spatial-ready
     widget.export_path.value = tmp_path / "pred.csv"
     widget.export_button.clicked()
     table = pd.read_csv(tmp_path / "pred.csv")
-    np.testing.assert_allclose(table[[f"variance_{g}" for g in GENES]].to_numpy(), variance.features[GENES].to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(table[[f"variance_{g}" for g in GENES]].to_numpy(), prediction.variance, rtol=1e-5)
     # File > Save Selected Layers goes through the npe2 writer: the same file content
-    viewer.layers.selection = {mean, variance}
+    viewer.layers.selection = {mean, sd}
     viewer.layers.save(str(tmp_path / "saved.h5ad"), selected=True, plugin="napari-stem")
     np.testing.assert_allclose(anndata.read_h5ad(tmp_path / "saved.h5ad").X, adata.X)
-    # and the exported file re-opens as mean and variance layers
+    # and the exported file re-opens as mean and sd layers of the shown gene (the picker drives them too)
     viewer.open(str(tmp_path / "pred.h5ad"), plugin="napari-stem")
-    np.testing.assert_allclose(viewer.layers["pred variance"].features[GENES].to_numpy(), variance.features[GENES].to_numpy())
+    np.testing.assert_allclose(viewer.layers["pred GA sd"].features["GA sd"], sd.metadata["prediction"].variance[:, 0] ** 0.5, rtol=1e-5)
+    widget.gene.value = "GB"
+    assert viewer.layers["pred GB mean"].visible and not viewer.layers["pred GB sd"].visible
     assert errors == []
 
     # a re-run with other sampling settings reuses the embeddings and replaces the result layers
@@ -151,8 +153,8 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(open_widget, qtb
     _wait_until_idle(qtbot, widget)
     assert "embeddings from the cache" in widget.status.value
     names = [layer.name for layer in viewer.layers]
-    assert names.count("mean") == 1 and names.count("variance") == 1 and mean not in viewer.layers
-    assert viewer.layers["mean"].metadata["prediction"].metadata["n_samples"] == 3
+    assert names.count("GB mean") == 1 and names.count("GB sd") == 1 and mean not in viewer.layers
+    assert viewer.layers[-1].metadata["prediction"].metadata["n_samples"] == 3
 
 
 @gui
@@ -167,7 +169,7 @@ def test_cancel_keeps_only_finished_spots(open_widget, qtbot, errors, tmp_path: 
         original(job_id, event)
         seen.append((event.stage, event.done))
         if event.stage == "sample" and event.done == 2:
-            assert len(viewer.layers["mean"].data) == 5 and viewer.layers["mean"].shown.sum() == 2  # partial draw
+            assert len(viewer.layers["GA mean"].data) == 5 and viewer.layers["GA mean"].shown.sum() == 2  # partial draw
             widget.cancel_button.clicked()
 
     widget._on_yielded = on_yielded
@@ -175,10 +177,12 @@ def test_cancel_keeps_only_finished_spots(open_widget, qtbot, errors, tmp_path: 
     assert seen[-1] == ("sample", 2)  # stopped at the next batch
     assert widget.controller.status == "cancelled" and errors == []
     names = [layer.name for layer in viewer.layers]
-    assert "mean" not in names and "variance" not in names
-    partial = viewer.layers["mean (partial 2/5)"], viewer.layers["variance (partial 2/5)"]
+    assert "GA mean" not in names and "GA sd" not in names
+    partial = viewer.layers["GA mean (partial 2/5)"], viewer.layers["GA sd (partial 2/5)"]
     for layer in partial:
-        assert len(layer.data) == 2 and layer.shown.all() and np.isfinite(layer.features[GENES].to_numpy()).all()
+        assert len(layer.data) == 2 and layer.shown.all() and np.isfinite(layer.features[["GA mean", "GA sd"]].to_numpy()).all()
+    provenance = partial[0].metadata["prediction"].metadata  # a partial result says how it was made, like a full one
+    assert {"target_transform", "patch", "device", "precision", "encoder", "slide"} <= set(provenance)
     assert widget.run_button.enabled and not widget.cancel_button.enabled
     widget.export_path.value = tmp_path / "partial.h5ad"
     widget.export_button.clicked()
@@ -195,8 +199,8 @@ def test_cancel_keeps_only_finished_spots(open_widget, qtbot, errors, tmp_path: 
     kept = [layer for layer in viewer.layers if layer.metadata.get("napari_stem") == "prediction" and layer.metadata["prediction"] is result.prediction]
     assert len(kept) == 2 and all(len(layer.data) == result.done for layer in kept)
     for layer in kept:
-        assert np.isfinite(layer.features[GENES].to_numpy()).all()
-        assert layer.name in (f"mean (partial {result.done}/5)", f"variance (partial {result.done}/5)", "mean", "variance")
+        assert np.isfinite(layer.features[["GA mean", "GA sd"]].to_numpy()).all()
+        assert layer.name in (f"GA mean (partial {result.done}/5)", f"GA sd (partial {result.done}/5)", "GA mean", "GA sd")
 
 
 @gui
@@ -264,9 +268,10 @@ def test_screenshot_shows_coloured_spots_over_tissue(open_widget, qtbot, errors)
     viewer.layers["roi"].visible = False
     widget.run_button.clicked()
     assert widget.controller.status == "done", errors
-    mean, variance = viewer.layers["mean"], viewer.layers["variance"]
+    mean, variance = viewer.layers["GA mean"], viewer.layers["GA sd"]
     for layer in (mean, variance):
         layer.face_colorbar.visible = False
+        layer.opacity = 1.0
 
     viewer.window.resize(1100, 900)
     qtbot.wait(200)
@@ -278,9 +283,13 @@ def test_screenshot_shows_coloured_spots_over_tissue(open_widget, qtbot, errors)
         qtbot.wait(300)
         return viewer.screenshot(canvas_only=True)[..., :3].astype(int)
 
-    def greenish(rgb: np.ndarray) -> np.ndarray:  # viridis above its darkest fifth; not H&E pink/purple/white
-        red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-        return (green > red + 15) | (green > blue + 20)
+    from napari.utils.colormaps import ensure_colormap
+
+    viridis = ensure_colormap("viridis").map(np.linspace(0, 1, 256))[:, :3] * 255
+
+    def greenish(rgb: np.ndarray) -> np.ndarray:  # a viridis colour (the mean's map), not H&E pink/purple/white
+        distance = np.abs(rgb.reshape(-1, 1, 3) - viridis[None]).sum(axis=-1).min(axis=1)
+        return (distance < 30).reshape(rgb.shape[:-1])
 
     mean.visible = variance.visible = False
     bare = shot()
@@ -389,3 +398,32 @@ def test_nothreads_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not threads_enabled()
     monkeypatch.delenv("NAPARI_STEM_NOTHREADS")
     assert threads_enabled()
+
+
+@gui
+def test_interval_choice_draws_enough_samples_or_labels_what_it_gives(open_widget, errors, tmp_path: Path) -> None:  # noqa: ANN001
+    import json
+
+    import anndata
+
+    from napari_stem._widget import PredictWidget
+
+    viewer, widget = open_widget(threads=False)
+    fresh = PredictWidget(viewer)  # the defaults deliver what they advertise: exact 50 % and 90 % from 19 samples
+    assert fresh.intervals.value == "50 % and 90 %" and fresh.n_samples.value == 19
+    assert fresh.intervals_info.value == "exact: 50 % interval from 19 samples; 90 % interval from 19 samples"
+    # the fixture lowered the samples to 2: the hint says which interval that gives, at its own level
+    assert widget.intervals_info.value.startswith("33.3 % interval from 2 samples (90 % asked; exact needs 19 samples)")
+    widget.intervals.value = "50 %"  # a new choice draws enough samples for it
+    assert widget.n_samples.value == 3 and widget.intervals_info.value == "exact: 50 % interval from 3 samples"
+    assert widget.settings().intervals == (0.5,) and widget.settings().n_samples == 3
+    widget.run_button.clicked()
+    assert widget.controller.status == "done" and errors == []
+    prediction = widget.controller.result.prediction
+    (spec,) = prediction.interval_specs
+    assert spec.exact and spec.n_samples == 3 and np.isfinite(prediction.intervals).all()
+    widget.export_path.value = tmp_path / "pred.h5ad"
+    widget.export_button.clicked()
+    adata = anndata.read_h5ad(tmp_path / "pred.h5ad")
+    np.testing.assert_allclose(adata.layers["lo50"], prediction.intervals[0, 0])
+    assert json.loads(adata.uns["napari_stem"]["intervals_json"])[0]["label"] == "50 % interval from 3 samples"

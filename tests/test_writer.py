@@ -39,22 +39,32 @@ def prediction_and_spots():  # noqa: ANN201
 
 
 def _layers(prediction, spots):  # noqa: ANN001, ANN202
-    return [prediction_layer_data(prediction, spots, kind) for kind in ("mean", "variance")]
+    return [prediction_layer_data(prediction, spots, kind) for kind in ("mean", "sd")]
 
 
 def test_prediction_layer_data(prediction_and_spots) -> None:  # noqa: ANN001
     prediction, spots = prediction_and_spots
-    (coords, kwargs, layer_type), (_, var_kwargs, _) = _layers(prediction, spots)
-    assert layer_type == "points" and kwargs["name"] == "mean" and var_kwargs["name"] == "variance"
+    (coords, kwargs, layer_type), (_, sd_kwargs, _) = _layers(prediction, spots)
+    assert layer_type == "points" and kwargs["name"] == "GA mean" and sd_kwargs["name"] == "GA sd"
     np.testing.assert_allclose(coords, spots.napari_coords_um)  # µm frame, (row, col)
     assert kwargs["size"] == pytest.approx(55.0) and kwargs["units"] == ("um", "um")
-    assert list(kwargs["features"].columns) == ["barcode", *GENES]
-    np.testing.assert_allclose(kwargs["features"][GENES].to_numpy(), prediction.mean)
-    np.testing.assert_allclose(var_kwargs["features"][GENES].to_numpy(), prediction.variance)
-    assert kwargs["face_color"] == "GA" and kwargs["border_width"] == 0
-    assert (kwargs["face_colormap"], var_kwargs["face_colormap"]) == ("viridis", "magma")
-    assert kwargs["face_contrast_limits"] == gene_contrast_limits(prediction.mean[:, 0])
+    # hover reads the displayed gene first: mean, sd, variance, then the barcode
+    assert list(kwargs["features"].columns) == ["GA mean", "GA sd", "GA variance", "barcode"]
+    np.testing.assert_allclose(kwargs["features"]["GA mean"], prediction.mean[:, 0])
+    np.testing.assert_allclose(sd_kwargs["features"]["GA sd"], np.sqrt(prediction.variance[:, 0]), rtol=1e-6)
+    assert kwargs["face_color"] == "GA mean" and sd_kwargs["face_color"] == "GA sd" and kwargs["border_width"] == 0
+    assert (kwargs["face_colormap"], sd_kwargs["face_colormap"]) == ("viridis", "magma")
+    assert kwargs["face_contrast_limits"] == gene_contrast_limits(prediction.mean[:, 0], lower_bound=0.0)
     assert kwargs["metadata"]["genes"] == GENES and kwargs["metadata"]["prediction"] is prediction
+    assert 0 < kwargs["opacity"] < 1  # the tissue shows through
+    # all genes on request; an interval column when samples are kept ([min, max] of K = 4: 60 %)
+    from napari_stem.layers import prediction_features
+
+    assert "GC mean" in prediction_features(prediction, spots, "GB", all_genes=True)
+    prediction.samples = np.random.default_rng(1).normal(size=(len(spots), 4, 3)).astype(np.float32)
+    table = prediction_features(prediction, spots, "GB")
+    low, high = prediction.samples[0, :, 1].min(), prediction.samples[0, :, 1].max()
+    assert table["GB 60% interval"][0] == f"{low:.3g} – {high:.3g}"
 
 
 def test_gene_contrast_limits_are_robust() -> None:
@@ -62,6 +72,7 @@ def test_gene_contrast_limits_are_robust() -> None:
     low, high = gene_contrast_limits(values)
     assert 0 <= low < 0.05 and 0.9 < high < 2  # one outlier does not wash out the map
     assert gene_contrast_limits([np.nan, np.nan]) == (0.0, 1.0)
+    assert gene_contrast_limits(np.r_[-0.5, np.linspace(0, 2, 50)], lower_bound=0.0)[0] == 0.0  # log counts start at 0
     low, high = gene_contrast_limits([3.0, 3.0])
     assert low < 3.0 < high
 
@@ -143,19 +154,43 @@ def test_prediction_h5ad_reopens_as_mean_and_variance(tmp_path: Path, prediction
     prediction, spots = prediction_and_spots
     out = tmp_path / "run1.h5ad"
     write_h5ad(str(out), _layers(prediction, spots))
-    (mean_coords, mean_kwargs, mean_type), (var_coords, var_kwargs, _) = get_reader(str(out))(str(out))
-    assert mean_type == "points" and (mean_kwargs["name"], var_kwargs["name"]) == ("run1 mean", "run1 variance")
+    (var_coords, var_kwargs, _), (mean_coords, mean_kwargs, mean_type) = get_reader(str(out))(str(out))  # no slide, no thumbnail
+    assert mean_type == "points" and (mean_kwargs["name"], var_kwargs["name"]) == ("run1 GA mean", "run1 GA sd")
+    assert mean_kwargs["visible"] and not var_kwargs["visible"]  # the mean on top, shown; the sd one click away
     np.testing.assert_allclose(mean_coords, spots.napari_coords_um)
     np.testing.assert_allclose(var_coords, mean_coords)
-    np.testing.assert_allclose(mean_kwargs["features"][GENES].to_numpy(), prediction.mean)
-    np.testing.assert_allclose(var_kwargs["features"][GENES].to_numpy(), prediction.variance)
-    assert mean_kwargs["metadata"]["kind"] == "mean" and var_kwargs["metadata"]["kind"] == "variance"
+    np.testing.assert_allclose(mean_kwargs["features"]["GA mean"], prediction.mean[:, 0])
+    np.testing.assert_allclose(var_kwargs["features"]["GA sd"], np.sqrt(prediction.variance[:, 0]), rtol=1e-6)
+    assert mean_kwargs["metadata"]["kind"] == "mean" and var_kwargs["metadata"]["kind"] == "sd"
     # and it can be written again as it was read
     again = tmp_path / "again.h5ad"
     write_h5ad(str(again), [(mean_coords, mean_kwargs, "points")])
     import anndata
 
     np.testing.assert_allclose(anndata.read_h5ad(again).layers["variance"], prediction.variance)
+
+
+def test_prediction_h5ad_reopens_over_its_thumbnail_when_the_slide_is_gone(tmp_path: Path, prediction_and_spots, demo_slide_file: Path) -> None:  # noqa: ANN001
+    from napari_stem._reader import get_reader
+    from napari_stem.anndata_io import write_prediction
+    from napari_stem.slide import open_slide
+
+    import shutil
+
+    prediction, spots = prediction_and_spots
+    moved = tmp_path / "moved_away.svs"
+    shutil.copy(demo_slide_file, moved)
+    with open_slide(moved, mpp=spots.mpp) as slide:
+        write_prediction(tmp_path / "p.h5ad", prediction, spots, slide)
+        height_um = slide.shape[0] * spots.mpp
+    moved.unlink()
+    (image, kwargs, layer_type), *_ = get_reader(str(tmp_path / "p.h5ad"))(str(tmp_path / "p.h5ad"))
+    assert layer_type == "image" and kwargs["name"] == "p thumbnail" and kwargs["units"] == ("um", "um")
+    assert image.shape[0] * kwargs["scale"][0] == pytest.approx(height_um, rel=0.01)  # spans the slide in µm
+    prediction.metadata["slide"] = str(demo_slide_file)  # the slide is there: it opens instead
+    write_prediction(tmp_path / "q.h5ad", prediction, spots)
+    (_, kwargs, _), *_ = get_reader(str(tmp_path / "q.h5ad"))(str(tmp_path / "q.h5ad"))
+    assert kwargs["metadata"]["napari_stem"] == "slide" and kwargs["metadata"]["path"] == str(demo_slide_file)
 
 
 def test_plain_spots_h5ad_still_opens_as_spots(synthetic_hest: Path) -> None:
@@ -172,8 +207,9 @@ def test_spaceranger_outs_open_as_spots_in_microns(spaceranger_outs: Path) -> No
 
     reader = get_reader(str(spaceranger_outs))
     assert reader is not None
-    ((coords, kwargs, layer_type),) = reader(str(spaceranger_outs))
+    (image, image_kwargs, image_type), (coords, kwargs, layer_type) = reader(str(spaceranger_outs))
     assert layer_type == "points" and kwargs["units"] == ("um", "um")
+    assert image_type == "image" and image_kwargs["rgb"] and image_kwargs["units"] == ("um", "um")
     mpp = kwargs["metadata"]["mpp"]
     # spaceranger's spot_diameter_fullres is a 65 µm spot: the lattice fit must agree within 2 %
     assert kwargs["size"] == pytest.approx(65.0, rel=0.02)

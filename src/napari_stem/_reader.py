@@ -9,8 +9,11 @@ napari-stem prediction ``.h5ad`` (written by the plugin or ``stem-train predict`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from napari_stem.slide import SLIDE_EXTENSIONS
 
@@ -45,7 +48,16 @@ def read_slide(path: str | list[str]) -> list:
     from napari_stem.slide import open_slide
 
     slide = open_slide(_single(path))
+    if slide.mpp is None:
+        warnings.warn(unknown_pixel_size_notice(slide), stacklevel=2)  # napari shows it as a notification
     return [slide_layer_data(slide)]
+
+
+def unknown_pixel_size_notice(slide) -> str:  # noqa: ANN001
+    """What the user sees when a slide opens in pixels, not µm."""
+    problem = slide.mpp_problem or "records no pixel size"
+    return (f"{slide.path.name} {problem}: it is shown in pixels, not µm. Enter its µm/px in the napari-stem widget "
+            "before predicting (e.g. 0.25 for a 40× scan, 0.5 for 20×).")
 
 
 def read_h5ad(path: str | list[str]) -> list:
@@ -60,17 +72,66 @@ def read_h5ad(path: str | list[str]) -> list:
 
 
 def read_prediction_h5ad(path: str | list[str]) -> list:
-    """A napari-stem prediction as "<name> mean" and "<name> variance" layers in the µm frame."""
+    """A napari-stem prediction: its slide (the recorded file when it still exists, else the
+    thumbnail stored in the file, in the same µm frame), then "<name> <gene> sd" (hidden) and
+    "<name> <gene> mean" on top, with labelled colorbars."""
     from napari_stem.anndata_io import read_prediction
     from napari_stem.layers import prediction_layer_data
 
     path = Path(_single(path))
     prediction, spots = read_prediction(path)
     slide_path = prediction.metadata.get("slide")
-    return [
-        prediction_layer_data(prediction, spots, kind, name=f"{path.stem} {kind}", slide_path=slide_path)
-        for kind in ("mean", "variance")
+    layers = [_prediction_slide_layer(path, slide_path, spots)]
+    layers += [
+        prediction_layer_data(prediction, spots, kind, prefix=f"{path.stem} ", slide_path=slide_path, visible=kind == "mean")
+        for kind in ("sd", "mean")
     ]
+    from napari_stem._result_layers import label_colorbars_when_added
+
+    label_colorbars_when_added()
+    return [layer for layer in layers if layer is not None]
+
+
+def _prediction_slide_layer(path: Path, slide_path: str | None, spots) -> tuple | None:  # noqa: ANN001
+    """The slide under a re-opened prediction: its file, else the file's own thumbnail, else None."""
+    from napari_stem.layers import slide_layer_data
+    from napari_stem.slide import open_slide
+
+    if slide_path and Path(slide_path).is_file():
+        try:
+            return slide_layer_data(open_slide(slide_path, mpp=spots.mpp))
+        except Exception:  # noqa: BLE001 - an unreadable slide only loses the background
+            pass
+    import anndata
+
+    try:
+        adata = anndata.read_h5ad(path, backed="r")
+        library = next(iter(adata.uns["spatial"].values()))
+        image = np.asarray(library["images"]["downscaled_fullres"])
+        scale = float(library["scalefactors"]["tissue_downscaled_fullres_scalef"])
+    except Exception:  # noqa: BLE001 - no thumbnail recorded
+        return None
+    return _image_layer_in_spot_frame(image, scale, spots, f"{path.stem} thumbnail")
+
+
+def _image_layer_in_spot_frame(image: np.ndarray, image_per_fullres: float, spots, name: str) -> tuple:  # noqa: ANN001
+    """An RGB image whose pixel (i, j) is full-resolution pixel (i, j) / ``image_per_fullres``,
+    placed in the spots' frame (µm when their µm/px is known, else full-resolution pixels)."""
+    fullres_per_pixel = 1.0 / image_per_fullres
+    unit = spots.mpp or 1.0
+    image = image[..., :3] if image.ndim == 3 else image
+    if image.dtype != np.uint8:  # spaceranger PNGs read as float 0..1 by some readers
+        image = np.clip(np.asarray(image, dtype=np.float64) * (255 if image.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
+    kwargs = {
+        "name": name,
+        "rgb": image.ndim == 3,
+        "scale": (fullres_per_pixel * unit, fullres_per_pixel * unit),
+        "contrast_limits": (0, 255),
+        "metadata": {"napari_stem": "slide_image", "mpp": spots.mpp},
+    }
+    if spots.mpp:
+        kwargs["units"] = ("um", "um")
+    return image, kwargs, "image"
 
 
 def read_spaceranger(path: str | list[str]) -> list:
@@ -91,7 +152,29 @@ def read_spaceranger(path: str | list[str]) -> list:
     layer = spots_layer_data(spots, name=f"{name} spots")
     if spots.mpp:
         layer[1]["metadata"]["mpp_source"] = "estimated from the 100 µm Visium spot lattice"
-    return [layer]
+    image = _spaceranger_image(outs, spots, name)
+    return [layer] if image is None else [image, layer]
+
+
+def _spaceranger_image(outs: Path, spots, name: str) -> tuple | None:  # noqa: ANN001
+    """The best H&E spaceranger kept (hires, else lowres), scaled by its scale factor onto the spots."""
+    import json
+
+    from PIL import Image
+
+    spatial = outs / "spatial"
+    try:
+        factors = json.loads((spatial / "scalefactors_json.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for kind in ("hires", "lowres"):
+        png = spatial / f"tissue_{kind}_image.png"
+        factor = factors.get(f"tissue_{kind}_scalef")
+        if png.is_file() and factor:
+            with Image.open(png) as opened:
+                image = np.asarray(opened.convert("RGB"))
+            return _image_layer_in_spot_frame(image, float(factor), spots, f"{name} H&E ({kind})")
+    return None
 
 
 def _is_prediction_file(path: Path) -> bool:

@@ -23,6 +23,7 @@ def demo_prediction() -> list:
     from napari_stem._torch_guard import block_triton_if_llvm_loaded
 
     block_triton_if_llvm_loaded()  # napari's canvas may already hold Mesa's LLVM; see _torch_guard
+    from napari_stem._result_layers import label_colorbars_when_added
     from napari_stem.checkpoint import load_checkpoint
     from napari_stem.datasets import cache_dir, demo_checkpoint_path, demo_slide_path
     from napari_stem.grid import spots_over_tissue
@@ -34,8 +35,9 @@ def demo_prediction() -> list:
     slide = open_slide(demo_slide_path())
     spots = spots_over_tissue(slide)
     prediction = predict(slide.path, spots, checkpoint, cache_path=cache_dir() / "embeddings" / "demo_sample.h5", seed=0)
+    label_colorbars_when_added()
     return [
         slide_layer_data(slide, name="demo H&E"),
-        *(prediction_layer_data(prediction, spots, kind, name=f"demo {kind}", slide_path=str(slide.path))
-          for kind in ("mean", "variance")),
+        *(prediction_layer_data(prediction, spots, kind, prefix="demo ", slide_path=str(slide.path), visible=kind == "mean")
+          for kind in ("sd", "mean")),
     ]

@@ -14,7 +14,7 @@ timestep. Both samplers (ancestral and DDIM) run over any respaced schedule, wit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 
 import numpy as np
 import torch
@@ -259,10 +259,24 @@ class GaussianDiffusion:
         ``step_noise(step_index)`` supplies the noise of a step (shape of x_T); by default
         ``torch.randn_like``. It is called only for steps that use noise, in descending order.
         """
+        steps = self.iter_sample_loop(model, x_T, sampler=sampler, eta=eta,
+                                      model_kwargs=model_kwargs, step_noise=step_noise)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+
+    def iter_sample_loop(self, model: Denoiser, x_T: torch.Tensor, *, sampler: str = "ddim",
+                         eta: float = 0.0, model_kwargs=None,
+                         step_noise: Callable[[int], torch.Tensor] | None = None,
+                         ) -> Generator[int, None, torch.Tensor]:
+        """:meth:`sample_loop` as a generator: yields the number of steps done after each step
+        (so a GUI can show progress and stop between steps) and returns x_0."""
         if sampler not in ("ddim", "ancestral"):
             raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
         x = x_T
-        for i in reversed(range(self.n_steps)):
+        for done, i in enumerate(reversed(range(self.n_steps)), start=1):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             noise = None
             if self.step_needs_noise(i, sampler, eta):
@@ -271,8 +285,8 @@ class GaussianDiffusion:
                 x = self.ancestral_step(model, x, t, noise, model_kwargs)
             else:
                 x = self.ddim_step(model, x, t, noise, eta, model_kwargs)
+            yield done
         return x
-
 
 def create_diffusion(respacing: str | int | Iterable[int] | None = None) -> GaussianDiffusion:
     """The reference's ``create_diffusion(respacing)`` with its defaults (learned sigma, MSE+VB)."""

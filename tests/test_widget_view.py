@@ -1,0 +1,152 @@
+"""What the user sees of a prediction: default layers, names, colorbars, hover, progress and cancel.
+
+Real napari under Xvfb, the widget docked through the manifest and driven through its controls,
+on the demo slide with the tiny model (fixtures shared with test_widget).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_widget import GENES, ROI, embedding_cache, errors, open_widget, tiny_checkpoint  # noqa: F401 - fixtures
+
+gui = pytest.mark.gui
+
+
+def _hover(viewer, world_rc) -> str:  # noqa: ANN001
+    """The status line napari shows with the cursor at ``world_rc``."""
+    viewer.mouse_over_canvas = True
+    viewer.cursor.position = tuple(world_rc)
+    viewer.update_status_from_cursor()
+    status = viewer.status
+    return status if isinstance(status, str) else str(status.get("coordinates", status))
+
+
+@gui
+def test_mean_on_top_uncertainty_one_click_away(open_widget, errors, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001, F811
+    viewer, widget = open_widget(threads=False)
+    warnings_shown: list[str] = []
+    monkeypatch.setattr("napari._vispy.canvas.show_warning", warnings_shown.append)
+    pixel_roi = viewer.add_shapes([ROI], shape_type="rectangle", name="roi px", face_color="transparent")  # no units: pixels
+    assert str(pixel_roi.units[0]) == "pixel"
+    widget.region.value = pixel_roi
+    warnings_shown.clear()
+    widget.run_button.clicked()
+    assert widget.controller.status == "done", errors
+    assert warnings_shown == []  # the region adopted the slide's µm: no "Inconsistent units" pop-ups
+    assert tuple(str(u) for u in pixel_roi.units) == ("micrometer", "micrometer") or tuple(pixel_roi.units) == tuple(viewer.layers[0].units)
+
+    # mean on top, selected, visible; its uncertainty right below, hidden; names carry the gene
+    names = [layer.name for layer in viewer.layers]
+    assert names[-2:] == ["GA sd", "GA mean"]
+    mean, sd = viewer.layers["GA mean"], viewer.layers["GA sd"]
+    assert mean.visible and not sd.visible and viewer.layers.selection.active is mean
+    assert 0.3 <= mean.opacity < 1.0  # the tissue shows through
+    from napari_stem._result_layers import colorbar_text
+
+    assert colorbar_text(mean) == "GA mean · log2(1+count)" and colorbar_text(sd) == "GA sd · log2(1+count)"
+    assert mean.face_colorbar.visible and mean.face_colorbar.size[1] >= 200
+    assert mean.face_contrast_limits[0] >= 0.0  # log counts: the scale starts at 0 at the lowest
+
+    # one click: the uncertainty; the switch turns it into a variance, with its unit
+    sd.visible = True
+    widget.uncertainty.value = "variance"
+    assert sd.name == "GA variance" and colorbar_text(sd) == "GA variance · (log2(1+count))²"
+    prediction = widget.controller.result.prediction
+    np.testing.assert_allclose(sd.features["GA variance"], prediction.variance[:, 0])
+    assert str(sd.face_color_mode) == "colormap" and sd.face_colormap.name == "magma"
+    widget.uncertainty.value = "sd"
+
+    # the opacity control acts on every prediction layer
+    widget.opacity.value = 0.4
+    assert mean.opacity == pytest.approx(0.4) and sd.opacity == pytest.approx(0.4)
+
+    # gene picker: names, colours and labels follow
+    widget.gene.value = "GC"
+    assert (mean.name, sd.name) == ("GC mean", "GC sd") and colorbar_text(mean) == "GC mean · log2(1+count)"
+    # a renamed layer keeps the user's name
+    mean.name = "my favourite"
+    widget.gene.value = "GD"
+    assert mean.name == "my favourite" and sd.name == "GD sd" and mean.face_color_mode == "colormap"
+    mean.name = "GD mean"
+
+    # hover: the displayed gene first, mean then sd, then the barcode; other genes only on request
+    index = 0
+    spot = mean.data[index]
+    status = _hover(viewer, spot)
+    values = status.split(";", 1)[1]
+    assert values.strip().startswith(f"GD mean: {mean.features['GD mean'][index]:.3g}"[:12])
+    assert values.index("GD mean") < values.index("GD sd") < values.index("barcode")
+    assert "GA" not in values and "GE" not in values
+    widget.hover_all_genes.value = True
+    assert "GE mean" in _hover(viewer, spot)
+    widget.hover_all_genes.value = False
+
+    # a filter that matches nothing keeps the chosen gene (and says so)
+    widget.gene_filter.value = "zzz"
+    assert widget.gene.value == "GD" and "zzz" in widget.status.value
+    widget.gene_filter.value = ""
+    assert widget.gene.value == "GD" and list(widget.gene.choices) == GENES
+    assert errors == []
+
+
+@gui
+def test_progress_moves_during_sampling_and_cancel_is_quick(open_widget, qtbot, errors) -> None:  # noqa: ANN001, F811
+    """Thousands of denoising steps: the bar must move every ≤ 2 s and Cancel act within 2 s."""
+    viewer, widget = open_widget(threads=True)
+    widget.steps.value = 1000
+    widget.n_samples.value = 2
+    widget.controller.sample_batch_size = 5  # one batch: only step events can move the bar
+    moves: list[tuple[float, int, str]] = []
+    widget.progress.changed.connect(lambda value: moves.append((time.perf_counter(), int(value), widget.status.value)))
+
+    widget.run_button.clicked()
+    qtbot.waitUntil(lambda: widget.controller.stage == "sample" and widget.controller.stage_done > 0, timeout=60_000)
+    qtbot.wait(2500)  # sample for a while
+    sampling = [move for move in moves if "sampling" in move[2]]
+    assert len(sampling) >= 3, moves
+    gaps = np.diff([t for t, _, _ in sampling])
+    assert gaps.max() <= 2.0, gaps
+    assert all(b[1] >= a[1] for a, b in zip(sampling, sampling[1:], strict=False))  # it only moves forward
+    assert "step" in sampling[-1][2] and "of 5" in sampling[-1][2]  # the status names the phase and what's left
+    print(f"progress updates while sampling: every {gaps.mean():.2f} s on average, at most {gaps.max():.2f} s")
+
+    assert widget.controller.running
+    clicked = time.perf_counter()
+    widget.cancel_button.clicked()
+    qtbot.waitUntil(lambda: not widget.controller.running and widget.worker is None, timeout=10_000)
+    latency = time.perf_counter() - clicked
+    print(f"cancel latency: {latency:.2f} s")
+    assert latency <= 2.0
+    assert widget.controller.status == "cancelled" and errors == []
+    assert widget.run_button.enabled
+
+
+def test_controller_reports_steps_and_time_left() -> None:
+    from types import SimpleNamespace
+
+    from napari_stem._controller import PredictController
+    from test_widget import _fake_job
+
+    controller = PredictController()
+    job = _fake_job(controller)
+    controller.start(job)
+    controller.apply(job.job_id, SimpleNamespace(stage="embed", done=5, total=5, from_cache=True, metadata=None))
+    assert controller.fraction == pytest.approx(0.5)
+    step = SimpleNamespace(start=0, stop=2, total_spots=5, step=10, n_steps=40)
+    metadata = {"target_transform": "log2p1", "device": "cpu", "precision": "fp32", "patch": {"mode": "hest"}}
+    assert controller.apply(job.job_id, SimpleNamespace(stage="step", done=0, total=5, batch=step, metadata=metadata)).stage == "step"
+    assert controller.fraction == pytest.approx(0.5 + 0.5 * 0.5 / 5)
+    assert controller.message.startswith("sampling spots 1–2 of 5: step 10/40")
+    controller._stage_started_at -= 10  # pretend the step took 10 s: a time left appears
+    controller.apply(job.job_id, SimpleNamespace(stage="step", done=0, total=5, batch=step, metadata=metadata))
+    assert "left" in controller.message
+    from test_widget import _sample_event
+
+    event = _sample_event(0, 2)
+    event.metadata = metadata
+    controller.apply(job.job_id, event)
+    assert {"target_transform", "device", "precision", "patch", "slide", "mpp"} <= set(controller.result.prediction.metadata)
