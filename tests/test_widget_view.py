@@ -150,3 +150,68 @@ def test_controller_reports_steps_and_time_left() -> None:
     event.metadata = metadata
     controller.apply(job.job_id, event)
     assert {"target_transform", "device", "precision", "patch", "slide", "mpp"} <= set(controller.result.prediction.metadata)
+
+
+@gui
+def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_viewer, qtbot, demo_slide_file: Path, tiny_checkpoint: Path) -> None:  # noqa: ANN001, F811
+    from napari_stem.grid import spots_over_tissue
+    from napari_stem.slide import open_slide
+    from test_widget import WIDGET
+
+    viewer = make_napari_viewer()
+    viewer.open(str(demo_slide_file), plugin="napari-stem")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-stem", WIDGET)
+    widget.use_threads = True
+    assert widget.spots.value == "grid over tissue"
+    started = time.perf_counter()
+    qtbot.waitUntil(lambda: "spot preview" in viewer.layers and viewer.layers["spot preview"].visible, timeout=60_000)
+    print(f"first preview (tissue mask in a worker): {time.perf_counter() - started:.2f} s")
+    preview = viewer.layers["spot preview"]
+    with open_slide(demo_slide_file) as slide:
+        expected = spots_over_tissue(slide)
+    assert len(preview.data) == len(expected)
+    np.testing.assert_allclose(np.sort(preview.data, axis=0), np.sort(expected.napari_coords_um, axis=0))
+    assert widget.preview_info.value.startswith(f"~{len(expected)} spots")
+
+    def redraw_after(change) -> float:  # noqa: ANN001 - seconds from a control change to the new preview
+        before = widget.preview.preview
+        started = time.perf_counter()
+        change()
+        qtbot.waitUntil(lambda: widget.preview.preview is not before, timeout=5_000)
+        return time.perf_counter() - started
+
+    seconds = [redraw_after(lambda: setattr(widget.pitch_um, "value", 150.0))]
+    assert len(preview.data) < len(expected)
+    seconds.append(redraw_after(lambda: setattr(widget.diameter_um, "value", 80.0)))
+    seconds.append(redraw_after(lambda: setattr(widget.min_tissue, "value", 0.9)))
+    with open_slide(demo_slide_file) as slide:
+        assert len(preview.data) == len(spots_over_tissue(slide, 150.0, 80.0, 0.9))
+    widget.pitch_um.value, widget.diameter_um.value = 100.0, 55.0
+    seconds.append(redraw_after(lambda: setattr(widget.min_tissue, "value", 0.5)))
+    # a region: spots inside are cyan, the rest grey; the count is the region's
+    roi = viewer.add_shapes([ROI], shape_type="rectangle", name="roi", units=("um", "um"), face_color="transparent")
+    seconds.append(redraw_after(lambda: setattr(widget.region, "value", roi)))
+    cyan = (preview.border_color[:, 2] == 1.0) & (preview.border_color[:, 0] == 0.0)
+    assert cyan.sum() == 5 and len(preview.data) == len(expected)
+    assert widget.preview_info.value.startswith("~5 spots (choose a checkpoint")
+    # drawing in the region layer redraws too
+    seconds.append(redraw_after(lambda: roi.add_rectangles(np.array([[0.0, 0.0], [400.0, 400.0]]))))
+    assert cyan.sum() <= ((preview.border_color[:, 2] == 1.0) & (preview.border_color[:, 0] == 0.0)).sum()
+    roi.selected_data = {1}
+    roi.remove_selected()
+    # with a checkpoint: the cost, from the spot count and this device
+    seconds.append(redraw_after(lambda: setattr(widget.checkpoint, "value", tiny_checkpoint)))
+    assert "~5 spots · ~" in widget.preview_info.value and "on cpu" in widget.preview_info.value
+    print(f"preview redraws after a change: {', '.join(f'{s:.2f}' for s in seconds)} s")
+    assert max(seconds) <= 1.0
+    # the tissue mask, toggled, under the spots and over the slide
+    seconds = redraw_after(lambda: setattr(widget.show_mask, "value", True))
+    mask = viewer.layers["tissue mask"]
+    names = [layer.name for layer in viewer.layers]
+    assert mask.visible and names.index("cmu_small_region") < names.index("tissue mask") < names.index("spot preview")
+    assert mask.data.any() and not mask.data.all()
+    extent = mask.extent.world[1] - mask.extent.world[0]
+    slide_extent = viewer.layers["cmu_small_region"].extent.world[1] - viewer.layers["cmu_small_region"].extent.world[0]
+    np.testing.assert_allclose(extent, slide_extent, rtol=0.01)  # the mask covers the slide, in µm
+    redraw_after(lambda: setattr(widget.show_mask, "value", False))
+    assert not mask.visible

@@ -15,12 +15,10 @@ MIN_TISSUE_SATURATION = 15
 def tissue_mask_from_rgb(image: np.ndarray, min_object_fraction: float = 0.0005) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 image (a thumbnail or low pyramid level)."""
     from scipy import ndimage
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
     from skimage.morphology import remove_small_objects
 
-    saturation = rgb2hsv(image[..., :3])[..., 1] * 255.0
-    saturation = ndimage.uniform_filter(saturation, size=3)
+    saturation = ndimage.uniform_filter(_saturation(image[..., :3]), size=3)
     try:
         threshold = threshold_otsu(saturation)
     except ValueError:  # a constant image: no tissue
@@ -30,6 +28,14 @@ def tissue_mask_from_rgb(image: np.ndarray, min_object_fraction: float = 0.0005)
     mask = ndimage.binary_fill_holes(mask)
     min_size = max(1, int(min_object_fraction * mask.size))
     return remove_small_objects(mask, max_size=min_size) if _has_max_size() else remove_small_objects(mask, min_size=min_size)
+
+
+def _saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation × 255 ((max − min) / max), as skimage's rgb2hsv gives it, without the hue
+    it also computes (3× faster: the mask is on the preview's critical path)."""
+    high = rgb.max(axis=-1).astype(np.float64)
+    spread = high - rgb.min(axis=-1)
+    return np.divide(spread, high, out=np.zeros_like(high), where=high > 0) * 255.0
 
 
 def _has_max_size() -> bool:
