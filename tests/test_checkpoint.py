@@ -195,7 +195,8 @@ def test_full_model_pickles_are_refused_with_a_conversion_recipe(tmp_path: Path,
     with pytest.raises(CheckpointError) as err:
         import_reference_checkpoint(full, gene_file)
     message = str(err.value)
-    assert "pickled full model" in message and "arbitrary code" in message and str(full) in message
+    assert "contains pickled code" in message and "refuses it for safety" in message and str(full) in message
+    assert "trusted environment" in message and "re-running" not in message.lower()
     assert 'torch.load("kidney_hmhvg_full_model.pt", weights_only=False' in message
     assert 'torch.save({"ema": full_model.state_dict()}, "kidney_hmhvg_full_model_state_dict.pt")' in message
 
@@ -213,7 +214,7 @@ def test_import_errors_name_the_files(tmp_path: Path, gene_file: Path) -> None:
         import_reference_checkpoint(tmp_path / "missing.pt", gene_file)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all" * 4)
-    with pytest.raises(CheckpointError, match="cannot read .* as a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read .* damaged .* Unsupported operand"):
         import_reference_checkpoint(junk, gene_file)
     wrong = tmp_path / "wrong.pt"
     torch.save({"weights": torch.zeros(2)}, wrong)

@@ -9,12 +9,12 @@ atomic: a temporary file next to the target, renamed over it when complete.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from napari_stem.atomic import replace_atomically
 from napari_stem.errors import StemError, describe_path
 
 
@@ -39,7 +39,8 @@ def write_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
 
 
 def prediction_table(prediction: Any, spots: Any) -> Any:
-    """The CSV table: ``barcode``, spot annotations, centres in px (and µm), ``mean_<gene>``, ``variance_<gene>``."""
+    """The CSV table: ``barcode``, spot annotations, centres in px (and µm), ``mean_<gene>``, ``variance_<gene>``,
+    then ``lo90_<gene>``/``hi90_<gene>`` for each interval (named by the level it has, as in the ``.h5ad``)."""
     import pandas as pd
 
     table = spots.obs.reset_index(drop=True).copy()
@@ -53,21 +54,24 @@ def prediction_table(prediction: Any, spots: Any) -> Any:
     genes = [str(g) for g in prediction.genes]
     mean = pd.DataFrame(np.asarray(prediction.mean), columns=[f"mean_{g}" for g in genes])
     variance = pd.DataFrame(np.asarray(prediction.variance), columns=[f"variance_{g}" for g in genes])
-    return pd.concat([table, mean, variance], axis=1)
+    ends = []
+    for spec, bounds in zip(getattr(prediction, "interval_specs", ()) or (), _intervals(prediction), strict=False):
+        for layer, values in zip((spec.lower_layer, spec.upper_layer), bounds, strict=True):
+            ends.append(pd.DataFrame(np.asarray(values), columns=[f"{layer}_{g}" for g in genes]))
+    return pd.concat([table, mean, variance, *ends], axis=1)
+
+
+def _intervals(prediction: Any) -> Any:
+    intervals = getattr(prediction, "intervals", None)
+    return () if intervals is None else intervals
 
 
 def write_prediction_csv(path: str | Path, prediction: Any, spots: Any) -> Path:
     """Write :func:`prediction_table` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        prediction_table(prediction, spots).to_csv(partial, index=False)
-        os.replace(partial, path)
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return path
+    table = prediction_table(prediction, spots)
+    return replace_atomically(path, lambda partial: table.to_csv(partial, index=False))
 
 
 def prediction_from_layers(layer_data: list[tuple[Any, dict, str]], path: str | Path = "") -> tuple[Any, Any, str | None]:

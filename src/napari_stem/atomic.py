@@ -1,12 +1,16 @@
 """Atomic file writes: a file is either the old one or the complete new one, never half-written.
 
-Every writer in napari-stem (predictions, reports, manifests, run logs, training state) goes
-through :func:`replace_atomically`, so a crash or Ctrl-C mid-write leaves nothing behind.
+Writers put their work in a hidden sibling named by :func:`temporary_sibling` (target name,
+process id, kind) and rename it into place, so a crash or Ctrl-C mid-write leaves the target
+untouched. A killed process (SIGKILL, OOM, power) cannot remove its sibling; the next writer of
+the same target does, with :func:`remove_stale_temporaries`, once that process is gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +22,14 @@ def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     On any failure the partial file is removed and the error propagates; ``path`` is untouched.
     """
     path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    remove_stale_temporaries(path)
+    partial = temporary_sibling(path, "part")
     try:
         write(partial)
         os.replace(partial, path)
+    except OSError as exc:  # disk full, read-only...: name the file the caller asked for
+        partial.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -30,3 +38,42 @@ def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
     return replace_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
+
+
+def temporary_sibling(path: str | Path, kind: str) -> Path:
+    """``.<name>.<pid>.<kind>`` next to ``path``: hidden, and traceable to the process writing it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` left by processes that no longer run; returns them."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[\w.-]+$")
+    removed: list[Path] = []
+    try:
+        entries = list(path.parent.iterdir()) if path.parent.is_dir() else []
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's live process (or a number we cannot check): leave it
+    return True

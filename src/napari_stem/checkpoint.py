@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from napari_stem.atomic import remove_stale_temporaries, temporary_sibling
 from napari_stem.errors import CheckpointError, describe_path
 from napari_stem.gene_list import read_gene_list as read_gene_list_file
 
@@ -42,10 +42,10 @@ REFERENCE_RENAMES = {
 }
 
 CONVERT_FULL_MODEL_RECIPE = """\
-# in a trusted environment where the reference code (Stem/) is importable:
+# only in a trusted environment where the reference code (Stem/) is importable:
 import torch
-full_model = torch.load("FULL_MODEL.pt", weights_only=False, map_location="cpu")
-torch.save({"ema": full_model.state_dict()}, "FULL_MODEL_state_dict.pt")"""
+full_model = torch.load("FILE.pt", weights_only=False, map_location="cpu")
+torch.save({"ema": full_model.state_dict()}, "FILE_state_dict.pt")"""
 
 
 @dataclass
@@ -99,8 +99,8 @@ def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
             f"{config.n_genes} genes")
     if len(set(genes)) != len(genes):
         raise CheckpointError(f"cannot save {describe_path(path)}: the gene list has duplicates")
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{describe_path(path)} already exists; pass overwrite=True to replace it")
+    if path.exists():
+        check_replaceable(path, overwrite)
     tensors = {}
     for prefix, weights in ((EMA_PREFIX, ema), (MODEL_PREFIX, model)):
         if weights is None:
@@ -121,7 +121,8 @@ def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
     config_text = json.dumps(metadata, indent=1, default=_json_value)  # fails before any write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    remove_stale_temporaries(path)
+    staging = Path(tempfile.mkdtemp(prefix=temporary_sibling(path, "partial-").name, dir=path.parent))
     try:
         _write_weights(tensors, staging / WEIGHTS_FILE)
         with open(staging / CONFIG_FILE, "w", encoding="utf-8") as f:
@@ -133,6 +134,30 @@ def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+#: Files napari-stem writes into a checkpoint folder (fit adds its training state).
+OWN_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, "training_state.pt"})
+
+
+def check_replaceable(path: Path, overwrite: bool) -> None:
+    """Only a checkpoint napari-stem wrote, holding nothing else, is ever replaced."""
+    if not overwrite:
+        raise CheckpointError(f"{describe_path(path)} already exists; choose another output, or allow replacing an "
+                              "earlier checkpoint (--overwrite / overwrite=True).")
+    foreign = "it is a file" if not path.is_dir() else ""
+    if not foreign:
+        others = sorted(entry.name for entry in path.iterdir() if entry.name not in OWN_FILES)
+        if others:
+            foreign = f"it holds files napari-stem did not write ({', '.join(others[:5])})"
+        else:
+            try:
+                read_metadata(path)
+            except CheckpointError:
+                foreign = "it is not a napari-stem checkpoint"
+    if foreign:
+        raise CheckpointError(f"refusing to replace {describe_path(path)}: {foreign}. napari-stem only replaces checkpoints "
+                              "it wrote; choose another output folder.")
 
 
 def _json_value(value):
@@ -157,7 +182,7 @@ def _swap_into_place(staging: Path, path: Path) -> None:
     if not path.exists():
         os.replace(staging, path)
         return
-    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    retired = Path(tempfile.mkdtemp(prefix=temporary_sibling(path, "old-").name, dir=path.parent))
     os.replace(path, retired / path.name)
     try:
         os.replace(staging, path)
@@ -223,6 +248,12 @@ def read_metadata(path) -> dict:
         raise CheckpointError(
             f"{describe_path(folder)} has format version {metadata['format_version']}; this "
             f"napari-stem reads up to {FORMAT_VERSION}. Update napari-stem.")
+    architecture, genes = metadata.get("architecture"), metadata.get("genes")
+    if isinstance(architecture, dict) and isinstance(genes, list) and architecture.get("n_genes") not in (None, len(genes)):
+        raise CheckpointError(
+            f"{describe_path(folder / CONFIG_FILE)} lists {len(genes)} genes but its model predicts "
+            f"{architecture['n_genes']}; the file was edited or mixed with another checkpoint's. Restore the config "
+            "written with these weights.")
     return metadata
 
 
@@ -250,6 +281,11 @@ def load_checkpoint(path, *, expected_genes=None, expected_cond_dim: int | None 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     state = _read_weights(folder / WEIGHTS_FILE, EMA_PREFIX if weights == "ema" else MODEL_PREFIX)
+    damaged = [name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if damaged:
+        raise CheckpointError(
+            f"checkpoint {describe_path(folder)} holds non-finite weights (NaN or infinity) in {len(damaged)} tensors, "
+            f"e.g. '{damaged[0]}': the file is damaged or its training diverged. Use an earlier checkpoint of the run.")
     model = StemModel(config)
     _validated_state_dict(state, config, describe_path(folder), template=model)
     if str(map_location) == "auto":
@@ -355,29 +391,9 @@ def import_reference_checkpoint(pt_path, gene_list_file, *, num_heads: int | Non
 
 
 def _torch_load_weights_only(pt_path: Path):
-    import torch
+    from napari_stem.safe_load import torch_load_tensors
 
-    if not pt_path.is_file():
-        raise CheckpointError(f"reference checkpoint {describe_path(pt_path)} does not exist")
-    try:
-        return torch.load(pt_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # A class reference in the pickle (torch >= 2.4: "global", older: "class") is a module.
-        if re.search(r"Unsupported (global|class)", str(exc)):
-            recipe = CONVERT_FULL_MODEL_RECIPE.replace("FULL_MODEL", pt_path.stem)
-            raise CheckpointError(
-                f"{describe_path(pt_path)} is a pickled full model, not a state dict. Loading it "
-                f"would run arbitrary code stored in the file, so napari-stem refuses. If you "
-                f"trust its source, convert it once to a state dict:\n{recipe}\n"
-                f"then import the converted file.") from exc
-        # torch's own text would suggest weights_only=False, which is never right for junk.
-        raise CheckpointError(
-            f"cannot read {describe_path(pt_path)} as a PyTorch checkpoint: it is corrupt or was "
-            f"not written by torch.save") from exc
-    except Exception as exc:  # torch.load reports junk as KeyError, EOFError, RuntimeError...
-        raise CheckpointError(
-            f"cannot read {describe_path(pt_path)} as a PyTorch checkpoint: "
-            f"{type(exc).__name__}: {exc}") from exc
+    return torch_load_tensors(pt_path, "reference checkpoint", CheckpointError, recipe=CONVERT_FULL_MODEL_RECIPE)
 
 
 def _reference_state_dicts(raw, pt_path: Path) -> tuple[dict, dict | None]:

@@ -22,14 +22,17 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_stem.atomic import remove_stale_temporaries, temporary_sibling
 from napari_stem.errors import DatasetError, describe_path
 from napari_stem.precision import device_type
 from napari_stem.slide import STEM_NATIVE_MIN_CROP_PX, Slide, open_slide
-from napari_stem.spots import Spots
+
+if TYPE_CHECKING:
+    from napari_stem.spots import Spots
 
 PATCH_MODES = ("hest", "stem-native")
 #: HEST-Bench's patches: 112 µm at 0.5 µm/px = 224 px.
@@ -448,6 +451,24 @@ _MATCH_KEYS = (
 )
 
 
+#: Owner recorded by ``stem-train prepare`` in the embedding files it writes for training.
+TRAINING_DATA_OWNER = "stem-train prepare"
+
+
+def _cache_owner(cache_path: Path) -> str:
+    """Who wrote a cache file; files in a prepared folder's ``embeddings/`` count as training data."""
+    import h5py
+
+    try:
+        with h5py.File(cache_path, "r") as handle:
+            owner = str(_plain(handle.attrs.get("owner", "")))
+    except Exception:
+        owner = ""
+    if not owner and cache_path.parent.name == "embeddings" and (cache_path.parent.parent / "manifest.json").exists():
+        owner = TRAINING_DATA_OWNER
+    return owner
+
+
 def _cache_mismatch(cache_path: str | Path, expected: Mapping[str, Any]) -> str | None:
     """Why ``cache_path`` cannot be reused for ``expected`` (None: it can)."""
     import h5py
@@ -501,8 +522,13 @@ def iter_embed_slide_cached(
     device: str | None = None,
     precision: str = "auto",
     mpp: float | None = None,
+    owner: str = "",
 ) -> Iterator[EmbedProgress]:
     """Like :func:`iter_embed_spots`, but reuse or (re)write ``cache_path``.
+
+    ``owner`` is recorded in the file; a cache owned by :data:`TRAINING_DATA_OWNER` (prepared
+    training embeddings) is only ever replaced by that owner, so pointing a prediction's cache at a
+    prepared folder reuses matching embeddings and refuses, before any work, to replace the rest.
 
     On a hit it yields one event with ``from_cache=True`` and the model is never built. Otherwise
     batches are written into a temporary file next to ``cache_path`` that replaces it atomically
@@ -534,10 +560,17 @@ def iter_embed_slide_cached(
         )
         return
 
+    if cache_path.exists() and _cache_owner(cache_path) == TRAINING_DATA_OWNER and owner != TRAINING_DATA_OWNER:
+        raise DatasetError(
+            f"{describe_path(cache_path)} holds prepared training embeddings for other spots or settings "
+            f"({_cache_mismatch(cache_path, expected)}); napari-stem will not replace them. Give another cache folder "
+            "(--cache-dir), or none."
+        )
     encoder = _resolve_encoder(encoder, encoder_weights, device, precision)
     expected["dim"] = int(encoder.dim)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    temp_path = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    remove_stale_temporaries(cache_path)
+    temp_path = temporary_sibling(cache_path, f"{uuid.uuid4().hex[:8]}.tmp")
     handle = h5py.File(temp_path, "w")
     try:
         n_spots, dim = len(spots), encoder.dim
@@ -561,6 +594,7 @@ def iter_embed_slide_cached(
         # Informational, not a reuse condition: bf16 and fp32 features differ by rounding only.
         handle.attrs["precision"] = str(getattr(encoder, "precision", "fp32"))
         handle.attrs["complete"] = False
+        handle.attrs["owner"] = owner
 
         def finish() -> None:
             handle.attrs["complete"] = True
@@ -591,10 +625,12 @@ def iter_embed_slide_cached(
         finally:
             events.close()
     finally:
-        if handle.id.valid:
-            handle.close()
-        if temp_path.exists():
-            temp_path.unlink()
+        try:
+            if handle.id.valid:
+                handle.close()  # may fail again after a write error (disk full): the file is dropped anyway
+        except Exception:  # noqa: BLE001
+            pass
+        temp_path.unlink(missing_ok=True)
 
 
 def _write_rows(dataset: Any, rows: np.ndarray, values: np.ndarray) -> None:

@@ -533,19 +533,20 @@ def load_weights_file(path: str | Path, encoder_name: str) -> dict[str, Any]:
             f"weights file {describe_path(path)} for encoder '{encoder_name}' has an unsupported type "
             f"'{suffix}'; use one of {', '.join(_WEIGHTS_SUFFIXES)}."
         )
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise EncoderError(
-            f"could not read weights file {describe_path(path)} for encoder '{encoder_name}': {_first_line(exc)}. "
-            "It may be truncated, not a weights file, or a pickle that needs code to load (only tensor "
-            "files are loaded, for safety); re-download it or convert it to .safetensors."
-        ) from exc
+        except Exception as exc:
+            raise EncoderError(
+                f"could not read weights file {describe_path(path)} for encoder '{encoder_name}': {_first_line(exc)}. "
+                "It may be truncated or not a safetensors file; re-download it."
+            ) from exc
+    else:
+        from napari_stem.safe_load import torch_load_tensors
+
+        state = torch_load_tensors(path, f"weights file for encoder '{encoder_name}'", EncoderError)
     for wrapper in ("state_dict", "model", "module", "teacher"):
         if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]

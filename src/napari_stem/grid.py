@@ -5,12 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from napari_stem.errors import describe_path
 from napari_stem.slide import Slide
 from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, Spots, hex_grid
 from napari_stem.tissue import tissue_fraction_at, tissue_mask_from_rgb
+from napari_stem.validate import check_grid, check_grid_size
 
 #: Longest edge of the overview the tissue mask is computed on.
 _MASK_MAX_SIZE = 2048
+
+
+def tissue_mask(slide: Slide) -> tuple[np.ndarray, float]:
+    """The slide's tissue mask on an overview, and the overview's scale (level-0 px → mask px)."""
+    overview, scale = slide.thumbnail(_MASK_MAX_SIZE)
+    return tissue_mask_from_rgb(overview), scale
 
 
 def spots_over_tissue(
@@ -18,16 +26,19 @@ def spots_over_tissue(
     pitch_um: float = VISIUM_PITCH_UM,
     diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
     min_tissue_fraction: float = 0.5,
+    tissue: tuple[np.ndarray, float] | None = None,
 ) -> Spots:
     """Hexagonal spots (Visium: 100 µm pitch, 55 µm spots; legacy ST: 200/100) over the tissue.
 
     Only spots whose footprint is at least ``min_tissue_fraction`` tissue are kept. Spots carry
-    Visium-like ``array_row``/``array_col`` and barcodes ``"<row>x<col>"``.
+    Visium-like ``array_row``/``array_col`` and barcodes ``"<row>x<col>"``. ``tissue``: this
+    slide's :func:`tissue_mask`, when already computed (the preview keeps it: it is the slow part).
     """
+    pitch_um, diameter_um, min_tissue_fraction = check_grid(pitch_um, diameter_um, min_tissue_fraction)
     mpp = slide.require_mpp()
-    overview, scale = slide.thumbnail(_MASK_MAX_SIZE)
-    mask = tissue_mask_from_rgb(overview)
     height_px, width_px = slide.shape
+    check_grid_size(width_px * mpp, height_px * mpp, pitch_um, describe_path(slide.path))
+    mask, scale = tissue if tissue is not None else tissue_mask(slide)
     layout = hex_grid(width_px * mpp, height_px * mpp, pitch_um, origin_um=(pitch_um / 2, pitch_um / 2))
     centers_px = np.stack([layout["x_um"].to_numpy(), layout["y_um"].to_numpy()], axis=1) / mpp
     radius_px = diameter_um / 2 / mpp

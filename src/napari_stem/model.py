@@ -9,62 +9,12 @@ reference state dict maps onto this one by renaming three prefixes (see ``checkp
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Architecture presets. n_genes always comes from the gene panel; cond_dim from the encoder
-# unless the preset fixes it.
-PRESETS: dict[str, dict] = {
-    # The paper's model: UNI (1024) + CONCH (512) condition, DiT-S-like transformer.
-    "stem-reference": dict(cond_dim=1536, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0),
-    # Small enough to train and sample on a laptop CPU for demos.
-    "stem-small": dict(hidden_size=128, depth=4, num_heads=4, mlp_ratio=4.0),
-}
-
-
-@dataclass(frozen=True)
-class StemConfig:
-    """Everything needed to rebuild a :class:`StemModel`; saved as JSON next to the weights."""
-
-    n_genes: int
-    cond_dim: int
-    hidden_size: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-
-    def __post_init__(self):
-        for name in ("n_genes", "cond_dim", "hidden_size", "depth", "num_heads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"StemConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> StemConfig:
-        """Build from a JSON dict; unknown keys are an error so typos do not pass silently."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown StemConfig keys: {sorted(unknown)}")
-        return cls(**values)
-
-    @classmethod
-    def from_preset(cls, name: str, *, n_genes: int, **overrides) -> StemConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        values = {**PRESETS[name], **overrides, "n_genes": n_genes}
-        if "cond_dim" not in values:
-            raise ValueError(f"preset {name!r} needs cond_dim (the embedding dimension)")
-        return cls(**values)
+from napari_stem.model_config import PRESETS, StemConfig  # noqa: F401  (re-exported: the model's public API)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_stem.errors import SlideError, describe_path
+from napari_stem.errors import SlideError, StemError, describe_path
+from napari_stem.validate import MPP_RANGE_UM, check_mpp, mpp_in_range
 
 #: Extensions napari-stem offers to open as slides (OpenSlide's formats and generic TIFF).
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
@@ -55,6 +56,8 @@ class Slide:
     backend: str
     properties: dict[str, str] = field(default_factory=dict)
     _reader: Any = field(default=None, repr=False)
+    #: Why the file's own pixel size was not used ("" when it was, or when there is none).
+    mpp_problem: str = ""
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -72,9 +75,11 @@ class Slide:
     def require_mpp(self) -> float:
         """µm/px at level 0, or a :class:`SlideError` that says how to provide it."""
         if self.mpp is None:
+            problem = self.mpp_problem or "has no pixel size (µm/px) in its metadata"
             raise SlideError(
-                f"{describe_path(self.path)} has no pixel size (µm/px) in its metadata; pass it "
-                "explicitly (mpp=..., e.g. HEST's metadata 'pixel_size_um_estimated')."
+                f"{describe_path(self.path)} {problem}. Give the pixel size: --mpp in stem-train, the "
+                "'µm/px' field in the widget, mpp= in Python (e.g. 0.25 for a 40× scan, 0.5 for 20×; HEST "
+                "records it as 'pixel_size_um_estimated')."
             )
         return self.mpp
 
@@ -215,9 +220,17 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str | None =
     else:
         raise ValueError(f"unknown slide backend {backend!r}; use 'tifffile' or 'openslide'")
     if mpp is not None:
-        if not mpp > 0:
-            raise SlideError(f"pixel size for {describe_path(path)} must be positive, got {mpp}")
-        slide.mpp = float(mpp)
+        try:
+            slide.mpp = check_mpp(mpp, f"the pixel size given for {describe_path(path)}")
+        except StemError:
+            slide.close()
+            raise
+        slide.mpp_problem = ""
+    elif slide.mpp is not None and not mpp_in_range(slide.mpp):
+        # e.g. a resolution tag of 1 px/cm (10000 µm/px): spot grids and patches would need terabytes.
+        slide.mpp_problem = (f"records a pixel size of {slide.mpp:g} µm/px, outside the {MPP_RANGE_UM[0]:g}–"
+                             f"{MPP_RANGE_UM[1]:g} µm/px of real scans, so it was not used")
+        slide.mpp = None
     _check_decodable(slide)
     return slide
 

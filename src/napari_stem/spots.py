@@ -121,6 +121,10 @@ def spots_from_anndata(adata, source: str | Path = "<AnnData>", mpp: float | Non
     if not np.isfinite(centers).all():
         raise SpotsError(f"{describe_path(source)} has missing (NaN) values in obsm['spatial'].")
     diameter = spot_diameter_fullres(adata, source)
+    if not adata.obs_names.is_unique:
+        repeated = adata.obs_names[adata.obs_names.duplicated()].unique()
+        raise SpotsError(f"{describe_path(source)} has {len(adata.obs_names) - adata.obs_names.nunique()} duplicated spot "
+                         f"barcodes (e.g. {', '.join(map(str, repeated[:3]))}); every spot needs its own barcode.")
     return Spots(
         centers_px=centers,
         diameter_px=diameter,

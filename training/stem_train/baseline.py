@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from napari_stem.errors import DatasetError, StemError, describe_path
+from napari_stem.validate import POSITIVE_INT
 
 METHODS = ("ridge", "mean")
 METHOD_LABELS = {"ridge": "ridge probe (HEST-Bench)", "mean": "per-gene mean"}
@@ -55,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--methods", default=",".join(METHODS), metavar="M,M", help=f"which baselines, comma-separated from {', '.join(METHODS)} (default: all)")
     parser.add_argument("--genes-panel", type=Path, default=None, metavar="FILE",
                         help="gene panel of the fixed-panel PCC, one symbol per line (default: all selected genes)")
-    parser.add_argument("--pca-components", type=int, default=DEFAULT_PCA_COMPONENTS,
+    parser.add_argument("--pca-components", type=POSITIVE_INT, default=DEFAULT_PCA_COMPONENTS,
                         help="PCA components before the ridge (default: 256, HEST-Bench; capped at the number of training spots and embedding dimensions)")
     parser.add_argument("--fit-intercept", action="store_true",
                         help="let the ridge fit an intercept (HEST-Bench does not; without it MSE/MAE of the probe are not meaningful)")

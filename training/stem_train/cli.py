@@ -49,6 +49,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"stem-train {args.command}: interrupted; nothing half-written was kept.", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, read-only filesystem, permissions, vanished files mid-run
+        print(f"stem-train {args.command}: error: {describe_os_error(exc)}; nothing half-written was kept.", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"stem-train {args.command}: error: out of memory; use smaller --batch-size / --sample-batch-size, "
+              "fewer spots or a machine with more memory. Nothing half-written was kept.", file=sys.stderr)
+        return 2
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OS error: what failed, on which file, and the fix when there is an obvious one."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    fixes = {errno.ENOSPC: "free some space or write to another disk", errno.EROFS: "write to another filesystem",
+             errno.EACCES: "check the permissions or choose another path", errno.EDQUOT: "free some of your quota"}
+    fix = fixes.get(exc.errno or 0)
+    return f"{exc.strerror or exc}{where}" + (f": {fix}" if fix else "")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,7 @@ from napari_stem.errors import DatasetError, describe_path
 from stem_train.manifest import PreparedDataset, PreparedSlide
 
 #: Count → model target, as the metrics define them. ``log2p1`` is the reference's (no library-size normalisation).
-TARGET_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {name: metrics.TARGET_TRANSFORMS[name] for name in ("log2p1", "log1p")}
+TARGET_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {name: metrics.TARGET_TRANSFORMS[name] for name in metrics.TRAINING_TARGET_TRANSFORMS}
 #: Mixed into the run seed for the augmentation draw, so it never shares a stream with anything else.
 AUGMENTATION_STREAM = 0xA9
 

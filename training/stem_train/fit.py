@@ -30,6 +30,16 @@ import numpy as np
 
 from napari_stem.atomic import replace_atomically, write_text_atomically
 from napari_stem.errors import CheckpointError, StemError, describe_path
+from napari_stem.validate import (
+    AUGMENTATION_RATIO,
+    BATCH_SIZE,
+    FRACTION,
+    LEARNING_RATE,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    STEPS,
+)
 
 from stem_train.manifest import PreparedDataset
 
@@ -53,9 +63,8 @@ class TrainingError(StemError):
 
 # ---------------------------------------------------------------------- command line
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from napari_stem.model import PRESETS
-
-    from stem_train.data import TARGET_TRANSFORMS
+    from napari_stem.metrics import TRAINING_TARGET_TRANSFORMS
+    from napari_stem.model_config import PRESETS
 
     parser = subparsers.add_parser(
         "fit",
@@ -83,29 +92,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="architecture: stem-reference (the paper's: 12 blocks, hidden 384, 6 heads; default) or stem-small "
         "(4 blocks, hidden 128, 4 heads: CPU-sized); the condition width always comes from the prepared embeddings",
     )
-    arch.add_argument("--hidden-size", type=int, default=None, help="override the preset's token width")
-    arch.add_argument("--depth", type=int, default=None, help="override the preset's number of transformer blocks")
-    arch.add_argument("--num-heads", type=int, default=None, help="override the preset's attention heads (must divide the hidden size)")
+    arch.add_argument("--hidden-size", type=POSITIVE_INT, default=None, help="override the preset's token width")
+    arch.add_argument("--depth", type=POSITIVE_INT, default=None, help="override the preset's number of transformer blocks")
+    arch.add_argument("--num-heads", type=POSITIVE_INT, default=None, help="override the preset's attention heads (must divide the hidden size)")
     train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, default=1000, help="optimiser steps to train in total, counting resumed ones (default: 1000)")
-    train.add_argument("--global-batch-size", type=int, default=256, help="rows per step summed over all ranks; must divide by the number of ranks (default: 256)")
-    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (default: 1e-4)")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    train.add_argument("--ema-decay", type=float, default=0.9999, help="decay of the weight average that is saved for sampling (default: 0.9999; use ~0.99 for runs of a few hundred steps)")
+    train.add_argument("--max-steps", type=POSITIVE_INT, default=1000, help="optimiser steps to train in total, counting resumed ones (default: 1000)")
+    train.add_argument("--global-batch-size", type=BATCH_SIZE, default=256, help="rows per step summed over all ranks; must divide by the number of ranks (default: 256)")
+    train.add_argument("--lr", type=LEARNING_RATE, default=1e-4, help="AdamW learning rate, constant (default: 1e-4)")
+    train.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0, help="AdamW weight decay (default: 0)")
+    train.add_argument("--ema-decay", type=FRACTION, default=0.9999, help="decay of the weight average that is saved for sampling (default: 0.9999; use ~0.99 for runs of a few hundred steps)")
     train.add_argument("--grad-clip", type=_grad_clip, default=None, metavar="none|NORM", help="clip the gradient's global norm to NORM (default: none, as the reference)")
-    train.add_argument("--num-aug-ratio", type=int, default=7, help="augmented views (0..7) used per training spot besides the original, drawn once per run (default: 7, all)")
-    train.add_argument("--target-transform", choices=sorted(TARGET_TRANSFORMS), default="log2p1", help="count → target: log2p1 = log2(1+x) (the reference's) or log1p = ln(1+x) (default: log2p1)")
+    train.add_argument("--num-aug-ratio", type=AUGMENTATION_RATIO, default=7, help="augmented views (0..7) used per training spot besides the original, drawn once per run (default: 7, all)")
+    train.add_argument("--target-transform", choices=sorted(TRAINING_TARGET_TRANSFORMS), default="log2p1", help="count → target: log2p1 = log2(1+x) (the reference's) or log1p = ln(1+x) (default: log2p1)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the augmentation draw, the batch order and the noise (default: 0)")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on CUDA, fp32 elsewhere (default: auto)")
     train.add_argument("--device", default="auto", help="auto (this rank's GPU if any, else CPU), cpu, cuda (default: auto)")
     io = parser.add_argument_group("logging, validation and checkpoints")
-    io.add_argument("--log-every", type=int, default=50, help="steps between training-loss lines in the log (default: 50)")
-    io.add_argument("--ckpt-every", type=int, default=500, help="steps between resumable checkpoints (default: 500)")
-    io.add_argument("--keep-last", type=int, default=3, help="resumable checkpoints kept on disk, newest first; 0 keeps all (default: 3)")
-    io.add_argument("--val-every", type=int, default=500, help="steps between validations on the held-out slides; 0 turns validation off (default: 500)")
-    io.add_argument("--val-spots", type=int, default=256, help="held-out spots validated, evenly spread over the held-out slides (default: 256)")
-    io.add_argument("--val-samples", type=int, default=2, help="samples per spot averaged for the validation PCC (default: 2)")
-    io.add_argument("--val-sample-steps", type=int, default=10, help="steps of the validation sampler (ancestral, as predict) (default: 10)")
+    io.add_argument("--log-every", type=POSITIVE_INT, default=50, help="steps between training-loss lines in the log (default: 50)")
+    io.add_argument("--ckpt-every", type=POSITIVE_INT, default=500, help="steps between resumable checkpoints (default: 500)")
+    io.add_argument("--keep-last", type=NON_NEGATIVE_INT, default=3, help="resumable checkpoints kept on disk, newest first; 0 keeps all (default: 3)")
+    io.add_argument("--val-every", type=NON_NEGATIVE_INT, default=500, help="steps between validations on the held-out slides; 0 turns validation off (default: 500)")
+    io.add_argument("--val-spots", type=POSITIVE_INT, default=256, help="held-out spots validated, evenly spread over the held-out slides (default: 256)")
+    io.add_argument("--val-samples", type=POSITIVE_INT, default=2, help="samples per spot averaged for the validation PCC (default: 2)")
+    io.add_argument("--val-sample-steps", type=STEPS, default=10, help="steps of the validation sampler (ancestral, as predict) (default: 10)")
     io.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from checkpoints/latest (same model, genes and training options)")
     return parser
 
@@ -435,12 +444,9 @@ def _resume_folder(run_dir: Path) -> Path:
 
 def _read_resume_state(folder: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """The training state of ``folder``, after checking it was made by a run like this one."""
-    import torch
+    from napari_stem.safe_load import torch_load_tensors
 
-    try:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {describe_path(folder / STATE_FILE)} ({type(exc).__name__}: {exc}); the run folder is damaged.") from exc
+    state = torch_load_tensors(folder / STATE_FILE, "training state", CheckpointError)
     differences = _spec_differences(state["spec"], spec)
     if differences:
         raise CheckpointError(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from napari_stem.validate import POSITIVE_INT
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -26,22 +28,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("checkpoint", type=Path, help="the reference .pt file, e.g. results/000/checkpoints/0300000.pt")
     parser.add_argument("--genes", type=Path, required=True, help="the gene list it was trained on (selected_gene_list.txt)")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the converted checkpoint to")
-    parser.add_argument("--num-heads", type=int, default=None,
+    parser.add_argument("--num-heads", type=POSITIVE_INT, default=None,
                         help="attention heads (not stored in the weights; default: 6 for hidden size 384, the paper's)")
     parser.add_argument("--encoder", default="uni+conch",
                         help="encoder the model was trained on (default: uni+conch, the paper's 1536-d condition)")
     parser.add_argument("--patch-mode", choices=("stem-native", "hest"), default="stem-native",
                         help="how its training patches were cut (default: stem-native, the reference's crop)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a checkpoint napari-stem wrote (anything else is never replaced)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_stem.checkpoint import import_reference_checkpoint, save_checkpoint
+    from napari_stem.checkpoint import check_replaceable, import_reference_checkpoint, save_checkpoint
     from napari_stem.embed import PatchSpec
     from napari_stem.encoders import get_encoder_spec
     from napari_stem.errors import CheckpointError
+    from napari_stem.validate import check_not_an_input, check_writable_folder
 
+    check_not_an_input(args.out, (args.checkpoint, args.genes))
+    if args.out.exists():  # refused now, not after reading the weights
+        check_replaceable(args.out, args.overwrite)
+    check_writable_folder(args.out.parent)
     patch = PatchSpec.stem_native() if args.patch_mode == "stem-native" else PatchSpec()
     encoder_dim = get_encoder_spec(args.encoder).dim
     loaded = import_reference_checkpoint(args.checkpoint, args.genes, num_heads=args.num_heads)

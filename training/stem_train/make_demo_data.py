@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from napari_stem.validate import MPP, POSITIVE_FLOAT, POSITIVE_INT
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -18,8 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("out", type=Path, help="output folder (created if missing)")
-    parser.add_argument("--slides", type=int, default=4, help="number of samples (default: 4)")
-    parser.add_argument("--genes", type=int, default=50, help="number of genes (default: 50)")
+    parser.add_argument("--slides", type=POSITIVE_INT, default=4, help="number of samples (default: 4)")
+    parser.add_argument("--genes", type=POSITIVE_INT, default=50, help="number of genes (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files (default: 0)")
     parser.add_argument(
         "--source",
@@ -28,15 +30,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="a real slide to use as image source (e.g. the demo H&E); default: procedural tissue",
     )
     parser.add_argument(
-        "--size-um", type=float, default=1500.0, help="edge of each procedural slide in µm (default: 1500)"
+        "--size-um", type=POSITIVE_FLOAT, default=1500.0, help="edge of each procedural slide in µm (default: 1500)"
     )
-    parser.add_argument("--mpp", type=float, default=0.5, help="pixel size of the written slides in µm/px (default: 0.5)")
+    parser.add_argument("--mpp", type=MPP, default=0.5, help="pixel size of the written slides in µm/px (default: 0.5)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from napari_stem.synthetic import make_demo_dataset
+    from napari_stem.validate import check_memory, check_writable_folder
 
+    side_px = args.size_um / args.mpp
+    check_memory(side_px**2 * 3 * 8, f"a {args.size_um:g} µm slide at {args.mpp:g} µm/px ({side_px:,.0f} px square)",
+                 "Use a smaller --size-um or a larger --mpp.")
+    check_writable_folder(args.out, side_px**2 * 3 * args.slides)
     samples = make_demo_dataset(
         args.out,
         n_slides=args.slides,

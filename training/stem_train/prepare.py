@@ -15,6 +15,7 @@ from typing import Any
 
 from napari_stem.errors import DatasetError, describe_path
 from napari_stem.precision import PRECISION_HELP, PRECISIONS
+from napari_stem.validate import BATCH_SIZE, NON_NEGATIVE_INT, POSITIVE_INT
 
 from stem_train import genes as gene_selection
 from stem_train.manifest import EMBEDDINGS_DIR, MANIFEST_FILE, PreparedDataset, PreparedSlide
@@ -72,7 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--genes-method", choices=gene_selection.GENE_METHODS, default=None,
         help="how to choose the panel: hmhvg (the reference's, default), hvg, or list (default when --gene-list is given)",
     )
-    parser.add_argument("--n-genes", type=int, default=200, help="panel size for hmhvg and hvg (default: 200, the paper's)")
+    parser.add_argument("--n-genes", type=POSITIVE_INT, default=200, help="panel size for hmhvg and hvg (default: 200, the paper's)")
     parser.add_argument("--gene-list", type=Path, default=None, metavar="FILE", help="text file, one gene symbol per line (implies --genes-method list)")
     parser.add_argument(
         "--include-held-out-in-gene-selection", action="store_true",
@@ -84,16 +85,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "since 2025-03; 'MT,mt,RP,rp' reproduces its earlier filter; '' keeps every gene)",
     )
     parser.add_argument(
-        "--hvg-per-slide", type=int, default=gene_selection.HVG_PER_SLIDE,
+        "--hvg-per-slide", type=POSITIVE_INT, default=gene_selection.HVG_PER_SLIDE,
         help=f"hmhvg: highly variable genes taken from each slide before the union (default: {gene_selection.HVG_PER_SLIDE})",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)")
+    parser.add_argument("--batch-size", type=BATCH_SIZE, default=None, help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)")
     parser.add_argument(
         "--no-augment",
         action="store_true",
         help="embed only the original patches, not the 7 flips/rotations (8x faster; fit then needs --num-aug-ratio 0)",
     )
-    parser.add_argument("--num-workers", type=int, default=0, help="processes reading patches from the slides (default: 0, in the main process)")
+    parser.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=0, help="processes reading patches from the slides (default: 0, in the main process)")
     parser.add_argument("--device", default="auto", help="device for the encoder: auto (a GPU if present), cpu, cuda, cuda:1, ... (default: auto)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"encoder arithmetic. {PRECISION_HELP}")
     return parser
@@ -103,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
     import anndata
     from tqdm.auto import tqdm
 
-    from napari_stem.embed import PatchSpec, iter_embed_slide_cached
-    from napari_stem.encoders import encoder_weights_id
+    from napari_stem.embed import N_AUGMENTATIONS, PatchSpec
+    from napari_stem.encoders import encoder_weights_id, get_encoder_spec
     from napari_stem.hest import iter_hest_samples
+    from napari_stem.validate import check_writable_folder
 
     data_dir = args.data_dir.resolve()
     out = (args.out or data_dir / DEFAULT_OUT_NAME).resolve()
@@ -128,31 +130,22 @@ def run(args: argparse.Namespace) -> int:
     _warn_shared_patients(samples, held_out)
 
     adatas = {sample.sample_id: anndata.read_h5ad(sample.st_path) for sample in tqdm(samples, desc="reading expression", unit="slide")}
+    spots_by_sample = check_samples_usable(samples, adatas)
+    n_views = 1 if args.no_augment else 1 + N_AUGMENTATIONS
+    embedding_bytes = sum(len(spots) for spots in spots_by_sample.values()) * (get_encoder_spec(args.encoder).dim or 1024) * 4 * n_views
+    check_writable_folder(out, embedding_bytes, flag="--out")
     selection = choose_genes(args, method, adatas, held_out)
     print(f"gene panel: {len(selection.genes)} genes by {method} ({_describe(selection.info)})")
 
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a stale manifest must not outlive a failed rerun
-    encoder = LazyEncoder(args.encoder, args.encoder_weights, None if args.device == "auto" else args.device, args.precision)
-    slides, embedding_dim = [], 0
-    for sample in samples:
-        spots = sample.read_spots()
-        n_spots = adatas[sample.sample_id].n_obs
-        if len(spots) != n_spots:
-            raise DatasetError(f"{describe_path(sample.st_path)}: {len(spots)} spot centres for {n_spots} expression rows.")
-        relative = f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5"
-        with tqdm(total=n_spots, desc=f"embedding {sample.sample_id}", unit="spot") as bar:
-            for event in iter_embed_slide_cached(
-                out / relative, sample.wsi_path, spots, encoder, patch_spec,
-                encoder_weights=args.encoder_weights, batch_size=args.batch_size,
-                num_workers=args.num_workers, augment=not args.no_augment, mpp=sample.mpp,
-            ):
-                bar.update(event.done - bar.n)
-                embedding_dim = int(event.embeddings.shape[1])
-                if event.from_cache:
-                    bar.set_postfix_str("cached")
-        split = "test" if sample.sample_id in held_out else "train"
-        slides.append(PreparedSlide(sample.sample_id, sample.patient, split, n_spots, relative))
-
+    created = [folder for folder in (out, out / EMBEDDINGS_DIR) if not folder.exists()]
+    try:
+        slides, embedding_dim = _embed_samples(args, samples, spots_by_sample, adatas, held_out, out, patch_spec)
+    except BaseException:
+        for folder in reversed(created):  # leave no empty folders behind a failed first run
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     manifest = PreparedDataset(
         data_dir=str(data_dir),
         encoder=args.encoder,
@@ -168,6 +161,51 @@ def run(args: argparse.Namespace) -> int:
     print(f"prepared {len(slides)} slides ({n_train} train, {len(slides) - n_train} held out), {embedding_dim}-d embeddings, {len(selection.genes)} genes")
     print(f"wrote {out}")
     return 0
+
+
+def check_samples_usable(samples: list[Any], adatas: dict[str, Any]) -> dict[str, Any]:
+    """Every sample's spots, after refusing NaN counts, duplicated or off-slide spots (before any embedding)."""
+    from napari_stem.slide import open_slide
+    from napari_stem.validate import check_finite_counts, check_spots
+
+    spots_by_sample = {}
+    for sample in samples:
+        check_finite_counts(adatas[sample.sample_id].X, describe_path(sample.st_path))
+        spots = sample.read_spots()
+        n_spots = adatas[sample.sample_id].n_obs
+        if len(spots) != n_spots:
+            raise DatasetError(f"{describe_path(sample.st_path)}: {len(spots)} spot centres for {n_spots} expression rows.")
+        with open_slide(sample.wsi_path, mpp=sample.mpp) as slide:
+            check_spots(spots, slide.shape, describe_path(sample.st_path))
+        spots_by_sample[sample.sample_id] = spots
+    return spots_by_sample
+
+
+def _embed_samples(args: argparse.Namespace, samples: list[Any], spots_by_sample: dict[str, Any], adatas: dict[str, Any],
+                   held_out: list[str], out: Path, patch_spec: Any) -> tuple[list[PreparedSlide], int]:
+    from tqdm.auto import tqdm
+
+    from napari_stem.embed import TRAINING_DATA_OWNER, iter_embed_slide_cached
+
+    encoder = LazyEncoder(args.encoder, args.encoder_weights, None if args.device == "auto" else args.device, args.precision)
+    slides, embedding_dim = [], 0
+    for sample in samples:
+        spots = spots_by_sample[sample.sample_id]
+        n_spots = adatas[sample.sample_id].n_obs
+        relative = f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5"
+        with tqdm(total=n_spots, desc=f"embedding {sample.sample_id}", unit="spot") as bar:
+            for event in iter_embed_slide_cached(
+                out / relative, sample.wsi_path, spots, encoder, patch_spec,
+                encoder_weights=args.encoder_weights, batch_size=args.batch_size,
+                num_workers=args.num_workers, augment=not args.no_augment, mpp=sample.mpp, owner=TRAINING_DATA_OWNER,
+            ):
+                bar.update(event.done - bar.n)
+                embedding_dim = int(event.embeddings.shape[1])
+                if event.from_cache:
+                    bar.set_postfix_str("cached")
+        split = "test" if sample.sample_id in held_out else "train"
+        slides.append(PreparedSlide(sample.sample_id, sample.patient, split, n_spots, relative))
+    return slides, embedding_dim
 
 
 def parse_held_out(text: str, sample_ids: list[str]) -> list[str]:
