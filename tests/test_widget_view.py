@@ -215,3 +215,63 @@ def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_view
     np.testing.assert_allclose(extent, slide_extent, rtol=0.01)  # the mask covers the slide, in µm
     redraw_after(lambda: setattr(widget.show_mask, "value", False))
     assert not mask.visible
+
+
+@gui
+def test_clicking_a_spot_opens_the_inspector_with_its_samples(open_widget, qtbot, errors) -> None:  # noqa: ANN001, F811
+    from napari.utils._proxies import ReadOnlyWrapper
+    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+
+    from napari_stem.intervals import plan_intervals
+
+    viewer, widget = open_widget(show=True, threads=False)
+    widget.n_samples.value = 3  # K = 3: [min, max] is an exact 50 % interval; no exact 90 % one
+    widget.run_button.clicked()
+    assert widget.controller.status == "done", errors
+    mean = viewer.layers["GA mean"]
+    widget.gene.value = "GB"
+    index = 3
+    spot = mean.data[index] + np.array([5.0, -5.0])  # inside the 55 µm disc, off its centre
+
+    class Event:  # what napari's canvas sends (world position)
+        def __init__(self, kind: str, position) -> None:  # noqa: ANN001
+            self.type, self.position, self.button, self.is_dragging, self.modifiers = kind, tuple(position), 1, False, []
+            self.handled = False
+
+    def click(position) -> None:  # noqa: ANN001
+        press = ReadOnlyWrapper(Event("mouse_press", position), exceptions=("handled",))
+        mouse_press_callbacks(viewer, press)
+        mouse_release_callbacks(viewer, ReadOnlyWrapper(Event("mouse_release", position), exceptions=("handled",)))
+
+    # a drag (pan) is not a click
+    press = ReadOnlyWrapper(Event("mouse_press", spot), exceptions=("handled",))
+    mouse_press_callbacks(viewer, press)
+    moved = Event("mouse_move", spot + 30)
+    moved.is_dragging = True
+    mouse_move_callbacks(viewer, ReadOnlyWrapper(moved, exceptions=("handled",)))
+    mouse_release_callbacks(viewer, ReadOnlyWrapper(Event("mouse_release", spot + 30), exceptions=("handled",)))
+    assert widget.inspector is None
+
+    click(spot)
+    inspector = widget.inspector
+    assert inspector is not None
+    qtbot.waitUntil(inspector.isVisible, timeout=2_000)
+    report = inspector.report
+    prediction = widget.controller.result.prediction
+    row = list(prediction.genes).index("GB")
+    assert report.barcode == mean.features["barcode"][index] and report.gene == "GB" and report.unit == "log2(1+count)"
+    samples = prediction.samples[index, :, row]
+    np.testing.assert_allclose(report.samples, samples)
+    assert report.mean == pytest.approx(samples.mean(), rel=1e-5) and report.sd == pytest.approx(samples.std(ddof=1), rel=1e-4)
+    (interval,) = report.intervals  # only what 3 samples give, at the level they give
+    assert interval.low == pytest.approx(samples.min()) and interval.high == pytest.approx(samples.max())
+    assert interval.level == pytest.approx(0.5) and interval.label == plan_intervals((0.5, 0.9), 3)[0].label
+    assert "50 % interval from 3 samples" in inspector.summary.text() and "GB" in inspector.summary.text()
+    counts, _ = inspector.histogram.counts()
+    assert counts.sum() == 3
+    qtbot.wait(100)
+    shot = inspector.histogram.grab().toImage()
+    assert shot.width() > 50 and shot.height() >= 150
+    # a click on glass shows nothing new
+    click(np.array([10.0, 10.0]))
+    assert inspector.report is report
