@@ -82,6 +82,7 @@ def iter_predict(
     device: str = "auto",
     precision: str = "auto",
     encoder_weights: Any = None,
+    encoder: Any = None,
     embeddings: np.ndarray | None = None,
     cache_path: str | Path | None = None,
     embed_batch_size: int | None = None,
@@ -97,6 +98,8 @@ def iter_predict(
     HEST-Bench HDF5 file reused on the next run. ``n_samples``/``steps`` default to
     :func:`default_settings` for the device. ``precision`` ("auto", "bf16", "fp32") applies to the
     encoder and the sampler alike; "auto" is bf16 where the hardware computes it natively.
+    ``encoder`` is an already built encoder of the checkpoint's kind, so a cohort worker builds it
+    once for all its slides (default: built here from the checkpoint's encoder name).
     """
     from napari_stem.checkpoint import load_checkpoint
     from napari_stem.sampling import Prediction, iter_sample, resolve_device
@@ -114,7 +117,8 @@ def iter_predict(
 
     if embeddings is None:
         embeddings = yield from _embed(
-            slide_path, spots, loaded, encoder_weights, torch_device, precision, cache_path, embed_batch_size, num_workers
+            slide_path, spots, loaded, encoder_weights, torch_device, precision, cache_path, embed_batch_size, num_workers,
+            encoder,
         )
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.shape != (n_spots, loaded.config.cond_dim):
@@ -172,11 +176,14 @@ def iter_predict(
     yield PredictEvent("done", n_spots, n_spots, prediction=prediction)
 
 
-def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers):  # noqa: ANN001, ANN202
+def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers, encoder=None):  # noqa: ANN001, ANN202
     """Embedding stage of :func:`iter_predict` (a sub-generator whose return value is the array)."""
     from napari_stem.embed import iter_embed_slide_cached, iter_embed_spots
 
     encoder_name, patch_spec = embedding_spec(loaded)
+    if encoder is not None and getattr(encoder, "name", encoder_name) != encoder_name:
+        raise CheckpointError(f"checkpoint {describe_path(loaded.path)} was trained on encoder '{encoder_name}', "
+                              f"not the '{encoder.name}' given.")
     n_spots = len(spots)
     out = np.empty((n_spots, loaded.config.cond_dim), dtype=np.float32)
     if n_spots == 0:
@@ -189,9 +196,9 @@ def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_
         "precision": precision,
     }
     if cache_path is not None:
-        events = iter_embed_slide_cached(cache_path, slide_path, spots, encoder_name, patch_spec, **common)
+        events = iter_embed_slide_cached(cache_path, slide_path, spots, encoder_name if encoder is None else encoder, patch_spec, **common)
     else:
-        events = iter_embed_spots(slide_path, spots, encoder_name, patch_spec, **common)
+        events = iter_embed_spots(slide_path, spots, encoder_name if encoder is None else encoder, patch_spec, **common)
     for event in events:
         if event.embeddings.shape[1] != loaded.config.cond_dim:
             events.close()
