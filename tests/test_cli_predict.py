@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ def hest_prediction(tmp_path_factory: pytest.TempPathFactory, synthetic_hest: Pa
     root = tmp_path_factory.mktemp("predict")
     out, cache = root / "predictions", root / "cache"
     code = main(["predict", str(synthetic_hest), "--checkpoint", str(tiny_checkpoint), "--sample-ids", "SYN003",
-                 "--out", str(out), "--samples", "3", "--steps", "3", "--device", "cpu", "--keep-samples",
+                 "--out", str(out), "--samples", "8", "--steps", "3", "--device", "cpu", "--keep-samples", "--median",
                  "--cache-dir", str(cache), "--batch-size", "16", "--precision", "fp32"])
     assert code == 0
     return {"out": out, "cache": cache, "root": root}
@@ -45,15 +46,24 @@ def test_predict_hest_sample_is_scanpy_ready_and_evaluable(hest_prediction: dict
     adata = anndata.read_h5ad(path)
     truth = anndata.read_h5ad(synthetic_hest / "st" / "SYN003.h5ad")
     assert list(adata.obs_names) == list(truth.obs_names) and adata.n_vars == 5
-    assert {"variance", "q05", "q25", "q75", "q95"} <= set(adata.layers)
-    assert adata.obsm["samples"].shape == (truth.n_obs, 3 * 5)
+    # --samples 8 cannot give exact 50 % / 90 % intervals (the default --intervals): raised to 19
+    assert {"variance", "lo50", "hi50", "lo90", "hi90", "median"} <= set(adata.layers)
+    assert not any(name.startswith("q") for name in adata.layers)
+    assert adata.obsm["samples"].shape == (truth.n_obs, 19 * 5)
+    declared = json.loads(adata.uns["napari_stem"]["intervals_json"])
+    assert [(d["level"], d["n_samples"], d["rank"], d["exact"], d["lower_layer"], d["upper_layer"]) for d in declared] == [
+        (0.5, 19, 5, True, "lo50", "hi50"), (0.9, 19, 1, True, "lo90", "hi90")]
+    samples = np.sort(adata.obsm["samples"].reshape(truth.n_obs, 19, 5), axis=1)
+    np.testing.assert_array_equal(adata.layers["lo90"], samples[:, 0])
+    np.testing.assert_array_equal(adata.layers["hi50"], samples[:, 14])
     np.testing.assert_allclose(adata.obsm["spatial"], truth.obsm["spatial"])
     axes = sc.pl.spatial(adata, color=[adata.var_names[0]], library_id="ST", img_key="downscaled_fullres", show=False)
     assert len(axes) == 1 and axes[0].get_images()  # drawn over the slide thumbnail
     matplotlib.pyplot.close("all")
 
     report = evaluate_files(path, synthetic_hest / "st" / "SYN003.h5ad", hest_prediction["root"] / "eval", plots=False)
-    assert report["calibration"]["source"] == "samples" and report["calibration"]["n_samples"] == 3
+    assert report["calibration"]["source"] == "samples" and report["calibration"]["n_samples"] == 19
+    assert [check["layers"] for check in report["calibration"]["written_intervals"]] == [["lo50", "hi50"], ["lo90", "hi90"]]
     assert report["provenance"]["checkpoint"] == str(tiny_checkpoint)
     assert report["provenance"]["precision"] == "fp32"  # --precision reaches the sampler ...
     import h5py
@@ -88,12 +98,37 @@ def test_predict_slide_on_a_tissue_grid(synthetic_hest: Path, tiny_checkpoint: P
 
     out = tmp_path / "grid.h5ad"
     code = main(["predict", str(synthetic_hest / "wsis" / "SYN000.tif"), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
-                 "--grid-pitch-um", "300", "--samples", "2", "--steps", "2", "--device", "cpu", "--quantiles", ""])
+                 "--grid-pitch-um", "300", "--samples", "2", "--steps", "2", "--device", "cpu", "--intervals", ""])
     assert code == 0
     adata = anndata.read_h5ad(out)
     assert 0 < adata.n_obs < 30 and all("x" in barcode for barcode in adata.obs_names)
     assert "downscaled_fullres" in adata.uns["spatial"]["ST"]["images"]
-    assert not any(name.startswith("q") for name in adata.layers)
+    assert set(adata.layers) == {"variance"} and "intervals_json" not in adata.uns["napari_stem"]
+    assert json.loads(adata.uns["napari_stem"]["provenance_json"])["n_samples"] == 2  # no intervals: as asked
+
+
+def test_predict_raises_samples_for_exact_intervals_and_refuses_quantiles(synthetic_hest: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    import anndata
+
+    from stem_train.cli import main
+
+    out = tmp_path / "half.h5ad"
+    code = main(["predict", str(synthetic_hest / "wsis" / "SYN000.tif"), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                 "--grid-pitch-um", "300", "--samples", "2", "--steps", "2", "--device", "cpu", "--intervals", "0.5"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "drawing 3 samples per spot instead of --samples 2" in printed and "1.5x as long" in printed
+    adata = anndata.read_h5ad(out)
+    assert {"lo50", "hi50"} <= set(adata.layers)
+    (declared,) = json.loads(adata.uns["napari_stem"]["intervals_json"])
+    assert declared["level"] == 0.5 and declared["n_samples"] == 3 and declared["label"] == "50 % interval from 3 samples"
+
+    assert main(["predict", str(synthetic_hest / "wsis" / "SYN000.tif"), "--checkpoint", str(tiny_checkpoint),
+                 "--out", str(tmp_path / "q.h5ad"), "--quantiles", "0.05,0.95"]) == 2
+    err = capsys.readouterr().err
+    assert "--intervals 0.5,0.9" in err and "not interval ends" in err
+    assert not (tmp_path / "q.h5ad").exists()
 
 
 def test_predict_errors_name_the_file(synthetic_hest: Path, tiny_checkpoint: Path, hest_prediction: dict[str, Path],

@@ -34,8 +34,11 @@ def test_headless_quick_demo_writes_its_outputs(demo_cache: Path, tmp_path: Path
     adata = anndata.read_h5ad(prediction)
     assert adata.n_vars == 12 and adata.n_obs > 30
     assert (adata.layers["variance"] > 0).all()
+    assert (adata.layers["lo50"] <= adata.layers["hi50"]).all() and adata.obsm["samples"].shape[1] == 3 * 12
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert report["fixed_panel_pcc"]["n_genes"] == 12 and np.isfinite(report["fixed_panel_pcc"]["mean"])
+    (written,) = report["calibration"]["written_intervals"]
+    assert written["layers"] == ["lo50", "hi50"] and written["level"] == 0.5 and written["n_samples"] == 3
     # the demo model is cached: a second run does not rebuild it
     from napari_stem.datasets import demo_model_dir
 

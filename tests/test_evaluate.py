@@ -35,8 +35,13 @@ def _truth_adata(n_spots: int = 48, seed: int = 0):  # noqa: ANN202
     return adata
 
 
-def _write_prediction(path: Path, truth, *, n_samples: int = 6, keep_samples: bool = True, point: bool = False, seed: int = 1) -> Path:  # noqa: ANN001
+def _write_prediction(path: Path, truth, *, n_samples: int = 6, keep_samples: bool = True, point: bool = False, seed: int = 1,
+                      legacy_quantiles: bool = False, interval_levels=(0.5, 0.9)) -> Path:  # noqa: ANN001
+    """A prediction file; ``legacy_quantiles`` writes q05/q25/q75/q95 layers as older versions did."""
+    import anndata
+
     from napari_stem.anndata_io import write_prediction
+    from napari_stem.intervals import plan_intervals
     from napari_stem.sampling import Prediction
     from napari_stem.spots import spots_from_anndata
 
@@ -47,16 +52,25 @@ def _write_prediction(path: Path, truth, *, n_samples: int = 6, keep_samples: bo
     samples = centre[:, None, :] + rng.normal(scale=0.6, size=(truth.n_obs, n_samples, truth.n_vars))
     mean = np.broadcast_to(target.mean(axis=0), target.shape) if point else samples.mean(axis=1)
     levels = (0.05, 0.25, 0.75, 0.95)
+    specs = () if point or legacy_quantiles else plan_intervals(interval_levels, n_samples)
     prediction = Prediction(
         mean=mean.astype(np.float32),
         variance=np.zeros_like(mean, dtype=np.float32) if point else samples.var(axis=1, ddof=1).astype(np.float32),
         genes=list(truth.var_names),
         samples=samples.astype(np.float32) if keep_samples and not point else None,
-        quantile_levels=None if point else levels,
-        quantiles=None if point else np.quantile(samples, levels, axis=1).astype(np.float32),
+        quantile_levels=levels if legacy_quantiles else None,
+        quantiles=np.quantile(samples, levels, axis=1).astype(np.float32) if legacy_quantiles else None,
+        interval_specs=specs,
+        intervals=np.stack([np.stack(spec.bounds(samples)) for spec in specs]).astype(np.float32) if specs else None,
         metadata={"target_transform": "log2p1", "model": "per-gene mean" if point else "stem"},
     )
-    return write_prediction(path, prediction, spots_from_anndata(truth))
+    write_prediction(path, prediction, spots_from_anndata(truth))
+    if legacy_quantiles:  # the names older versions wrote
+        adata = anndata.read_h5ad(path)
+        for level in levels:
+            adata.layers[f"q{round(level * 100):02d}"] = adata.layers.pop(f"interpolated_q{round(level * 100):02d}")
+        adata.write_h5ad(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +107,15 @@ def test_evaluate_writes_report_table_and_plots(pair: tuple[Path, Path], tmp_pat
     assert calibration["coverage_rank_90"] == pytest.approx(0.9, abs=0.06)  # calibrated by construction
     assert calibration["coverage_rank_50"] == pytest.approx(0.5, abs=0.08)
     assert calibration["coverage_90"] < calibration["coverage_rank_90"]  # 6 samples: quantile intervals too narrow
+    # 6 samples give one interval for both asks: [min, max], a 5/7 = 71.4 % interval, labelled so
+    (written,) = calibration["written_intervals"]
+    assert written["layers"] == ["lo71.4", "hi71.4"] and written["level"] == pytest.approx(5 / 7) and written["n_samples"] == 6
+    assert written["verdict"] == "as stated" and abs(written["coverage"] - 5 / 7) <= written["tolerance"]
+    assert written["tolerance"] == pytest.approx(3 * np.sqrt(5 / 7 * 2 / 7 / 48)) and written["n_spots"] == 48
+    assert report["intervals_verdict"].startswith("as stated")
+    order_statistic = calibration["curve"]["order_statistic"]
+    assert order_statistic["level"] == pytest.approx([5 / 7, 3 / 7, 1 / 7])
+    assert "lo71.4/hi71.4 (71.4 % interval from 6 samples" in printed
 
     table = (out / "per_gene.tsv").read_text().splitlines()
     assert table[0].split("\t")[:3] == ["gene", "pcc", "in_panel"] and len(table) == 6
@@ -110,9 +133,9 @@ def test_evaluate_panel_quantiles_and_point_prediction(pair: tuple[Path, Path], 
     prediction, truth = pair
     panel = tmp_path / "panel.txt"
     panel.write_text("GA\nGB  # two genes fixed in advance\n")
-    # quantile layers only (no samples kept): coverage from q05/q95 and q25/q75, normal-approximation CRPS
+    # an older file's quantile layers only (no samples kept): coverage from q05/q95 and q25/q75, normal-approximation CRPS
     no_samples = tmp_path / "no_samples.h5ad"
-    _write_prediction(no_samples, anndata.read_h5ad(truth), keep_samples=False)
+    _write_prediction(no_samples, anndata.read_h5ad(truth), keep_samples=False, legacy_quantiles=True)
     from stem_train.evaluate import read_gene_panel
 
     report = evaluate_files(no_samples, truth, tmp_path / "q", panel=read_gene_panel(panel), plots=False)
@@ -170,3 +193,37 @@ def test_evaluate_errors_name_files_and_fix(pair: tuple[Path, Path], tmp_path: P
     assert "obsm['spatial']" in err and "no_coords.h5ad" in err and "--no-plots" in err
     assert not (tmp_path / "e4").exists()  # checked before anything is written
     assert main(["evaluate", str(bare_prediction), "--truth", str(no_coordinates), "--out", str(tmp_path / "e5"), "--no-plots"]) == 0
+
+
+def test_evaluate_flags_intervals_narrower_than_their_label(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import anndata
+
+    from stem_train.cli import main
+    from stem_train.evaluate import evaluate_files
+
+    _, truth = pair
+    # 19 calibrated samples; the file says lo90/hi90 is the 90 % interval but holds [x(5), x(15)], a 50 % one
+    mislabeled = _write_prediction(tmp_path / "mislabeled.h5ad", anndata.read_h5ad(truth), n_samples=19, keep_samples=False)
+    adata = anndata.read_h5ad(mislabeled)
+    adata.layers["lo90"], adata.layers["hi90"] = adata.layers["lo50"].copy(), adata.layers["hi50"].copy()
+    adata.write_h5ad(mislabeled)
+    report = evaluate_files(mislabeled, truth, tmp_path / "m", plots=False)
+    checks = {tuple(c["layers"]): c for c in report["calibration"]["written_intervals"]}
+    assert checks[("lo50", "hi50")]["verdict"] == "as stated"
+    narrow = checks[("lo90", "hi90")]
+    assert narrow["verdict"] == "too narrow" and narrow["coverage"] < 0.9 - narrow["tolerance"] and narrow["level"] == 0.9
+    assert report["calibration"]["source"] == "interval layers" and report["calibration"]["coverage_90"] == narrow["coverage"]
+    assert report["intervals_verdict"].startswith("too narrow: lo90/hi90 covers")
+    assert any("lo90/hi90" in warning for warning in report["warnings"])
+
+    out = tmp_path / "strict"
+    assert main(["evaluate", str(mislabeled), "--truth", str(truth), "--out", str(out), "--no-plots"]) == 0  # a warning ...
+    assert "warning: written intervals too narrow: lo90/hi90" in capsys.readouterr().out
+    assert main(["evaluate", str(mislabeled), "--truth", str(truth), "--out", str(out), "--no-plots", "--strict-intervals"]) == 1  # ... or a failure
+
+    # what older versions wrote: interpolated q05/q95 of 6 samples, read as the 90 % interval they were presented as
+    legacy = _write_prediction(tmp_path / "legacy.h5ad", anndata.read_h5ad(truth), n_samples=6, keep_samples=False, legacy_quantiles=True)
+    report = evaluate_files(legacy, truth, tmp_path / "l", plots=False)
+    checks = {c["name"]: c for c in report["calibration"]["written_intervals"]}
+    assert set(checks) == {"q05-q95", "q25-q75"} and checks["q05-q95"]["level"] == pytest.approx(0.9)
+    assert checks["q05-q95"]["verdict"] == "too narrow" and checks["q05-q95"]["coverage"] < 0.75

@@ -30,7 +30,7 @@ def test_iter_predict_stages_and_shapes(tiny_checkpoint: Path, demo_slide_file: 
 
     events = list(
         iter_predict(demo_slide_file, demo_spots, tiny_checkpoint, n_samples=3, steps=4, seed=1, device="cpu",
-                     embed_batch_size=4, sample_batch_size=4, quantiles=(0.05, 0.95))
+                     embed_batch_size=4, sample_batch_size=4, quantiles=(0.05, 0.95), intervals=(0.5,))
     )
     stages = [e.stage for e in events]
     assert stages == ["embed", "embed", "sample", "sample", "done"]
@@ -40,9 +40,26 @@ def test_iter_predict_stages_and_shapes(tiny_checkpoint: Path, demo_slide_file: 
     assert (prediction.variance > 0).all()
     assert prediction.quantiles.shape == (2, 6, 5)
     assert (prediction.quantiles[0] <= prediction.quantiles[1]).all()
+    (spec,) = prediction.interval_specs  # 3 samples: [min, max] is exactly a 50 % interval
+    assert spec.exact and spec.rank == 1 and prediction.intervals.shape == (1, 2, 6, 5)
+    np.testing.assert_allclose(prediction.intervals[0, :, :4], events[2].batch.intervals[0])
+    assert (prediction.intervals[0, 0] <= prediction.mean).all() and (prediction.mean <= prediction.intervals[0, 1]).all()
     np.testing.assert_allclose(events[2].batch.mean, prediction.mean[:4])
     assert prediction.metadata["encoder"] == "efficientnet_lite0"
     assert prediction.metadata["n_samples"] == 3 and prediction.metadata["steps"] == 4
+
+
+def test_default_sample_count_makes_requested_intervals_exact(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots) -> None:  # noqa: ANN001
+    from napari_stem.predict import predict
+
+    prediction = predict(demo_slide_file, demo_spots.subset(np.arange(2)), tiny_checkpoint, steps=2, device="cpu",
+                         intervals=(0.5, 0.9))
+    assert prediction.metadata["n_samples"] == 19  # the CPU default of 4 raised to the first exact count
+    assert [(spec.rank, spec.exact) for spec in prediction.interval_specs] == [(5, True), (1, True)]
+    eight = predict(demo_slide_file, demo_spots.subset(np.arange(2)), tiny_checkpoint, n_samples=8, steps=2, device="cpu",
+                    intervals=(0.9,))
+    (spec,) = eight.interval_specs  # an explicit count is kept, its interval labelled with the level it has
+    assert eight.metadata["n_samples"] == 8 and not spec.exact and spec.name == "77.8"
 
 
 def test_predict_is_deterministic_and_cache_reused(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:  # noqa: ANN001
@@ -85,21 +102,23 @@ def test_export_h5ad_is_scanpy_ready_and_reopens(tiny_checkpoint: Path, demo_sli
     from napari_stem.predict import predict
     from napari_stem.slide import open_slide
 
-    prediction = predict(demo_slide_file, demo_spots, tiny_checkpoint, n_samples=3, steps=3, device="cpu", quantiles=(0.1, 0.9))
+    prediction = predict(demo_slide_file, demo_spots, tiny_checkpoint, n_samples=3, steps=3, device="cpu", quantiles=(0.5,),
+                         intervals=(0.5,))
     slide = open_slide(demo_slide_file)
     out = write_prediction(tmp_path / "pred.h5ad", prediction, demo_spots, slide)
     assert [p.name for p in tmp_path.iterdir()] == ["pred.h5ad"]  # no partial file left behind
     adata = anndata.read_h5ad(out)
     np.testing.assert_allclose(adata.X, prediction.mean)
     np.testing.assert_allclose(adata.layers["variance"], prediction.variance)
-    assert {"q10", "q90"} <= set(adata.layers)
+    assert {"median", "lo50", "hi50"} <= set(adata.layers) and not any(name.startswith("q") for name in adata.layers)
     np.testing.assert_allclose(adata.obsm["spatial"], demo_spots.centers_px)
     assert list(adata.var_names) == ["GA", "GB", "GC", "GD", "GE"]
     axes = sc.pl.spatial(adata, color=["GA"], library_id="ST", img_key="downscaled_fullres", show=False)
     assert len(axes) == 1 and axes[0].get_images()  # drawn over the slide thumbnail
     again, spots = read_prediction(out)
     np.testing.assert_allclose(again.variance, prediction.variance)
-    assert again.quantile_levels == (0.1, 0.9)
+    assert again.quantile_levels == (0.5,) and again.interval_specs == prediction.interval_specs
+    np.testing.assert_allclose(again.intervals, prediction.intervals)
     assert spots.mpp == pytest.approx(0.499) and again.metadata["slide"] == str(demo_slide_file)
     with pytest.raises(StemError, match="not a napari-stem prediction"):
         read_prediction(_plain_h5ad(tmp_path))

@@ -38,7 +38,7 @@ def embeddings() -> np.ndarray:
 
 def test_prediction_shapes_and_statistics(model, embeddings) -> None:
     pred = sample_expression(model, embeddings, n_samples=4, steps=5, keep_samples=True,
-                             quantiles=[0.9, 0.1, 0.5], genes=GENES)
+                             quantiles=[0.9, 0.1, 0.5], intervals=[0.9], genes=GENES)
     assert isinstance(pred, Prediction) and pred.genes == GENES
     assert pred.mean.shape == pred.variance.shape == (7, 10) and pred.samples.shape == (7, 4, 10)
     assert pred.mean.dtype == np.float32
@@ -46,6 +46,10 @@ def test_prediction_shapes_and_statistics(model, embeddings) -> None:
     np.testing.assert_allclose(pred.variance, pred.samples.var(axis=1, ddof=1), rtol=1e-4, atol=1e-6)
     assert pred.quantile_levels == (0.1, 0.5, 0.9) and pred.quantiles.shape == (3, 7, 10)
     assert (pred.quantiles[0] <= pred.quantiles[1]).all() and (pred.quantiles[1] <= pred.quantiles[2]).all()
+    (spec,) = pred.interval_specs  # 4 samples cannot give 90 %: [min, max], labelled as the 60 % it is
+    assert spec.rank == 1 and spec.name == "60" and pred.intervals.shape == (1, 2, 7, 10)
+    np.testing.assert_array_equal(pred.intervals[0, 0], pred.samples.min(axis=1))
+    np.testing.assert_array_equal(pred.intervals[0, 1], pred.samples.max(axis=1))
     assert (pred.variance > 0).all()  # samples of one spot differ
     assert pred.metadata["steps"] == 5 and pred.metadata["sampler"] == "ancestral" and pred.metadata["variance_ddof"] == 1
 
@@ -57,6 +61,7 @@ def test_prediction_shapes_and_statistics(model, embeddings) -> None:
         np.testing.assert_array_equal(part.variance, pred.variance[[0, 2, 5]])
         np.testing.assert_array_equal(part.samples, pred.samples[[0, 2, 5]])
         np.testing.assert_array_equal(part.quantiles, pred.quantiles[:, [0, 2, 5]])
+        np.testing.assert_array_equal(part.intervals, pred.intervals[:, :, [0, 2, 5]])
         assert part.genes == GENES and part.metadata == pred.metadata and part.metadata is not pred.metadata
 
 

@@ -77,6 +77,7 @@ class PredictSettings:
     checkpoint: Path | None = None
     n_samples: int = 4
     steps: int = 25
+    intervals: tuple[float, ...] = ()  # central interval levels (napari_stem.intervals)
     sampler: str = DEFAULT_SAMPLER
     device: str = "auto"
     seed: int = 0
@@ -347,6 +348,7 @@ class PredictController:
             cache_path=job.cache_path,
             embed_batch_size=self.embed_batch_size,
             sample_batch_size=self.sample_batch_size,
+            intervals=settings.intervals,
         )
         try:
             for event in events:
@@ -378,6 +380,8 @@ class PredictController:
             result = self._ensure_result()
             result.prediction.mean[batch.start : batch.stop] = batch.mean
             result.prediction.variance[batch.start : batch.stop] = batch.variance
+            if result.prediction.intervals is not None and getattr(batch, "intervals", None) is not None:
+                result.prediction.intervals[:, :, batch.start : batch.stop] = batch.intervals
             result.done = max(result.done, batch.stop)
             self.stage, self.stage_done, self.stage_total = "sample", result.done, n_spots
             self.message = f"sampling: {result.done}/{n_spots} spots done"
@@ -388,6 +392,7 @@ class PredictController:
             final.metadata = {**final.metadata, "slide": str(self.job.slide_path), "mpp": self.job.mpp}
             result.prediction.mean[...] = final.mean
             result.prediction.variance[...] = final.variance
+            result.prediction.interval_specs, result.prediction.intervals = final.interval_specs, final.intervals
             result.prediction.metadata = dict(final.metadata)
             result.done = n_spots
             self.stage, self.stage_done, self.stage_total = "sample", n_spots, n_spots
@@ -397,6 +402,7 @@ class PredictController:
     def _ensure_result(self) -> PredictionResult:
         """The result buffers, made at the first sampled batch (so nothing exists while embedding)."""
         if self.result is None:
+            from napari_stem.intervals import plan_intervals
             from napari_stem.sampling import Prediction
 
             job = self.job
@@ -406,6 +412,8 @@ class PredictController:
                 mean=np.full((len(job.spots), n_genes), np.nan, dtype=np.float32),
                 variance=np.full((len(job.spots), n_genes), np.nan, dtype=np.float32),
                 genes=list(job.genes),
+                interval_specs=(specs := plan_intervals(settings.intervals, settings.n_samples)),
+                intervals=np.full((len(specs), 2, len(job.spots), n_genes), np.nan, dtype=np.float32) if specs else None,
                 metadata={
                     "checkpoint": str(job.checkpoint),
                     "encoder": job.encoder,

@@ -47,6 +47,10 @@ from napari_stem._controller import (
 )
 from napari_stem._torch_guard import block_triton_if_llvm_loaded
 from napari_stem.errors import StemError
+from napari_stem.intervals import CHOICES as INTERVAL_CHOICES
+from napari_stem.intervals import DEFAULT_CHOICE as DEFAULT_INTERVALS
+from napari_stem.intervals import describe as describe_intervals
+from napari_stem.intervals import samples_for_levels
 from napari_stem.layers import SlideFrame, gene_contrast_limits, prediction_features, prediction_layer_data
 from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
 
@@ -84,7 +88,11 @@ class PredictWidget(Container):
         self.region = ComboBox(label="region", choices=self._region_choices, tooltip="A Shapes layer (polygon, rectangle, ellipse); empty = whole slide")
         self.checkpoint = FileEdit(label="checkpoint", mode="d", nullable=True, tooltip="A napari-stem checkpoint folder; its config decides genes, encoder and patches")
         self.checkpoint_info = Label(label="model", value="(choose a checkpoint)")
-        self.n_samples = SpinBox(label="samples per spot", value=defaults["n_samples"], min=2, max=1000, tooltip="More samples: steadier mean and variance (GPU default 10)")
+        self.intervals = ComboBox(label="intervals", choices=list(INTERVAL_CHOICES), value=DEFAULT_INTERVALS,
+                                  tooltip="Central prediction intervals written with the prediction (lo90/hi90 ...), from order statistics of the samples")
+        self.n_samples = SpinBox(label="samples per spot", value=samples_for_levels(INTERVAL_CHOICES[DEFAULT_INTERVALS], defaults["n_samples"]),
+                                 min=2, max=1000, tooltip="More samples: steadier mean and variance; exact 50 % and 90 % intervals need 19, 39, ... (K + 1 a multiple of 20)")
+        self.intervals_info = Label(label="", value="")
         self.steps = SpinBox(label="denoising steps", value=defaults["steps"], min=1, max=1000, tooltip="More steps: closer to the trained chain, slower (GPU default 50)")
         self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
         self.device = ComboBox(label="device", choices=list(DEVICES), value="auto", tooltip="auto = CUDA when available")
@@ -105,15 +113,18 @@ class PredictWidget(Container):
         self.extend(
             [
                 self.slide, self.spots, self.pitch_um, self.diameter_um, self.region,
-                self.checkpoint, self.checkpoint_info, self.n_samples, self.steps, self.sampler,
+                self.checkpoint, self.checkpoint_info, self.intervals, self.n_samples, self.intervals_info, self.steps, self.sampler,
                 self.device, self.seed, self.encoder_weights, self.mpp,
                 self.run_button, self.cancel_button, self.progress, self.status,
                 self.gene_filter, self.gene, self.export_path, self.export_button,
             ]
         )  # fmt: skip
-        for label in (self.status, self.checkpoint_info):  # long messages wrap instead of widening the dock
+        for label in (self.status, self.checkpoint_info, self.intervals_info):  # long messages wrap instead of widening the dock
             label.native.setWordWrap(True)
         self.spots.changed.connect(self._update_grid_fields)
+        self.intervals.changed.connect(self._on_intervals_changed)
+        self.n_samples.changed.connect(self._update_intervals_info)
+        self._update_intervals_info()
         self.checkpoint.changed.connect(self._on_checkpoint_changed)
         self.run_button.clicked.connect(self._on_run)
         self.cancel_button.clicked.connect(self._on_cancel)
@@ -149,6 +160,17 @@ class PredictWidget(Container):
         self.pitch_um.visible = is_grid
         self.diameter_um.visible = is_grid
 
+    def _on_intervals_changed(self, *_: Any) -> None:
+        """A new interval choice draws enough samples to make it exact (never fewer than before)."""
+        levels = INTERVAL_CHOICES[self.intervals.value]
+        if levels:
+            self.n_samples.value = samples_for_levels(levels, at_least=int(self.n_samples.value))
+        self._update_intervals_info()
+
+    def _update_intervals_info(self, *_: Any) -> None:
+        """Say which intervals the current sample count gives, with their actual level."""
+        self.intervals_info.value = describe_intervals(INTERVAL_CHOICES[self.intervals.value], int(self.n_samples.value))
+
     def _on_checkpoint_changed(self, *_: Any) -> None:
         if self.checkpoint.value is None:
             self.checkpoint_info.value = "(choose a checkpoint)"
@@ -163,6 +185,7 @@ class PredictWidget(Container):
         return PredictSettings(
             checkpoint=self.checkpoint.value,
             n_samples=int(self.n_samples.value),
+            intervals=INTERVAL_CHOICES[self.intervals.value],
             steps=int(self.steps.value),
             sampler=str(self.sampler.value),
             device=str(self.device.value),

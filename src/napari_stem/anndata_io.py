@@ -5,7 +5,10 @@ img_key="downscaled_fullres")`` draws over the slide thumbnail as is, HEST-style
 
 * ``X``: predictive mean per spot and gene (the model's target space, e.g. log2(1 + count));
 * ``layers['variance']``: sample variance across the diffusion samples — the uncertainty;
-  ``layers['q<level>']``: quantiles when asked for;
+  ``layers['lo90']``/``layers['hi90']`` (…): order-statistic prediction intervals, labelled with
+  the level they have (:mod:`napari_stem.intervals`), described in ``uns['napari_stem']['intervals_json']``;
+  ``layers['median']`` (``interpolated_q<pct>`` for other levels): interpolated quantiles when asked for;
+  older files' ``q05``…``q95`` layers are read as interpolated quantiles, never as intervals;
 * ``obsm['spatial']``: spot centres (x, y) in full-resolution slide pixels;
 * ``uns['spatial']['ST']``: thumbnail and ``spot_diameter_fullres`` / ``tissue_downscaled_fullres_scalef``;
 * ``uns['napari_stem']``: provenance (checkpoint, encoder, sampler, steps, samples, seed, slide, µm/px).
@@ -21,6 +24,7 @@ import numpy as np
 
 from napari_stem.atomic import replace_atomically
 from napari_stem.errors import StemError, describe_path
+from napari_stem.intervals import IntervalSpec
 from napari_stem.spots import Spots
 
 LIBRARY_ID = "ST"
@@ -29,7 +33,29 @@ VARIANCE_LAYER = "variance"
 
 
 def quantile_layer_name(level: float) -> str:
-    return f"q{round(level * 100):02d}"
+    """'median', else 'interpolated_q25': never a name that reads as an interval's end."""
+    if round(float(level), 10) == 0.5:
+        return "median"
+    return f"interpolated_q{round(level * 100):02d}"
+
+
+def _quantile_layers(layers: Any) -> dict[float, str]:
+    """{level: layer name} of interpolated quantile layers, including older files' 'q05'."""
+    found = {}
+    for name in layers:
+        if name == "median":
+            found[0.5] = name
+        for prefix in ("interpolated_q", "q"):
+            digits = name[len(prefix):]
+            if name.startswith(prefix) and digits.isdigit():
+                found[int(digits) / 100] = name
+    return found
+
+
+def read_interval_specs(adata: Any) -> tuple[IntervalSpec, ...]:
+    """The order-statistic intervals a prediction AnnData declares in ``uns['napari_stem']``."""
+    text = adata.uns.get("napari_stem", {}).get("intervals_json")
+    return tuple(IntervalSpec.from_dict(item) for item in json.loads(str(text))) if text else ()
 
 
 def prediction_to_anndata(prediction: Any, spots: Spots, slide: Any = None, thumbnail_max_size: int = 1000) -> Any:
@@ -48,6 +74,11 @@ def prediction_to_anndata(prediction: Any, spots: Spots, slide: Any = None, thum
     if prediction.quantiles is not None:
         for level, values in zip(prediction.quantile_levels, prediction.quantiles, strict=True):
             adata.layers[quantile_layer_name(level)] = np.asarray(values, dtype=np.float32)
+    specs = tuple(getattr(prediction, "interval_specs", ()) or ())
+    if specs:
+        for spec, (lower, upper) in zip(specs, prediction.intervals, strict=True):
+            adata.layers[spec.lower_layer] = np.asarray(lower, dtype=np.float32)
+            adata.layers[spec.upper_layer] = np.asarray(upper, dtype=np.float32)
     if prediction.samples is not None:
         adata.obsm["samples"] = np.asarray(prediction.samples, dtype=np.float32).reshape(len(spots), -1)
     adata.obsm["spatial"] = np.asarray(spots.centers_px, dtype=np.float64)
@@ -66,6 +97,8 @@ def prediction_to_anndata(prediction: Any, spots: Spots, slide: Any = None, thum
         provenance["mpp"] = float(spots.mpp)
     adata.uns["spatial"] = {LIBRARY_ID: library}
     adata.uns["napari_stem"] = {"provenance_json": json.dumps(provenance), "variance_layer": VARIANCE_LAYER}
+    if specs:
+        adata.uns["napari_stem"]["intervals_json"] = json.dumps([spec.to_dict() for spec in specs])
     return adata
 
 
@@ -100,15 +133,18 @@ def read_prediction(path: str | Path) -> tuple[Any, Spots]:
             f"layers['{VARIANCE_LAYER}']); open it as spots instead."
         )
     provenance = json.loads(adata.uns["napari_stem"]["provenance_json"])
-    levels = sorted(
-        float(name[1:]) / 100 for name in adata.layers if name.startswith("q") and name[1:].isdigit()
-    )
+    quantile_layers = _quantile_layers(adata.layers)
+    levels = sorted(quantile_layers)
+    specs = read_interval_specs(adata)
     prediction = Prediction(
         mean=np.asarray(adata.X, dtype=np.float32),
         variance=np.asarray(adata.layers[VARIANCE_LAYER], dtype=np.float32),
         genes=list(adata.var_names),
         quantile_levels=tuple(levels) or None,
-        quantiles=np.stack([adata.layers[quantile_layer_name(q)] for q in levels]) if levels else None,
+        quantiles=np.stack([adata.layers[quantile_layers[q]] for q in levels]) if levels else None,
+        interval_specs=specs,
+        intervals=np.stack([[adata.layers[s.lower_layer], adata.layers[s.upper_layer]] for s in specs]).astype(np.float32)
+        if specs else None,
         metadata=provenance,
     )
     spots = spots_from_anndata(adata, source=path, mpp=provenance.get("mpp"))

@@ -17,7 +17,8 @@ The primary, honest number is the **fixed-panel mean PCC**: the mean over a gene
 looking at the test slide (HEST-Bench's protocol), with undefined PCCs counted and reported.
 
 Because Stem draws samples, the predictive *distribution* is scored too: empirical coverage of
-central intervals, CRPS, and whether the predicted spread tracks the actual error.
+central intervals, CRPS, and whether the predicted spread tracks the actual error. The intervals a
+file *writes* are checked against the level they state (:func:`written_interval_check`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ import numpy as np
 REFERENCE_TOP_K = (10, 50, 200)
 #: Central-interval levels whose coverage is reported.
 COVERAGE_LEVELS = (0.5, 0.9)
+#: A written interval "covers less than it says" when its coverage is below its level by more than
+#: z·sqrt(p(1 − p)/n) with n = spots, not spots × genes: the genes of a spot share its image and
+#: the model's error, so they are far from independent trials. One-sided z = 3 keeps false alarms
+#: rare while still catching q05–q95 of 8 samples (0.65 at "0.90") on a few hundred spots.
+INTERVAL_CHECK_Z = 3.0
+#: ``source`` of a written interval built from order statistics (napari-stem's own layers), the
+#: only kind calibration falls back on when no samples are stored.
+ORDER_STATISTICS = "order statistics"
 
 #: Count → target-space transforms (the truth must be compared in the model's space).
 TARGET_TRANSFORMS = {
@@ -183,6 +192,39 @@ def sample_interval_coverage(truth: np.ndarray, samples: np.ndarray, level: floa
     return interval_coverage(truth, lower, upper, axis=axis)
 
 
+def written_interval_check(truth: np.ndarray, lower: np.ndarray, upper: np.ndarray, level: float,
+                           z: float = INTERVAL_CHECK_Z) -> dict:
+    """Coverage of a written interval against the level it states, with the binomial tolerance.
+
+    ``verdict``: "too narrow" (coverage < level − tolerance: the label overstates it), "wider than
+    stated", or "as stated"; tolerance = z·sqrt(level(1 − level)/n_spots), see :data:`INTERVAL_CHECK_Z`.
+    """
+    truth = np.asarray(truth, dtype=np.float64)
+    coverage = interval_coverage(truth, lower, upper)
+    n_spots = truth.shape[0]
+    tolerance = z * math.sqrt(level * (1 - level) / max(n_spots, 1))
+    if coverage < level - tolerance:
+        verdict = "too narrow"
+    elif coverage > level + tolerance:
+        verdict = "wider than stated"
+    else:
+        verdict = "as stated"
+    return {"level": float(level), "coverage": coverage, "tolerance": tolerance, "z": float(z),
+            "n_spots": int(n_spots), "n_values": int(truth.size), "verdict": verdict}
+
+
+def order_statistic_curve(truth: np.ndarray, samples: np.ndarray) -> dict:
+    """Coverage of every central order-statistic interval of K samples at its exact level (K+1−2i)/(K+1)."""
+    from napari_stem.intervals import interval_level, order_statistic_interval
+
+    n_samples = samples.shape[1]
+    ranks = range(1, (n_samples + 1) // 2 + 1)
+    levels = [float(interval_level(n_samples, rank)) for rank in ranks]
+    coverage = [interval_coverage(truth, *order_statistic_interval(samples, rank, axis=1)) for rank in ranks]
+    keep = [i for i, level in enumerate(levels) if level > 0]
+    return {"level": [levels[i] for i in keep], "coverage": [coverage[i] for i in keep]}
+
+
 def pit_values(truth: np.ndarray, samples: np.ndarray, seed: int = 0) -> np.ndarray:
     """Randomised probability-integral-transform values of the truth among the samples, in (0, 1).
 
@@ -301,6 +343,7 @@ def score(
     variance: np.ndarray | None = None,
     samples: np.ndarray | None = None,
     quantiles: dict[float, np.ndarray] | None = None,
+    intervals: Sequence[dict] | None = None,
     top_k: Sequence[int] = REFERENCE_TOP_K,
     coverage_levels: Sequence[float] = COVERAGE_LEVELS,
     seed: int = 0,
@@ -311,6 +354,9 @@ def score(
     available: ``samples`` (n_spots, K, n_genes), else ``quantiles`` ({level: (n_spots, n_genes)},
     e.g. the q05/q25/q75/q95 layers), else a normal approximation from ``variance``; with none of
     them (or a zero variance everywhere: a point prediction) calibration is "not applicable".
+    ``intervals``: the intervals a file writes, each ``{"name", "level", "label", "lower", "upper"}``
+    (plus any JSON-ready keys to echo); each is checked by :func:`written_interval_check` into
+    ``calibration["written_intervals"]``.
 
     Returns ``{"reference", "fixed_panel", "calibration", "per_gene"}``; ``per_gene`` maps column
     names to arrays of length n_genes (for a table), everything else is JSON-ready (NaN stays NaN).
@@ -350,11 +396,26 @@ def score(
             "mse": ((truth - mean) ** 2).mean(axis=0),
             "mae": np.abs(truth - mean).mean(axis=0),
         }
-    calibration = _calibration(truth, mean, variance, samples, quantiles, coverage_levels, seed, per_gene)
+    calibration = _calibration(truth, mean, variance, samples, quantiles, coverage_levels, seed, per_gene, intervals)
+    if intervals:
+        checks = _written_intervals(truth, intervals, per_gene)
+        calibration["written_intervals"] = checks
+        if "curve" in calibration:
+            calibration["curve"]["written"] = {"level": [c["level"] for c in checks], "coverage": [c["coverage"] for c in checks]}
     return {"reference": reference, "fixed_panel": fixed, "calibration": calibration, "per_gene": per_gene}
 
 
-def _calibration(truth, mean, variance, samples, quantiles, levels, seed, per_gene) -> dict:  # noqa: ANN001
+def _written_intervals(truth: np.ndarray, intervals: Sequence[dict], per_gene: dict) -> list[dict]:
+    checks = []
+    for interval in intervals:
+        lower, upper = np.asarray(interval["lower"]), np.asarray(interval["upper"])
+        described = {k: v for k, v in interval.items() if k not in ("lower", "upper")}
+        checks.append({**described, **written_interval_check(truth, lower, upper, float(interval["level"]))})
+        per_gene[f"written_coverage_{interval['name']}"] = interval_coverage(truth, lower, upper, axis=0)
+    return checks
+
+
+def _calibration(truth, mean, variance, samples, quantiles, levels, seed, per_gene, intervals=None) -> dict:  # noqa: ANN001
     """The calibration block of :func:`score` (fills per-gene columns in place)."""
     has_spread = variance is not None and np.nanmax(np.asarray(variance, dtype=np.float64), initial=0.0) > 0
     quantiles = {round(float(q), 10): np.asarray(v) for q, v in (quantiles or {}).items()}
@@ -380,13 +441,25 @@ def _calibration(truth, mean, variance, samples, quantiles, levels, seed, per_ge
             "nominal": nominal.tolist(),
             "empirical_quantile_interval": [sample_interval_coverage(truth, samples, q) for q in nominal],
             "empirical_rank": [rank_interval_coverage(pit, q) for q in nominal],
+            "order_statistic": order_statistic_curve(truth, samples),
         }
         result["note"] = (
             "coverage_* uses intervals between the samples' empirical quantiles, too narrow for few samples "
             f"(K={n_samples}: [min, max] covers (K-1)/(K+1) = {(n_samples - 1) / (n_samples + 1):.2f} even when "
-            "calibrated); coverage_rank_* uses randomised PIT ranks and is exact for any K."
+            "calibrated); coverage_rank_* uses randomised PIT ranks and is exact for any K; the curve's "
+            "order_statistic points are the intervals [x(i), x(K+1-i)] at their exact levels (K+1-2i)/(K+1)."
         )
         variance = samples.var(axis=1, ddof=1) if n_samples > 1 else variance
+    elif intervals and any(interval.get("source") == ORDER_STATISTICS for interval in intervals):
+        intervals = [interval for interval in intervals if interval.get("source") == ORDER_STATISTICS]
+        result.update(source="interval layers")
+        for interval in intervals:
+            result[f"coverage_{interval['name']}"] = interval_coverage(truth, interval["lower"], interval["upper"])
+        result["curve"] = {"nominal": [], "written": {
+            "level": [float(interval["level"]) for interval in intervals],
+            "coverage": [result[f"coverage_{interval['name']}"] for interval in intervals]}}
+        result["note"] = ("from the stored order-statistic interval layers at their stated levels; no samples "
+                          "stored, so CRPS is the normal approximation crps_gaussian.")
     elif quantiles and any(all(q in quantiles for q in central_interval_levels(level)) for level in levels):
         result.update(source="quantile layers", quantile_levels=sorted(quantiles))
         nominal, empirical = [], []
@@ -400,7 +473,7 @@ def _calibration(truth, mean, variance, samples, quantiles, levels, seed, per_ge
                 empirical.append(result[f"coverage_{name}"])
         result["curve"] = {"nominal": nominal, "empirical_quantile_interval": empirical}
         result["note"] = (
-            "from the stored quantile layers (computed from few samples they make intervals too narrow); "
+            "from older files' interpolated quantile layers (q05-q95 from few samples are narrower than 90 %); "
             "no samples stored, so CRPS is the normal approximation crps_gaussian."
         )
     elif has_spread:

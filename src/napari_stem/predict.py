@@ -89,6 +89,7 @@ def iter_predict(
     num_workers: int = 0,
     sample_batch_size: int | None = None,
     quantiles: Sequence[float] | None = None,
+    intervals: Sequence[float] | None = None,
     keep_samples: bool = False,
 ) -> Iterator[PredictEvent]:
     """Predict expression for ``spots`` of a slide; see the module docstring.
@@ -96,12 +97,16 @@ def iter_predict(
     ``checkpoint`` is a path or a loaded :class:`~napari_stem.checkpoint.StemCheckpoint`.
     ``embeddings`` skips the embedding stage (rows in spot order); ``cache_path`` keeps them in a
     HEST-Bench HDF5 file reused on the next run. ``n_samples``/``steps`` default to
-    :func:`default_settings` for the device. ``precision`` ("auto", "bf16", "fp32") applies to the
+    :func:`default_settings` for the device, raised to the smallest count that makes the
+    ``intervals`` levels exact (:func:`napari_stem.intervals.samples_for_levels`; 19 for 0.5 and
+    0.9); an explicit ``n_samples`` is kept and its intervals labelled with the level they have.
+    ``precision`` ("auto", "bf16", "fp32") applies to the
     encoder and the sampler alike; "auto" is bf16 where the hardware computes it natively.
     ``encoder`` is an already built encoder of the checkpoint's kind, so a cohort worker builds it
     once for all its slides (default: built here from the checkpoint's encoder name).
     """
     from napari_stem.checkpoint import load_checkpoint
+    from napari_stem.intervals import plan_intervals, samples_for_levels
     from napari_stem.sampling import Prediction, iter_sample, resolve_device
 
     if not isinstance(checkpoint, (str, Path)):
@@ -111,7 +116,8 @@ def iter_predict(
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
     defaults = default_settings(torch_device.type)
-    n_samples = n_samples or defaults["n_samples"]
+    if not n_samples:
+        n_samples = samples_for_levels(intervals, defaults["n_samples"]) if intervals else defaults["n_samples"]
     steps = steps or defaults["steps"]
     n_spots = len(spots)
 
@@ -140,6 +146,7 @@ def iter_predict(
         precision=precision,
         batch_size=sample_batch_size,
         quantiles=quantiles,
+        intervals=intervals,
         keep_samples=keep_samples,
     ):
         parts.append(batch)
@@ -159,6 +166,8 @@ def iter_predict(
         samples=stacked("samples"),
         quantile_levels=tuple(sorted(quantiles)) if quantiles else None,
         quantiles=stacked("quantiles", axis=1),
+        interval_specs=plan_intervals(intervals, n_samples),
+        intervals=stacked("intervals", axis=2),
         metadata={
             "checkpoint": str(loaded.path),
             "target_transform": loaded.target_transform,

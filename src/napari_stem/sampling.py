@@ -20,6 +20,7 @@ import torch
 from napari_stem.allocator import keep_tensor_buffers_in_heap
 from napari_stem.checkpoint import StemCheckpoint, check_compatible, load_checkpoint
 from napari_stem.diffusion import N_TRAIN_STEPS, create_diffusion
+from napari_stem.intervals import IntervalSpec, plan_intervals
 from napari_stem.model import StemModel
 from napari_stem.precision import autocast, resolve_precision
 from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
@@ -39,6 +40,7 @@ class SampleBatch:
     variance: np.ndarray  # (stop - start, G), ddof = VARIANCE_DDOF
     samples: np.ndarray | None = None  # (stop - start, K, G) with keep_samples
     quantiles: np.ndarray | None = None  # (Q, stop - start, G) with quantiles
+    intervals: np.ndarray | None = None  # (I, 2, stop - start, G): lower, upper of each interval
 
     @property
     def done_spots(self) -> int:
@@ -53,8 +55,10 @@ class Prediction:
     variance: np.ndarray  # (n_spots, G): sample variance, ddof 1; NaN when n_samples == 1
     genes: list[str]
     samples: np.ndarray | None = None  # (n_spots, K, G)
-    quantile_levels: tuple[float, ...] | None = None
+    quantile_levels: tuple[float, ...] | None = None  # interpolated quantiles (e.g. the median)
     quantiles: np.ndarray | None = None  # (len(quantile_levels), n_spots, G)
+    interval_specs: tuple[IntervalSpec, ...] = ()  # order-statistic intervals, narrowest first
+    intervals: np.ndarray | None = None  # (len(interval_specs), 2, n_spots, G): lower, upper
     metadata: dict = field(default_factory=dict)
 
     def subset(self, index: np.ndarray) -> Prediction:
@@ -68,6 +72,7 @@ class Prediction:
             variance=np.asarray(self.variance)[index],
             samples=None if self.samples is None else np.asarray(self.samples)[index],
             quantiles=None if self.quantiles is None else np.asarray(self.quantiles)[:, index],
+            intervals=None if self.intervals is None else np.asarray(self.intervals)[:, :, index],
             metadata=dict(self.metadata),
         )
 
@@ -108,7 +113,8 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
                 steps: int | str = 50, sampler: str = DEFAULT_SAMPLER, eta: float = 0.0,
                 batch_size: int | None = None, device: str | torch.device = "auto",
                 precision: str = "auto", seed: int = 0, keep_samples: bool = False,
-                quantiles: Sequence[float] | None = None) -> Iterator[SampleBatch]:
+                quantiles: Sequence[float] | None = None,
+                intervals: Sequence[float] | None = None) -> Iterator[SampleBatch]:
     """Sample ``n_samples`` expression vectors for each row of ``embeddings`` (n_spots, D).
 
     ``steps``: an int N keeps N of the 1000 training steps evenly spread (the reference sampler's
@@ -118,7 +124,9 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     start noise). ``batch_size``: spots per batch (each brings ``n_samples`` rows); default ~256
     rows on CPU, ~4096 on CUDA. ``precision``: "auto" = bf16 autocast on CUDA and on CPUs with
     native bf16 (:mod:`napari_stem.precision`), else fp32; "bf16" or "fp32" to force. A
-    StemModel passed in is moved to ``device``.
+    StemModel passed in is moved to ``device``. ``quantiles``: interpolated quantile levels;
+    ``intervals``: central interval levels, written as the order-statistic intervals
+    :func:`napari_stem.intervals.plan_intervals` picks for ``n_samples`` (exact where K allows).
     Yields one :class:`SampleBatch` per batch; stop iterating to cancel.
     """
     embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)
@@ -141,6 +149,7 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     model.to(device)  # train/eval mode left as is: the model has no mode-dependent layers
     diffusion = create_diffusion(str(steps))
     levels = torch.tensor(sorted(quantiles), dtype=torch.float32) if quantiles else None
+    interval_specs = plan_intervals(intervals, n_samples)
     n_spots = embeddings.shape[0]
     if batch_size is None:
         batch_size = max(1, ROWS_PER_BATCH.get(device.type, 256) // n_samples)
@@ -155,7 +164,15 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
             else np.full((stop - start, samples.shape[2]), np.nan, dtype=np.float32),
             samples=samples.numpy() if keep_samples else None,
             quantiles=torch.quantile(samples, levels, dim=1).numpy() if levels is not None else None,
+            intervals=_interval_bounds(samples.numpy(), interval_specs),
         )
+
+
+def _interval_bounds(samples: np.ndarray, specs: Sequence[IntervalSpec]) -> np.ndarray | None:
+    """(I, 2, n_spots, G) lower and upper ends of each interval from (n_spots, K, G) samples."""
+    if not specs:
+        return None
+    return np.stack([np.stack(spec.bounds(samples, axis=1)) for spec in specs])
 
 
 def _sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, spot_indices: range,
@@ -183,6 +200,7 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
                       batch_size: int | None = None, device: str | torch.device = "auto",
                       precision: str = "auto", seed: int = 0, keep_samples: bool = False,
                       quantiles: Sequence[float] | None = None,
+                      intervals: Sequence[float] | None = None,
                       genes: Sequence[str] | None = None) -> Prediction:
     """Run :func:`iter_sample` to the end and gather a :class:`Prediction`.
 
@@ -196,7 +214,7 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     batches = list(iter_sample(
         model_or_checkpoint, embeddings, n_samples=n_samples, steps=steps, sampler=sampler,
         eta=eta, batch_size=batch_size, device=device, precision=precision, seed=seed,
-        keep_samples=keep_samples, quantiles=quantiles))
+        keep_samples=keep_samples, quantiles=quantiles, intervals=intervals))
     config = (checkpoint.model if checkpoint else model_or_checkpoint).config
     if checkpoint is not None:
         genes = checkpoint.genes
@@ -218,6 +236,8 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         samples=gather("samples"),
         quantile_levels=tuple(sorted(quantiles)) if quantiles else None,
         quantiles=gather("quantiles", axis=1),
+        interval_specs=plan_intervals(intervals, n_samples),
+        intervals=gather("intervals", axis=2),
         metadata={
             "n_samples": n_samples, "steps": steps, "sampler": sampler, "eta": eta, "seed": seed,
             "variance_ddof": VARIANCE_DDOF, "device": str(device), "precision": precision,

@@ -32,8 +32,9 @@ class DemoSize:
     n_genes_data: int
     n_genes_panel: int
     fit_args: tuple[str, ...]
-    samples: int
+    samples: int | None  # None: predict's default, the fewest that make the intervals exact
     steps: int
+    intervals: str = "0.5,0.9"
 
 
 FULL = DemoSize(
@@ -47,7 +48,7 @@ FULL = DemoSize(
     fit_args=("--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "400",
               "--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.98", "--num-aug-ratio", "0",
               "--log-every", "50", "--val-every", "200", "--ckpt-every", "200", "--val-samples", "2"),
-    samples=8,
+    samples=None,  # 19: exact 50 % and 90 % intervals
     steps=25,
 )
 QUICK = DemoSize(
@@ -58,8 +59,9 @@ QUICK = DemoSize(
     fit_args=("--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "150",
               "--global-batch-size", "64", "--lr", "2e-3", "--ema-decay", "0.95", "--num-aug-ratio", "0",
               "--log-every", "50", "--val-every", "150", "--ckpt-every", "150", "--val-samples", "2"),
-    samples=3,
+    samples=3,  # [min, max] of 3 samples is exactly a 50 % interval
     steps=5,
+    intervals="0.5",
 )
 
 
@@ -179,8 +181,8 @@ def run_headless(paths: DemoPaths, size: DemoSize, out: Path, device: str = "aut
     held_out = f"SYN{size.n_slides - 1:03d}"
     predictions = out / "predictions"
     _check(stem_train(["predict", str(paths.hest), "--checkpoint", str(paths.checkpoint), "--sample-ids", held_out,
-                       "--out", str(predictions), "--samples", str(size.samples), "--steps", str(size.steps),
-                       "--quantiles", "0.05,0.25,0.75,0.95", "--keep-samples", "--device", device]), "predict")
+                       "--out", str(predictions), *(["--samples", str(size.samples)] if size.samples else []),
+                       "--steps", str(size.steps), "--intervals", size.intervals, "--keep-samples", "--device", device]), "predict")
     prediction = predictions / f"{held_out}.h5ad"
     truth = paths.hest / "st" / f"{held_out}.h5ad"
     evaluation = out / "evaluation"

@@ -2,7 +2,8 @@
 
 The reference's metrics (PCC-10/50/200, MSE, MAE, RVD from ``eval.ipynb``) are reported next to the
 honest ones: the mean PCC over a gene panel fixed in advance (the primary number), a per-gene
-table, and, because Stem samples, calibration of the predictive distribution. Spots are matched
+table, and, because Stem samples, calibration of the predictive distribution, including whether
+the intervals the file writes cover what their labels say. Spots are matched
 by barcode, never by row position, and the truth is brought into the prediction's target space
 (log2(1 + raw counts) for the reference's models). See :mod:`napari_stem.metrics`.
 """
@@ -44,6 +45,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "prediction holds samples, quantile layers or a variance, the coverage of central 50% and 90% "
             "intervals, CRPS and the spread-error correlation. Genes whose PCC is undefined (constant on the "
             "slide) are listed, never silently dropped.\n\n"
+            "The intervals written in the file (lo50/hi50, lo90/hi90 ..., or an older file's q05/q95 and q25/q75 "
+            "pairs) are checked against the level they state: one whose coverage falls below its level by more "
+            "than 3 binomial standard errors (n = spots, since a spot's genes are not independent) is reported "
+            "as too narrow in the summary, the report's 'intervals_verdict' and its warnings; --strict-intervals "
+            "makes that exit with status 1.\n\n"
             "Writes OUT/report.json, OUT/per_gene.tsv and PNG plots: gene-variation curves (the paper's 2x2 "
             "figure), per-gene PCC bars, a calibration plot and marker-gene maps (truth and prediction on one "
             "colour scale, side by side, over the slide thumbnail)."
@@ -66,6 +72,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help=f"comma-separated genes to map (default: the {DEFAULT_MARKERS} panel genes with the highest "
                         "truth variance, chosen without looking at the prediction)")
     parser.add_argument("--no-plots", action="store_true", help="write report.json and per_gene.tsv only")
+    parser.add_argument("--strict-intervals", action="store_true",
+                        help="exit with status 1 when a written interval covers less than its stated level (beyond "
+                        "sampling error); by default that is a warning in the report and the summary")
     return parser
 
 
@@ -79,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print_summary(report)
     print(f"report: {Path(out) / REPORT_FILE}")
+    if args.strict_intervals and report["intervals_verdict"].startswith("too narrow"):
+        return 1
     return 0
 
 
@@ -165,7 +176,38 @@ def prediction_arrays(prediction: Any, source: Path) -> dict[str, Any]:
     stem_uns = prediction.uns.get("napari_stem", {})
     if "provenance_json" in stem_uns:
         provenance = json.loads(str(stem_uns["provenance_json"]))
-    return {"mean": mean, "variance": variance, "samples": samples, "quantiles": quantiles or None, "provenance": provenance}
+    return {"mean": mean, "variance": variance, "samples": samples, "quantiles": quantiles or None,
+            "intervals": written_intervals(prediction, quantiles, source), "provenance": provenance}
+
+
+def written_intervals(prediction: Any, legacy_quantiles: dict[float, np.ndarray], source: Path) -> list[dict]:
+    """The intervals the file offers its reader, with the level each states.
+
+    napari-stem's order-statistic layers as declared in ``uns['napari_stem']['intervals_json']``;
+    in older files, each q<p>/q<100-p> pair of interpolated quantile layers, read as the central
+    (100 − 2p) % interval it was presented as.
+    """
+    from napari_stem.anndata_io import read_interval_specs
+    from napari_stem.metrics import ORDER_STATISTICS
+
+    intervals = []
+    for spec in read_interval_specs(prediction):
+        missing = [name for name in (spec.lower_layer, spec.upper_layer) if name not in prediction.layers]
+        if missing:
+            raise EvaluationError(f"{describe_path(source)} declares the {spec.label} but has no layer {', '.join(missing)}.")
+        intervals.append({"name": spec.name, "level": spec.level, "label": spec.label, "layers": [spec.lower_layer, spec.upper_layer],
+                          "exact": spec.exact, "n_samples": spec.n_samples, "source": ORDER_STATISTICS,
+                          "lower": _dense(prediction.layers[spec.lower_layer]), "upper": _dense(prediction.layers[spec.upper_layer])})
+    for low in sorted(q for q in legacy_quantiles if q < 0.5):
+        high = round(1 - low, 10)
+        if high in legacy_quantiles:
+            level = round(high - low, 10)
+            names = [f"q{round(low * 100):02d}", f"q{round(high * 100):02d}"]
+            intervals.append({"name": f"{names[0]}-{names[1]}", "level": level, "layers": names,
+                              "label": f"{names[0]}-{names[1]} read as a {round(level * 100):d} % interval",
+                              "source": "interpolated quantile layers (older file)",
+                              "lower": legacy_quantiles[low], "upper": legacy_quantiles[high]})
+    return intervals
 
 
 def _library(adata: Any) -> dict | None:
@@ -255,9 +297,12 @@ def evaluate_files(
 
     result = metrics.score(
         truth_values, arrays["mean"], genes, panel=panel, variance=arrays["variance"],
-        samples=arrays["samples"], quantiles=arrays["quantiles"],
+        samples=arrays["samples"], quantiles=arrays["quantiles"], intervals=arrays["intervals"],
     )
     per_gene = result.pop("per_gene")
+    verdict = intervals_verdict(result["calibration"].get("written_intervals", []))
+    if verdict.startswith("too narrow"):
+        warnings.append(f"written intervals {verdict}")
     n_truth_only = truth.n_obs - len(np.unique(rows))
     if n_truth_only:
         warnings.append(f"{n_truth_only} truth spots have no prediction and are not scored")
@@ -272,6 +317,7 @@ def evaluate_files(
         "fixed_panel_pcc": result["fixed_panel"],
         "reference_metrics": result["reference"],
         "calibration": result["calibration"],
+        "intervals_verdict": verdict,
         "warnings": warnings,
         "provenance": provenance,
         "files": {"per_gene": PER_GENE_FILE},
@@ -282,6 +328,18 @@ def evaluate_files(
         report["files"].update(_plots(report, truth_values, arrays, genes, per_gene, context, prediction_path, out_dir, marker_genes, title))
     _write_json(report, out_dir / REPORT_FILE)
     return report
+
+
+def intervals_verdict(checks: list[dict]) -> str:
+    """One line on the written intervals: "as stated", "no intervals written" or what is too narrow."""
+    if not checks:
+        return "no intervals written"
+    narrow = [c for c in checks if c["verdict"] == "too narrow"]
+    if not narrow:
+        return "as stated (each covers its stated level within sampling error)"
+    return "too narrow: " + "; ".join(
+        f"{'/'.join(c['layers'])} covers {c['coverage']:.2f} of the truth, not {c['level']:.2f} (tolerance "
+        f"{c['tolerance']:.2f} at {c['n_spots']} spots; {c['source']})" for c in narrow)
 
 
 def _plots(report, truth_values, arrays, genes, per_gene, context, prediction_path, out_dir, marker_genes, title) -> dict:  # noqa: ANN001
@@ -379,6 +437,9 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             rows.append(("CRPS (normal approximation)", _fmt(calibration["crps_gaussian"])))
         if "spread_error_correlation" in calibration:
             rows.append(("spread-error correlation (mean over genes)", _fmt(calibration["spread_error_correlation"])))
+        for check in calibration.get("written_intervals", []):
+            rows.append((f"written {'/'.join(check['layers'])} ({check.get('label', '')})",
+                         f"{_fmt(check['coverage'])} at {_fmt(check['level'])}: {check['verdict']}"))
     return rows
 
 

@@ -101,21 +101,33 @@ def pcc_bars(genes: Sequence[str], pcc: np.ndarray, path: str | Path, title: str
 
 
 def calibration_plot(curves: dict, path: str | Path, title: str = "") -> Path:
-    """Nominal vs empirical coverage of central intervals; the diagonal is perfect calibration."""
+    """Stated vs empirical coverage of central intervals; the diagonal is perfect calibration.
+
+    Order-statistic intervals and the file's written intervals are drawn at their exact levels;
+    interpolated quantile intervals at the nominal level they would be read as (too narrow for few
+    samples, so they show what a reader of q05-q95 would be misled by).
+    """
     figure = _figure(4.8, 4.6)
     axis = figure.subplots()
     axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
     nominal = curves.get("nominal", [])
     styles = {
         "empirical_rank": ("tab:blue", "rank (PIT) intervals"),
-        "empirical_quantile_interval": ("tab:orange", "quantile intervals"),
+        "empirical_quantile_interval": ("tab:orange", "interpolated quantiles, at nominal level"),
     }
     for key, (colour, label) in styles.items():
-        if curves.get(key):
-            axis.plot(nominal, curves[key], marker="o", color=colour, label=label)
+        if curves.get(key) and len(curves[key]) == len(nominal):  # wide and pale: visible under equal curves
+            axis.plot(nominal, curves[key], marker="o", color=colour, label=label, linewidth=4, markersize=9, alpha=0.45)
+    exact = curves.get("order_statistic") or {}
+    if exact.get("level"):
+        axis.plot(exact["level"], exact["coverage"], marker="s", color="tab:green", label="order-statistic intervals")
+    written = curves.get("written") or {}
+    if written.get("level"):
+        axis.scatter(written["level"], written["coverage"], marker="*", s=160, color="black", zorder=5,
+                     label="written intervals (as labelled)")
     axis.set_xlim(0, 1)
     axis.set_ylim(0, 1)
-    axis.set_xlabel("nominal coverage of the central interval")
+    axis.set_xlabel("stated level of the central interval")
     axis.set_ylabel("empirical coverage")
     axis.set_title(title or "calibration")
     axis.legend(loc="upper left", fontsize=8)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_stem.errors import StemError, describe_path
+from napari_stem.intervals import DEFAULT_LEVELS
 from napari_stem.precision import PRECISION_HELP, PRECISIONS
 from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
 
@@ -44,9 +45,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "--sample-ids, with the spots of its st/<id>.h5ad). Patches are embedded with the checkpoint's own "
             "encoder and patch mode, then diffusion samples are drawn per spot.\n\n"
             "Each slide gives one .h5ad: X = mean of the samples, layers['variance'] = their variance, "
-            "layers['q05'...] = quantiles, obsm['spatial'] = spot centres, uns['spatial']['ST'] = slide thumbnail "
+            "layers['lo50'], ['hi50'], ['lo90'], ['hi90'] = prediction intervals (--intervals), obsm['spatial'] = "
+            "spot centres, uns['spatial']['ST'] = slide thumbnail "
             "(scanpy.pl.spatial(adata, library_id='ST', img_key='downscaled_fullres') draws it), provenance in "
-            "uns['napari_stem'].\n\n"
+            "uns['napari_stem'] (each interval's exact level and sample count in its 'intervals_json').\n\n"
+            "Intervals are order statistics of the K samples: [i-th smallest, i-th largest] covers exactly "
+            "(K + 1 - 2i)/(K + 1) for a calibrated model, so a level L is exact when (1 - L)(K + 1)/2 is a whole "
+            "number: 19 samples give exact 50% and 90% intervals. The sample count is raised to the next such K "
+            "when needed, with a note of the cost (sampling time grows with K).\n\n"
             "Under torchrun (or with RANK/WORLD_SIZE set) slides are split across ranks: rank r takes slides "
             "r, r+W, r+2W, ...; on CUDA each rank uses the GPU of its LOCAL_RANK."
         ),
@@ -69,7 +75,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--samples", type=int, default=None, metavar="K",
                           help="diffusion samples per spot; their mean is the prediction, their spread the uncertainty "
-                          "(default: 4 on CPU, 10 on CUDA; the paper: 20)")
+                          "(default: the fewest that make --intervals exact, 19 for 0.5,0.9; without intervals 4 on CPU, "
+                          "10 on CUDA; the paper: 20). A K that cannot give the intervals exactly is raised to one that can")
     sampling.add_argument("--steps", type=int, default=None, metavar="N",
                           help="denoising steps out of the 1000 trained (default: 25 on CPU, 50 on CUDA; the paper: 1000)")
     sampling.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
@@ -77,9 +84,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                f"per start noise; can diverge on undertrained models) (default: {DEFAULT_SAMPLER})")
     sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
     sampling.add_argument("--seed", type=int, default=0, help="random seed; same seed, same samples on any batch size (default: 0)")
-    sampling.add_argument("--quantiles", default="0.05,0.25,0.75,0.95", metavar="Q,Q",
-                          help="quantile levels stored as layers q05, q25, ... ('' for none; default: 0.05,0.25,0.75,0.95, "
-                          "the 90%% and 50%% intervals evaluate checks)")
+    sampling.add_argument("--intervals", default=",".join(f"{level:g}" for level in DEFAULT_LEVELS), metavar="L,L",
+                          help="central prediction-interval levels, written as layers lo<L>/hi<L> from order statistics of "
+                          "the samples, each exact at its stated level ('' for none; default: 0.5,0.9)")
+    sampling.add_argument("--median", action="store_true",
+                          help="also store the samples' (interpolated) median as layers['median']")
+    sampling.add_argument("--quantiles", default=None, metavar="Q,Q",
+                          help="removed: interpolated quantiles of few samples are not interval ends (q05-q95 of 8 samples "
+                          "covers ~0.65, not 0.90); use --intervals and --median")
     sampling.add_argument("--keep-samples", action="store_true",
                           help="also store every sample (obsm['samples'], n_spots x K*genes): lets evaluate compute the "
                           "sample CRPS and exact rank coverage; files grow K-fold")
@@ -103,7 +115,13 @@ def run(args: argparse.Namespace) -> int:
     from napari_stem.checkpoint import load_checkpoint
     from napari_stem.predict import embedding_spec
 
-    quantiles = parse_quantiles(args.quantiles)
+    if args.quantiles is not None:
+        raise StemError(
+            f"--quantiles {args.quantiles!r} is no longer written: interpolated quantiles of K samples are not "
+            "interval ends (q05-q95 of 8 samples covers ~0.65 of the truth, not 0.90). Use --intervals 0.5,0.9 "
+            "(exact order-statistic intervals, layers lo50/hi50 and lo90/hi90) and --median for the median."
+        )
+    levels = parse_levels(args.intervals, "--intervals")
     checkpoint = load_checkpoint(args.checkpoint)
     embedding_spec(checkpoint)  # fail now, not after the first slide, if it names no encoder
     jobs = plan_jobs(args.input, args.out, spots_path=args.spots, sample_ids=_split_ids(args.sample_ids), mpp=args.mpp)
@@ -111,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     mine = shard(jobs, rank, world_size)
     device = rank_device(args.device)
     prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+    n_samples = sample_count(levels, args.samples, device, prefix)
     print(f"{prefix}{len(mine)} of {len(jobs)} slides; checkpoint {checkpoint.path} ({len(checkpoint.genes)} genes, "
           f"encoder {checkpoint.embedding.get('encoder')}); device {device}")
     for job in mine:
@@ -120,10 +139,11 @@ def run(args: argparse.Namespace) -> int:
         path = predict_job(
             job, checkpoint, grid=(args.grid_pitch_um, args.grid_diameter_um, args.min_tissue_fraction),
             options={
-                "n_samples": args.samples, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
+                "n_samples": n_samples, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
                 "seed": args.seed, "device": device, "precision": args.precision, "encoder_weights": args.encoder_weights,
                 "embed_batch_size": args.batch_size, "num_workers": args.num_workers,
-                "sample_batch_size": args.sample_batch_size, "quantiles": quantiles, "keep_samples": args.keep_samples,
+                "sample_batch_size": args.sample_batch_size, "quantiles": (0.5,) if args.median else None,
+                "intervals": levels, "keep_samples": args.keep_samples,
             },
             cache_dir=args.cache_dir, progress_prefix=prefix,
         )
@@ -132,16 +152,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- planning
-def parse_quantiles(text: str | None) -> tuple[float, ...] | None:
+def parse_levels(text: str | None, flag: str = "--intervals") -> tuple[float, ...] | None:
     if not text or not text.strip():
         return None
     try:
         levels = tuple(sorted({float(part) for part in text.split(",") if part.strip()}))
     except ValueError as exc:
-        raise StemError(f"--quantiles must be comma-separated numbers in (0, 1), got {text!r}.") from exc
+        raise StemError(f"{flag} must be comma-separated numbers in (0, 1), got {text!r}.") from exc
     if not all(0 < q < 1 for q in levels):
-        raise StemError(f"--quantiles must lie strictly between 0 and 1, got {text!r}.")
+        raise StemError(f"{flag} must lie strictly between 0 and 1, got {text!r}.")
     return levels
+
+
+def sample_count(levels: Sequence[float] | None, requested: int | None, device: str, prefix: str = "") -> int:
+    """Samples per spot: ``--samples``, or the device default, raised so the intervals are exact (noted)."""
+    from napari_stem.intervals import resolve_sample_count
+    from napari_stem.predict import default_settings
+
+    n_samples, note = resolve_sample_count(levels, requested, default_settings(device)["n_samples"])
+    if note:
+        print(f"{prefix}note: {note}")
+    return n_samples
 
 
 def _split_ids(text: str | None) -> list[str] | None:
