@@ -158,3 +158,23 @@ def test_target_transforms() -> None:
     np.testing.assert_allclose(metrics.to_target_space(counts, "log1p"), np.log1p([[0.0, 1.0, 3.0, 0.0]]))
     with pytest.raises(ValueError, match="unknown target transform"):
         metrics.to_target_space(counts, "sqrt")
+
+
+def test_written_interval_check_against_binomial_tolerance() -> None:
+    truth = np.zeros((100, 2))
+    lower, upper = np.full((100, 2), -1.0), np.full((100, 2), 1.0)
+    upper[:20] = -0.5  # 20 of 100 spots (all genes) missed: coverage 0.80
+    check = metrics.written_interval_check(truth, lower, upper, 0.9)
+    assert check["coverage"] == pytest.approx(0.8) and check["tolerance"] == pytest.approx(3 * np.sqrt(0.9 * 0.1 / 100))
+    assert check["verdict"] == "too narrow" and check["n_spots"] == 100 and check["n_values"] == 200
+    upper[:5] = 1.0  # coverage 0.95: within 0.09 of 0.9
+    assert metrics.written_interval_check(truth, lower, upper, 0.9)["verdict"] == "as stated"
+    assert metrics.written_interval_check(truth, lower, np.ones((100, 2)), 0.5)["verdict"] == "wider than stated"
+
+
+def test_order_statistic_curve_levels_are_exact() -> None:
+    rng = np.random.default_rng(3)
+    samples, truth = rng.normal(size=(4000, 9, 2)), rng.normal(size=(4000, 2))
+    curve = metrics.order_statistic_curve(truth, samples)
+    assert curve["level"] == pytest.approx([0.8, 0.6, 0.4, 0.2])  # (K + 1 - 2i)/(K + 1), K = 9
+    np.testing.assert_allclose(curve["coverage"], curve["level"], atol=4 * np.sqrt(0.25 / 8000))
