@@ -218,7 +218,9 @@ def _validated_state_dict(weights, config: StemConfig, where: str, template: Ste
 # -- loading --------------------------------------------------------------------------------
 
 def _checkpoint_dir(path) -> Path:
-    path = Path(path)
+    from napari_stem.hub import resolve_checkpoint  # hf-hub:owner/name[@rev] -> cached folder; paths unchanged
+
+    path = resolve_checkpoint(path)
     if path.is_file() and path.name in (CONFIG_FILE, WEIGHTS_FILE):
         path = path.parent
     if not path.exists():

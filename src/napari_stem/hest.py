@@ -2,6 +2,7 @@
 
 :func:`iter_hest_samples` walks such a folder the way ``hest.iter_hest`` does, checking that every
 sample has its three files, so a missing file is reported by name before hours of work start.
+:func:`download` fetches such a folder from HEST-1k on the Hugging Face Hub (:mod:`napari_stem.hest_download`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ def hest_sample(root: str | Path, sample_id: str) -> HestSample:
             "at least 'pixel_size_um_estimated'."
         )
     return HestSample(sample_id=sample_id, wsi_path=wsi_path, st_path=st_path, metadata=metadata)
+
+
+def download(out_dir: str | Path, sample_ids: Sequence[str] | None = None, **options: Any):  # noqa: ANN201
+    """Fetch HEST-1k samples from the Hugging Face Hub into ``out_dir`` in this layout.
+
+    See :func:`napari_stem.hest_download.download` (filters, parts, dry run, resume).
+    """
+    from napari_stem.hest_download import download as fetch
+
+    return fetch(out_dir, sample_ids, **options)
 
 
 def is_hest_folder(path: str | Path) -> bool:

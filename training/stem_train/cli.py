@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMAND_MODULES = ("demo", "make_demo_data", "prepare", "fit", "predict", "evaluate", "baseline", "import_reference")
+SUBCOMMAND_MODULES = ("demo", "make_demo_data", "prepare", "fit", "predict", "evaluate", "baseline", "import_reference",
+                      "download", "push")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,251 @@
+"""napari-stem checkpoints on the Hugging Face Hub: ``hf-hub:owner/name[@revision]``.
+
+A napari-stem checkpoint (``config.json`` + ``weights.safetensors``) is a natural Hub model repo.
+:func:`resolve_checkpoint` turns a ``hf-hub:`` reference into a local folder in the Hub cache
+(``$HF_HUB_CACHE``, as timm and transformers cache their weights) and leaves local paths alone;
+:mod:`napari_stem.checkpoint` calls it, so every place that takes a checkpoint path (``stem-train
+predict``/``evaluate``-side tools, the widget's checkpoint field) accepts a reference too.
+
+Only ``config.json``, ``weights.safetensors`` and the model card are ever fetched: a repo that holds
+pickles (``*.bin``, ``*.pt``) instead is refused, never unpickled. :func:`push_checkpoint` writes a
+model card (genes, encoder, patch mode, training data, metrics from an evaluation report, intended
+use) beside the two files and uploads the folder with ``HfApi.upload_folder``.
+
+``huggingface_hub`` is an optional dependency (``pip install "napari-stem[hub]"``), imported only
+when a reference is resolved or a checkpoint pushed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from napari_stem.errors import CheckpointError, StemError
+
+HUB_PREFIX = "hf-hub:"
+CONFIG_FILE = "config.json"  # same names as napari_stem.checkpoint (not imported: it imports us)
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "README.md"
+#: What a Hub checkpoint is made of; nothing else is downloaded.
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+_resolved: dict[tuple[str, str | None], Path] = {}
+
+
+class HubError(StemError):
+    """The Hub cannot give what was asked: no token, terms not accepted, no such repo, offline."""
+
+
+def is_hub_reference(value: Any) -> bool:
+    return isinstance(value, (str, Path)) and str(value).startswith(HUB_PREFIX)
+
+
+def parse_hub_reference(value: str | Path) -> tuple[str, str | None]:
+    """``hf-hub:owner/name@rev`` → ``("owner/name", "rev")`` (revision None: the default branch)."""
+    text = str(value)[len(HUB_PREFIX):] if is_hub_reference(value) else str(value)
+    repo_id, _, revision = text.partition("@")
+    if not _REPO_ID.fullmatch(repo_id):
+        raise CheckpointError(f"'{value}' is not a Hub reference: write hf-hub:owner/name or hf-hub:owner/name@revision.")
+    return repo_id, revision or None
+
+
+def _hub():  # noqa: ANN202
+    try:
+        import huggingface_hub
+    except ImportError as exc:
+        raise HubError('the Hugging Face Hub client is not installed: pip install "napari-stem[hub]" '
+                       "(or pip install huggingface_hub).") from exc
+    return huggingface_hub
+
+
+def resolve_checkpoint(value: str | Path) -> Path:
+    """A local checkpoint folder for ``value``: a path as is, a ``hf-hub:`` reference downloaded.
+
+    The download goes to the Hub cache and is reused (offline too, once cached); only
+    :data:`CHECKPOINT_FILES` are fetched.
+    """
+    if not is_hub_reference(value):
+        return Path(value)
+    repo_id, revision = parse_hub_reference(value)
+    key = (repo_id, revision)
+    if key in _resolved and (_resolved[key] / CONFIG_FILE).is_file():
+        return _resolved[key]
+    hub = _hub()
+    try:
+        folder = Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(CHECKPOINT_FILES)))
+    except Exception as exc:  # noqa: BLE001 - every client error becomes one line naming the repo
+        raise hub_error(exc, repo_id, "model", what=f"checkpoint {value}") from exc
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(_not_a_checkpoint_message(value, repo_id, revision, missing))
+    _resolved[key] = folder
+    return folder
+
+
+def _not_a_checkpoint_message(value: Any, repo_id: str, revision: str | None, missing: list[str]) -> str:
+    """Say what the repo holds instead (pickles are named as refused), when the listing is reachable."""
+    holds = ""
+    try:
+        files = _hub().HfApi().list_repo_files(repo_id, revision=revision)
+        pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+        if pickles:
+            holds = (f" It holds pickled weights ({', '.join(pickles[:3])}), which napari-stem never loads from the Hub: "
+                     "they can run code. Ask its owner for a napari-stem checkpoint (stem-train push), or convert "
+                     "a reference checkpoint you trust locally with stem-train import-reference.")
+        else:
+            holds = f" It holds {', '.join(files[:5]) or 'no files'}."
+    except Exception:  # noqa: BLE001 - the listing only improves the message
+        pass
+    return (f"Hub repo '{repo_id}' ({value}) is not a napari-stem checkpoint: no {' or '.join(missing)}; a napari-stem "
+            f"checkpoint on the Hub is {CONFIG_FILE} + {WEIGHTS_FILE}.{holds}")
+
+
+def hub_error(exc: BaseException, repo_id: str, repo_type: str = "model", *, what: str | None = None) -> StemError:
+    """One line for a failed Hub call: no token, terms not accepted, no such repo/revision/file, offline."""
+    hub = _hub()
+    errors = hub.errors
+    what = what or f"{repo_type} {repo_id}"
+    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    if isinstance(exc, errors.GatedRepoError):
+        if hub.get_token() is None:
+            return HubError(f"{what}: '{repo_id}' is gated and no Hugging Face token is set. Accept its terms at {page}, "
+                            "create a read token (Settings → Access tokens), then run 'hf auth login' or set HF_TOKEN.")
+        return HubError(f"{what}: your Hugging Face token has no access to the gated repo '{repo_id}'. Accept its terms "
+                        f"at {page} with the account of that token (access can take a moment), or log in with another "
+                        "token ('hf auth login' / HF_TOKEN).")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return HubError(f"{what}: revision not found in '{repo_id}'; check the name after '@' ({page}/tree/main lists branches).")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        token_hint = "" if hub.get_token() else " If it is private, log in first ('hf auth login' or HF_TOKEN)."
+        return HubError(f"{what}: no {repo_type} repo '{repo_id}' on the Hub (or it is private).{token_hint}")
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        return HubError(f"{what}: the Hub cannot be reached and nothing is cached for '{repo_id}'; connect once "
+                        "(or copy the checkpoint folder here and give its path).")
+    if isinstance(exc, errors.EntryNotFoundError):
+        return HubError(f"{what}: a file is missing in '{repo_id}': {exc}")
+    if isinstance(exc, errors.HfHubHTTPError):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return HubError(f"{what}: the Hub answered an error ({first}); try again later.")
+    if isinstance(exc, StemError):
+        return exc
+    if isinstance(exc, OSError):
+        return HubError(f"{what}: {exc}")
+    return HubError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+# -- publishing -----------------------------------------------------------------------------
+
+def model_card(metadata: dict, repo_id: str, report: dict | None = None) -> str:
+    """A Hub model card (``README.md``) for a checkpoint's config, with metrics from ``report``.
+
+    ``report`` is ``stem-train evaluate``'s ``report.json``; without it the card says the model is
+    unevaluated rather than inventing numbers.
+    """
+    genes = [str(g) for g in metadata.get("genes", [])]
+    architecture = metadata.get("architecture", {})
+    embedding = metadata.get("embedding", {})
+    provenance = metadata.get("provenance", {})
+    patch = embedding.get("patch", {}) if isinstance(embedding.get("patch"), dict) else {}
+    encoder = embedding.get("encoder", "unknown")
+    front = {"library_name": "napari-stem", "tags": ["napari-stem", "spatial-transcriptomics", "histology", "diffusion"],
+             "pipeline_tag": "image-feature-extraction"}
+    lines = ["---", *(f"{key}: {json.dumps(value)}" for key, value in front.items()), "---", "",
+             f"# {repo_id.split('/')[-1]}", "",
+             "A [napari-stem](https://github.com/napari-stem/napari-stem) checkpoint of **Stem** (Zhu et al., ICLR 2025): a "
+             "conditional diffusion model that predicts Visium-style spot expression, with its uncertainty, from H&E "
+             "patch embeddings.", "",
+             "## Use", "", "```bash", 'pip install "napari-stem[hub]"',
+             f"stem-train predict my_slide.svs --checkpoint hf-hub:{repo_id} --out my_slide.h5ad", "```", "",
+             f"or type `hf-hub:{repo_id}` into the *checkpoint* field of the napari widget. Only `{CONFIG_FILE}` and "
+             f"`{WEIGHTS_FILE}` are downloaded; nothing is unpickled.", "",
+             "## Model", "",
+             f"- genes: {len(genes)} ({', '.join(genes[:20])}{', ...' if len(genes) > 20 else ''}); full ordered list in `{CONFIG_FILE}`",
+             f"- target: {metadata.get('target_transform', 'log2p1')} of counts",
+             f"- image encoder: `{encoder}` ({embedding.get('dim', architecture.get('cond_dim', '?'))}-dim embeddings); its "
+             "weights are not part of this repo",
+             f"- patches: {patch.get('mode', 'hest')} mode" + (f", {patch['size_um']} µm" if "size_um" in patch else ""),
+             "- architecture: " + ", ".join(f"{k} {v}" for k, v in architecture.items()), "",
+             "## Training data", ""]
+    if provenance:
+        for key in ("trainer", "source", "steps", "data", "data_dir", "train_slides", "held_out_slides", "gene_selection", "napari_stem_version"):
+            if provenance.get(key) not in (None, "", []):
+                value = provenance[key]
+                lines.append(f"- {key.replace('_', ' ')}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+    else:
+        lines.append("- not recorded in the checkpoint")
+    lines += ["", "## Evaluation", ""]
+    if report:
+        lines += _report_lines(report)
+    else:
+        lines.append("Not evaluated: push with `--report evaluation/report.json` (from `stem-train evaluate`) to add metrics.")
+    lines += ["", "## Intended use", "",
+              "Research on spatial transcriptomics and histology. Predictions are model outputs, not measurements; "
+              "the per-spot variance and intervals say how unsure the model is, and they are only as good as its "
+              "calibration on slides like yours (check it with `stem-train evaluate` on a measured slide). Not for "
+              "diagnosis or any clinical decision. Data licences of the training slides (e.g. HEST-1k: CC BY-NC-SA "
+              "4.0) may restrict use.", ""]
+    return "\n".join(lines)
+
+
+def _report_lines(report: dict) -> list[str]:
+    def number(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = []
+    if report.get("truth"):
+        lines.append(f"On `{Path(str(report['truth'])).name}` ({report.get('n_spots', '?')} spots, {report.get('n_genes', '?')} genes):")
+        lines.append("")
+    panel = report.get("fixed_panel_pcc") or {}
+    if isinstance(panel, dict) and "mean" in panel:
+        lines.append(f"- fixed-panel mean PCC: {number(panel['mean'])}")
+    for section in ("reference_metrics", "calibration"):
+        values = report.get(section) or {}
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    lines.append(f"- {key.replace('_', ' ')}: {number(value)}")
+    if report.get("intervals_verdict"):
+        lines.append(f"- written intervals: {report['intervals_verdict']}")
+    return lines or ["(the report holds no metrics)"]
+
+
+def push_checkpoint(checkpoint: str | Path, repo_id: str, *, report: str | Path | None = None, private: bool = False,
+                    revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload a checkpoint folder's config, weights and a fresh model card to ``repo_id``; returns its URL.
+
+    Training state (``training_state.pt``, a pickle of optimiser state) is never uploaded.
+    """
+    from napari_stem.checkpoint import read_metadata
+
+    if not _REPO_ID.fullmatch(repo_id):
+        raise HubError(f"'{repo_id}' is not a Hub repo id; write owner/name.")
+    folder = Path(checkpoint)
+    metadata = read_metadata(folder)  # a missing or damaged checkpoint is named before any upload
+    folder = folder.parent if folder.is_file() else folder
+    report_data = None
+    if report is not None:
+        try:
+            report_data = json.loads(Path(report).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise HubError(f"cannot read the evaluation report '{report}': {exc}") from exc
+    hub = _hub()
+    api = hub.HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="napari-stem-push-") as staging:
+        staging = Path(staging)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(folder / name, staging / name)
+        (staging / CARD_FILE).write_text(model_card(metadata, repo_id, report_data), encoding="utf-8")
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=str(staging), repo_type="model", revision=revision,
+                              commit_message=commit_message or f"napari-stem checkpoint ({len(metadata.get('genes', []))} genes)",
+                              allow_patterns=list(CHECKPOINT_FILES))
+        except Exception as exc:  # noqa: BLE001
+            raise hub_error(exc, repo_id, "model", what=f"push to {repo_id}") from exc
+    return f"https://huggingface.co/{repo_id}"
