@@ -275,3 +275,84 @@ def test_clicking_a_spot_opens_the_inspector_with_its_samples(open_widget, qtbot
     # a click on glass shows nothing new
     click(np.array([10.0, 10.0]))
     assert inspector.report is report
+
+
+@gui
+def test_spaceranger_outs_open_with_their_he_under_the_spots(make_napari_viewer, spaceranger_outs: Path) -> None:  # noqa: ANN001
+    viewer = make_napari_viewer()
+    viewer.open(str(spaceranger_outs), plugin="napari-stem")
+    image, spots = viewer.layers
+    assert image.rgb and "H&E" in image.name and spots.name.endswith("spots")
+    assert tuple(image.units) == tuple(spots.units) and str(spots.units[0]) == "micrometer"
+    # aligned: spots (all under tissue in filtered_feature_bc_matrix) sit on stained pixels, not on glass
+    pixels = np.round((spots.data * spots.scale - image.translate) / image.scale).astype(int)
+    assert (pixels >= 0).all() and (pixels < np.asarray(image.data.shape[:2])).all()
+    rgb = np.asarray(image.data, dtype=float)
+    saturation = rgb.max(axis=-1) - rgb.min(axis=-1)
+    under_spots = saturation[pixels[:, 0], pixels[:, 1]]
+    assert np.median(under_spots) > 4 * np.median(saturation)
+    on_tissue = (under_spots > 8).mean()
+    shifted = saturation[np.clip(pixels[:, 0] + 60, 0, rgb.shape[0] - 1), np.clip(pixels[:, 1] + 60, 0, rgb.shape[1] - 1)]
+    print(f"spots on stained pixels: {on_tissue:.0%} (frame shifted by 60 px: {(shifted > 8).mean():.0%})")
+    assert on_tissue > 0.7 and on_tissue > (shifted > 8).mean() + 0.15
+
+
+@gui
+def test_reopened_prediction_brings_its_slide_and_labelled_colorbars(open_widget, qtbot, errors, tmp_path: Path, demo_slide_file: Path) -> None:  # noqa: ANN001, F811
+    from napari_stem._result_layers import colorbar_text
+
+    viewer, widget = open_widget(threads=False)
+    widget.run_button.clicked()
+    widget.export_path.value = tmp_path / "saved.h5ad"
+    widget.export_button.clicked()
+    viewer.layers.clear()
+    viewer.open(str(tmp_path / "saved.h5ad"), plugin="napari-stem")
+    slide, sd, mean = [layer for layer in viewer.layers if layer.metadata.get("napari_stem") != "preview"]
+    assert slide.metadata["path"] == str(demo_slide_file) and slide.rgb  # the recorded slide, in the same µm frame
+    assert (sd.name, mean.name) == ("saved GA sd", "saved GA mean") and mean.visible and not sd.visible
+    assert tuple(slide.units) == tuple(mean.units)
+    qtbot.waitUntil(lambda: colorbar_text(mean) is not None, timeout=2_000)
+    assert colorbar_text(mean) == "GA mean · log2(1+count)" and mean.face_colorbar.visible
+    # the widget's Export works for re-opened layers too (the active prediction layer)
+    widget.reset_choices()
+    viewer.layers.selection.active = mean
+    widget.export_path.value = tmp_path / "again.csv"
+    widget.export_button.clicked()
+    assert errors == [] and (tmp_path / "again.csv").exists()
+
+
+@gui
+def test_known_models_list_the_demo_model_and_recent_checkpoints(open_widget, errors, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001, F811
+    from napari_stem import known_models
+
+    monkeypatch.setattr(known_models, "_recent_file", lambda: tmp_path / "recent.json")
+    monkeypatch.setattr(known_models, "demo_checkpoint", lambda: None)
+    monkeypatch.setattr(known_models, "build_demo_model", lambda: tiny_checkpoint)  # the slow build, stood in
+    viewer, widget = open_widget(threads=False)
+    widget.checkpoint.value = None
+    widget.known_models.reset_choices()
+    labels = [widget.known_models.native.itemText(i) for i in range(widget.known_models.native.count())]
+    assert labels[1].startswith("demo model (built on first use, about") and len(labels) == 2
+    widget.known_models.value = known_models.DEMO  # builds (here: instantly), then fills the checkpoint
+    assert Path(widget.checkpoint.value) == tiny_checkpoint and "demo model ready" in widget.status.value
+    widget.run_button.clicked()  # a used checkpoint is remembered
+    assert widget.controller.status == "done", errors
+    monkeypatch.setattr(known_models, "demo_checkpoint", lambda: tmp_path / "demo")
+    widget.known_models.reset_choices()
+    choices = widget.known_models.choices
+    assert set(choices) == {None, str(tmp_path / "demo"), str(tiny_checkpoint.resolve())}, choices
+    widget.checkpoint.value = None
+    widget.known_models.value = str(tiny_checkpoint.resolve())
+    assert Path(widget.checkpoint.value) == tiny_checkpoint.resolve() and "5 genes" in widget.checkpoint_info.value
+
+
+@gui
+def test_a_hest_folder_opened_later_becomes_the_spots(make_napari_viewer, synthetic_hest: Path) -> None:  # noqa: ANN001
+    from test_widget import WIDGET
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-stem", WIDGET)
+    assert widget.spots.value == "grid over tissue"
+    viewer.open(str(synthetic_hest), plugin="napari-stem")
+    image, spots = viewer.layers[:2]
+    assert widget.slide.value is image and widget.spots.value is spots  # the folder's spots, not a grid

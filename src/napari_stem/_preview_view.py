@@ -228,8 +228,11 @@ class SpotPreview:
         self.widget.preview_info.value = message
 
     def hide(self) -> None:
-        """Results are coming: the preview makes way (it comes back on the next settings change)."""
-        self._timer.stop()
+        """Results are coming: the preview makes way (it comes back on the next settings change),
+        after taking in any change still pending (count, cost and mask say what is predicted)."""
+        if self._timer.isActive():
+            self._timer.stop()
+            self.update()
         self._hide_spots()
 
     def _hide_spots(self) -> None:

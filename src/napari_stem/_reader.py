@@ -173,6 +173,8 @@ def _spaceranger_image(outs: Path, spots, name: str) -> tuple | None:  # noqa: A
         if png.is_file() and factor:
             with Image.open(png) as opened:
                 image = np.asarray(opened.convert("RGB"))
+            if np.ptp(image) == 0:  # a blank placeholder (stripped test data): try the next one
+                continue
             return _image_layer_in_spot_frame(image, float(factor), spots, f"{name} H&E ({kind})")
     return None
 

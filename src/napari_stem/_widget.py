@@ -7,10 +7,12 @@ signals and touches layers — always on the main thread (worker events arrive t
 ``thread_worker`` over :meth:`PredictController.run`; set ``NAPARI_STEM_NOTHREADS=1`` (or
 ``widget.use_threads = False``) to run the same generator synchronously, for deterministic tests.
 
-Results are two Points layers, "mean" and "variance", over the predicted spots, drawn as batches
-finish. A new run replaces the layers of the previous run unless they were renamed (rename to
-keep). A cancelled run keeps the spots already sampled as "mean (partial k/n)" / "variance
-(partial k/n)"; a failed run removes its layers and shows a notification naming the fix.
+Results are two Points layers over the predicted spots, drawn as batches finish: "<gene> mean"
+on top, selected, and "<gene> sd" (or variance, *uncertainty as*) below it, hidden — one click
+away; names, colours and colorbar labels follow the gene picker. A new run replaces the layers of
+the previous run unless they were renamed (rename to keep). A cancelled run keeps the spots
+already sampled as "<gene> mean (partial k/n)" …; a failed run removes its layers and shows a
+notification naming the fix.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
+    FloatSlider,
     FloatSpinBox,
     Label,
     LineEdit,
@@ -51,13 +55,15 @@ from napari_stem.intervals import CHOICES as INTERVAL_CHOICES
 from napari_stem.intervals import DEFAULT_CHOICE as DEFAULT_INTERVALS
 from napari_stem.intervals import describe as describe_intervals
 from napari_stem.intervals import samples_for_levels
-from napari_stem.layers import SlideFrame, gene_contrast_limits, prediction_features, prediction_layer_data
+from napari_stem import _result_layers
+from napari_stem.layers import SPOT_OPACITY, UNCERTAINTY_KINDS, SlideFrame, prediction_layer_data
 from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
 
 if TYPE_CHECKING:
     import napari
 
-KINDS = ("mean", "variance")
+#: Result layers by role: the mean (shown, on top) and its uncertainty (one click away, hidden).
+ROLES = ("uncertainty", "mean")
 
 
 def threads_enabled() -> bool:
@@ -75,7 +81,7 @@ class PredictWidget(Container):
         self.controller = PredictController()
         self.use_threads = threads_enabled()
         self.worker: Any = None
-        self._result_layers: dict[str, Any] = {}  # kind -> layer of the current result
+        self._result_layers: dict[str, Any] = {}  # role (ROLES) -> layer of the current result
         self._layers_result: Any = None  # the PredictionResult those layers show
         self._given_names: dict[int, str] = {}  # id(layer) -> the name this widget gave it
         defaults = DEFAULT_SETTINGS["cpu"]
@@ -86,6 +92,12 @@ class PredictWidget(Container):
         self.pitch_um = FloatSpinBox(label="grid pitch (µm)", value=100.0, min=10.0, max=2000.0, step=10.0, tooltip="Visium 100, legacy ST 200")
         self.diameter_um = FloatSpinBox(label="spot diameter (µm)", value=55.0, min=5.0, max=2000.0, step=5.0, tooltip="Visium 55, legacy ST 100")
         self.region = ComboBox(label="region", choices=self._region_choices, tooltip="A Shapes layer (polygon, rectangle, ellipse); empty = whole slide")
+        self.min_tissue = FloatSpinBox(label="min tissue fraction", value=0.5, min=0.0, max=1.0, step=0.05,
+                                       tooltip="Grid spots whose disc is less tissue than this are left out")
+        self.show_mask = CheckBox(label="show tissue mask", value=False, tooltip="The detected tissue the grid is laid on")
+        self.preview_info = Label(label="preview", value="")
+        self.known_models = ComboBox(label="known models", choices=self._model_choices,
+                                     tooltip="The demo model and recently used checkpoints; picking one fills 'checkpoint'")
         self.checkpoint = FileEdit(label="checkpoint", mode="d", nullable=True, tooltip="A napari-stem checkpoint folder; its config decides genes, encoder and patches")
         self.checkpoint_info = Label(label="model", value="(choose a checkpoint)")
         self.intervals = ComboBox(label="intervals", choices=list(INTERVAL_CHOICES), value=DEFAULT_INTERVALS,
@@ -106,33 +118,56 @@ class PredictWidget(Container):
         self.status = Label(label="status", value="")
         # results
         self.gene_filter = LineEdit(label="find gene", tooltip="Type part of a gene name to narrow the list")
-        self.gene = ComboBox(label="gene", choices=[], tooltip="Recolours the mean and variance layers")
+        self.gene = ComboBox(label="gene", choices=[], tooltip="Recolours and renames the prediction layers")
+        self.uncertainty = ComboBox(label="uncertainty as", choices=list(UNCERTAINTY_KINDS), value="sd",
+                                    tooltip="What the uncertainty layer shows: standard deviation (same unit as the mean) or variance")
+        self.opacity = FloatSlider(label="spot opacity", value=SPOT_OPACITY, min=0.1, max=1.0, step=0.05,
+                                   tooltip="Lower lets the tissue show through the spots")
+        self.hover_all_genes = CheckBox(label="hover: all genes", value=False,
+                                        tooltip="Hovering a spot shows the displayed gene; tick to list every gene's mean too")
         self.export_path = FileEdit(label="export to", mode="w", nullable=True, filter="*.h5ad *.csv")
         self.export_button = PushButton(text="Export")
 
         self.extend(
             [
-                self.slide, self.spots, self.pitch_um, self.diameter_um, self.region,
-                self.checkpoint, self.checkpoint_info, self.intervals, self.n_samples, self.intervals_info, self.steps, self.sampler,
+                self.slide, self.spots, self.pitch_um, self.diameter_um, self.min_tissue, self.region,
+                self.show_mask, self.preview_info,
+                self.known_models, self.checkpoint, self.checkpoint_info, self.intervals, self.n_samples, self.intervals_info, self.steps, self.sampler,
                 self.device, self.seed, self.encoder_weights, self.mpp,
                 self.run_button, self.cancel_button, self.progress, self.status,
-                self.gene_filter, self.gene, self.export_path, self.export_button,
+                self.gene_filter, self.gene, self.uncertainty, self.opacity, self.hover_all_genes,
+                self.export_path, self.export_button,
             ]
         )  # fmt: skip
-        for label in (self.status, self.checkpoint_info, self.intervals_info):  # long messages wrap instead of widening the dock
+        for label in (self.status, self.checkpoint_info, self.intervals_info, self.preview_info):  # long messages wrap instead of widening the dock
             label.native.setWordWrap(True)
         self.spots.changed.connect(self._update_grid_fields)
+        self.region.changed.connect(self._adopt_slide_units)
         self.intervals.changed.connect(self._on_intervals_changed)
         self.n_samples.changed.connect(self._update_intervals_info)
         self._update_intervals_info()
         self.checkpoint.changed.connect(self._on_checkpoint_changed)
+        self.known_models.changed.connect(self._on_known_model)
         self.run_button.clicked.connect(self._on_run)
         self.cancel_button.clicked.connect(self._on_cancel)
         self.gene_filter.changed.connect(self._refresh_genes)
         self.gene.changed.connect(self._apply_gene)
+        self.uncertainty.changed.connect(self._apply_uncertainty)
+        self.opacity.changed.connect(self._apply_opacity)
+        self.hover_all_genes.changed.connect(self._apply_hover)
         self.export_button.clicked.connect(self._on_export)
+        self._default_to_opened_spots()
         self._update_grid_fields()
         self._refresh_genes()
+        from napari_stem._preview_view import SpotPreview
+
+        self.preview = SpotPreview(self)  # spots (and tissue) drawn as soon as their settings change
+        for control in (self.slide, self.spots, self.pitch_um, self.diameter_um, self.min_tissue, self.region,
+                        self.show_mask, self.mpp, self.checkpoint, self.n_samples, self.steps, self.device):
+            control.changed.connect(self.preview.schedule)
+        self.preview.schedule()
+        self.inspector: Any = None  # the "Spot inspector" dock, made at the first click on a spot
+        viewer.mouse_drag_callbacks.append(self._on_canvas_click)
 
     # ------------------------------------------------------------------ choices
     def _slide_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
@@ -142,7 +177,7 @@ class PredictWidget(Container):
         points = [
             (layer.name, layer)
             for layer in self._viewer.layers
-            if layer._type_string == "points" and layer.metadata.get("napari_stem") != "prediction"
+            if layer._type_string == "points" and layer.metadata.get("napari_stem") not in ("prediction", "preview")
         ]
         return [(GRID, GRID), *points]
 
@@ -151,14 +186,29 @@ class PredictWidget(Container):
         return [(WHOLE_SLIDE, WHOLE_SLIDE), *shapes]
 
     def reset_choices(self, *_: Any) -> None:
-        """Called by napari when layers change: refresh layer pickers and the gene list."""
-        super().reset_choices()
+        """Called by napari when layers change: refresh layer pickers and the gene list (the gene
+        picker keeps its choice: renaming layers to follow it must not reset it)."""
+        for widget in self:
+            if widget is not self.gene and hasattr(widget, "reset_choices"):
+                widget.reset_choices()
+        self._default_to_opened_spots()
         self._refresh_genes()
 
     def _update_grid_fields(self, *_: Any) -> None:
         is_grid = self.spots.value == GRID
         self.pitch_um.visible = is_grid
         self.diameter_um.visible = is_grid
+        self.min_tissue.visible = is_grid
+
+    def _default_to_opened_spots(self) -> None:
+        """Spots opened with the slide (a HEST folder, an .h5ad) are what the user means, not a grid:
+        a newly opened napari-stem spots layer becomes the choice while the grid is chosen."""
+        seen = getattr(self, "_seen_spots", set())
+        opened = [layer for _, layer in self._spots_choices() if not isinstance(layer, str) and layer.metadata.get("napari_stem") == "spots"]
+        new = [layer for layer in opened if id(layer) not in seen]
+        self._seen_spots = {id(layer) for layer in opened}
+        if new and self.spots.value == GRID:
+            self.spots.value = new[-1]
 
     def _on_intervals_changed(self, *_: Any) -> None:
         """A new interval choice draws enough samples to make it exact (never fewer than before)."""
@@ -170,6 +220,50 @@ class PredictWidget(Container):
     def _update_intervals_info(self, *_: Any) -> None:
         """Say which intervals the current sample count gives, with their actual level."""
         self.intervals_info.value = describe_intervals(INTERVAL_CHOICES[self.intervals.value], int(self.n_samples.value))
+
+    def _model_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        from napari_stem import known_models
+
+        return known_models.choices()
+
+    def _on_known_model(self, value: Any = None, *_: Any) -> None:
+        """A known model fills 'checkpoint'; the demo model is built first when it is not yet."""
+        from napari_stem import known_models
+
+        if value is None:
+            return
+        if value != known_models.DEMO:
+            self.checkpoint.value = Path(value)
+            return
+        message = f"building the demo model once ({known_models.DEMO_BUILD_TIME}); it is kept for next time…"
+        self._set_status(message)
+        show_info(f"napari-stem: {message}")
+        self.run_button.enabled = False
+        self.progress.max = 0  # busy, without a known end
+
+        def built(checkpoint: Path) -> None:
+            self.progress.max = 1000
+            self.run_button.enabled = True
+            self.known_models.reset_choices()
+            self.checkpoint.value = checkpoint
+            self._set_status(f"demo model ready: {checkpoint}")
+
+        def failed(error: BaseException) -> None:
+            self.progress.max = 1000
+            self.run_button.enabled = True
+            self._set_status(f"could not build the demo model: {error}")
+            show_error(self.status.tooltip)
+
+        if not self.use_threads:
+            try:
+                built(known_models.build_demo_model())
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                failed(exc)
+            return
+        from napari.qt.threading import create_worker
+
+        self._demo_worker = create_worker(known_models.build_demo_model, _start_thread=False, _connect={"returned": built, "errored": failed})
+        self._demo_worker.start()
 
     def _on_checkpoint_changed(self, *_: Any) -> None:
         if self.checkpoint.value is None:
@@ -194,6 +288,7 @@ class PredictWidget(Container):
             mpp_override=float(self.mpp.value),
             pitch_um=float(self.pitch_um.value),
             diameter_um=float(self.diameter_um.value),
+            min_tissue_fraction=float(self.min_tissue.value),
         )
 
     def slide_input(self) -> SlideInput | None:
@@ -227,10 +322,26 @@ class PredictWidget(Container):
         value = self.region.value
         if value is None or isinstance(value, str):
             return None
+        self._adopt_slide_units(value)
         return RegionInput(
             name=value.name,
             shapes=[(shape_type, _to_world(value, vertices)) for shape_type, vertices in zip(value.shape_type, value.data, strict=True)],
         )
+
+    def _adopt_slide_units(self, layer: Any) -> None:
+        """A region drawn in a unit-less layer over a µm slide gets the slide's units.
+
+        napari places unit-less layers by their numbers, which over a µm slide are µm already;
+        saying so keeps the picture and stops napari's "Inconsistent units across layers" warning
+        each time a layer is added.
+        """
+        slide = self.slide.value
+        if layer is None or isinstance(layer, str) or slide is None:
+            return
+        pixels = all(str(unit) == "pixel" for unit in layer.units)
+        slide_units = tuple(str(unit) for unit in slide.units)
+        if pixels and "pixel" not in slide_units and np.allclose(layer.scale, 1) and layer.ndim == len(slide_units):
+            layer.units = slide_units
 
     # ------------------------------------------------------------------ run
     def _on_run(self, *_: Any) -> None:
@@ -241,6 +352,10 @@ class PredictWidget(Container):
             self._set_status(str(exc))
             show_error(str(exc))
             return
+        from napari_stem.known_models import remember_checkpoint
+
+        remember_checkpoint(job.checkpoint)
+        self.preview.hide()
         self.controller.start(job)
         self._set_running(True)
         self._show_progress()
@@ -342,12 +457,10 @@ class PredictWidget(Container):
         self.export_button.enabled = not running
 
     def _show_progress(self) -> None:
-        controller = self.controller
-        total = max(controller.stage_total, 1)
-        self.progress.max = 2 * total  # embedding then sampling, each over all spots
-        done = controller.stage_done + (total if controller.stage == "sample" else 0)
-        self.progress.value = min(done, 2 * total)
-        self._set_status(controller.message)
+        """The bar runs over the whole job (embedding, then sampling step by step)."""
+        self.progress.max = 1000
+        self.progress.value = round(1000 * self.controller.fraction)
+        self._set_status(self.controller.message)
 
     def _set_status(self, text: str) -> None:
         self.status.value = text if len(text) <= 160 else text[:157] + "…"
@@ -355,7 +468,10 @@ class PredictWidget(Container):
 
     # ------------------------------------------------------------------ result layers
     def _draw_result(self, suffix: str = "") -> None:
-        """Create the result layers at the first batch, then update their values in place."""
+        """Create the result layers at the first batch, then update their values in place.
+
+        The mean is added last (on top) and selected; the uncertainty layer below it, hidden.
+        """
         result = self.controller.result
         if result is None:
             return
@@ -364,26 +480,28 @@ class PredictWidget(Container):
             self._replace_previous_layers()
             self._layers_result = result
             gene = self.gene.value if self.gene.value in result.genes else result.genes[0]
-            for kind in KINDS:
+            for role in ROLES:
+                kind = "mean" if role == "mean" else str(self.uncertainty.value)
                 data, kwargs, layer_type = prediction_layer_data(
                     result.prediction, result.spots, kind, gene,
-                    frame=result.job.frame, name=kind + suffix, shown=result.shown,
-                    slide_path=str(result.job.slide_path),
+                    frame=result.job.frame, suffix=suffix, shown=result.shown,
+                    slide_path=str(result.job.slide_path), visible=role == "mean",
+                    opacity=float(self.opacity.value),
                 )  # fmt: skip
                 layer = Layer.create(data, kwargs, layer_type)
-                layer.face_colorbar.visible = True
+                layer.metadata["all_genes"] = bool(self.hover_all_genes.value)
                 self._viewer.add_layer(layer)
-                self._result_layers[kind] = layer
+                _result_layers.show(layer)
+                self._result_layers[role] = layer
                 self._given_names[id(layer)] = layer.name
+            self._viewer.layers.selection.active = self._result_layers["mean"]
             self._refresh_genes()
             if self.gene.value != gene and gene in self.gene.choices:
                 self.gene.value = gene
             return
-        gene = self.gene.value
-        for kind, layer in self._result_layers.items():
-            layer.features = prediction_features(result.prediction, result.spots, kind)
+        for layer in self._result_layers.values():
             layer.shown = result.shown
-            _recolour(layer, gene if gene in layer.features else result.genes[0])
+            self._show(layer)
 
     def _replace_previous_layers(self) -> None:
         """Remove this widget's earlier result layers unless the user renamed them (to keep them)."""
@@ -403,17 +521,71 @@ class PredictWidget(Container):
         self._result_layers = {}
         self._layers_result = None
 
+    # ------------------------------------------------------------------ spot inspector
+    def _on_canvas_click(self, viewer: Any, event: Any) -> Any:
+        """A click (press and release without dragging) on a predicted spot opens the inspector."""
+        if getattr(event, "button", 1) != 1 or event.type != "mouse_press":
+            return
+        position = np.asarray(event.position, dtype=float)
+        yield
+        dragged = False
+        while event.type == "mouse_move":
+            dragged = True
+            yield
+        if not dragged:
+            self.inspect_at(position)
+
+    def inspect_at(self, world_position: Any) -> Any:
+        """Show the spot under ``world_position`` of the active (else topmost shown) prediction layer."""
+        from napari_stem.inspector import nearest_spot
+
+        layers = [layer for layer in self.prediction_layers() if layer.visible]
+        active = self._viewer.layers.selection.active
+        if active in layers:
+            layers = [active]
+        for layer in reversed(layers):
+            size = np.asarray(layer.size, dtype=float)
+            radius = (float(np.median(size)) if size.size else 0.0) / 2 * float(np.mean(np.abs(layer.scale[-2:])))
+            index = nearest_spot(world_position, _to_world(layer, layer.data), radius, shown=layer.shown)
+            if index is not None:
+                return self.inspect(layer, index)
+        return None
+
+    def inspect(self, layer: Any, index: int) -> Any:
+        """Fill the inspector dock with spot ``index`` of ``layer`` for its displayed gene."""
+        from napari_stem._inspector_widget import SpotInspector
+        from napari_stem.inspector import spot_report
+
+        meta = layer.metadata
+        barcodes = np.asarray(meta["spots"].barcodes, dtype=str)
+        if "barcode" in layer.features and index < len(layer.features):  # the row, even if points were deleted
+            rows = np.flatnonzero(barcodes == str(layer.features["barcode"].iloc[index]))
+            index = int(rows[0]) if rows.size else index
+        report = spot_report(meta["prediction"], meta["spots"], index, meta.get("gene") or meta["genes"][0])
+        if self.inspector is None:
+            self.inspector = SpotInspector()
+            self._viewer.window.add_dock_widget(self.inspector, name="Spot inspector", area="right")
+        self.inspector.show_report(report)
+        return report
+
     def prediction_layers(self) -> list[Any]:
         """Every napari-stem prediction layer in the viewer (this widget's and re-opened files)."""
         return [layer for layer in self._viewer.layers if layer.metadata.get("napari_stem") == "prediction"]
 
     # ------------------------------------------------------------------ genes
     def _refresh_genes(self, *_: Any) -> None:
+        """Gene choices from every prediction layer, narrowed by the filter. A filter that matches
+        nothing leaves the choices (and the chosen gene) alone and says so."""
         genes: dict[str, None] = {}
         for layer in self.prediction_layers():
             genes.update(dict.fromkeys(layer.metadata.get("genes", [])))
         text = str(self.gene_filter.value or "").strip().lower()
         choices = [gene for gene in genes if text in gene.lower()]
+        if not choices and genes:
+            self.gene_filter.tooltip = f"no gene contains '{text}'"
+            self._set_status(f"no gene contains '{text}'; showing {self.gene.value}")
+            return
+        self.gene_filter.tooltip = "Type part of a gene name to narrow the list"
         if list(self.gene.choices) == choices:
             return
         current = self.gene.value
@@ -426,18 +598,41 @@ class PredictWidget(Container):
             self._apply_gene(self.gene.value)
 
     def _apply_gene(self, gene: str | None = None, *_: Any) -> None:
-        """Recolour every prediction layer by ``gene``: a feature switch plus new contrast limits."""
+        """Show ``gene`` on every prediction layer: features, colours, names, colorbar labels."""
         gene = gene if gene is not None else self.gene.value
         if gene is None:
             return
         for layer in self.prediction_layers():
-            if gene in layer.features:
-                _recolour(layer, gene)
+            if gene in layer.metadata.get("genes", []):
+                self._show(layer, gene=gene)
+
+    def _apply_uncertainty(self, kind: str | None = None, *_: Any) -> None:
+        """Switch every uncertainty layer between sd and variance."""
+        kind = kind or str(self.uncertainty.value)
+        for layer in self.prediction_layers():
+            if layer.metadata.get("kind") in UNCERTAINTY_KINDS:
+                self._show(layer, kind=kind)
+
+    def _apply_opacity(self, value: float | None = None, *_: Any) -> None:
+        for layer in self.prediction_layers():
+            layer.opacity = float(self.opacity.value if value is None else value)
+
+    def _apply_hover(self, value: bool | None = None, *_: Any) -> None:
+        for layer in self.prediction_layers():
+            self._show(layer, all_genes=bool(self.hover_all_genes.value if value is None else value))
+
+    def _show(self, layer: Any, **changes: Any) -> None:
+        """:func:`_result_layers.show`, keeping "rename to keep" working for this widget's layers."""
+        was_given = self._given_names.get(id(layer)) == layer.name
+        _result_layers.show(layer, **changes)
+        if was_given:
+            self._given_names[id(layer)] = layer.name
 
     # ------------------------------------------------------------------ export
     def _on_export(self, *_: Any) -> None:
         try:
-            path = self.controller.export(self.export_path.value)
+            layer = self._export_layer()
+            path = self.controller.export(self.export_path.value) if layer is None else _export_layer(layer, self.export_path.value)
         except StemError as exc:
             self._set_status(str(exc))
             show_error(str(exc))
@@ -450,8 +645,20 @@ class PredictWidget(Container):
         self._set_status(f"exported {path}")
         show_info(f"napari-stem: exported the prediction to {path}")
 
+    def _export_layer(self) -> Any:
+        """The selected prediction layer when it is not this widget's current result (a re-opened
+        file, an earlier run kept under another name): Export writes what the user looks at."""
+        active = self._viewer.layers.selection.active
+        if not _result_layers.is_prediction_layer(active):
+            return None
+        result = self.controller.result
+        return None if result is not None and active.metadata["prediction"] is result.prediction else active
+
     def close(self) -> None:
         """Stop a running job before the widget goes away."""
+        self.preview.close()
+        if self._on_canvas_click in self._viewer.mouse_drag_callbacks:
+            self._viewer.mouse_drag_callbacks.remove(self._on_canvas_click)
         self.controller.request_cancel()
         if self.worker is not None:
             self.worker.quit()
@@ -459,11 +666,18 @@ class PredictWidget(Container):
 
 
 # ---------------------------------------------------------------------- helpers
-def _recolour(layer: Any, gene: str) -> None:
-    """napari does not refresh contrast limits on a feature switch, so set them for ``gene``."""
-    layer.face_color = gene
-    layer.refresh_colors(update_color_mapping=False)
-    layer.face_contrast_limits = gene_contrast_limits(layer.features[gene])
+def _export_layer(layer: Any, path: Any) -> Path:
+    """A prediction layer through the npe2 writers (the same files as File > Save Selected Layers)."""
+    from napari_stem._writer import write_csv, write_h5ad
+
+    if path is None or str(path) in ("", "."):
+        raise StemError("choose a file to export to ('export to'), ending in .h5ad or .csv.")
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".h5ad", ".csv"):
+        raise StemError(f"cannot export to {path}: use a file name ending in .h5ad or .csv.")
+    writer = write_csv if suffix == ".csv" else write_h5ad
+    (written,) = writer(str(path), [(layer.data, {"metadata": layer.metadata, "features": layer.features}, "points")])
+    return Path(written)
 
 
 def _is_slide_layer(layer: Any) -> bool:

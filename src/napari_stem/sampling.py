@@ -48,6 +48,18 @@ class SampleBatch:
 
 
 @dataclass
+class SampleStep:
+    """Progress event inside a batch (``step_events=True``): ``step`` of ``n_steps`` denoising
+    steps done for spots [start, stop). Lets a GUI move its bar and cancel between steps."""
+
+    start: int
+    stop: int
+    total_spots: int
+    step: int
+    n_steps: int
+
+
+@dataclass
 class Prediction:
     """Per-spot predictive mean and variance in the model's target space (e.g. log2(1 + count))."""
 
@@ -114,7 +126,8 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
                 batch_size: int | None = None, device: str | torch.device = "auto",
                 precision: str = "auto", seed: int = 0, keep_samples: bool = False,
                 quantiles: Sequence[float] | None = None,
-                intervals: Sequence[float] | None = None) -> Iterator[SampleBatch]:
+                step_events: bool = False,
+                intervals: Sequence[float] | None = None) -> Iterator[SampleBatch | SampleStep]:
     """Sample ``n_samples`` expression vectors for each row of ``embeddings`` (n_spots, D).
 
     ``steps``: an int N keeps N of the 1000 training steps evenly spread (the reference sampler's
@@ -127,7 +140,8 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     StemModel passed in is moved to ``device``. ``quantiles``: interpolated quantile levels;
     ``intervals``: central interval levels, written as the order-statistic intervals
     :func:`napari_stem.intervals.plan_intervals` picks for ``n_samples`` (exact where K allows).
-    Yields one :class:`SampleBatch` per batch; stop iterating to cancel.
+    Yields one :class:`SampleBatch` per batch; stop iterating to cancel. ``step_events`` adds a
+    :class:`SampleStep` after every denoising step of a batch (same numbers either way).
     """
     embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)
                                  if not isinstance(embeddings, torch.Tensor) else embeddings).float()
@@ -155,8 +169,16 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         batch_size = max(1, ROWS_PER_BATCH.get(device.type, 256) // n_samples)
     for start in range(0, n_spots, batch_size):
         stop = min(start + batch_size, n_spots)
-        samples = _sample_batch(model, diffusion, embeddings[start:stop], range(start, stop),
-                                n_samples, sampler, eta, seed, device, precision)
+        steps = _iter_sample_batch(model, diffusion, embeddings[start:stop], range(start, stop),
+                                   n_samples, sampler, eta, seed, device, precision)
+        while True:
+            try:
+                done = next(steps)
+            except StopIteration as finished:
+                samples = finished.value
+                break
+            if step_events:
+                yield SampleStep(start, stop, n_spots, done, diffusion.n_steps)
         yield SampleBatch(
             start, stop, n_spots,
             mean=samples.mean(dim=1).numpy(),
@@ -175,10 +197,14 @@ def _interval_bounds(samples: np.ndarray, specs: Sequence[IntervalSpec]) -> np.n
     return np.stack([np.stack(spec.bounds(samples, axis=1)) for spec in specs])
 
 
-def _sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, spot_indices: range,
-                  n_samples: int, sampler: str, eta: float, seed: int, device: torch.device,
-                  precision: str) -> torch.Tensor:
-    """(n_spots, K, G) float32 CPU samples for one batch of spots."""
+def _iter_sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, spot_indices: range,
+                       n_samples: int, sampler: str, eta: float, seed: int, device: torch.device,
+                       precision: str) -> Iterator[int]:
+    """Yields steps done; returns (n_spots, K, G) float32 CPU samples for one batch of spots.
+
+    Inference mode and autocast are entered around each step only, so they never leak into the
+    consumer's code while the generator is suspended.
+    """
     n_genes = model.config.n_genes
     generators = [spot_generator(seed, j) for j in spot_indices]
 
@@ -188,12 +214,18 @@ def _sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, spot_in
 
     with torch.inference_mode(), autocast(device, precision):
         cond = model.embed_condition(embeddings.to(device)).repeat_interleave(n_samples, dim=0)
-        x_T = draw_noise()
-        x_0 = diffusion.sample_loop(
-            lambda x, t: model.forward_embedded(x, t, cond), x_T, sampler=sampler, eta=eta,
+        steps = diffusion.iter_sample_loop(
+            lambda x, t: model.forward_embedded(x, t, cond), draw_noise(), sampler=sampler, eta=eta,
             step_noise=lambda step_index: draw_noise())
+    while True:
+        with torch.inference_mode(), autocast(device, precision):
+            try:
+                done = next(steps)
+            except StopIteration as finished:
+                x_0 = finished.value
+                break
+        yield done
     return x_0.float().reshape(len(spot_indices), n_samples, n_genes).cpu()
-
 
 def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
                       steps: int | str = 50, sampler: str = DEFAULT_SAMPLER, eta: float = 0.0,
