@@ -28,6 +28,14 @@ def get_reader(path: str | list[str]) -> ReaderFunction | None:
     candidate = Path(path)
     try:
         if candidate.is_dir():
+            if candidate.suffix.lower() == ".zarr":  # napari-stem's SpatialData predictions; others: napari-spatialdata
+                from napari_stem.spatialdata_io import is_spatialdata_prediction
+
+                if is_spatialdata_prediction(candidate):
+                    from napari_stem._spatialdata_reader import read_prediction_spatialdata
+
+                    return read_prediction_spatialdata
+                return None
             from napari_stem.hest import is_hest_folder
 
             if is_hest_folder(candidate):
