@@ -34,7 +34,7 @@ def region_end_to_end(n_spots: int, samples: int, steps: int) -> None:
 
     paths = ensure_demo_model(FULL, device="cpu")
     slide = open_slide(paths.slide)
-    grid = spots_over_tissue(slide, pitch_um=50.0)  # a denser grid so the small demo slide has 100+ spots
+    grid = spots_over_tissue(slide, pitch_um=50.0, diameter_um=27.5)  # a denser grid: the small demo slide has 100+ spots
     spots = grid.subset(np.arange(min(n_spots, len(grid))))
     start = time.perf_counter()
     checkpoint = load_checkpoint(paths.checkpoint)

@@ -48,3 +48,21 @@ def test_sampler_bench_runs_the_same_function_on_both_sides() -> None:
     assert _number(r"max \|reference - ours\| forward = ([\d.e+-]+)", out) < 1e-4
     rows = re.findall(r"^\s+(reference fp32 \(.*?\)|ours fp32|ours bf16)\s+([\d.]+)\s", out, flags=re.M)
     assert len(rows) == 4 and all(float(rate) > 0 for _, rate in rows)
+
+
+def test_gpu_check_script_runs_all_three_parts_on_the_cpu(tmp_path: Path) -> None:
+    import os
+
+    result = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), "--quick"], capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORKDIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert [line for line in out.splitlines() if line.startswith("== ")][1:4] == [
+        "== 1. sampler throughput (ours vs the reference restatement)",
+        "== 2. whole-slide embedding (ours vs the reference preprocessing, same device)",
+        "== 3. projected whole Visium slide",
+    ]
+    assert _number(r"ratio patches/s ours/reference: ([\d.]+)×", out) > 0
+    assert _number(r"3\. whole slide, 10 spots, .*?: (\d+) s", out) >= 0

@@ -85,10 +85,10 @@ def test_encoder_dimension_mismatch_is_named(tmp_path: Path, demo_slide_file: Pa
     path = save_checkpoint(tmp_path / "c64", config=config, genes=["A", "B"], ema=StemModel(config),
                            embedding={"encoder": "efficientnet_lite0", "patch": {"mode": "hest"}})
     with pytest.raises(CheckpointError, match=r"1280-d.*c64.*64-d"):
-        predict(demo_slide_file, demo_spots, path, n_samples=1, steps=2, device="cpu")
+        predict(demo_slide_file, demo_spots, path, n_samples=2, steps=2, device="cpu")
     bare = save_checkpoint(tmp_path / "noenc", config=config, genes=["A", "B"], ema=StemModel(config))
     with pytest.raises(CheckpointError, match=r"noenc.*which image encoder"):
-        predict(demo_slide_file, demo_spots, bare, n_samples=1, steps=2, device="cpu")
+        predict(demo_slide_file, demo_spots, bare, n_samples=2, steps=2, device="cpu")
 
 
 def test_export_h5ad_is_scanpy_ready_and_reopens(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:  # noqa: ANN001
