@@ -400,7 +400,7 @@ class PredictWidget(Container):
         handlers["returned"](outcome)
 
     def _on_cancel(self, *_: Any) -> None:
-        """Stop at the next batch (the worker cannot interrupt a batch in progress)."""
+        """Stop at the next denoising step or embedding batch (the worker checks between them)."""
         self.controller.request_cancel()
         self._set_status(self.controller.message)
         if self.worker is not None:

@@ -45,12 +45,14 @@ def demo_model_dir(size: str = "full") -> Path:
 
 
 def demo_checkpoint_path(size: str = "full") -> Path:
-    """The demo Stem checkpoint, or a :class:`StemError` saying how to build it (once, ~3 min on CPU)."""
+    """The demo Stem checkpoint, or a :class:`StemError` saying how to build it (once)."""
+    from napari_stem.known_models import DEMO_BUILD_TIME
+
     checkpoint = demo_model_dir(size) / "run" / "checkpoint"
     if not (checkpoint / "config.json").exists():
         raise StemError(
             f"the demo model is not built yet (expected {checkpoint}); run 'stem-train demo' (or scripts/demo) "
-            "once to train it, about 3 minutes on a laptop CPU."
+            f"once to train it ({DEMO_BUILD_TIME}), or pick 'demo model' under 'known models' in the widget."
         )
     return checkpoint
 
