@@ -178,3 +178,41 @@ def test_zarr_output_never_replaces_foreign_folders(written: Path, marked, tmp_p
     again = write_prediction(tmp_path / "again.zarr", prediction, spots, format="zarr")  # no slide: no image
     write_prediction(again, prediction, spots, format="zarr")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.zarr", "data.zarr"]  # no staging left
+
+
+def test_cli_predicts_spatialdata_with_spots_from_spatialdata_and_a_hub_checkpoint(
+        written: Path, marked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """stem-train predict SLIDE --spots X.zarr --checkpoint hf-hub:... --format spatialdata --out OUT.zarr."""
+    import shutil
+
+    import spatialdata as sd
+    from hub_standin import HubStandin, point_hub_at
+    from tiny_models import save_tiny_checkpoint
+
+    import napari_stem.hub as hub_module
+    from stem_train.cli import main
+
+    slide_path, spots, _ = marked
+    repo = save_tiny_checkpoint(tmp_path / "tiny", ["EPCAM", "KRT8"])
+    monkeypatch.setattr(hub_module, "_resolved", {})
+    out = tmp_path / "pred.zarr"
+    with HubStandin() as hub:
+        hub.add_repo("lab/tiny", repo)
+        point_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf_cache")
+        args = ["predict", str(slide_path), "--spots", str(written), "--checkpoint", "hf-hub:lab/tiny", "--format", "spatialdata",
+                "--out", str(out), "--samples", "4", "--intervals", "", "--steps", "2", "--device", "cpu", "--precision", "fp32",
+                "--mpp", str(MPP)]
+        assert main(args) == 0
+        sdata = sd.read_zarr(out)
+        table = sdata.tables["table"]
+        assert table.n_obs == len(spots) and list(table.var_names) == ["EPCAM", "KRT8"]
+        assert list(table.obs_names) == [str(b) for b in spots.barcodes]  # barcodes carried over from the input zarr
+        assert set(sdata.images) == {"pred_hne"} and set(sdata.shapes) == {"pred_spots"}
+        assert main(args) == 0  # its own earlier output is replaced
+        foreign = tmp_path / "foreign.zarr"
+        foreign.mkdir()
+        assert main([str(foreign) if a == str(out) else a for a in args]) == 2  # never a folder napari-stem did not write
+        assert (foreign.exists() and not any(foreign.iterdir()))
+        assert main(["predict", str(slide_path), "--spots", str(written), "--checkpoint", "hf-hub:lab/tiny",
+                     "--format", "spatialdata", "--out", str(written)]) == 2  # the output is an input
+    shutil.rmtree(out)

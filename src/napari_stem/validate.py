@@ -273,6 +273,10 @@ def check_prediction_output(path: str | Path, inputs: Iterable[str | Path | None
     """A prediction ``.h5ad`` may go to ``path``: not an input, writable, room for it, and any file
     already there is a prediction napari-stem wrote (nothing else is ever replaced)."""
     path = Path(path)
+    if path.suffix == ".zarr":  # a SpatialData prediction folder: the same rules for a folder
+        from napari_stem.spatialdata_io import check_spatialdata_output
+
+        return check_spatialdata_output(path, inputs, needed_bytes, flag)
     check_not_an_input(path, inputs, flag)
     if path.is_dir():
         raise InputError(f"{flag} {describe_path(path)} is a folder; the prediction needs a file name (e.g. {path / 'prediction.h5ad'}).")

@@ -59,13 +59,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", type=Path, metavar="SLIDE_OR_HEST_DIR", help="a slide file (.tif, .svs, ...) or a HEST-layout folder (wsis/, st/, metadata/)")
-    parser.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="checkpoint folder written by stem-train fit (config.json + weights.safetensors)")
+    parser.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="checkpoint folder written by stem-train fit (config.json + weights.safetensors), or "
+                        "hf-hub:owner/name[@revision] for one on the Hugging Face Hub (cached; safetensors only)")
     parser.add_argument("--out", type=Path, default=None, metavar="OUT",
                         help="output .h5ad (one slide) or folder (one <name>.h5ad per slide); default: ./predictions/")
+    parser.add_argument("--format", choices=("h5ad", "spatialdata"), default="h5ad",
+                        help="h5ad (scanpy layout) or spatialdata: a <name>.zarr SpatialData folder per slide (H&E as a "
+                        "downscaled multiscale image, spots as circles in full-res pixels, table with mean, variance and "
+                        "intervals) that spatialdata.read_zarr and napari-spatialdata open (default: h5ad)")
     spots = parser.add_argument_group("spots (slide input)")
     spots.add_argument("--spots", type=Path, default=None, metavar="ST.h5ad",
                        help="spot coordinates: an .h5ad with obsm['spatial'] (x, y full-res pixels) and "
-                       "uns['spatial'][lib]['scalefactors']['spot_diameter_fullres']; default: a grid over the tissue")
+                       "uns['spatial'][lib]['scalefactors']['spot_diameter_fullres'], or a SpatialData .zarr (its circle "
+                       "shapes, e.g. from spatialdata-io's Visium reader); default: a grid over the tissue")
     spots.add_argument("--grid-pitch-um", type=float, default=100.0, help="grid spot pitch in µm (default: 100, Visium)")
     spots.add_argument("--grid-diameter-um", type=float, default=55.0, help="grid spot diameter in µm (default: 55, Visium)")
     spots.add_argument("--min-tissue-fraction", type=float, default=0.5, help="keep grid spots at least this much tissue (default: 0.5)")
@@ -124,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     levels = parse_levels(args.intervals, "--intervals")
     checkpoint = load_checkpoint(args.checkpoint)
     embedding_spec(checkpoint)  # fail now, not after the first slide, if it names no encoder
-    jobs = plan_jobs(args.input, args.out, spots_path=args.spots, sample_ids=_split_ids(args.sample_ids), mpp=args.mpp)
+    jobs = plan_jobs(args.input, args.out, spots_path=args.spots, sample_ids=_split_ids(args.sample_ids), mpp=args.mpp,
+                     suffix=".zarr" if getattr(args, "format", "h5ad") == "spatialdata" else ".h5ad")
     rank, world_size = shard_rank()
     mine = shard(jobs, rank, world_size)
     device = rank_device(args.device)
@@ -186,8 +193,10 @@ def plan_jobs(
     spots_path: Path | None = None,
     sample_ids: Sequence[str] | None = None,
     mpp: float | None = None,
+    suffix: str = ".h5ad",
 ) -> list[PredictJob]:
-    """The slides to predict, in a fixed order (the same on every rank)."""
+    """The slides to predict, in a fixed order (the same on every rank); outputs end in ``suffix``
+    (".h5ad", or ".zarr" for SpatialData)."""
     from napari_stem.hest import hest_sample, hest_sample_ids, is_hest_folder
 
     input_path = Path(input_path)
@@ -198,7 +207,7 @@ def plan_jobs(
             raise StemError(f"{describe_path(input_path)} is a folder but not a HEST-layout folder (it needs wsis/ and st/); give a slide file or a HEST folder.")
         if spots_path is not None:
             raise StemError("--spots is for a single slide; a HEST folder's spots come from its st/<id>.h5ad files.")
-        out_dir = _output_dir(out)
+        out_dir = _output_dir(out, suffix)
         ids = list(sample_ids) if sample_ids else hest_sample_ids(input_path)
         known = set(hest_sample_ids(input_path))
         unknown = [i for i in ids if i not in known]
@@ -207,22 +216,22 @@ def plan_jobs(
         jobs = []
         for sample_id in ids:
             sample = hest_sample(input_path, sample_id)
-            jobs.append(PredictJob(sample_id, sample.wsi_path, out_dir / f"{sample_id}.h5ad", sample.st_path, mpp or sample.mpp))
+            jobs.append(PredictJob(sample_id, sample.wsi_path, out_dir / f"{sample_id}{suffix}", sample.st_path, mpp or sample.mpp))
         return jobs
     if sample_ids:
         raise StemError("--sample-ids is for a HEST folder; the input is a single slide file.")
     if spots_path is not None and not Path(spots_path).exists():
         raise StemError(f"spot file {describe_path(spots_path)} does not exist.")
-    if out is not None and out.suffix == ".h5ad":
+    if out is not None and out.suffix == suffix:
         out_path = out
     else:
-        out_path = _output_dir(out) / f"{input_path.stem}.h5ad"
+        out_path = _output_dir(out, suffix) / f"{input_path.stem}{suffix}"
     return [PredictJob(input_path.stem, input_path, out_path, spots_path, mpp)]
 
 
-def _output_dir(out: Path | None) -> Path:
+def _output_dir(out: Path | None, suffix: str = ".h5ad") -> Path:
     out = Path("predictions") if out is None else Path(out)
-    if out.suffix == ".h5ad":
+    if out.suffix == suffix:
         raise StemError(f"--out {describe_path(out)} names one file, but several slides are predicted; give a folder.")
     return out
 
@@ -261,6 +270,10 @@ def job_spots(job: PredictJob, slide: Any, grid: tuple[float, float, float]) -> 
     from napari_stem.grid import spots_over_tissue
     from napari_stem.spots import read_spots_h5ad
 
+    if job.spots_path is not None and Path(job.spots_path).suffix == ".zarr":  # circles of a SpatialData object
+        from napari_stem.spatialdata_io import spots_from_spatialdata
+
+        return spots_from_spatialdata(job.spots_path, mpp=slide.mpp if slide.mpp else None)
     if job.spots_path is not None:
         return read_spots_h5ad(job.spots_path, mpp=slide.mpp if slide.mpp else None)
     pitch_um, diameter_um, min_fraction = grid
@@ -311,4 +324,4 @@ def predict_job(
         finally:
             for bar in bars.values():
                 bar.close()
-        return write_prediction(job.out_path, prediction, spots, slide)
+        return write_prediction(job.out_path, prediction, spots, slide, format="zarr" if job.out_path.suffix == ".zarr" else "h5ad")
