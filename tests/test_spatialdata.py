@@ -216,3 +216,32 @@ def test_cli_predicts_spatialdata_with_spots_from_spatialdata_and_a_hub_checkpoi
         assert main(["predict", str(slide_path), "--spots", str(written), "--checkpoint", "hf-hub:lab/tiny",
                      "--format", "spatialdata", "--out", str(written)]) == 2  # the output is an input
     shutil.rmtree(out)
+
+
+@pytest.mark.gui
+def test_napari_opens_it_with_our_reader_and_napari_spatialdata(make_napari_viewer, qtbot, written: Path, marked) -> None:  # noqa: ANN001
+    """napari's own reader dispatch picks napari-stem's reader; napari-spatialdata reads the same folder as is."""
+    napari_spatialdata = pytest.importorskip("napari_spatialdata")
+    import spatialdata as sd
+
+    _, spots, _ = marked
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(written), plugin="napari-stem")
+    assert [layer.name for layer in layers][-1].endswith("EPCAM mean")
+    np.testing.assert_allclose(layers[-1].data, spots.napari_coords_um)
+
+    from napari_spatialdata import Interactive
+    from napari_spatialdata._reader import get_reader
+
+    assert get_reader(str(written)) is not None and napari_spatialdata is not None
+    interactive = Interactive(sd.read_zarr(written), headless=True)  # what its reader does, kept to inspect
+    for element in ("marked_hne", "marked_spots"):  # napari-spatialdata adds layers from a worker, one at a time
+        before = len(viewer.layers)
+        interactive.add_element(element, "marked")
+        qtbot.waitUntil(lambda before=before: len(viewer.layers) > before, timeout=30000)
+    circles = interactive.get_layer("marked_spots")
+    assert circles is not None and len(circles.data) == len(spots)
+    adata = circles.metadata["adata"]
+    assert adata.n_obs == len(spots) and list(adata.var_names) == ["EPCAM", "KRT8", "VIM"]
+    assert circles.metadata["region_key"] == "region" and circles.metadata["instance_key"] == "spot_id"
+    assert interactive.get_layer("marked_hne") is not None
