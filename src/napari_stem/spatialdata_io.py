@@ -6,11 +6,11 @@ open as is, laid out as ``spatialdata-io`` lays out a Visium sample:
 
 * one coordinate system named after the slide (``<slide stem>``), in **full-resolution slide pixels**;
 * ``images['<name>_hne']``: the H&E as a multiscale image (levels 1×, 2×, 4× ...), a **downscaled
-  copy** of the slide (longest edge ≤ ``image_max_size``, 4096 px by default: ~2 µm/px on a 20 mm
-  section), placed by a ``Scale`` transform. A copy, not a reference: SpatialData stores elements in
-  the zarr and has no element that points at an external slide, and a full-resolution copy of a
-  76k-pixel slide would be tens of GB; spots (55 µm) stay tens of pixels wide at this size. The
-  original slide's path is recorded in the table's provenance;
+  copy** of the slide (longest edge ≤ ``image_max_size``, 4096 px by default: ~2 µm/px for a typical
+  HEST Visium image of 17,000 px at 0.46 µm/px, where a 55 µm spot covers ~28 px), placed by a
+  ``Scale`` transform. A copy, not a reference: SpatialData stores elements in the zarr and has no
+  element that points at an external slide, and a full-resolution copy would be several GB per
+  slide. The original slide's path is recorded in the table's provenance;
 * ``shapes['<name>_spots']``: one circle per spot (centre in full-res pixels, ``radius`` =
   spot diameter / 2), identity transform;
 * ``tables['table']``: the mean in ``X``, ``layers['variance']`` and the interval layers
