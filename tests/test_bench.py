@@ -28,29 +28,8 @@ def _number(pattern: str, text: str) -> float:
     return float(match.group(1))
 
 
-def test_embedding_bench_compares_the_same_features(tmp_path: Path) -> None:
-    out = _run("bench_embed.py", "--size-px", "2048", "--max-spots", "12", "--workdir", str(tmp_path))
-    assert _number(r"ratio patches/s ours/reference: ([\d.]+)×", out) > 0
-    assert _number(r"ratio peak memory ours/reference: ([\d.]+)× PSS", out) > 0
-    # Same crops, same network: the feature sums agree up to bf16 rounding.
-    assert _number(r"feature checksums differ by ([\d.e+-]+)", out) < 1e-2
-    assert (tmp_path / "bench_2048px_jpeg.tif").is_file()
-    # Both networks run on the same device; the reference in fp32, as it is written.
-    devices = re.findall(r"^\s+(\w+(?::\d+)?), (fp32|bf16); peak PSS", out, flags=re.M)
-    assert len(devices) == 2 and devices[0][0] == devices[1][0] and devices[0][1] == "fp32", devices
-
-
-def test_sampler_bench_runs_the_same_function_on_both_sides() -> None:
-    out = _run(
-        "bench_sampler.py", "--spots", "2", "--samples", "2", "--steps", "2", "--repeats", "1",
-        "--genes", "8", "--cond-dim", "16", "--hidden", "32", "--depth", "1", "--heads", "2",
-    )
-    assert _number(r"max \|reference - ours\| forward = ([\d.e+-]+)", out) < 1e-4
-    rows = re.findall(r"^\s+(reference fp32 \(.*?\)|ours fp32|ours bf16)\s+([\d.]+)\s", out, flags=re.M)
-    assert len(rows) == 4 and all(float(rate) > 0 for _, rate in rows)
-
-
-def test_gpu_check_script_runs_all_three_parts_on_the_cpu(tmp_path: Path) -> None:
+def test_gpu_check_runs_the_three_benchmarks_comparing_like_with_like(tmp_path: Path) -> None:
+    """``bench/gpu_check.sh --quick``: the embedding, sampler and projection benchmarks at toy sizes."""
     import os
 
     result = subprocess.run(
@@ -64,5 +43,16 @@ def test_gpu_check_script_runs_all_three_parts_on_the_cpu(tmp_path: Path) -> Non
         "== 2. whole-slide embedding (ours vs the reference preprocessing, same device)",
         "== 3. projected whole Visium slide",
     ]
+    # sampler: the same function on both sides, and the four rate rows
+    assert _number(r"max \|reference - ours\| forward = ([\d.e+-]+)", out) < 1e-4
+    rows = re.findall(r"^\s+(reference fp32 \(.*?\)|ours fp32|ours bf16)\s+([\d.]+)\s", out, flags=re.M)
+    assert len(rows) == 4 and all(float(rate) > 0 for _, rate in rows)
+    # embedding: the ratio lines, the same features (up to bf16 rounding), both networks on one device
     assert _number(r"ratio patches/s ours/reference: ([\d.]+)×", out) > 0
+    assert _number(r"ratio peak memory ours/reference: ([\d.]+)× PSS", out) > 0
+    assert _number(r"feature checksums differ by ([\d.e+-]+)", out) < 1e-2
+    assert (tmp_path / "bench_2048px_jpeg.tif").is_file()
+    devices = re.findall(r"^\s+(\w+(?::\d+)?), (fp32|bf16); peak PSS", out, flags=re.M)
+    assert len(devices) == 2 and devices[0][0] == devices[1][0] and devices[0][1] == "fp32", devices
+    # projection: a number of seconds for the asked spot count
     assert _number(r"3\. whole slide, 10 spots, .*?: (\d+) s", out) >= 0
