@@ -118,9 +118,10 @@ def test_demo_prediction_sample_data(demo_cache: Path, monkeypatch: pytest.Monke
         demo_prediction()
     ensure_demo_model(QUICK, device="cpu")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    (slide, slide_kwargs, _), (mean, mean_kwargs, mean_type), (_, variance_kwargs, _) = demo_prediction()
+    (slide, slide_kwargs, _), (_, sd_kwargs, _), (mean, mean_kwargs, mean_type) = demo_prediction()
     assert slide_kwargs["name"] == "demo H&E" and mean_type == "points"
-    assert mean_kwargs["name"] == "demo mean" and variance_kwargs["name"] == "demo variance"
-    assert mean_kwargs["features"].shape[1] >= 12 and len(mean) > 30
-    gene = mean_kwargs["face_color"]
-    assert (variance_kwargs["features"][gene] >= 0).all()
+    gene = mean_kwargs["metadata"]["gene"]
+    assert mean_kwargs["name"] == f"demo {gene} mean" and sd_kwargs["name"] == f"demo {gene} sd"
+    assert mean_kwargs["visible"] and not sd_kwargs["visible"] and len(mean) > 30
+    assert len(mean_kwargs["metadata"]["genes"]) == 12
+    assert (sd_kwargs["features"][f"{gene} sd"] >= 0).all()
