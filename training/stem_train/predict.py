@@ -114,6 +114,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     compute.add_argument("--batch-size", type=int, default=None, help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)")
     compute.add_argument("--num-workers", type=int, default=0, help="patch-reading worker processes (default: 0 = in process)")
     compute.add_argument("--skip-existing", action="store_true", help="leave slides whose output .h5ad exists alone (resume a long run)")
+    from stem_train.cohort import add_arguments as add_cohort_arguments
+
+    add_cohort_arguments(parser.add_argument_group("cohort (many slides on Dask; see the README)"))
     return parser
 
 
@@ -133,27 +136,38 @@ def run(args: argparse.Namespace) -> int:
     jobs = plan_jobs(args.input, args.out, spots_path=args.spots, sample_ids=_split_ids(args.sample_ids), mpp=args.mpp,
                      suffix=".zarr" if getattr(args, "format", "h5ad") == "spatialdata" else ".h5ad")
     rank, world_size = shard_rank()
+    if args.scheduler.distributed:
+        from stem_train.cohort import refuse_under_torchrun
+
+        refuse_under_torchrun(args.scheduler)
     mine = shard(jobs, rank, world_size)
     device = rank_device(args.device)
     prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
     n_samples = sample_count(levels, args.samples, device, prefix)
     print(f"{prefix}{len(mine)} of {len(jobs)} slides; checkpoint {checkpoint.path} ({len(checkpoint.genes)} genes, "
           f"encoder {checkpoint.embedding.get('encoder')}); device {device}")
+    grid = (args.grid_pitch_um, args.grid_diameter_um, args.min_tissue_fraction)
+    options = {
+        "n_samples": n_samples, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
+        "seed": args.seed, "device": device, "precision": args.precision, "encoder_weights": args.encoder_weights,
+        "embed_batch_size": args.batch_size, "num_workers": args.num_workers,
+        "sample_batch_size": args.sample_batch_size, "quantiles": (0.5,) if args.median else None,
+        "intervals": levels, "keep_samples": args.keep_samples,
+    }
+    if args.scheduler.distributed:  # one Dask task per slide, each running predict_job below
+        from stem_train.cohort import predict_cohort
+
+        report = predict_cohort([job for job in jobs if not (args.skip_existing and job.out_path.exists())],
+                                args.checkpoint, args.scheduler, grid=grid, options=options, cache_dir=args.cache_dir,
+                                retry_failed=args.retry_failed)
+        print(report.table())
+        report.raise_if_failed("they have no .h5ad")
+        return 0
     for job in mine:
         if args.skip_existing and job.out_path.exists():
             print(f"{prefix}{job.name}: {job.out_path} exists, skipped")
             continue
-        path = predict_job(
-            job, checkpoint, grid=(args.grid_pitch_um, args.grid_diameter_um, args.min_tissue_fraction),
-            options={
-                "n_samples": n_samples, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
-                "seed": args.seed, "device": device, "precision": args.precision, "encoder_weights": args.encoder_weights,
-                "embed_batch_size": args.batch_size, "num_workers": args.num_workers,
-                "sample_batch_size": args.sample_batch_size, "quantiles": (0.5,) if args.median else None,
-                "intervals": levels, "keep_samples": args.keep_samples,
-            },
-            cache_dir=args.cache_dir, progress_prefix=prefix,
-        )
+        path = predict_job(job, checkpoint, grid=grid, options=options, cache_dir=args.cache_dir, progress_prefix=prefix)
         print(f"{prefix}{job.name}: wrote {path}")
     return 0
 

@@ -97,6 +97,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=0, help="processes reading patches from the slides (default: 0, in the main process)")
     parser.add_argument("--device", default="auto", help="device for the encoder: auto (a GPU if present), cpu, cuda, cuda:1, ... (default: auto)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"encoder arithmetic. {PRECISION_HELP}")
+    from stem_train.cohort import add_arguments as add_cohort_arguments
+
+    add_cohort_arguments(parser.add_argument_group("cohort (many slides on Dask; see the README)"))
     return parser
 
 
@@ -183,29 +186,60 @@ def check_samples_usable(samples: list[Any], adatas: dict[str, Any]) -> dict[str
 
 def _embed_samples(args: argparse.Namespace, samples: list[Any], spots_by_sample: dict[str, Any], adatas: dict[str, Any],
                    held_out: list[str], out: Path, patch_spec: Any) -> tuple[list[PreparedSlide], int]:
+    options = {"encoder_weights": args.encoder_weights, "batch_size": args.batch_size, "num_workers": args.num_workers,
+               "augment": not args.no_augment}
+    dims: dict[str, int] = {}
+    if args.scheduler.distributed:  # one Dask task per slide, each running embed_slide below
+        from stem_train.cohort import embed_slide_task, refuse_under_torchrun, run_cohort, SlideTask
+
+        refuse_under_torchrun(args.scheduler)
+        encoder_spec = {"name": args.encoder, "weights": args.encoder_weights, "precision": args.precision,
+                        "device": None if args.device == "auto" else args.device}
+        tasks = [SlideTask(sample.sample_id, out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5", embed_slide_task,
+                           {"sample": sample, "spots": spots_by_sample[sample.sample_id],
+                            "cache_path": out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5", "encoder": encoder_spec,
+                            "patch": patch_spec.to_dict(), "options": options},
+                           n_spots=len(spots_by_sample[sample.sample_id])) for sample in samples]
+        report = run_cohort(tasks, args.scheduler, retry_failed=args.retry_failed)
+        print(report.table())
+        report.raise_if_failed("no manifest was written, so fit cannot start yet")
+        dims = {outcome.name: int(outcome.result["embedding_dim"]) for outcome in report.outcomes}
+    else:
+        encoder = LazyEncoder(args.encoder, args.encoder_weights, None if args.device == "auto" else args.device, args.precision)
+        for sample in samples:
+            dims[sample.sample_id] = embed_slide(out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5", sample,
+                                                 spots_by_sample[sample.sample_id], encoder, patch_spec, **options)
+    slides = []
+    for sample in samples:
+        split = "test" if sample.sample_id in held_out else "train"
+        n_spots = adatas[sample.sample_id].n_obs
+        slides.append(PreparedSlide(sample.sample_id, sample.patient, split, n_spots, f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5"))
+    return slides, max(dims.values(), default=0)
+
+
+def embed_slide(cache_path: Path, sample: Any, spots: Any, encoder: Any, patch_spec: Any, *, encoder_weights: Any = None,
+                batch_size: int | None = None, num_workers: int = 0, augment: bool = True, progress: bool = True) -> int:
+    """One slide's embeddings into ``cache_path`` (reused when they match); returns their width.
+
+    The per-slide path of ``prepare``, whether slides run one after the other here or as cohort
+    tasks on Dask workers (:mod:`stem_train.cohort`), so both give the same files.
+    """
     from tqdm.auto import tqdm
 
     from napari_stem.embed import TRAINING_DATA_OWNER, iter_embed_slide_cached
 
-    encoder = LazyEncoder(args.encoder, args.encoder_weights, None if args.device == "auto" else args.device, args.precision)
-    slides, embedding_dim = [], 0
-    for sample in samples:
-        spots = spots_by_sample[sample.sample_id]
-        n_spots = adatas[sample.sample_id].n_obs
-        relative = f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5"
-        with tqdm(total=n_spots, desc=f"embedding {sample.sample_id}", unit="spot") as bar:
-            for event in iter_embed_slide_cached(
-                out / relative, sample.wsi_path, spots, encoder, patch_spec,
-                encoder_weights=args.encoder_weights, batch_size=args.batch_size,
-                num_workers=args.num_workers, augment=not args.no_augment, mpp=sample.mpp, owner=TRAINING_DATA_OWNER,
-            ):
-                bar.update(event.done - bar.n)
-                embedding_dim = int(event.embeddings.shape[1])
-                if event.from_cache:
-                    bar.set_postfix_str("cached")
-        split = "test" if sample.sample_id in held_out else "train"
-        slides.append(PreparedSlide(sample.sample_id, sample.patient, split, n_spots, relative))
-    return slides, embedding_dim
+    embedding_dim = 0
+    with tqdm(total=len(spots), desc=f"embedding {sample.sample_id}", unit="spot", disable=not progress) as bar:
+        for event in iter_embed_slide_cached(
+            cache_path, sample.wsi_path, spots, encoder, patch_spec,
+            encoder_weights=encoder_weights, batch_size=batch_size,
+            num_workers=num_workers, augment=augment, mpp=sample.mpp, owner=TRAINING_DATA_OWNER,
+        ):
+            bar.update(event.done - bar.n)
+            embedding_dim = int(event.embeddings.shape[1])
+            if event.from_cache:
+                bar.set_postfix_str("cached")
+    return embedding_dim
 
 
 def parse_held_out(text: str, sample_ids: list[str]) -> list[str]:
