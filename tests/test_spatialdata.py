@@ -146,15 +146,37 @@ def test_spots_in_another_coordinate_system(tmp_path: Path) -> None:
     from napari_stem.spatialdata_io import spots_from_spatialdata
 
     circles = geopandas.GeoDataFrame({"radius": [5.0, 5.0]}, geometry=[Point(10, 20), Point(30, 40)])
-    shapes = ShapesModel.parse(circles, transformations={"fullres": Scale([4.0, 4.0], axes=("x", "y")), "lowres": Identity()})
+    shapes = ShapesModel.parse(circles, transformations={"fullres": Scale([4.0, 4.0], axes=("x", "y")),
+                                                         "lowres": Scale([0.5, 0.5], axes=("x", "y"))})
     sdata = sd.SpatialData(shapes={"bins": shapes})
     spots = spots_from_spatialdata(sdata, coordinate_system="fullres")
     np.testing.assert_allclose(spots.centers_px, [[40, 80], [120, 160]])
     assert spots.diameter_px == pytest.approx(40)
     from napari_stem.errors import SpotsError
 
-    with pytest.raises(SpotsError, match="choose one"):
+    with pytest.raises(SpotsError, match="choose one"):  # two frames, neither an identity
         spots_from_spatialdata(sdata)
+
+
+def test_spots_from_spatialdata_io_visium(spaceranger_outs: Path, tmp_path: Path) -> None:
+    """A real (mini) spaceranger run read by spatialdata-io: the same spots as napari-stem's own reader."""
+    spatialdata_io = pytest.importorskip("spatialdata_io")
+    import spatialdata as sd
+
+    from napari_stem.spatialdata_io import spots_from_spatialdata
+    from napari_stem.spots import read_spots_spaceranger
+
+    sdata = spatialdata_io.visium(spaceranger_outs, dataset_id="V1")  # circles in V1 (full res) + 2 scaled frames
+    sdata.write(tmp_path / "visium.zarr")
+    spots = spots_from_spatialdata(sd.read_zarr(tmp_path / "visium.zarr"))
+    ours = read_spots_spaceranger(spaceranger_outs)
+    order = {barcode: i for i, barcode in enumerate(ours.barcodes)}
+    assert set(spots.barcodes) <= set(order) and len(spots) == len(ours)
+    rows = [order[b] for b in spots.barcodes]
+    np.testing.assert_allclose(spots.centers_px, ours.centers_px[rows])
+    assert spots.diameter_px == pytest.approx(ours.diameter_px)
+    lowres = spots_from_spatialdata(sdata, coordinate_system="V1_downscaled_lowres")  # another frame on request
+    np.testing.assert_allclose(lowres.centers_px, spots.centers_px * 0.0450045, rtol=1e-5)
 
 
 def test_zarr_output_never_replaces_foreign_folders(written: Path, marked, tmp_path: Path) -> None:  # noqa: ANN001

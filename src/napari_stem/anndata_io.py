@@ -129,7 +129,6 @@ def read_prediction(path: str | Path) -> tuple[Any, Spots]:
     """A napari-stem prediction ``.h5ad`` back as ``(Prediction, Spots)``."""
     import anndata
 
-    from napari_stem.sampling import Prediction
     from napari_stem.spots import spots_from_anndata
 
     path = Path(path)
@@ -139,6 +138,16 @@ def read_prediction(path: str | Path) -> tuple[Any, Spots]:
             f"{describe_path(path)} is not a napari-stem prediction (no uns['napari_stem'] and "
             f"layers['{VARIANCE_LAYER}']); open it as spots instead."
         )
+    prediction = prediction_from_anndata(adata)
+    spots = spots_from_anndata(adata, source=path, mpp=prediction.metadata.get("mpp"))
+    return prediction, spots
+
+
+def prediction_from_anndata(adata: Any) -> Any:
+    """The :class:`~napari_stem.sampling.Prediction` a prediction table holds (mean, variance,
+    quantile and interval layers, provenance); shared by the ``.h5ad`` and SpatialData readers."""
+    from napari_stem.sampling import Prediction
+
     provenance = json.loads(adata.uns["napari_stem"]["provenance_json"])
     quantile_layers = _quantile_layers(adata.layers)
     levels = sorted(quantile_layers)
@@ -154,8 +163,7 @@ def read_prediction(path: str | Path) -> tuple[Any, Spots]:
         if specs else None,
         metadata=provenance,
     )
-    spots = spots_from_anndata(adata, source=path, mpp=provenance.get("mpp"))
-    return prediction, spots
+    return prediction
 
 
 def _plain(value: Any) -> Any:

@@ -170,9 +170,7 @@ def check_spatialdata_output(path: str | Path, inputs: Any, needed_bytes: float 
 
 def read_prediction_zarr(path: str | Path) -> tuple[Any, Any, Any]:
     """A SpatialData prediction back as ``(Prediction, Spots, SpatialData)``."""
-    import anndata
-
-    from napari_stem.anndata_io import read_prediction
+    from napari_stem.anndata_io import prediction_from_anndata
 
     sd = _spatialdata()
     path = Path(path)
@@ -181,18 +179,9 @@ def read_prediction_zarr(path: str | Path) -> tuple[Any, Any, Any]:
     sdata = sd.read_zarr(path)
     table = sdata.tables[TABLE_NAME]
     spots = spots_from_spatialdata(sdata, table_name=TABLE_NAME)
-    obs = table.obs.drop(columns=[REGION_KEY, INSTANCE_KEY])
-    # The table is the .h5ad layout minus the thumbnail: the .h5ad reader parses its layers and intervals.
-    with tempfile.TemporaryDirectory(prefix="napari-stem-") as scratch:
-        plain = anndata.AnnData(X=table.X, obs=obs, var=table.var, layers=dict(table.layers),
-                                uns={"napari_stem": dict(table.uns["napari_stem"]),
-                                     "spatial": {"ST": {"scalefactors": {"spot_diameter_fullres": spots.diameter_px}}}})
-        plain.obsm["spatial"] = spots.centers_px
-        file = Path(scratch) / "table.h5ad"
-        plain.write_h5ad(file)
-        prediction, _ = read_prediction(file)
+    prediction = prediction_from_anndata(table)  # the table is the .h5ad layout minus the thumbnail
     spots.mpp = prediction.metadata.get("mpp")
-    spots.obs = obs.copy()
+    spots.obs = table.obs.drop(columns=[REGION_KEY, INSTANCE_KEY]).copy()
     return prediction, spots, sdata
 
 
@@ -201,8 +190,9 @@ def spots_from_spatialdata(sdata: Any, shapes_name: str | None = None, *, coordi
     """:class:`~napari_stem.spots.Spots` from the circle shapes of a SpatialData object (or zarr path).
 
     ``shapes_name`` defaults to the shapes a table annotates (else the only circle shapes);
-    centres are mapped into ``coordinate_system`` (default: the shapes' only one, e.g. the full-res
-    pixel frame ``spatialdata_io.visium`` names after the dataset). Barcodes come from the annotating
+    centres are mapped into ``coordinate_system`` (default: the shapes' only one, else the only one
+    they map to by identity, which is the full-res pixel frame ``spatialdata_io.visium`` names after
+    the dataset). Barcodes come from the annotating
     table's ``obs_names`` when there is one. ``mpp`` is the µm per unit of that coordinate system.
     """
     from spatialdata.transformations import get_transformation
@@ -228,9 +218,13 @@ def spots_from_spatialdata(sdata: Any, shapes_name: str | None = None, *, coordi
     shapes = circles[shapes_name]
     transformations = get_transformation(shapes, get_all=True)
     if coordinate_system is None:
-        if len(transformations) != 1:
+        # spatialdata-io puts circles in the full-res frame with an identity, and adds scaled image frames
+        identity = [name for name, t in transformations.items()
+                    if np.allclose(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), np.eye(3))]
+        choices = list(transformations) if len(transformations) == 1 else identity
+        if len(choices) != 1:
             raise SpotsError(f"shapes '{shapes_name}' live in {sorted(transformations)}; choose one (coordinate_system=...).")
-        coordinate_system = next(iter(transformations))
+        coordinate_system = choices[0]
     if coordinate_system not in transformations:
         raise SpotsError(f"shapes '{shapes_name}' are not in coordinate system '{coordinate_system}' (they are in {sorted(transformations)}).")
     affine = np.asarray(transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
