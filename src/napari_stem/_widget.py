@@ -98,7 +98,7 @@ class PredictWidget(Container):
         self.preview_info = Label(label="preview", value="")
         self.known_models = ComboBox(label="known models", choices=self._model_choices,
                                      tooltip="The demo model and recently used checkpoints; picking one fills 'checkpoint'")
-        self.checkpoint = FileEdit(label="checkpoint", mode="d", nullable=True, tooltip="A napari-stem checkpoint folder; its config decides genes, encoder and patches")
+        self.checkpoint = FileEdit(label="checkpoint", mode="d", nullable=True, tooltip="A napari-stem checkpoint folder, or type hf-hub:owner/name[@revision] for one on the Hugging Face Hub; its config decides genes, encoder and patches")
         self.checkpoint_info = Label(label="model", value="(choose a checkpoint)")
         self.intervals = ComboBox(label="intervals", choices=list(INTERVAL_CHOICES), value=DEFAULT_INTERVALS,
                                   tooltip="Central prediction intervals written with the prediction (lo90/hi90 ...), from order statistics of the samples")
