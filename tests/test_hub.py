@@ -141,3 +141,29 @@ def test_widget_controller_accepts_a_hub_reference(hub: HubStandin, tiny_checkpo
     hub.add_repo("lab/stem-tiny", _model_repo(tmp_path, tiny_checkpoint))
     summary = PredictController.checkpoint_summary(Path("hf-hub:lab/stem-tiny"))  # what the FileEdit hands over
     assert "3 genes" in summary and "efficientnet_lite0" in summary
+
+
+def test_encoder_weights_from_the_hub(hub: HubStandin, tmp_path: Path) -> None:
+    """--encoder-weights hf-hub:owner/name[/file]: fetched to the cache, loaded by the tensors-only loader."""
+    from napari_stem.encoders import _default_weights_path, create_encoder, encoder_weights_id, get_encoder_spec
+    from napari_stem.hub import HubError, resolve_weights_file
+
+    local = _default_weights_path(get_encoder_spec("efficientnet_lite0"))  # the packaged ImageNet weights (.pth)
+    folder = tmp_path / "effnet"
+    (folder / "weights").mkdir(parents=True)
+    shutil.copy(local, folder / "pytorch_model.bin")
+    shutil.copy(local, folder / "weights" / "lite0.pth")
+    hub.add_repo("lab/effnet", folder)
+
+    default = resolve_weights_file("hf-hub:lab/effnet")  # model.safetensors absent: pytorch_model.bin
+    assert default.name == "pytorch_model.bin" and default.read_bytes() == local.read_bytes()
+    assert resolve_weights_file("hf-hub:lab/effnet@main/weights/lite0.pth").name == "lite0.pth"
+    assert encoder_weights_id("efficientnet_lite0", "hf-hub:lab/effnet") == encoder_weights_id("efficientnet_lite0", local).replace(
+        local.name, "pytorch_model.bin")
+    encoder = create_encoder("efficientnet_lite0", "hf-hub:lab/effnet/weights/lite0.pth", device="cpu", precision="fp32")
+    assert encoder.dim == 1280
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("no weights")
+    hub.add_repo("lab/empty", tmp_path / "empty")
+    with pytest.raises(HubError, match="looked for model.safetensors, pytorch_model.bin"):
+        resolve_weights_file("hf-hub:lab/empty")

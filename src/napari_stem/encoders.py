@@ -179,7 +179,7 @@ def encoder_weights_id(name: str, weights: str | Path | Mapping[str, str | Path]
     if weights is not None:
         if isinstance(weights, Mapping):
             raise EncoderError(f"encoder '{name}' takes one weights file, not a mapping {dict(weights)}")
-        return "file:" + _file_fingerprint(Path(weights), name)
+        return "file:" + _file_fingerprint(_weights_path(weights), name)
     if spec.package_weights is not None:
         module, relative = spec.package_weights
         return f"package:{module}/{relative}"
@@ -396,7 +396,7 @@ def _create_timm(
     import timm
     import torch
 
-    path = Path(weights) if weights is not None else _default_weights_path(spec)
+    path = _weights_path(weights) if weights is not None else _default_weights_path(spec)
     state = load_weights_file(path, spec.name)
     weights_id = encoder_weights_id(spec.name, weights)
     kwargs = {**spec.create_kwargs, **model_kwargs}
@@ -425,6 +425,13 @@ def _create_timm(
 
     dim = getattr(model, "head_hidden_size", None) or model.num_features  # width of the pre-logits output
     return _SingleEncoder(spec, model, forward, dim, device, weights_id, mean, std, input_size, interpolation)
+
+
+def _weights_path(weights: str | Path) -> Path:
+    """A local weights file, or ``hf-hub:owner/name[@rev][/file]`` fetched to the Hub cache (:mod:`napari_stem.hub`)."""
+    from napari_stem.hub import resolve_weights_file
+
+    return resolve_weights_file(weights)
 
 
 def _default_weights_path(spec: EncoderSpec) -> Path:
@@ -607,7 +614,7 @@ def _map_positionally(state: Mapping[str, Any], expected: Mapping[str, Any]) -> 
 def _create_conch(spec: EncoderSpec, weights: str | Path | None, device: Any) -> Encoder:
     """CONCH's vision tower via the ``conch`` package (its CoCa model is not in timm)."""
     create_model_from_pretrained = _import_conch()
-    path = Path(weights) if weights is not None else hub_download(spec)
+    path = _weights_path(weights) if weights is not None else hub_download(spec)
     state = load_weights_file(path, spec.name)  # safe load + a clear error before CONCH's own loader
     if not any(key.startswith("visual.") for key in state):
         first = next(iter(state), "<empty>")

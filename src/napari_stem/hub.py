@@ -88,6 +88,35 @@ def resolve_checkpoint(value: str | Path) -> Path:
     return folder
 
 
+#: Weights files an encoder reference may name or default to, safest first; pickles are loaded by the
+#: encoder's tensors-only loader (``torch.load(weights_only=True)``), never as code.
+ENCODER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def resolve_weights_file(value: str | Path) -> Path:
+    """A local encoder weights file for ``value``: a path as is, or ``hf-hub:owner/name[@rev][/file]``
+    downloaded to the Hub cache (default file: ``model.safetensors``, else ``pytorch_model.bin``)."""
+    if not is_hub_reference(value):
+        return Path(value)
+    text = str(value)[len(HUB_PREFIX):]
+    owner, _, rest = text.partition("/")
+    name, _, filename = rest.partition("/")
+    repo_id, revision = parse_hub_reference(f"{owner}/{name}")
+    hub = _hub()
+    candidates = [filename] if filename else list(ENCODER_WEIGHT_FILES)
+    last: BaseException | None = None
+    for candidate in candidates:
+        try:
+            return Path(hub.hf_hub_download(repo_id, candidate, revision=revision))
+        except hub.errors.EntryNotFoundError as exc:  # try the next default name
+            last = exc
+            if isinstance(exc, hub.errors.LocalEntryNotFoundError):
+                break
+        except Exception as exc:  # noqa: BLE001
+            raise hub_error(exc, repo_id, "model", what=f"encoder weights {value}") from exc
+    raise hub_error(last, repo_id, "model", what=f"encoder weights {value} (looked for {', '.join(candidates)})")
+
+
 def _not_a_checkpoint_message(value: Any, repo_id: str, revision: str | None, missing: list[str]) -> str:
     """Say what the repo holds instead (pickles are named as refused), when the listing is reachable."""
     holds = ""
