@@ -10,8 +10,9 @@ HEST-1k lives in the gated dataset repo ``MahmoodLab/hest``: per sample ``wsis/<
 by id or by metadata filters, and lists the files of the chosen parts with their sizes, from one
 pinned commit. :func:`download` fetches them with ``huggingface_hub.hf_hub_download`` into the
 output folder, file by file with a byte progress bar: a file already complete (same commit) is not
-fetched again, so an interrupted download resumes where it stopped, and each file's size is checked
-against the Hub's listing. The token comes from the usual places (``HF_TOKEN``, ``hf auth login``);
+fetched again, so an interrupted download resumes with the first unfinished file (which starts
+over: the client keeps no partial file between runs), and each file's size is checked against the
+Hub's listing. The token comes from the usual places (``HF_TOKEN``, ``hf auth login``);
 a missing token or unaccepted terms give one line saying what to do.
 """
 
