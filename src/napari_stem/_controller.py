@@ -39,8 +39,11 @@ GRID = "grid over tissue"
 WHOLE_SLIDE = "whole slide"
 DEVICES = ("auto", "cpu", "cuda")
 
-_GRID_CACHE: dict[tuple, Spots] = {}  # (slide file, µm/px, grid settings) -> grid spots
-_GRID_CACHE_SIZE = 8
+#: Least time between two progress events sent to the GUI while sampling (cancel is checked at
+#: every step regardless): often enough for a moving bar, rare enough not to flood the event loop.
+PROGRESS_INTERVAL_S = 0.2
+#: Samples kept per run for the spot inspector, at most (spots × samples × genes float32 values).
+MAX_KEPT_SAMPLE_VALUES = 64_000_000
 
 
 # ---------------------------------------------------------------------- plain inputs
@@ -172,7 +175,9 @@ class PredictController:
         self._job_counter = 0
         self._cancel_requested = False
         self._started_at = 0.0
+        self._stage_started_at = 0.0
         self._from_cache = False
+        self._metadata: dict = {}
 
     @property
     def running(self) -> bool:
@@ -275,21 +280,12 @@ class PredictController:
         if isinstance(spots, str):
             if spots != GRID:
                 raise SpotsError(f"unknown spots choice {spots!r}")
-            from napari_stem.grid import spots_over_tissue
-            from napari_stem.slide import open_slide
+            from napari_stem.preview import grid_over_tissue
 
             if not (settings.pitch_um > 0 and 0 < settings.diameter_um):
                 raise SpotsError(f"grid pitch and spot diameter must be positive, got {settings.pitch_um} and {settings.diameter_um} µm.")
-            path = Path(slide.path)  # type: ignore[arg-type]
-            stat = path.stat()
-            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, float(mpp), settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
-            grid = _GRID_CACHE.get(key)
-            if grid is None:  # the tissue mask takes seconds; re-runs with other settings reuse it
-                with open_slide(path, mpp=mpp) as opened:
-                    grid = spots_over_tissue(opened, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
-                while len(_GRID_CACHE) >= _GRID_CACHE_SIZE:
-                    _GRID_CACHE.pop(next(iter(_GRID_CACHE)))
-                _GRID_CACHE[key] = grid
+            # the preview's grid: the tissue mask (seconds) is kept per slide, grids per settings
+            grid = grid_over_tissue(slide.path, mpp, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
             if len(grid) == 0:
                 raise SpotsError(
                     f"no tissue found on {describe_path(slide.path)} for a {settings.pitch_um:g} µm grid; "
@@ -324,7 +320,19 @@ class PredictController:
         self._from_cache = False
         self.stage, self.stage_done, self.stage_total = "embed", 0, len(job.spots)
         self.message = f"embedding {len(job.spots)} spots…"
-        self._started_at = time.perf_counter()
+        self._started_at = self._stage_started_at = time.perf_counter()
+        self._metadata = {}
+
+    def keeps_samples(self, job: PredictJob) -> bool:
+        """Whether a run keeps every sample (for the spot inspector): unless they would be huge."""
+        return len(job.spots) * job.settings.n_samples * max(len(job.genes), 1) <= MAX_KEPT_SAMPLE_VALUES
+
+    @property
+    def fraction(self) -> float:
+        """Progress of the whole run in [0, 1]: embedding is the first half, sampling the second."""
+        total = max(self.stage_total, 1)
+        part = min(self.stage_done / total, 1.0)
+        return 0.5 * part + (0.5 if self.stage == "sample" else 0.0)
 
     def run(self, job: PredictJob) -> Iterator[Any]:
         """Worker thread: the :class:`~napari_stem.predict.PredictEvent` stream; returns the outcome.
@@ -348,11 +356,17 @@ class PredictController:
             cache_path=job.cache_path,
             embed_batch_size=self.embed_batch_size,
             sample_batch_size=self.sample_batch_size,
+            keep_samples=self.keeps_samples(job),
             intervals=settings.intervals,
+            step_events=True,
         )
+        last_sent = 0.0
         try:
             for event in events:
-                yield event
+                now = time.perf_counter()
+                if event.stage != "step" or now - last_sent >= PROGRESS_INTERVAL_S:
+                    last_sent = now
+                    yield event
                 if self._cancel_requested and job is self.job:
                     return "cancelled"
         finally:
@@ -360,31 +374,49 @@ class PredictController:
         return "done"
 
     def request_cancel(self) -> None:
-        """Ask the running job to stop at its next batch (safe from any thread)."""
+        """Ask the running job to stop at its next step or embedding batch (safe from any thread)."""
         if self.running:
             self._cancel_requested = True
-            self.message = "cancelling after the current batch…"
+            self.message = "cancelling…"
 
     def apply(self, job_id: int, event: Any) -> Update | None:
         """Main thread: fold one event into the result; None for events of an older job."""
         if self.job is None or job_id != self.job.job_id or not self.running:
             return None
         n_spots = len(self.job.spots)
+        if getattr(event, "metadata", None):
+            self._metadata = dict(event.metadata)
         if event.stage == "embed":
             self.stage, self.stage_done, self.stage_total = "embed", event.done, n_spots
-            self.message = "embeddings from the cache" if event.from_cache else f"embedding {event.done}/{n_spots} spots"
             self._from_cache = bool(event.from_cache)
+            self.message = (
+                "embeddings from the cache" if event.from_cache
+                else f"embedding patches: {event.done}/{n_spots} spots{self._time_left(event.done / max(n_spots, 1))}"
+            )
             return Update("embed")
+        if event.stage == "step":
+            self._enter_sampling()
+            step = event.batch
+            done = step.start + (step.stop - step.start) * step.step / max(step.n_steps, 1)
+            self.stage_done = done
+            self.message = (
+                f"sampling spots {step.start + 1}–{step.stop} of {n_spots}: step {step.step}/{step.n_steps}"
+                f"{self._time_left(done / max(n_spots, 1))}"
+            )
+            return Update("step")
         if event.stage == "sample":
+            self._enter_sampling()
             batch = event.batch
             result = self._ensure_result()
             result.prediction.mean[batch.start : batch.stop] = batch.mean
             result.prediction.variance[batch.start : batch.stop] = batch.variance
+            if result.prediction.samples is not None and getattr(batch, "samples", None) is not None:
+                result.prediction.samples[batch.start : batch.stop] = batch.samples
             if result.prediction.intervals is not None and getattr(batch, "intervals", None) is not None:
                 result.prediction.intervals[:, :, batch.start : batch.stop] = batch.intervals
             result.done = max(result.done, batch.stop)
-            self.stage, self.stage_done, self.stage_total = "sample", result.done, n_spots
-            self.message = f"sampling: {result.done}/{n_spots} spots done"
+            self.stage_done = result.done
+            self.message = f"sampling: {result.done}/{n_spots} spots done{self._time_left(result.done / max(n_spots, 1))}"
             return Update("sample", values_changed=True)
         if event.stage == "done":
             result = self._ensure_result()
@@ -392,12 +424,37 @@ class PredictController:
             final.metadata = {**final.metadata, "slide": str(self.job.slide_path), "mpp": self.job.mpp}
             result.prediction.mean[...] = final.mean
             result.prediction.variance[...] = final.variance
+            if final.samples is not None:
+                result.prediction.samples = final.samples
             result.prediction.interval_specs, result.prediction.intervals = final.interval_specs, final.intervals
             result.prediction.metadata = dict(final.metadata)
             result.done = n_spots
             self.stage, self.stage_done, self.stage_total = "sample", n_spots, n_spots
             return Update("done", values_changed=True)
         return Update(event.stage)
+
+    def _record_pace(self, n_spots: int) -> None:
+        """Teach the preview's cost estimate this machine's pace (seconds per spot, per row-step)."""
+        from napari_stem.preview import record_pace
+
+        settings, now = self.job.settings, time.perf_counter()
+        metadata = self.result.prediction.metadata
+        rows_steps = n_spots * int(metadata.get("n_samples", settings.n_samples)) * int(str(metadata.get("steps", settings.steps)).lstrip("ddim") or 1)
+        embed = None if self._from_cache else (self._stage_started_at - self._started_at) / max(n_spots, 1)
+        record_pace(str(metadata.get("device", settings.device)), self.job.encoder,
+                    embed_seconds_per_spot=embed, sample_seconds_per_row_step=(now - self._stage_started_at) / max(rows_steps, 1))
+
+    def _enter_sampling(self) -> None:
+        if self.stage != "sample":
+            self.stage, self.stage_done, self.stage_total = "sample", 0, len(self.job.spots)
+            self._stage_started_at = time.perf_counter()
+
+    def _time_left(self, fraction: float) -> str:
+        """" · ~T left" for the current stage, from its pace so far (empty until there is one)."""
+        elapsed = time.perf_counter() - self._stage_started_at
+        if not 0.02 <= fraction < 1 or elapsed < 1.0:
+            return ""
+        return f" · ~{_duration(elapsed * (1 - fraction) / fraction)} left"
 
     def _ensure_result(self) -> PredictionResult:
         """The result buffers, made at the first sampled batch (so nothing exists while embedding)."""
@@ -408,23 +465,25 @@ class PredictController:
             job = self.job
             n_genes = len(job.genes)
             settings = job.settings
+            samples = None
+            if self.keeps_samples(job):
+                samples = np.full((len(job.spots), settings.n_samples, n_genes), np.nan, dtype=np.float32)
+            provenance = self._metadata or {  # iter_predict's own provenance; this only if it sent none
+                "checkpoint": str(job.checkpoint),
+                "encoder": job.encoder,
+                "n_samples": settings.n_samples,
+                "steps": settings.steps,
+                "sampler": settings.sampler,
+                "seed": settings.seed,
+            }
             prediction = Prediction(
                 mean=np.full((len(job.spots), n_genes), np.nan, dtype=np.float32),
                 variance=np.full((len(job.spots), n_genes), np.nan, dtype=np.float32),
                 genes=list(job.genes),
+                samples=samples,
                 interval_specs=(specs := plan_intervals(settings.intervals, settings.n_samples)),
                 intervals=np.full((len(specs), 2, len(job.spots), n_genes), np.nan, dtype=np.float32) if specs else None,
-                metadata={
-                    "checkpoint": str(job.checkpoint),
-                    "encoder": job.encoder,
-                    "n_samples": settings.n_samples,
-                    "steps": settings.steps,
-                    "sampler": settings.sampler,
-                    "seed": settings.seed,
-                    "slide": str(job.slide_path),
-                    "mpp": job.mpp,
-                    "status": "running",
-                },
+                metadata={**provenance, "slide": str(job.slide_path), "mpp": job.mpp, "status": "running"},
             )
             self.result = PredictionResult(job=job, prediction=prediction, from_cache=self._from_cache)
         return self.result
@@ -454,6 +513,7 @@ class PredictController:
         self.status = "done"
         self.result.status = "done"
         self.result.prediction.metadata.pop("status", None)
+        self._record_pace(n_spots)
         self.message = (
             f"done: {n_spots} spots × {len(self.result.genes)} genes in {seconds:.1f} s"
             + (" (embeddings from the cache)" if self.result.from_cache else "")
@@ -553,6 +613,15 @@ def _check_sampling(settings: PredictSettings) -> None:
 
         if not torch.cuda.is_available():
             raise StemError("device 'cuda' was chosen but no CUDA GPU is usable here; choose 'auto' or 'cpu'.")
+
+
+def _duration(seconds: float) -> str:
+    """"45 s", "3 min", "2.5 h": rounded the way a person reads a countdown."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _with_spots(job: PredictJob, spots: Spots) -> PredictJob:

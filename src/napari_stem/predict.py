@@ -33,9 +33,11 @@ DEFAULT_SAMPLER = "ancestral"
 class PredictEvent:
     """Progress of a prediction run.
 
-    ``stage`` is ``"embed"`` (patches → embeddings), ``"sample"`` (diffusion sampling; ``batch``
-    holds the finished spots' mean/variance) or ``"done"`` (``prediction`` is set).
-    ``done``/``total`` count spots within the stage.
+    ``stage`` is ``"embed"`` (patches → embeddings), ``"step"`` (one denoising step of a batch,
+    with ``step_events``; ``batch`` is a :class:`~napari_stem.sampling.SampleStep`), ``"sample"``
+    (diffusion sampling; ``batch`` holds the finished spots' mean/variance) or ``"done"``
+    (``prediction`` is set). ``done``/``total`` count spots within the stage. ``metadata`` is the
+    run's provenance (the final prediction's), on sampling events, so partial results carry it too.
     """
 
     stage: str
@@ -44,6 +46,7 @@ class PredictEvent:
     batch: Any = None  # napari_stem.sampling.SampleBatch while sampling
     prediction: Any = None  # napari_stem.sampling.Prediction when done
     from_cache: bool = False
+    metadata: dict | None = None
 
 
 def default_settings(device: str = "auto") -> dict[str, int]:
@@ -91,6 +94,7 @@ def iter_predict(
     quantiles: Sequence[float] | None = None,
     intervals: Sequence[float] | None = None,
     keep_samples: bool = False,
+    step_events: bool = False,
 ) -> Iterator[PredictEvent]:
     """Predict expression for ``spots`` of a slide; see the module docstring.
 
@@ -102,12 +106,13 @@ def iter_predict(
     0.9); an explicit ``n_samples`` is kept and its intervals labelled with the level they have.
     ``precision`` ("auto", "bf16", "fp32") applies to the
     encoder and the sampler alike; "auto" is bf16 where the hardware computes it natively.
+    ``step_events`` adds a ``"step"`` event after every denoising step of every batch.
     ``encoder`` is an already built encoder of the checkpoint's kind, so a cohort worker builds it
     once for all its slides (default: built here from the checkpoint's encoder name).
     """
     from napari_stem.checkpoint import load_checkpoint
     from napari_stem.intervals import plan_intervals, samples_for_levels
-    from napari_stem.sampling import Prediction, iter_sample, resolve_device
+    from napari_stem.sampling import Prediction, SampleStep, iter_sample, resolve_device
 
     if not isinstance(checkpoint, (str, Path)):
         loaded = checkpoint
@@ -133,6 +138,20 @@ def iter_predict(
             f"{embeddings.shape[1] if embeddings.ndim == 2 else embeddings.shape} for {n_spots} spots."
         )
 
+    encoder_name, patch_spec = embedding_spec(loaded) if loaded.embedding.get("encoder") else ("", None)
+    metadata = {
+        "checkpoint": str(loaded.path),
+        "target_transform": loaded.target_transform,
+        "encoder": encoder_name,
+        "patch": patch_spec.to_dict() if patch_spec else {},
+        "n_samples": int(n_samples),
+        "steps": int(steps) if str(steps).isdigit() else str(steps),
+        "sampler": sampler,
+        "eta": float(eta),
+        "seed": int(seed),
+        "device": str(torch_device),
+        "precision": precision,
+    }
     parts = []
     for batch in iter_sample(
         loaded,
@@ -148,9 +167,13 @@ def iter_predict(
         quantiles=quantiles,
         intervals=intervals,
         keep_samples=keep_samples,
+        step_events=step_events,
     ):
+        if isinstance(batch, SampleStep):
+            yield PredictEvent("step", batch.start, n_spots, batch=batch, metadata=metadata)
+            continue
         parts.append(batch)
-        yield PredictEvent("sample", batch.stop, n_spots, batch=batch)
+        yield PredictEvent("sample", batch.stop, n_spots, batch=batch, metadata=metadata)
 
     def stacked(name: str, axis: int = 0) -> np.ndarray | None:
         values = [getattr(part, name) for part in parts]
@@ -158,7 +181,6 @@ def iter_predict(
 
     n_genes = len(loaded.genes)
     empty = np.zeros((0, n_genes), dtype=np.float32)
-    encoder_name, patch_spec = embedding_spec(loaded) if loaded.embedding.get("encoder") else ("", None)
     prediction = Prediction(
         mean=stacked("mean") if parts else empty,
         variance=stacked("variance") if parts else empty,
@@ -168,19 +190,7 @@ def iter_predict(
         quantiles=stacked("quantiles", axis=1),
         interval_specs=plan_intervals(intervals, n_samples),
         intervals=stacked("intervals", axis=2),
-        metadata={
-            "checkpoint": str(loaded.path),
-            "target_transform": loaded.target_transform,
-            "encoder": encoder_name,
-            "patch": patch_spec.to_dict() if patch_spec else {},
-            "n_samples": int(n_samples),
-            "steps": int(steps) if str(steps).isdigit() else str(steps),
-            "sampler": sampler,
-            "eta": float(eta),
-            "seed": int(seed),
-            "device": str(torch_device),
-            "precision": precision,
-        },
+        metadata=dict(metadata),
     )
     yield PredictEvent("done", n_spots, n_spots, prediction=prediction)
 
