@@ -157,6 +157,15 @@ def test_spots_in_another_coordinate_system(tmp_path: Path) -> None:
     with pytest.raises(SpotsError, match="choose one"):  # two frames, neither an identity
         spots_from_spatialdata(sdata)
 
+    from shapely.geometry import box
+
+    squares = geopandas.GeoDataFrame(geometry=[box(0, 0, 16, 16), box(16, 0, 32, 16), box(0, 16, 16, 32)])
+    bins = sd.SpatialData(shapes={"hd_square_016um": ShapesModel.parse(squares, transformations={"hd": Identity()}),
+                                  "bins": shapes})
+    binned = spots_from_spatialdata(bins, "hd_square_016um")  # Visium HD-like square bins
+    np.testing.assert_allclose(binned.centers_px, [[8, 8], [24, 8], [8, 24]])
+    assert binned.diameter_px == pytest.approx(16)
+
 
 def test_spots_from_spatialdata_io_visium(spaceranger_outs: Path, tmp_path: Path) -> None:
     """A real (mini) spaceranger run read by spatialdata-io: the same spots as napari-stem's own reader."""

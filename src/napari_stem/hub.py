@@ -182,8 +182,7 @@ def model_card(metadata: dict, repo_id: str, report: dict | None = None) -> str:
     provenance = metadata.get("provenance", {})
     patch = embedding.get("patch", {}) if isinstance(embedding.get("patch"), dict) else {}
     encoder = embedding.get("encoder", "unknown")
-    front = {"library_name": "napari-stem", "tags": ["napari-stem", "spatial-transcriptomics", "histology", "diffusion"],
-             "pipeline_tag": "image-feature-extraction"}
+    front = {"library_name": "napari-stem", "tags": ["napari-stem", "spatial-transcriptomics", "histology", "diffusion"]}
     lines = ["---", *(f"{key}: {json.dumps(value)}" for key, value in front.items()), "---", "",
              f"# {repo_id.split('/')[-1]}", "",
              "A [napari-stem](https://github.com/napari-stem/napari-stem) checkpoint of **Stem** (Zhu et al., ICLR 2025): a "

@@ -185,9 +185,15 @@ def read_prediction_zarr(path: str | Path) -> tuple[Any, Any, Any]:
     return prediction, spots, sdata
 
 
+def _all_polygons(shapes: Any) -> bool:
+    return len(shapes) > 0 and bool((shapes.geometry.geom_type == "Polygon").all())
+
+
 def spots_from_spatialdata(sdata: Any, shapes_name: str | None = None, *, coordinate_system: str | None = None,
                            table_name: str | None = None, mpp: float | None = None) -> Any:
-    """:class:`~napari_stem.spots.Spots` from the circle shapes of a SpatialData object (or zarr path).
+    """:class:`~napari_stem.spots.Spots` from the circle shapes of a SpatialData object (or zarr path);
+    polygon shapes (e.g. Visium HD square bins, ``shapes_name="<id>_square_016um"`` for 16 µm) become
+    spots at their centroids, as wide as the square's side.
 
     ``shapes_name`` defaults to the shapes a table annotates (else the only circle shapes);
     centres are mapped into ``coordinate_system`` (default: the shapes' only one, else the only one
@@ -202,7 +208,7 @@ def spots_from_spatialdata(sdata: Any, shapes_name: str | None = None, *, coordi
     sd = _spatialdata()
     if isinstance(sdata, (str, Path)):
         sdata = sd.read_zarr(sdata)
-    circles = {name: shapes for name, shapes in sdata.shapes.items() if "radius" in shapes.columns}
+    circles = {name: shapes for name, shapes in sdata.shapes.items() if "radius" in shapes.columns or _all_polygons(shapes)}
     table = sdata.tables.get(table_name) if table_name else None
     if shapes_name is None:
         annotated = []
@@ -228,10 +234,15 @@ def spots_from_spatialdata(sdata: Any, shapes_name: str | None = None, *, coordi
     if coordinate_system not in transformations:
         raise SpotsError(f"shapes '{shapes_name}' are not in coordinate system '{coordinate_system}' (they are in {sorted(transformations)}).")
     affine = np.asarray(transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
-    xy = np.stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()], axis=1)
+    if "radius" in shapes.columns:
+        xy = np.stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()], axis=1)
+        sizes = 2.0 * shapes["radius"].to_numpy(dtype=np.float64)
+    else:  # square bins (Visium HD): centre and side length
+        xy = np.stack([shapes.geometry.centroid.x.to_numpy(), shapes.geometry.centroid.y.to_numpy()], axis=1)
+        sizes = np.sqrt(shapes.geometry.area.to_numpy(dtype=np.float64))
     centers = xy @ affine[:2, :2].T + affine[:2, 2]
     radius_scale = float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
-    diameters = 2.0 * shapes["radius"].to_numpy(dtype=np.float64) * radius_scale
+    diameters = sizes * radius_scale
     diameter = float(np.median(diameters))
     barcodes = np.asarray(shapes.index.astype(str), dtype=object)
     for candidate_table in ([table] if table is not None else list(sdata.tables.values())):
