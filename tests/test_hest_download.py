@@ -135,6 +135,12 @@ def test_interrupted_download_resumes_without_refetching(hub: HubStandin, hest_r
     again = download(out, ["SYN000", "SYN001"], progress=False)  # everything present: nothing fetched
     assert again.fetched == [] and len(again.already_present) == 6
 
+    hub.repos[("dataset", REPO)].commit = "f" * 40  # a new commit of the dataset, these files unchanged
+    before = len(hub.log)
+    newer = download(out, ["SYN000", "SYN001"], progress=False)
+    assert newer.plan.revision == "f" * 40 and newer.already_present == []  # checked against the new commit...
+    assert not [e for e in hub.log[before:] if e[0] == "GET" and "/resolve/" in e[1] and "/wsis/" in e[1]]  # ...not re-fetched
+
 
 def test_sizes_are_verified_and_bad_selections_named(hub: HubStandin, tmp_path: Path) -> None:
     from dataclasses import replace

@@ -237,7 +237,7 @@ def download(
     if out_dir.exists() and not out_dir.is_dir():
         raise DatasetError(f"{describe_path(out_dir)} is a file; give a folder for the HEST data.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    present = [f for f in plan.files if _complete(out_dir, f)]
+    present = [f for f in plan.files if _complete(out_dir, f, plan.revision)]
     needed = sum(f.size for f in plan.files) - sum(f.size for f in present)
     free = shutil.disk_usage(out_dir).free
     if needed > free:
@@ -275,13 +275,17 @@ def download(
     return DownloadResult(plan, out_dir, fetched, already)
 
 
-def _complete(out_dir: Path, remote: RemoteFile) -> bool:
-    """Already downloaded: right size and recorded by the Hub client at this commit."""
+def _complete(out_dir: Path, remote: RemoteFile, commit: str) -> bool:
+    """Already downloaded: right size and recorded by the Hub client at this commit (at another
+    commit the client compares the file's hash with the Hub's and fetches it only if it changed)."""
     local = out_dir / remote.path
     if not local.is_file() or local.stat().st_size != remote.size:
         return False
     record = out_dir / ".cache" / "huggingface" / "download" / f"{remote.path}.metadata"
-    return record.is_file()
+    try:
+        return record.read_text(encoding="utf-8").split("\n", 1)[0].strip() == commit
+    except OSError:
+        return False
 
 
 def _unzip_segmentations(out_dir: Path, plan: DownloadPlan) -> None:
