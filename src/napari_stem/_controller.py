@@ -34,6 +34,7 @@ from napari_stem.errors import CheckpointError, EncoderError, SlideError, SpotsE
 from napari_stem.layers import SlideFrame
 from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
 from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, Spots
+from napari_stem.validate import check_grid, check_mpp, check_samples, check_spots, check_steps
 
 GRID = "grid over tissue"
 WHOLE_SLIDE = "whole slide"
@@ -214,7 +215,7 @@ class PredictController:
                 + (f" ({describe_path(slide.path)} is missing)" if slide.path else "")
                 + "; open the slide file with napari-stem (File > Open) and pick that layer."
             )
-        mpp = settings.mpp_override if settings.mpp_override and settings.mpp_override > 0 else slide.mpp
+        mpp = check_mpp(settings.mpp_override, "'µm/px'") if settings.mpp_override else slide.mpp
         if not mpp:
             raise SlideError(
                 f"slide {describe_path(slide.path)} does not record its pixel size (µm/px), which patches and "
@@ -257,6 +258,7 @@ class PredictController:
                 )
         if len(selected) == 0:
             raise SpotsError("there are no spots to predict; choose a spots layer with points, or a grid over tissue.")
+        selected, _ = check_spots(selected, _slide_shape(Path(slide.path)), f"the spots '{getattr(spots, 'name', spots)}'")
 
         self._job_counter += 1
         return PredictJob(
@@ -282,8 +284,7 @@ class PredictController:
                 raise SpotsError(f"unknown spots choice {spots!r}")
             from napari_stem.preview import grid_over_tissue
 
-            if not (settings.pitch_um > 0 and 0 < settings.diameter_um):
-                raise SpotsError(f"grid pitch and spot diameter must be positive, got {settings.pitch_um} and {settings.diameter_um} µm.")
+            check_grid(settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
             # the preview's grid: the tissue mask (seconds) is kept per slide, grids per settings
             grid = grid_over_tissue(slide.path, mpp, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
             if len(grid) == 0:
@@ -599,11 +600,16 @@ def _checkpoint_metadata(path: str | Path | None) -> dict:
     return read_metadata(path)
 
 
+def _slide_shape(path: Path) -> tuple[int, int]:
+    from napari_stem.slide import open_slide
+
+    with open_slide(path) as opened:
+        return opened.shape
+
+
 def _check_sampling(settings: PredictSettings) -> None:
-    if settings.n_samples < 2:
-        raise StemError("'samples per spot' must be at least 2: the variance (uncertainty) needs two samples.")
-    if not 1 <= settings.steps <= 1000:
-        raise StemError(f"'steps' must be between 1 and 1000, got {settings.steps}.")
+    check_samples(settings.n_samples, "'samples per spot'")
+    check_steps(settings.steps, "'steps'")
     if settings.sampler not in SAMPLERS:
         raise StemError(f"unknown sampler {settings.sampler!r}; use {' or '.join(SAMPLERS)}.")
     if settings.device not in DEVICES and not str(settings.device).startswith("cuda:"):

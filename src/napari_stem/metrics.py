@@ -47,6 +47,8 @@ TARGET_TRANSFORMS = {
     "log1p": np.log1p,  # HEST-Bench's targets
     "none": lambda values: values,  # the truth is already in the target space
 }
+#: The transforms a model can be trained on (``none`` is for truths already transformed).
+TRAINING_TARGET_TRANSFORMS = ("log2p1", "log1p")
 
 
 def to_target_space(counts: np.ndarray, transform: str = "log2p1") -> np.ndarray:

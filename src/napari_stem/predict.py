@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from napari_stem.errors import CheckpointError, describe_path
 from napari_stem.precision import resolve_precision
-from napari_stem.spots import Spots
+from napari_stem.validate import check_batch_size, check_samples, check_spots, check_steps
+
+if TYPE_CHECKING:
+    from napari_stem.spots import Spots
 
 #: Interactive defaults (samples per spot, denoising steps): cheap on CPU, closer to the paper on GPU.
 DEFAULT_SETTINGS = {"cpu": {"n_samples": 4, "steps": 25}, "cuda": {"n_samples": 10, "steps": 50}}
@@ -114,6 +117,14 @@ def iter_predict(
     from napari_stem.intervals import plan_intervals, samples_for_levels
     from napari_stem.sampling import Prediction, SampleStep, iter_sample, resolve_device
 
+    # Arguments first: a mistake is refused before any model is loaded.
+    if n_samples is not None:
+        check_samples(n_samples)
+    if steps is not None and not isinstance(steps, str):
+        check_steps(steps)
+    check_batch_size("embedding batch size", embed_batch_size)
+    check_batch_size("sampling batch size", sample_batch_size)
+    check_spots(spots, None, "the spot set")
     if not isinstance(checkpoint, (str, Path)):
         loaded = checkpoint
     else:
@@ -121,9 +132,10 @@ def iter_predict(
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
     defaults = default_settings(torch_device.type)
-    if not n_samples:
+    if n_samples is None:
         n_samples = samples_for_levels(intervals, defaults["n_samples"]) if intervals else defaults["n_samples"]
-    steps = steps or defaults["steps"]
+    n_samples = check_samples(n_samples)
+    steps = defaults["steps"] if steps is None else steps
     n_spots = len(spots)
 
     if embeddings is None:
@@ -172,6 +184,7 @@ def iter_predict(
         if isinstance(batch, SampleStep):
             yield PredictEvent("step", batch.start, n_spots, batch=batch, metadata=metadata)
             continue
+        _check_finite(batch, loaded)
         parts.append(batch)
         yield PredictEvent("sample", batch.stop, n_spots, batch=batch, metadata=metadata)
 
@@ -193,6 +206,17 @@ def iter_predict(
         metadata=dict(metadata),
     )
     yield PredictEvent("done", n_spots, n_spots, prediction=prediction)
+
+
+def _check_finite(batch: Any, loaded: Any) -> None:
+    """Refuse NaN/inf samples: a diverged sampler must never look like a normal result."""
+    finite = np.isfinite(batch.mean).all(axis=1) & np.isfinite(batch.variance).all(axis=1)
+    if not finite.all():
+        raise CheckpointError(
+            f"sampling with checkpoint {describe_path(loaded.path)} gave non-finite values (NaN or infinity) for "
+            f"{int((~finite).sum())} of spots {batch.start}-{batch.stop - 1}: the model diverges with these settings. "
+            "Nothing was written; use the ancestral sampler, more steps, or another checkpoint."
+        )
 
 
 def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers, encoder=None):  # noqa: ANN001, ANN202

@@ -20,6 +20,7 @@ import numpy as np
 
 from napari_stem.atomic import replace_atomically, write_text_atomically
 from napari_stem.errors import SpotsError, StemError, describe_path
+from napari_stem.validate import check_finite_counts, check_not_an_input, check_writable_folder
 
 REPORT_FILE = "report.json"
 PER_GENE_FILE = "per_gene.tsv"
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     panel = read_gene_panel(args.genes_panel) if args.genes_panel is not None else None
     markers = [g.strip() for g in args.marker_genes.split(",") if g.strip()] if args.marker_genes else None
     out = args.out if args.out is not None else args.prediction.with_suffix(".evaluation")
+    check_not_an_input(out, (args.prediction, args.truth, args.genes_panel))
+    check_writable_folder(out)
     report = evaluate_files(
         args.prediction, args.truth, out, panel=panel, panel_source=str(args.genes_panel) if panel else None,
         target_transform=args.target_transform, marker_genes=markers, plots=not args.no_plots,
@@ -151,6 +154,10 @@ def load_pair(prediction_path: str | Path, truth_path: str | Path) -> tuple[Any,
     if duplicated:
         raise EvaluationError(f"truth {describe_path(truth_path)} has duplicate gene names {_preview(duplicated)}; make them unique.")
     rows = np.array([truth_rows[str(b)] for b in prediction.obs_names], dtype=np.int64)
+    check_finite_counts(truth.X, f"truth {describe_path(truth_path)}")
+    if not np.isfinite(_dense(prediction.X)).all():
+        raise EvaluationError(f"prediction {describe_path(prediction_path)} holds non-finite values (NaN or infinity); it "
+                              "was not written by a successful napari-stem run. Predict again.")
     return prediction, truth, rows
 
 

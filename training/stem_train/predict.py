@@ -21,6 +21,7 @@ from napari_stem.errors import StemError, describe_path
 from napari_stem.intervals import DEFAULT_LEVELS
 from napari_stem.precision import PRECISION_HELP, PRECISIONS
 from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
+from napari_stem.validate import BATCH_SIZE, FRACTION, MPP, NON_NEGATIVE_INT, POSITIVE_FLOAT, SAMPLES, STEPS
 
 
 @dataclass
@@ -72,23 +73,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                        help="spot coordinates: an .h5ad with obsm['spatial'] (x, y full-res pixels) and "
                        "uns['spatial'][lib]['scalefactors']['spot_diameter_fullres'], or a SpatialData .zarr (its circle "
                        "shapes, e.g. from spatialdata-io's Visium reader); default: a grid over the tissue")
-    spots.add_argument("--grid-pitch-um", type=float, default=100.0, help="grid spot pitch in µm (default: 100, Visium)")
-    spots.add_argument("--grid-diameter-um", type=float, default=55.0, help="grid spot diameter in µm (default: 55, Visium)")
-    spots.add_argument("--min-tissue-fraction", type=float, default=0.5, help="keep grid spots at least this much tissue (default: 0.5)")
-    spots.add_argument("--mpp", type=float, default=None, help="slide pixel size in µm/px when the file does not record it")
+    spots.add_argument("--grid-pitch-um", type=POSITIVE_FLOAT, default=100.0, help="grid spot pitch in µm (default: 100, Visium)")
+    spots.add_argument("--grid-diameter-um", type=POSITIVE_FLOAT, default=55.0, help="grid spot diameter in µm (default: 55, Visium)")
+    spots.add_argument("--min-tissue-fraction", type=FRACTION, default=0.5, help="keep grid spots at least this much tissue (default: 0.5)")
+    spots.add_argument("--mpp", type=MPP, default=None, help="slide pixel size in µm/px (0.05-20) when the file does not record it or records a wrong one")
+    spots.add_argument("--drop-off-slide-spots", action="store_true",
+                       help="drop (and count) spots whose centre lies off the slide instead of refusing the spot file")
     spots.add_argument("--sample-ids", "--samples-ids", dest="sample_ids", default=None, metavar="ID,ID",
                        help="HEST input: comma-separated sample ids to predict (default: all)")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--samples", type=int, default=None, metavar="K",
+    sampling.add_argument("--samples", type=SAMPLES, default=None, metavar="K",
                           help="diffusion samples per spot; their mean is the prediction, their spread the uncertainty "
                           "(default: the fewest that make --intervals exact, 19 for 0.5,0.9; without intervals 4 on CPU, "
                           "10 on CUDA; the paper: 20). A K that cannot give the intervals exactly is raised to one that can")
-    sampling.add_argument("--steps", type=int, default=None, metavar="N",
+    sampling.add_argument("--steps", type=STEPS, default=None, metavar="N",
                           help="denoising steps out of the 1000 trained (default: 25 on CPU, 50 on CUDA; the paper: 1000)")
     sampling.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
                           help=f"ancestral (the paper's DDPM sampler, respaced to --steps) or ddim (eta 0 = deterministic "
                                f"per start noise; can diverge on undertrained models) (default: {DEFAULT_SAMPLER})")
-    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
+    sampling.add_argument("--eta", type=FRACTION, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
     sampling.add_argument("--seed", type=int, default=0, help="random seed; same seed, same samples on any batch size (default: 0)")
     sampling.add_argument("--intervals", default=",".join(f"{level:g}" for level in DEFAULT_LEVELS), metavar="L,L",
                           help="central prediction-interval levels, written as layers lo<L>/hi<L> from order statistics of "
@@ -101,7 +104,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sampling.add_argument("--keep-samples", action="store_true",
                           help="also store every sample (obsm['samples'], n_spots x K*genes): lets evaluate compute the "
                           "sample CRPS and exact rank coverage; files grow K-fold")
-    sampling.add_argument("--sample-batch-size", type=int, default=None, metavar="SPOTS",
+    sampling.add_argument("--sample-batch-size", type=BATCH_SIZE, default=None, metavar="SPOTS",
                           help="spots per sampling batch (default: about 256 rows on CPU, 4096 on CUDA)")
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
@@ -111,8 +114,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     compute.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                          help="keep patch embeddings in DIR/<name>.h5 and reuse them when encoder, patches and spots match "
                          "(a prepared folder's embeddings/ works)")
-    compute.add_argument("--batch-size", type=int, default=None, help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)")
-    compute.add_argument("--num-workers", type=int, default=0, help="patch-reading worker processes (default: 0 = in process)")
+    compute.add_argument("--batch-size", type=BATCH_SIZE, default=None, help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)")
+    compute.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=0, help="patch-reading worker processes (default: 0 = in process)")
     compute.add_argument("--skip-existing", action="store_true", help="leave slides whose output .h5ad exists alone (resume a long run)")
     from stem_train.cohort import add_arguments as add_cohort_arguments
 
@@ -131,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
             "(exact order-statistic intervals, layers lo50/hi50 and lo90/hi90) and --median for the median."
         )
     levels = parse_levels(args.intervals, "--intervals")
-    checkpoint = load_checkpoint(args.checkpoint)
-    embedding_spec(checkpoint)  # fail now, not after the first slide, if it names no encoder
     jobs = plan_jobs(args.input, args.out, spots_path=args.spots, sample_ids=_split_ids(args.sample_ids), mpp=args.mpp,
                      suffix=".zarr" if getattr(args, "format", "h5ad") == "spatialdata" else ".h5ad")
+    check_outputs(jobs, args)  # before any model is loaded
+    checkpoint = load_checkpoint(args.checkpoint)
+    embedding_spec(checkpoint)  # fail now, not after the first slide, if it names no encoder
     rank, world_size = shard_rank()
     if args.scheduler.distributed:
         from stem_train.cohort import refuse_under_torchrun
@@ -159,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
         report = predict_cohort([job for job in jobs if not (args.skip_existing and job.out_path.exists())],
                                 args.checkpoint, args.scheduler, grid=grid, options=options, cache_dir=args.cache_dir,
-                                retry_failed=args.retry_failed)
+                                drop_off_slide_spots=args.drop_off_slide_spots, retry_failed=args.retry_failed)
         print(report.table())
         report.raise_if_failed("they have no .h5ad")
         return 0
@@ -167,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         if args.skip_existing and job.out_path.exists():
             print(f"{prefix}{job.name}: {job.out_path} exists, skipped")
             continue
-        path = predict_job(job, checkpoint, grid=grid, options=options, cache_dir=args.cache_dir, progress_prefix=prefix)
+        path = predict_job(job, checkpoint, grid=grid, options=options, cache_dir=args.cache_dir, progress_prefix=prefix,
+                           drop_off_slide_spots=args.drop_off_slide_spots)
         print(f"{prefix}{job.name}: wrote {path}")
     return 0
 
@@ -279,6 +284,23 @@ def rank_device(device: str) -> str:
 
 
 # ---------------------------------------------------------------------- one slide
+def check_outputs(jobs: Sequence[PredictJob], args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that are inputs, foreign files or unwritable places."""
+    from napari_stem.checkpoint import read_metadata
+    from napari_stem.validate import check_grid, check_prediction_output, check_writable_folder
+
+    read_metadata(args.checkpoint)  # a missing or damaged checkpoint is named before anything else
+    if any(job.spots_path is None for job in jobs):
+        check_grid(args.grid_pitch_um, args.grid_diameter_um, args.min_tissue_fraction)
+    checkpoint_files = list(Path(args.checkpoint).glob("*")) if Path(args.checkpoint).is_dir() else [args.checkpoint]
+    inputs = [args.input, *checkpoint_files] + [path for job in jobs for path in (job.slide_path, job.spots_path)]
+    for job in jobs:
+        if not (args.skip_existing and job.out_path.exists()):
+            check_prediction_output(job.out_path, inputs)
+    if args.cache_dir is not None:
+        check_writable_folder(args.cache_dir, flag="--cache-dir")
+
+
 def job_spots(job: PredictJob, slide: Any, grid: tuple[float, float, float]) -> Any:
     """The job's spots: read from its h5ad, or a grid over the slide's tissue."""
     from napari_stem.grid import spots_over_tissue
@@ -309,17 +331,29 @@ def predict_job(
     options: dict[str, Any] | None = None,
     cache_dir: Path | None = None,
     progress_prefix: str = "",
+    drop_off_slide_spots: bool = False,
 ) -> Path:
-    """Predict one slide with progress bars; returns the written .h5ad path."""
+    """Predict one slide with progress bars; returns the written .h5ad path.
+
+    The spots and the room for the result are checked once they are known, before embedding.
+    """
     from tqdm.auto import tqdm
 
     from napari_stem.anndata_io import write_prediction
     from napari_stem.predict import iter_predict
     from napari_stem.slide import open_slide
+    from napari_stem.validate import check_prediction_output, check_spots, prediction_bytes
 
     options = dict(options or {})
     with open_slide(job.slide_path, mpp=job.mpp) as slide:
         spots = job_spots(job, slide, grid)
+        spots, dropped = check_spots(spots, slide.shape, describe_path(job.spots_path or job.slide_path), drop_off_slide_spots)
+        if dropped:
+            print(f"{progress_prefix}{job.name}: dropped {dropped} spots off the slide; {len(spots)} left")
+        n_layers = 2 + 2 * len(options.get("intervals") or ()) + len(options.get("quantiles") or ())
+        kept = int(options.get("n_samples") or 0) if options.get("keep_samples") else 0
+        check_prediction_output(job.out_path, [job.slide_path, job.spots_path],
+                                prediction_bytes(len(spots), len(checkpoint.genes), n_layers, kept))
         cache_path = Path(cache_dir) / f"{job.name}.h5" if cache_dir is not None else None
         bars: dict[str, Any] = {}
         prediction = None
