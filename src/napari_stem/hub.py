@@ -203,8 +203,7 @@ def model_card(metadata: dict, repo_id: str, report: dict | None = None) -> str:
     if provenance:
         for key in ("trainer", "source", "steps", "data", "data_dir", "train_slides", "held_out_slides", "gene_selection", "napari_stem_version"):
             if provenance.get(key) not in (None, "", []):
-                value = provenance[key]
-                lines.append(f"- {key.replace('_', ' ')}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+                lines.append(f"- {key.replace('_', ' ')}: {_provenance_value(key, provenance[key])}")
     else:
         lines.append("- not recorded in the checkpoint")
     lines += ["", "## Evaluation", ""]
@@ -219,6 +218,21 @@ def model_card(metadata: dict, repo_id: str, report: dict | None = None) -> str:
               "diagnosis or any clinical decision. Data licences of the training slides (e.g. HEST-1k: CC BY-NC-SA "
               "4.0) may restrict use.", ""]
     return "\n".join(lines)
+
+
+def _provenance_value(key: str, value: Any) -> str:
+    if key == "data_dir":
+        return Path(str(value)).name  # the folder's name, not the uploader's file system
+    if key == "gene_selection" and isinstance(value, dict):
+        parts = [str(value.get("method", "?"))]
+        if "n_requested" in value:
+            parts.append(f"{value['n_requested']} genes")
+        if "slides" in value:
+            parts.append(f"chosen on {len(value['slides'])} slides")
+        if "includes_held_out" in value:
+            parts.append("held-out slides included" if value["includes_held_out"] else "held-out slides excluded")
+        return ", ".join(parts)
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _report_lines(report: dict) -> list[str]:
