@@ -96,11 +96,16 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> None:
 
 def local_cluster_size(n_workers: int | None) -> tuple[int, int, bool]:
     """(workers, torch threads per worker, one GPU each) for ``local[:N]`` on this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _usable_cores()
     gpus = _cuda_device_count()
     if n_workers is None:
         n_workers = gpus or max(1, cores // 4)
     return n_workers, max(1, cores // n_workers), bool(gpus)
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (a SLURM job's allocation, not the whole node)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _cuda_device_count() -> int:
@@ -326,7 +331,7 @@ def _set_torch_threads(threads: int | None) -> None:
             slots = get_worker().state.nthreads
         except (ImportError, ValueError):
             return  # not on a Dask worker: leave this process's setting alone
-        threads = max(1, (os.cpu_count() or 1) // max(1, slots))
+        threads = max(1, _usable_cores() // max(1, slots))
     import torch
 
     if torch.get_num_threads() != threads:
