@@ -56,3 +56,13 @@ def test_gpu_check_runs_the_three_benchmarks_comparing_like_with_like(tmp_path: 
     assert len(devices) == 2 and devices[0][0] == devices[1][0] and devices[0][1] == "fp32", devices
     # projection: a number of seconds for the asked spot count
     assert _number(r"3\. whole slide, 10 spots, .*?: (\d+) s", out) >= 0
+
+
+def test_cohort_bench_prints_the_worker_ratio_and_the_overhead(tmp_path: Path) -> None:
+    out = _run("bench_cohort.py", "--slides", "2", "--spots", "2", "--samples", "2", "--steps", "1",
+               "--overhead-slides", "5", "--workdir", str(tmp_path))
+    rows = re.findall(r"^\s+(\d) workers? +x (\d+) torch threads: +(\d+) slides/hour", out, flags=re.M)
+    assert [row[0] for row in rows] == ["1", "2"] and all(int(row[2]) > 0 for row in rows), out
+    assert _number(r"ratio slides/hour 2 workers / 1 worker: ([\d.]+)×", out) > 0
+    assert _number(r"max \|mean, 2 workers - mean, 1 worker\| = ([\d.e+-]+)", out) < 1e-3  # the same predictions
+    assert _number(r"per-slide scheduling overhead: ([\d.]+) ms on Dask", out) > 0
