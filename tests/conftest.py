@@ -21,6 +21,16 @@ def _isolated_napari_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("NAPARI_STEM_CACHE", str(Path.home() / ".cache" / "napari-stem"))
 
 
+@pytest.fixture(autouse=True)
+def _torch_survives_napari():  # noqa: ANN202
+    """Once a test has opened napari on Mesa, block triton as the widget does (napari_stem._torch_guard):
+    otherwise a later test importing torchvision (timm encoders) crashes the run, depending on order."""
+    yield
+    from napari_stem._torch_guard import block_triton_if_llvm_loaded
+
+    block_triton_if_llvm_loaded()
+
+
 @pytest.fixture(scope="session")
 def demo_slide_file() -> Path:
     """The real H&E slide cmu_small_region.svs (2220 × 2967 px, 0.499 µm/px)."""
