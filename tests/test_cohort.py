@@ -132,7 +132,7 @@ def test_a_corrupt_slide_fails_alone_and_only_it_is_retried(data, cluster, capsy
     out = root / "predictions"
     args = ["predict", str(hest), "--checkpoint", str(data["checkpoint"]), "--out", str(out), *PREDICT_FLAGS, "--scheduler", cluster]
 
-    assert main(args) == 2
+    assert main([*args, "--show-workers"]) == 2
     captured = capsys.readouterr()
     assert "1 of 4 slides failed (SYN002" in captured.err and "--retry-failed" in captured.err
     assert "3 done, 0 done earlier, 1 failed" in captured.out

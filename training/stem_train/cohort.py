@@ -92,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> None:
     parser.add_argument("--scheduler", type=SCHEDULER, default=Scheduler("none"), metavar="none|local[:N]|tcp://HOST:PORT", help=SCHEDULER_HELP)
     parser.add_argument("--retry-failed", action="store_true",
                         help="with --scheduler: run again the slides an earlier run recorded as failed (default: report them, skip them)")
+    parser.add_argument("--show-workers", action="store_true", help="with --scheduler: a line per Dask worker showing the slide it runs")
 
 
 def local_cluster_size(n_workers: int | None) -> tuple[int, int, bool]:
@@ -125,7 +126,7 @@ def connect(scheduler: Scheduler, *, quiet: bool = False) -> Iterator[tuple[Any,
     say = (lambda *_: None) if quiet else print
     if scheduler.kind == "address":
         with Client(scheduler.address, timeout="30s") as client:
-            n = len(client.scheduler_info().get("workers", {}))
+            n = len(client.nthreads())
             say(f"cohort: scheduler {scheduler.address}, {n} workers now; dashboard {client.dashboard_link}")
             yield client, None
         return
@@ -346,10 +347,12 @@ def run_cohort(
     retry_failed: bool = False,
     progress: bool = True,
     quiet: bool = False,
+    show_workers: bool = False,
 ) -> CohortReport:
     """Run every slide not done yet, on ``scheduler``; see the module docstring.
 
     ``none`` runs the same tasks one after the other in this process (with state files too).
+    ``show_workers`` adds a line per Dask worker under the bars: the slide it is running.
     """
     from tqdm.auto import tqdm
 
@@ -393,7 +396,7 @@ def run_cohort(
 
         try:
             if client is not None:
-                _run_on_dask(client, todo, threads, finished)
+                _run_on_dask(client, todo, threads, finished, show_workers and progress)
             else:
                 for task in todo:
                     finished(run_task(task))
@@ -403,10 +406,11 @@ def run_cohort(
     return CohortReport([outcomes[name] for name in names])
 
 
-def _run_on_dask(client: Any, todo: Sequence[SlideTask], torch_threads: int | None, finished: Callable[[SlideOutcome], None]) -> None:
+def _run_on_dask(client: Any, todo: Sequence[SlideTask], torch_threads: int | None, finished: Callable[[SlideOutcome], None],
+                 show_workers: bool = False) -> None:
     from distributed import as_completed
 
-    workers = client.scheduler_info().get("workers", {}).values()
+    workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
     resources = {"GPU": 1} if workers and all("GPU" in worker.get("resources", {}) for worker in workers) else None
     run_id = uuid.uuid4().hex[:8]
     futures = {}
@@ -414,13 +418,50 @@ def _run_on_dask(client: Any, todo: Sequence[SlideTask], torch_threads: int | No
         future = client.submit(run_task, task, torch_threads, key=f"stem-slide-{task.name}-{run_id}", pure=False,
                                resources=resources, retries=0)
         futures[future] = task
-    for future in as_completed(futures):
-        task = futures[future]
+    lines = WorkerLines(client, run_id) if show_workers else None
+    pending = as_completed(futures)
+    try:
+        while not pending.is_empty():
+            # Poll (not block) so the worker lines stay current while long slides run.
+            for future in pending.next_batch(block=lines is None):
+                task = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # noqa: BLE001 - KilledWorker (the slide killed its workers), lost scheduler, ...
+                    outcome = _lost(task, exc)
+                finished(outcome)
+            if lines is not None:
+                lines.refresh()
+                time.sleep(0.5)
+    finally:
+        if lines is not None:
+            lines.close()
+
+
+class WorkerLines:
+    """One progress line per Dask worker: the slide it runs now (``--show-workers``)."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.suffix, self.bars = client, f"-{run_id}", {}
+
+    def refresh(self) -> None:
+        from tqdm.auto import tqdm
+
         try:
-            outcome = future.result()
-        except Exception as exc:  # noqa: BLE001 - KilledWorker (the slide killed its workers), lost scheduler, ...
-            outcome = _lost(task, exc)
-        finished(outcome)
+            processing = self.client.processing()
+        except Exception:  # noqa: BLE001 - a display must never stop the cohort
+            return
+        prefix = "stem-slide-"
+        for worker in sorted(set(processing) | set(self.bars)):
+            keys = [str(key) for key in processing.get(worker, ())]
+            slides = [key[len(prefix):-len(self.suffix)] for key in keys if key.startswith(prefix) and key.endswith(self.suffix)]
+            if worker not in self.bars:
+                self.bars[worker] = tqdm(total=0, bar_format="{desc}", position=2 + len(self.bars), leave=False)
+            self.bars[worker].set_description_str(f"  {worker}: {', '.join(slides) or 'idle'}")
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 def _lost(task: SlideTask, exc: BaseException) -> SlideOutcome:
@@ -517,6 +558,7 @@ def predict_cohort(
     retry_failed: bool = False,
     progress: bool = True,
     quiet: bool = False,
+    show_workers: bool = False,
 ) -> CohortReport:
     """``stem-train predict`` over many slides (:class:`~stem_train.predict.PredictJob`) as a cohort."""
     tasks = [
@@ -526,7 +568,7 @@ def predict_cohort(
                   n_spots=_spot_count(job.spots_path))
         for job in jobs
     ]
-    return run_cohort(tasks, scheduler, retry_failed=retry_failed, progress=progress, quiet=quiet)
+    return run_cohort(tasks, scheduler, retry_failed=retry_failed, progress=progress, quiet=quiet, show_workers=show_workers)
 
 
 def _spot_count(spots_path: Path | None) -> int | None:

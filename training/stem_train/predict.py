@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
         report = predict_cohort([job for job in jobs if not (args.skip_existing and job.out_path.exists())],
                                 args.checkpoint, args.scheduler, grid=grid, options=options, cache_dir=args.cache_dir,
-                                drop_off_slide_spots=args.drop_off_slide_spots, retry_failed=args.retry_failed)
+                                drop_off_slide_spots=args.drop_off_slide_spots, retry_failed=args.retry_failed,
+                                show_workers=args.show_workers)
         print(report.table())
         report.raise_if_failed("they have no .h5ad")
         return 0

@@ -200,7 +200,7 @@ def _embed_samples(args: argparse.Namespace, samples: list[Any], spots_by_sample
                             "cache_path": out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5", "encoder": encoder_spec,
                             "patch": patch_spec.to_dict(), "options": options},
                            n_spots=len(spots_by_sample[sample.sample_id])) for sample in samples]
-        report = run_cohort(tasks, args.scheduler, retry_failed=args.retry_failed)
+        report = run_cohort(tasks, args.scheduler, retry_failed=args.retry_failed, show_workers=args.show_workers)
         print(report.table())
         report.raise_if_failed("no manifest was written, so fit cannot start yet")
         dims = {outcome.name: int(outcome.result["embedding_dim"]) for outcome in report.outcomes}
