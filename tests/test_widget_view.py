@@ -58,6 +58,10 @@ def test_mean_on_top_uncertainty_one_click_away(open_widget, errors, monkeypatch
     prediction = widget.controller.result.prediction
     np.testing.assert_allclose(sd.features["GA variance"], prediction.variance[:, 0])
     assert str(sd.face_color_mode) == "colormap" and sd.face_colormap.name == "magma"
+    widget.uncertainty.value = "interval width"  # of the widest interval K = 2 samples give: [min, max]
+    samples = prediction.samples[:, :, 0]
+    assert sd.name == "GA interval width" and colorbar_text(sd) == "GA interval width · log2(1+count)"
+    np.testing.assert_allclose(sd.features["GA interval width"], samples.max(axis=1) - samples.min(axis=1), rtol=1e-5)
     widget.uncertainty.value = "sd"
 
     # the opacity control acts on every prediction layer

@@ -49,7 +49,7 @@ def test_prediction_layer_data(prediction_and_spots) -> None:  # noqa: ANN001
     np.testing.assert_allclose(coords, spots.napari_coords_um)  # µm frame, (row, col)
     assert kwargs["size"] == pytest.approx(55.0) and kwargs["units"] == ("um", "um")
     # hover reads the displayed gene first: mean, sd, variance, then the barcode
-    assert list(kwargs["features"].columns) == ["GA mean", "GA sd", "GA variance", "barcode"]
+    assert list(kwargs["features"].columns) == ["GA mean", "GA sd", "barcode"]
     np.testing.assert_allclose(kwargs["features"]["GA mean"], prediction.mean[:, 0])
     np.testing.assert_allclose(sd_kwargs["features"]["GA sd"], np.sqrt(prediction.variance[:, 0]), rtol=1e-6)
     assert kwargs["face_color"] == "GA mean" and sd_kwargs["face_color"] == "GA sd" and kwargs["border_width"] == 0

@@ -50,7 +50,7 @@ def show(layer: Any, gene: str | None = None, kind: str | None = None, all_genes
     if all_genes is not None:
         meta["all_genes"] = bool(all_genes)
     gene, kind = meta.get("gene"), meta["kind"]
-    features = prediction_features(prediction, spots, gene, all_genes=meta.get("all_genes", False))
+    features = prediction_features(prediction, spots, gene, all_genes=meta.get("all_genes", False), kind=kind)
     with warnings.catch_warnings():  # the old colour column goes; the new one is set right below
         warnings.filterwarnings("ignore", "property used for face_color dropped", RuntimeWarning)
         layer.features = features

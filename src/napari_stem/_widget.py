@@ -8,7 +8,7 @@ signals and touches layers — always on the main thread (worker events arrive t
 ``widget.use_threads = False``) to run the same generator synchronously, for deterministic tests.
 
 Results are two Points layers over the predicted spots, drawn as batches finish: "<gene> mean"
-on top, selected, and "<gene> sd" (or variance, *uncertainty as*) below it, hidden — one click
+on top, selected, and "<gene> sd" (or variance or interval width: *uncertainty as*) below it, hidden — one click
 away; names, colours and colorbar labels follow the gene picker. A new run replaces the layers of
 the previous run unless they were renamed (rename to keep). A cancelled run keeps the spots
 already sampled as "<gene> mean (partial k/n)" …; a failed run removes its layers and shows a
@@ -56,7 +56,7 @@ from napari_stem.intervals import DEFAULT_CHOICE as DEFAULT_INTERVALS
 from napari_stem.intervals import describe as describe_intervals
 from napari_stem.intervals import samples_for_levels
 from napari_stem import _result_layers
-from napari_stem.layers import SPOT_OPACITY, UNCERTAINTY_KINDS, SlideFrame, prediction_layer_data
+from napari_stem.layers import SPOT_OPACITY, UNCERTAINTY_KINDS, SlideFrame, has_interval, prediction_layer_data
 from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class PredictWidget(Container):
         self.gene_filter = LineEdit(label="find gene", tooltip="Type part of a gene name to narrow the list")
         self.gene = ComboBox(label="gene", choices=[], tooltip="Recolours and renames the prediction layers")
         self.uncertainty = ComboBox(label="uncertainty as", choices=list(UNCERTAINTY_KINDS), value="sd",
-                                    tooltip="What the uncertainty layer shows: standard deviation (same unit as the mean) or variance")
+                                    tooltip="What the uncertainty layer shows: standard deviation (same unit as the mean), variance, or the width of the widest interval")
         self.opacity = FloatSlider(label="spot opacity", value=SPOT_OPACITY, min=0.1, max=1.0, step=0.05,
                                    tooltip="Lower lets the tissue show through the spots")
         self.hover_all_genes = CheckBox(label="hover: all genes", value=False,
@@ -482,6 +482,8 @@ class PredictWidget(Container):
             gene = self.gene.value if self.gene.value in result.genes else result.genes[0]
             for role in ROLES:
                 kind = "mean" if role == "mean" else str(self.uncertainty.value)
+                if kind == "interval width" and not has_interval(result.prediction):
+                    kind = "sd"
                 data, kwargs, layer_type = prediction_layer_data(
                     result.prediction, result.spots, kind, gene,
                     frame=result.job.frame, suffix=suffix, shown=result.shown,
@@ -607,11 +609,18 @@ class PredictWidget(Container):
                 self._show(layer, gene=gene)
 
     def _apply_uncertainty(self, kind: str | None = None, *_: Any) -> None:
-        """Switch every uncertainty layer between sd and variance."""
+        """Switch every uncertainty layer between sd, variance and interval width (a prediction
+        without intervals or kept samples keeps its sd, and the status says so)."""
         kind = kind or str(self.uncertainty.value)
+        without = []
         for layer in self.prediction_layers():
             if layer.metadata.get("kind") in UNCERTAINTY_KINDS:
-                self._show(layer, kind=kind)
+                usable = kind != "interval width" or has_interval(layer.metadata["prediction"])
+                if not usable:
+                    without.append(layer.name)
+                self._show(layer, kind=kind if usable else "sd")
+        if without:
+            self._set_status(f"no intervals or kept samples behind {', '.join(without)}: showing the sd there")
 
     def _apply_opacity(self, value: float | None = None, *_: Any) -> None:
         for layer in self.prediction_layers():

@@ -19,12 +19,13 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 _UNITS = ("um", "um")
 
-#: What a prediction layer can show per spot: the mean, or its uncertainty as sd or variance.
-KINDS = ("mean", "sd", "variance")
+#: What a prediction layer can show per spot: the mean, or its uncertainty as sd, variance or the
+#: width of its widest interval (:func:`widest_interval`).
+KINDS = ("mean", "sd", "variance", "interval width")
 #: The uncertainty kinds, for the display switch.
-UNCERTAINTY_KINDS = ("sd", "variance")
+UNCERTAINTY_KINDS = ("sd", "variance", "interval width")
 #: Colormaps of the prediction layers: expression and its uncertainty must not look alike.
-PREDICTION_COLORMAPS = {"mean": "viridis", "sd": "magma", "variance": "magma"}
+PREDICTION_COLORMAPS = {"mean": "viridis", "sd": "magma", "variance": "magma", "interval width": "magma"}
 #: Robust colour range: outlier spots should not wash out the map.
 CONTRAST_PERCENTILES = (2.0, 98.0)
 #: Unit of each target transform (``Prediction.metadata['target_transform']``); log counts are ≥ 0.
@@ -157,11 +158,15 @@ def kind_lower_bound(prediction: Any, kind: str) -> float | None:
 
 
 def prediction_values(prediction: Any, kind: str) -> np.ndarray:
-    """(n_spots, G) values of ``kind``: the mean, the sample sd or the sample variance."""
+    """(n_spots, G) values of ``kind``: the mean, the sample sd or variance, or the interval width
+    (NaN when the prediction has no interval: see :func:`has_interval`)."""
     if kind not in PREDICTION_COLORMAPS:
         raise ValueError(f"kind must be one of {', '.join(PREDICTION_COLORMAPS)}, got {kind!r}")
     if kind == "mean":
         return np.asarray(prediction.mean)
+    if kind == "interval width":
+        interval = widest_interval(prediction)
+        return np.full(np.shape(prediction.mean), np.nan) if interval is None else interval[2] - interval[1]
     variance = np.asarray(prediction.variance)
     return np.sqrt(np.clip(variance, 0, None)) if kind == "sd" else variance
 
@@ -199,9 +204,14 @@ def widest_interval(prediction: Any) -> tuple[str, np.ndarray, np.ndarray] | Non
     return None
 
 
-def prediction_features(prediction: Any, spots: Spots, gene: str | None = None, all_genes: bool = False) -> Any:
-    """What napari shows on hover, displayed gene first: ``<gene> mean``, ``<gene> sd``,
-    ``<gene> variance``, its interval, ``barcode`` — then every gene's mean with ``all_genes``.
+def has_interval(prediction: Any) -> bool:
+    return widest_interval(prediction) is not None
+
+
+def prediction_features(prediction: Any, spots: Spots, gene: str | None = None, all_genes: bool = False, kind: str = "mean") -> Any:
+    """What napari shows on hover, displayed gene first: ``<gene> mean``, ``<gene> sd`` (and the
+    ``kind`` shown when it is another), its interval, ``barcode`` — then every gene's mean with
+    ``all_genes``.
 
     Both the mean and the uncertainty layer carry the same table, so hovering either reads
     mean ± sd; each is coloured by its own column.
@@ -213,8 +223,8 @@ def prediction_features(prediction: Any, spots: Spots, gene: str | None = None, 
     table = pd.DataFrame(index=pd.RangeIndex(len(spots)))
     if gene is not None:
         column = genes.index(gene)
-        for kind in KINDS:
-            table[value_column(gene, kind)] = prediction_values(prediction, kind)[:, column]
+        for shown in dict.fromkeys(("mean", "sd", kind)):
+            table[value_column(gene, shown)] = prediction_values(prediction, shown)[:, column]
         interval = widest_interval(prediction)
         if interval is not None:
             label, lower, upper = interval
@@ -254,7 +264,7 @@ def prediction_layer_data(
     genes = [str(g) for g in prediction.genes]
     gene = gene if gene in genes else (genes[0] if genes else None)
     frame = frame or SlideFrame.microns(spots.mpp)
-    features = prediction_features(prediction, spots, gene)
+    features = prediction_features(prediction, spots, gene, kind=kind)
     unit = target_unit(prediction)
     kwargs: dict[str, Any] = {
         "name": layer_name(gene, kind, prefix, suffix),
