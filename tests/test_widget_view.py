@@ -319,6 +319,9 @@ def test_reopened_prediction_brings_its_slide_and_labelled_colorbars(open_widget
     assert tuple(slide.units) == tuple(mean.units)
     qtbot.waitUntil(lambda: colorbar_text(mean) is not None, timeout=2_000)
     assert colorbar_text(mean) == "GA mean · log2(1+count)" and mean.face_colorbar.visible
+    # the kept samples come back too: the inspector shows them for a re-opened spot
+    report = widget.inspect_at(mean.data[1])
+    np.testing.assert_allclose(report.samples, widget.controller.result.prediction.samples[1, :, 0])
     # the widget's Export works for re-opened layers too (the active prediction layer)
     widget.reset_choices()
     viewer.layers.selection.active = mean

@@ -161,9 +161,21 @@ def prediction_from_anndata(adata: Any) -> Any:
         interval_specs=specs,
         intervals=np.stack([[adata.layers[s.lower_layer], adata.layers[s.upper_layer]] for s in specs]).astype(np.float32)
         if specs else None,
+        samples=_kept_samples(adata),
         metadata=provenance,
     )
     return prediction
+
+
+def _kept_samples(adata: Any) -> np.ndarray | None:
+    """``obsm['samples']`` (written with ``--keep-samples``) back as (n_spots, K, G), for the spot inspector."""
+    if "samples" not in adata.obsm:
+        return None
+    flat = np.asarray(adata.obsm["samples"], dtype=np.float32)
+    n_spots, n_genes = adata.n_obs, adata.n_vars
+    if n_genes == 0 or flat.shape[1] % n_genes:
+        return None
+    return flat.reshape(n_spots, flat.shape[1] // n_genes, n_genes)
 
 
 def _plain(value: Any) -> Any:
