@@ -84,8 +84,10 @@ class SpotPreview:
             if needs_tissue and cached_tissue(slide.path, mpp) is None:
                 return self._find_tissue(slide.path, mpp)
             preview = self._compute(slide, mpp, settings)
-        except (StemError, OSError, ValueError) as exc:
+        except StemError as exc:
             return self._clear(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a preview must never break the widget; Predict will say more
+            return self._clear(f"no preview: {type(exc).__name__}: {exc}")
         if widget.spots.value == _grid():
             self._draw(preview, slide)
         else:  # the user's spots layer already shows them: count and cost only
