@@ -119,6 +119,7 @@ def test_cohort_gives_the_single_process_numbers_and_loads_models_once_per_worke
 
     again = predict_cohort(jobs_for(data, out), data["checkpoint"], cluster, options=OPTIONS, progress=False, quiet=True)
     assert [o.state for o in again.outcomes] == ["skipped"] * 4  # a rerun skips done slides
+    assert all(read_state(out / f"{name}.h5ad").settings for name in SLIDES)
 
 
 # ---------------------------------------------------------------------- failures and reruns
@@ -204,6 +205,17 @@ def test_scheduler_none_runs_the_same_tasks_here_with_state(tmp_path: Path) -> N
     tasks[1].kwargs["fail"] = False
     retried = run_cohort(tasks, "none", retry_failed=True, progress=False, quiet=True)
     assert [o.state for o in retried.outcomes] == ["skipped", "done", "skipped"] and retried.exit_code == 0
+    from distributed.scheduler import KilledWorker
+
+    from stem_train.cohort import _lost
+
+    from types import SimpleNamespace
+
+    lost = _lost(tasks[0], KilledWorker("stem-slide-s0-x", SimpleNamespace(address="tcp://10.0.0.7:4000"), 3))  # Dask gave up
+    assert lost.state == "failed" and "worker lost" in read_state(tmp_path / "s0.txt").error
+    for task in tasks:
+        task.settings = "other settings"  # e.g. another checkpoint or seed: done with the old ones is not done
+    assert [o.state for o in run_cohort(tasks, "none", progress=False, quiet=True).outcomes] == ["done"] * 3
 
 
 # ---------------------------------------------------------------------- worker loss (last: a worker restarts)

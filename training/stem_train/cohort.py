@@ -170,6 +170,7 @@ class SlideState:
     size: int = 0
     error: str = ""
     result: dict = field(default_factory=dict)
+    settings: str = ""  # fingerprint of what the slide was run with (SlideTask.settings)
 
     def finished_output_intact(self) -> bool:
         """Done, and the output still there at the recorded size (a full checksum per rerun costs too much)."""
@@ -186,9 +187,10 @@ def read_state(output: str | Path) -> SlideState | None:
     """The recorded state, or None when there is none (or it is unreadable: the slide is redone)."""
     try:
         data = json.loads(state_path(output).read_text(encoding="utf-8"))
-        return SlideState(**{key: data[key] for key in SlideState.__dataclass_fields__ if key in data})
+        state = SlideState(**{key: data[key] for key in SlideState.__dataclass_fields__ if key in data})
     except (OSError, ValueError, TypeError):
         return None
+    return state if state.state in STATES else None
 
 
 def write_state(output: str | Path, state: SlideState) -> None:
@@ -221,13 +223,24 @@ def _now() -> str:
 # ---------------------------------------------------------------------- tasks and their outcomes
 @dataclass
 class SlideTask:
-    """One slide's work: ``function(**kwargs)`` writes ``output`` and returns a dict (``n_spots`` at least)."""
+    """One slide's work: ``function(**kwargs)`` writes ``output`` and returns a dict (``n_spots`` at least).
+
+    ``settings`` fingerprints what decides the output (checkpoint, options, spots...): a slide done
+    with other settings is not "done" for this run, it is run again.
+    """
 
     name: str
     output: Path
     function: Callable[..., dict]
     kwargs: dict
     n_spots: int | None = None  # known in advance (spot files) or not (grids)
+    settings: str = ""
+
+
+def settings_fingerprint(*parts: Any) -> str:
+    """A short hash of JSON-able settings (paths and other objects by their str)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -292,7 +305,7 @@ def run_task(task: SlideTask, torch_threads: int | None = None) -> SlideOutcome:
     previous = read_state(task.output)
     attempt = (previous.attempt if previous and previous.state == "running" else 0) + 1
     state = SlideState(task.name, "running", str(task.output), attempt=attempt, host=socket.gethostname(),
-                       pid=os.getpid(), started=_now())
+                       pid=os.getpid(), started=_now(), settings=task.settings)
     write_state(task.output, state)
     _set_torch_threads(torch_threads)
     start = time.perf_counter()
@@ -365,6 +378,8 @@ def run_cohort(
     todo: list[SlideTask] = []
     for task in tasks:
         previous = read_state(task.output)
+        if previous is not None and previous.settings != task.settings:
+            previous = None  # done or failed with other settings: this run's slide is a new one
         if previous is not None and previous.finished_output_intact():
             outcomes[task.name] = SlideOutcome(task.name, "skipped", previous.seconds, previous.attempt, previous.host,
                                                previous.pid, result=previous.result)
@@ -372,7 +387,7 @@ def run_cohort(
             outcomes[task.name] = SlideOutcome(task.name, "failed", previous.seconds, previous.attempt, previous.host,
                                                previous.pid, previous.error, earlier=True)
         else:
-            write_state(task.output, SlideState(task.name, "pending", str(task.output)))
+            write_state(task.output, SlideState(task.name, "pending", str(task.output), settings=task.settings))
             todo.append(task)
     say(f"cohort: {len(todo)} slides to run, {sum(o.state == 'skipped' for o in outcomes.values())} done earlier, "
         f"{sum(o.earlier for o in outcomes.values())} failed earlier{' (not retried: --retry-failed)' if any(o.earlier for o in outcomes.values()) else ''}")
@@ -471,8 +486,11 @@ def _lost(task: SlideTask, exc: BaseException) -> SlideOutcome:
     why = (f"worker lost while running it {previous.attempt} times (killed, out of memory?): {exc}"
            if name == "KilledWorker" else f"{name}: {exc}")
     state = SlideState(task.name, "failed", str(task.output), previous.attempt, previous.host, previous.pid,
-                       previous.started, _now(), error=why)
-    write_state(task.output, state)
+                       previous.started, _now(), error=why, settings=task.settings)
+    try:
+        write_state(task.output, state)
+    except OSError as write_error:  # the folder itself is the problem: say so in the report
+        why = f"{why}; its state file could not be written either ({write_error})"
     return SlideOutcome(task.name, "failed", 0.0, previous.attempt, previous.host, previous.pid, why)
 
 
@@ -561,14 +579,24 @@ def predict_cohort(
     show_workers: bool = False,
 ) -> CohortReport:
     """``stem-train predict`` over many slides (:class:`~stem_train.predict.PredictJob`) as a cohort."""
+    weights = Path(checkpoint) / "weights.safetensors"
+    model = (str(checkpoint), *(_file_identity(weights) if weights.exists() else ()))
     tasks = [
         SlideTask(job.name, Path(job.out_path), predict_slide,
                   {"job": job, "checkpoint_path": str(checkpoint), "grid": tuple(grid), "options": dict(options or {}),
                    "cache_dir": cache_dir, "drop_off_slide_spots": drop_off_slide_spots},
-                  n_spots=_spot_count(job.spots_path))
+                  n_spots=_spot_count(job.spots_path),
+                  settings=settings_fingerprint(model, asdict(job), grid, options or {}, drop_off_slide_spots,
+                                                *(_file_identity(path) for path in (job.slide_path, job.spots_path) if path)))
         for job in jobs
     ]
     return run_cohort(tasks, scheduler, retry_failed=retry_failed, progress=progress, quiet=quiet, show_workers=show_workers)
+
+
+def _file_identity(path: str | Path) -> tuple[int, int]:
+    """(size, mtime) of an input: a replaced slide or spot file makes its slide run again."""
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _spot_count(spots_path: Path | None) -> int | None:

@@ -190,7 +190,9 @@ def _embed_samples(args: argparse.Namespace, samples: list[Any], spots_by_sample
                "augment": not args.no_augment}
     dims: dict[str, int] = {}
     if args.scheduler.distributed:  # one Dask task per slide, each running embed_slide below
-        from stem_train.cohort import embed_slide_task, refuse_under_torchrun, run_cohort, SlideTask
+        from napari_stem.embed import spots_fingerprint
+
+        from stem_train.cohort import SlideTask, embed_slide_task, refuse_under_torchrun, run_cohort, settings_fingerprint
 
         refuse_under_torchrun(args.scheduler)
         encoder_spec = {"name": args.encoder, "weights": args.encoder_weights, "precision": args.precision,
@@ -199,7 +201,10 @@ def _embed_samples(args: argparse.Namespace, samples: list[Any], spots_by_sample
                            {"sample": sample, "spots": spots_by_sample[sample.sample_id],
                             "cache_path": out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5", "encoder": encoder_spec,
                             "patch": patch_spec.to_dict(), "options": options},
-                           n_spots=len(spots_by_sample[sample.sample_id])) for sample in samples]
+                           n_spots=len(spots_by_sample[sample.sample_id]),
+                           settings=settings_fingerprint(encoder_spec, patch_spec.to_dict(), options, str(sample.wsi_path),
+                                                         sample.mpp, spots_fingerprint(spots_by_sample[sample.sample_id])))
+                 for sample in samples]
         report = run_cohort(tasks, args.scheduler, retry_failed=args.retry_failed, show_workers=args.show_workers)
         print(report.table())
         report.raise_if_failed("no manifest was written, so fit cannot start yet")
