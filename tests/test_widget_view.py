@@ -336,7 +336,9 @@ def test_known_models_list_the_demo_model_and_recent_checkpoints(open_widget, er
 
     monkeypatch.setattr(known_models, "_recent_file", lambda: tmp_path / "recent.json")
     monkeypatch.setattr(known_models, "demo_checkpoint", lambda: None)
-    monkeypatch.setattr(known_models, "build_demo_model", lambda: tiny_checkpoint)  # the slow build, stood in
+    import napari_stem._widget as widget_module
+
+    monkeypatch.setattr(widget_module, "build_demo_model", lambda: tiny_checkpoint)  # the slow build, stood in
     viewer, widget = open_widget(threads=False)
     widget.checkpoint.value = None
     widget.known_models.reset_choices()

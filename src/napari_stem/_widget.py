@@ -256,13 +256,13 @@ class PredictWidget(Container):
 
         if not self.use_threads:
             try:
-                built(known_models.build_demo_model())
+                built(build_demo_model())
             except Exception as exc:  # noqa: BLE001 - shown to the user
                 failed(exc)
             return
         from napari.qt.threading import create_worker
 
-        self._demo_worker = create_worker(known_models.build_demo_model, _start_thread=False, _connect={"returned": built, "errored": failed})
+        self._demo_worker = create_worker(build_demo_model, _start_thread=False, _connect={"returned": built, "errored": failed})
         self._demo_worker.start()
 
     def _on_checkpoint_changed(self, *_: Any) -> None:
@@ -724,3 +724,13 @@ def _to_world(layer: Any, coords: Any) -> np.ndarray:
     else:
         world = np.array([layer.data_to_world(point) for point in coords])
     return world[:, -2:]
+
+
+def build_demo_model() -> Path:
+    """Train the demo model once (slow: see :data:`napari_stem.known_models.DEMO_BUILD_TIME`).
+
+    The plugin asks the training toolkit, shipped beside it, to build it; the core never imports it.
+    """
+    from stem_train.demo import FULL, ensure_demo_model
+
+    return ensure_demo_model(FULL).checkpoint

@@ -59,10 +59,3 @@ def choices() -> list[tuple[str, str | None]]:
         if demo is None or path.resolve() != demo.resolve():
             items.append((f"{path.parent.name}/{path.name}", str(path)))
     return items
-
-
-def build_demo_model() -> Path:
-    """Train the demo model once (slow: see :data:`DEMO_BUILD_TIME`); returns its checkpoint."""
-    from stem_train.demo import FULL, ensure_demo_model
-
-    return ensure_demo_model(FULL).checkpoint
