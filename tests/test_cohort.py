@@ -63,6 +63,7 @@ def cluster() -> str:
     """A real LocalCluster of 2 worker processes; tests reach it by address (the existing-cluster path)."""
     from stem_train.cohort import connect
 
+    previous = os.environ.get("NAPARI_STEM_TORCH_THREADS")
     os.environ["NAPARI_STEM_TORCH_THREADS"] = "1"  # inherited by the workers: the single-process run's thread count
     try:
         with connect(Scheduler.parse("local:2"), quiet=True) as (client, threads):
@@ -70,7 +71,10 @@ def cluster() -> str:
             client.wait_for_workers(2)
             yield client.scheduler.address
     finally:
-        os.environ.pop("NAPARI_STEM_TORCH_THREADS", None)
+        if previous is None:
+            os.environ.pop("NAPARI_STEM_TORCH_THREADS", None)
+        else:
+            os.environ["NAPARI_STEM_TORCH_THREADS"] = previous
 
 
 def assert_same_predictions(out: Path, single: Path, names: tuple[str, ...] = SLIDES) -> None:
@@ -186,7 +190,7 @@ def read_genes(hest: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------- in process, no Dask
-def test_scheduler_none_runs_the_same_tasks_here_with_state(tmp_path: Path) -> None:
+def test_scheduler_none_runs_the_same_tasks_here_with_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from stem_train.cohort import SlideTask
 
     def write(path: Path, fail: bool) -> dict:
@@ -197,8 +201,13 @@ def test_scheduler_none_runs_the_same_tasks_here_with_state(tmp_path: Path) -> N
 
     tasks = [SlideTask(f"s{i}", tmp_path / f"s{i}.txt", write, {"path": tmp_path / f"s{i}.txt", "fail": i == 1}, n_spots=1)
              for i in range(3)]
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("NAPARI_STEM_TORCH_THREADS", str(threads + 1))  # for workers only
     report = run_cohort(tasks, "none", progress=False, quiet=True)
     assert [o.state for o in report.outcomes] == ["done", "failed", "done"] and report.exit_code == 1
+    assert torch.get_num_threads() == threads  # in process, the process's own thread count stands
     assert {o.pid for o in report.outcomes} == {os.getpid()}
     assert "ValueError: broken on purpose" in read_state(tmp_path / "s1.txt").error
     assert state_path(tmp_path / "s1.txt").name == "s1.txt.state.json"

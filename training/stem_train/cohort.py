@@ -335,17 +335,16 @@ def describe_error(exc: BaseException) -> str:
 
 
 def _set_torch_threads(threads: int | None) -> None:
-    """Torch threads for this task: NAPARI_STEM_TORCH_THREADS on the worker, else the client's choice,
-    else the worker's cores over its task slots (Dask's nanny starts workers with OMP_NUM_THREADS=1)."""
-    threads = int(os.environ.get("NAPARI_STEM_TORCH_THREADS", 0)) or threads
-    if threads is None:
-        try:
-            from distributed import get_worker
+    """Torch threads for a task on a Dask worker: NAPARI_STEM_TORCH_THREADS there, else the client's
+    choice, else the worker's cores over its task slots (Dask's nanny starts workers with
+    OMP_NUM_THREADS=1). In this process (``none``) the process's own setting stands."""
+    try:
+        from distributed import get_worker
 
-            slots = get_worker().state.nthreads
-        except (ImportError, ValueError):
-            return  # not on a Dask worker: leave this process's setting alone
-        threads = max(1, _usable_cores() // max(1, slots))
+        slots = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        return
+    threads = int(os.environ.get("NAPARI_STEM_TORCH_THREADS", 0)) or threads or max(1, _usable_cores() // max(1, slots))
     import torch
 
     if torch.get_num_threads() != threads:
