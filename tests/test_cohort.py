@@ -120,6 +120,13 @@ def test_cohort_gives_the_single_process_numbers_and_loads_models_once_per_worke
         assert state.result == {"n_spots": 6}
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.h5ad" for n in SLIDES] + [f"{n}.h5ad.state.json" for n in SLIDES])
     assert "4 done, 0 done earlier, 0 failed" in report.table()
+    from distributed import Client
+
+    from stem_train.cohort import PROGRESS_TOPIC
+
+    with Client(cluster) as client:  # workers reported spots while slides ran (the live spots bar)
+        reported = {message["slide"] for _, message in client.get_events(PROGRESS_TOPIC)}
+    assert reported == set(SLIDES)
 
     again = predict_cohort(jobs_for(data, out), data["checkpoint"], cluster, options=OPTIONS, progress=False, quiet=True)
     assert [o.state for o in again.outcomes] == ["skipped"] * 4  # a rerun skips done slides

@@ -296,7 +296,7 @@ class CohortReport:
                               f"and in their .state.json files); {what}. Fix them and rerun with --retry-failed: done slides are kept.")
 
 
-def run_task(task: SlideTask, torch_threads: int | None = None) -> SlideOutcome:
+def run_task(task: SlideTask, torch_threads: int | None = None, run_id: str = "") -> SlideOutcome:
     """Run one slide where this is called (a worker or this process), recording its state.
 
     An ordinary error is recorded as ``failed`` and returned, not raised: retrying a corrupt slide
@@ -308,6 +308,7 @@ def run_task(task: SlideTask, torch_threads: int | None = None) -> SlideOutcome:
                        pid=os.getpid(), started=_now(), settings=task.settings)
     write_state(task.output, state)
     _set_torch_threads(torch_threads)
+    _current.slide, _current.run_id, _current.last_report = task.name, run_id, 0.0
     start = time.perf_counter()
     printed = io.StringIO()
     try:
@@ -323,6 +324,25 @@ def run_task(task: SlideTask, torch_threads: int | None = None) -> SlideOutcome:
     write_state(task.output, state)
     return SlideOutcome(task.name, state.state, state.seconds, attempt, state.host, state.pid, state.error, state.result,
                         models_loaded=_models_loaded(), log=printed.getvalue())
+
+
+#: Dask event topic of live spot counts (worker log_event → client subscribe_topic).
+PROGRESS_TOPIC = "napari-stem-cohort-spots"
+_current = threading.local()
+
+
+def report_spots(done: int, every_s: float = 0.5) -> None:
+    """Tell the client how many spots of the running slide are done (on a Dask worker; at most every 0.5 s)."""
+    now = time.monotonic()
+    if not getattr(_current, "run_id", "") or now - _current.last_report < every_s:
+        return
+    _current.last_report = now
+    try:
+        from distributed import get_worker
+
+        get_worker().log_event(PROGRESS_TOPIC, {"run": _current.run_id, "slide": _current.slide, "done": int(done)})
+    except (ImportError, ValueError):
+        pass
 
 
 def describe_error(exc: BaseException) -> str:
@@ -397,20 +417,43 @@ def run_cohort(
         spots_bar = tqdm(total=sum(known) if None not in known else None, desc="cohort spots", unit="spot",
                          disable=not progress or not todo)
 
+        run_id = uuid.uuid4().hex[:8]
+        running_spots: dict[str, int] = {}  # spots done so far in slides still running (live, from the workers)
+        spots_lock = threading.Lock()
+
+        finished_spots = [0]
+
+        def show_spots() -> None:  # called with spots_lock held; a redone slide never moves the bar back
+            shown = finished_spots[0] + sum(running_spots.values())
+            if shown > spots_bar.n:
+                spots_bar.update(shown - spots_bar.n)
+
+        def on_spots(event: Any) -> None:  # Dask event handler, on the client's thread
+            message = event[1] if isinstance(event, tuple) else event
+            if message.get("run") == run_id:
+                with spots_lock:
+                    if message.get("slide") not in outcomes:  # a late report of a finished slide is dropped
+                        running_spots[message["slide"]] = int(message.get("done", 0))
+                        show_spots()
+
         def finished(outcome: SlideOutcome) -> None:
-            outcomes[outcome.name] = outcome
+            with spots_lock:
+                outcomes[outcome.name] = outcome
             for line in outcome.log.splitlines():
                 if line.strip():
                     slides_bar.write(f"[{outcome.name}] {line.strip()}")
             if outcome.state == "failed":
                 slides_bar.write(f"[{outcome.name}] failed: {outcome.error}")
             slides_bar.update(1)
-            spots_bar.update(int(outcome.result.get("n_spots", 0)))
+            with spots_lock:
+                running_spots.pop(outcome.name, None)
+                finished_spots[0] += int(outcome.result.get("n_spots", 0))
+                show_spots()
             slides_bar.set_postfix_str(f"{sum(o.state == 'failed' and not o.earlier for o in outcomes.values())} failed")
 
         try:
             if client is not None:
-                _run_on_dask(client, todo, threads, finished, show_workers and progress)
+                _run_on_dask(client, todo, threads, finished, show_workers and progress, run_id, on_spots if progress else None)
             else:
                 for task in todo:
                     finished(run_task(task))
@@ -421,15 +464,16 @@ def run_cohort(
 
 
 def _run_on_dask(client: Any, todo: Sequence[SlideTask], torch_threads: int | None, finished: Callable[[SlideOutcome], None],
-                 show_workers: bool = False) -> None:
+                 show_workers: bool, run_id: str, on_spots: Callable[[Any], None] | None) -> None:
     from distributed import as_completed
 
     workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
     resources = {"GPU": 1} if workers and all("GPU" in worker.get("resources", {}) for worker in workers) else None
-    run_id = uuid.uuid4().hex[:8]
+    if on_spots is not None:
+        client.subscribe_topic(PROGRESS_TOPIC, on_spots)
     futures = {}
     for task in todo:  # one task per slide, in the cohort's order; pure=False: never deduplicated
-        future = client.submit(run_task, task, torch_threads, key=f"stem-slide-{task.name}-{run_id}", pure=False,
+        future = client.submit(run_task, task, torch_threads, run_id, key=f"stem-slide-{task.name}-{run_id}", pure=False,
                                resources=resources, retries=0)
         futures[future] = task
     lines = WorkerLines(client, run_id) if show_workers else None
@@ -450,6 +494,8 @@ def _run_on_dask(client: Any, todo: Sequence[SlideTask], torch_threads: int | No
     finally:
         if lines is not None:
             lines.close()
+        if on_spots is not None:
+            client.unsubscribe_topic(PROGRESS_TOPIC)
 
 
 class WorkerLines:
@@ -556,7 +602,11 @@ def predict_slide(job: Any, checkpoint_path: str | Path, grid: tuple[float, floa
     encoder_name = str(checkpoint.embedding.get("encoder", ""))
     options["encoder"] = worker_encoder(encoder_name, options.get("encoder_weights"), options["device"], options.get("precision", "auto"))
     extra = {"drop_off_slide_spots": True} if drop_off_slide_spots else {}
-    path = Path(predict_job(job, checkpoint, grid=grid, options=options, cache_dir=cache_dir, **extra))
+    def sampled(stage: str, done: int, total: int) -> None:
+        if stage == "sample":  # a spot counts once its samples are drawn
+            report_spots(done)
+
+    path = Path(predict_job(job, checkpoint, grid=grid, options=options, cache_dir=cache_dir, progress=sampled, **extra))
     if path.suffix != ".h5ad":  # a SpatialData .zarr: the spot file's count (a grid's is not known here)
         return {"n_spots": _spot_count(job.spots_path)} if job.spots_path is not None else {}
     with h5py.File(path, "r") as handle:
@@ -619,7 +669,8 @@ def embed_slide_task(sample: Any, spots: Any, cache_path: Path, encoder: dict, p
 
     device = worker_device(encoder["device"] or "auto")
     built = worker_encoder(encoder["name"], encoder["weights"], device, encoder["precision"])
-    dim = embed_slide(cache_path, sample, spots, built, PatchSpec.from_dict(patch), progress=False, **options)
+    dim = embed_slide(cache_path, sample, spots, built, PatchSpec.from_dict(patch), progress=False,
+                      on_batch=lambda done, total: report_spots(done), **options)
     return {"n_spots": len(spots), "embedding_dim": int(dim)}
 
 

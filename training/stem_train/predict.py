@@ -333,10 +333,12 @@ def predict_job(
     cache_dir: Path | None = None,
     progress_prefix: str = "",
     drop_off_slide_spots: bool = False,
+    progress: Any = None,
 ) -> Path:
     """Predict one slide with progress bars; returns the written .h5ad path.
 
     The spots and the room for the result are checked once they are known, before embedding.
+    ``progress(stage, done, total)`` is called after every batch too (a cohort's live spot count).
     """
     from tqdm.auto import tqdm
 
@@ -370,6 +372,8 @@ def predict_job(
                 bar.update(event.done - bar.n)
                 if event.from_cache:
                     bar.set_postfix_str("from cache")
+                if progress is not None:
+                    progress(event.stage, event.done, event.total)
         finally:
             for bar in bars.values():
                 bar.close()

@@ -223,8 +223,11 @@ def _embed_samples(args: argparse.Namespace, samples: list[Any], spots_by_sample
 
 
 def embed_slide(cache_path: Path, sample: Any, spots: Any, encoder: Any, patch_spec: Any, *, encoder_weights: Any = None,
-                batch_size: int | None = None, num_workers: int = 0, augment: bool = True, progress: bool = True) -> int:
+                batch_size: int | None = None, num_workers: int = 0, augment: bool = True, progress: bool = True,
+                on_batch: Any = None) -> int:
     """One slide's embeddings into ``cache_path`` (reused when they match); returns their width.
+
+    ``on_batch(done, total)`` follows the spots as they are embedded (a cohort's live spot count).
 
     The per-slide path of ``prepare``, whether slides run one after the other here or as cohort
     tasks on Dask workers (:mod:`stem_train.cohort`), so both give the same files.
@@ -244,6 +247,8 @@ def embed_slide(cache_path: Path, sample: Any, spots: Any, encoder: Any, patch_s
             embedding_dim = int(event.embeddings.shape[1])
             if event.from_cache:
                 bar.set_postfix_str("cached")
+            if on_batch is not None:
+                on_batch(event.done, event.total)
     return embedding_dim
 
 
