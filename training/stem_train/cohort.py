@@ -386,8 +386,6 @@ def run_cohort(
     ``none`` runs the same tasks one after the other in this process (with state files too).
     ``show_workers`` adds a line per Dask worker under the bars: the slide it is running.
     """
-    from tqdm.auto import tqdm
-
     scheduler = Scheduler.parse(scheduler)
     say = (lambda *_: None) if quiet else print
     names = [task.name for task in tasks]
@@ -412,55 +410,72 @@ def run_cohort(
         f"{sum(o.earlier for o in outcomes.values())} failed earlier{' (not retried: --retry-failed)' if any(o.earlier for o in outcomes.values()) else ''}")
 
     with connect(scheduler, quiet=quiet) if todo and scheduler.distributed else contextlib.nullcontext((None, None)) as (client, threads):
-        known = [task.n_spots for task in todo]
-        slides_bar = tqdm(total=len(todo), desc="cohort slides", unit="slide", disable=not progress or not todo)
-        spots_bar = tqdm(total=sum(known) if None not in known else None, desc="cohort spots", unit="spot",
-                         disable=not progress or not todo)
-
         run_id = uuid.uuid4().hex[:8]
-        running_spots: dict[str, int] = {}  # spots done so far in slides still running (live, from the workers)
-        spots_lock = threading.Lock()
-
-        finished_spots = [0]
-
-        def show_spots() -> None:  # called with spots_lock held; a redone slide never moves the bar back
-            shown = finished_spots[0] + sum(running_spots.values())
-            if shown > spots_bar.n:
-                spots_bar.update(shown - spots_bar.n)
-
-        def on_spots(event: Any) -> None:  # Dask event handler, on the client's thread
-            message = event[1] if isinstance(event, tuple) else event
-            if message.get("run") == run_id:
-                with spots_lock:
-                    if message.get("slide") not in outcomes:  # a late report of a finished slide is dropped
-                        running_spots[message["slide"]] = int(message.get("done", 0))
-                        show_spots()
+        bars = CohortProgress(todo, run_id, enabled=progress)
 
         def finished(outcome: SlideOutcome) -> None:
-            with spots_lock:
-                outcomes[outcome.name] = outcome
-            for line in outcome.log.splitlines():
-                if line.strip():
-                    slides_bar.write(f"[{outcome.name}] {line.strip()}")
-            if outcome.state == "failed":
-                slides_bar.write(f"[{outcome.name}] failed: {outcome.error}")
-            slides_bar.update(1)
-            with spots_lock:
-                running_spots.pop(outcome.name, None)
-                finished_spots[0] += int(outcome.result.get("n_spots", 0))
-                show_spots()
-            slides_bar.set_postfix_str(f"{sum(o.state == 'failed' and not o.earlier for o in outcomes.values())} failed")
+            outcomes[outcome.name] = outcome
+            bars.finished(outcome, sum(o.state == "failed" and not o.earlier for o in outcomes.values()))
 
         try:
             if client is not None:
-                _run_on_dask(client, todo, threads, finished, show_workers and progress, run_id, on_spots if progress else None)
+                _run_on_dask(client, todo, threads, finished, show_workers and progress, run_id, bars.on_spots if progress else None)
             else:
                 for task in todo:
                     finished(run_task(task))
         finally:
-            slides_bar.close()
-            spots_bar.close()
+            bars.close()
     return CohortReport([outcomes[name] for name in names])
+
+
+class CohortProgress:
+    """The cohort's two bars: slides, and spots (live while slides run, from the workers' reports)."""
+
+    def __init__(self, todo: Sequence[SlideTask], run_id: str, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        known = [task.n_spots for task in todo]
+        self.run_id = run_id
+        self.slides = tqdm(total=len(todo), desc="cohort slides", unit="slide", disable=not enabled or not todo)
+        self.spots = tqdm(total=sum(known) if None not in known else None, desc="cohort spots", unit="spot",
+                          disable=not enabled or not todo)
+        self.running: dict[str, int] = {}  # spots done so far in slides still running
+        self.finished_names: set[str] = set()
+        self.finished_spots = 0
+        self.lock = threading.Lock()  # Dask calls on_spots on the client's own thread
+
+    def on_spots(self, event: Any) -> None:
+        """Dask event handler: ``{"run", "slide", "done"}`` from :func:`report_spots`."""
+        message = event[1] if isinstance(event, tuple) else event
+        if message.get("run") != self.run_id:
+            return
+        with self.lock:
+            if message.get("slide") not in self.finished_names:  # a late report of a finished slide is dropped
+                self.running[message["slide"]] = int(message.get("done", 0))
+                self._show_spots()
+
+    def finished(self, outcome: SlideOutcome, failed: int) -> None:
+        for line in outcome.log.splitlines():
+            if line.strip():
+                self.slides.write(f"[{outcome.name}] {line.strip()}")
+        if outcome.state == "failed":
+            self.slides.write(f"[{outcome.name}] failed: {outcome.error}")
+        with self.lock:
+            self.finished_names.add(outcome.name)
+            self.running.pop(outcome.name, None)
+            self.finished_spots += int(outcome.result.get("n_spots", 0))
+            self._show_spots()
+        self.slides.update(1)
+        self.slides.set_postfix_str(f"{failed} failed")
+
+    def _show_spots(self) -> None:
+        shown = self.finished_spots + sum(self.running.values())
+        if shown > self.spots.n:  # a slide redone after a worker loss never moves the bar back
+            self.spots.update(shown - self.spots.n)
+
+    def close(self) -> None:
+        self.slides.close()
+        self.spots.close()
 
 
 def _run_on_dask(client: Any, todo: Sequence[SlideTask], torch_threads: int | None, finished: Callable[[SlideOutcome], None],
