@@ -5,7 +5,9 @@ GUI give the same numbers for the same settings, and writes each result with
 :func:`napari_stem.anndata_io.write_prediction` (scanpy spatial layout, slide thumbnail included).
 
 Many slides can be split over processes: under ``torchrun`` (or with ``RANK``/``WORLD_SIZE`` set)
-rank r predicts slides r, r + world_size, ...; no process group is needed for that.
+rank r predicts slides r, r + world_size, ...; no process group is needed for that. With
+``--scheduler`` each slide is instead one Dask task running :func:`predict_job`
+(:mod:`stem_train.cohort`): workers may die or join, and each slide's fate is recorded.
 """
 
 from __future__ import annotations
