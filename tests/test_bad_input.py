@@ -414,9 +414,14 @@ def test_stale_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path
     live.write_text("in progress")
     unrelated = tmp_path / ".other.json.1.part"
     unrelated.write_text("not ours to judge")
+    other_host = tmp_path / f".report.json.{dead.pid}@another-host.part"  # shared filesystem: cannot be checked
+    other_host.write_text("maybe still running elsewhere")
+    mine_dead = tmp_path / temporary_sibling(target, "part").name.replace(f".{os.getpid()}@", f".{dead.pid}@")
+    mine_dead.write_text("half, from a killed run on this host")
     write_text_atomically(target, "{}")
     assert target.read_text() == "{}"
-    assert not stale.exists() and not stale_dir.exists() and live.exists() and unrelated.exists()
+    assert not stale.exists() and not stale_dir.exists() and not mine_dead.exists()
+    assert live.exists() and unrelated.exists() and other_host.exists()
 
 
 def test_safe_loading_messages_say_what_happened_and_never_advise_unsafe_loading(tmp_path, capsys) -> None:

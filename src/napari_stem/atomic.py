@@ -1,7 +1,7 @@
 """Atomic file writes: a file is either the old one or the complete new one, never half-written.
 
 Writers put their work in a hidden sibling named by :func:`temporary_sibling` (target name,
-process id, kind) and rename it into place, so a crash or Ctrl-C mid-write leaves the target
+process id and host, kind) and rename it into place, so a crash or Ctrl-C mid-write leaves the target
 untouched. A killed process (SIGKILL, OOM, power) cannot remove its sibling; the next writer of
 the same target does, with :func:`remove_stale_temporaries`, once that process is gone.
 """
@@ -11,9 +11,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+#: This machine's name as it appears in temporary file names (letters, digits, '-', '_').
+_HOST = re.sub(r"[^\w-]", "-", socket.gethostname())[:64] or "host"
 
 
 def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -41,15 +46,19 @@ def write_text_atomically(path: str | Path, text: str) -> Path:
 
 
 def temporary_sibling(path: str | Path, kind: str) -> Path:
-    """``.<name>.<pid>.<kind>`` next to ``path``: hidden, and traceable to the process writing it."""
+    """``.<name>.<pid>@<host>.<kind>`` next to ``path``: hidden, and traceable to its writer."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
+    return path.with_name(f".{path.name}.{os.getpid()}@{_HOST}.{kind}")
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove the temporary siblings of ``path`` left by processes that no longer run; returns them."""
+    """Remove the temporary siblings of ``path`` left by processes of this host that no longer run.
+
+    A sibling written on another host (a shared filesystem) is left alone: its process cannot be
+    checked from here. Returns what was removed.
+    """
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[\w.-]+$")
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)(?:@([\w-]+))?\.[\w.-]+$")
     removed: list[Path] = []
     try:
         entries = list(path.parent.iterdir()) if path.parent.is_dir() else []
@@ -57,7 +66,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         return removed
     for entry in entries:
         match = pattern.match(entry.name)
-        if match is None or _process_alive(int(match.group(1))):
+        if match is None or match.group(2) not in (None, _HOST) or _process_alive(int(match.group(1))):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
