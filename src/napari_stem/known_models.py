@@ -11,8 +11,9 @@ from pathlib import Path
 
 DEMO = "demo"
 MAX_RECENT = 8
-#: The demo model's first build (data, embeddings, 400 training steps), measured on 2 shared CPU cores.
-DEMO_BUILD_TIME = "about 9 minutes on 2 CPU cores"
+#: The demo model's first build (data, embeddings, 400 training steps): the whole headless demo from
+#: nothing took 65 s on 2 idle CPU cores; busy cores stretch it to several minutes.
+DEMO_BUILD_TIME = "about a minute on 2 idle CPU cores, minutes when they are busy"
 
 
 def _recent_file() -> Path:
