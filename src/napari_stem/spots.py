@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from napari_stem.errors import SpotsError, describe_path
+from napari_stem.validate import check_unique_barcodes
 
 #: Visium: 55 µm spots on a 100 µm centre-to-centre hexagonal grid.
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -121,10 +122,7 @@ def spots_from_anndata(adata, source: str | Path = "<AnnData>", mpp: float | Non
     if not np.isfinite(centers).all():
         raise SpotsError(f"{describe_path(source)} has missing (NaN) values in obsm['spatial'].")
     diameter = spot_diameter_fullres(adata, source)
-    if not adata.obs_names.is_unique:
-        repeated = adata.obs_names[adata.obs_names.duplicated()].unique()
-        raise SpotsError(f"{describe_path(source)} has {len(adata.obs_names) - adata.obs_names.nunique()} duplicated spot "
-                         f"barcodes (e.g. {', '.join(map(str, repeated[:3]))}); every spot needs its own barcode.")
+    check_unique_barcodes(adata.obs_names, describe_path(source))
     return Spots(
         centers_px=centers,
         diameter_px=diameter,

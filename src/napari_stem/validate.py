@@ -175,12 +175,7 @@ def check_spots(spots: Any, slide_shape_px: tuple[int, int] | None, source: str,
     on the slide. With ``drop_outside`` spots centred off the slide are dropped, not refused."""
     if len(spots) == 0:
         raise InputError(f"{source} holds no spots; there is nothing to predict.")
-    barcodes = np.asarray(spots.barcodes).astype(str)
-    unique, counts = np.unique(barcodes, return_counts=True)
-    if len(unique) != len(barcodes):
-        repeated = unique[counts > 1]
-        raise InputError(f"{source} has {len(barcodes) - len(unique)} duplicated spot barcodes (e.g. "
-                         f"{', '.join(repeated[:3])}); every spot needs its own barcode.")
+    check_unique_barcodes(spots.barcodes, source)
     centers = np.asarray(spots.centers_px, dtype=np.float64)
     if not np.isfinite(centers).all():
         raise InputError(f"{source} has {int((~np.isfinite(centers).all(axis=1)).sum())} spots without finite coordinates.")
@@ -199,6 +194,16 @@ def check_spots(spots: Any, slide_shape_px: tuple[int, int] | None, source: str,
             "full-resolution pixels" + (", or drop them with --drop-off-slide-spots." if n_outside < len(spots) else ".")
         )
     return spots.subset(inside), n_outside
+
+
+def check_unique_barcodes(barcodes: Any, source: str) -> None:
+    """Every spot needs its own barcode: rows are matched to truths and caches by it."""
+    barcodes = np.asarray(barcodes).astype(str)
+    unique, counts = np.unique(barcodes, return_counts=True)
+    if len(unique) != len(barcodes):
+        repeated = unique[counts > 1]
+        raise InputError(f"{source} has {len(barcodes) - len(unique)} duplicated spot barcodes (e.g. "
+                         f"{', '.join(repeated[:3])}); every spot needs its own barcode.")
 
 
 def check_finite_counts(matrix: Any, source: str) -> None:
