@@ -38,6 +38,7 @@ from magicgui.widgets import (
 )
 from napari.layers import Layer
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QComboBox
 
 from napari_stem._controller import (
     DEVICES,
@@ -98,6 +99,10 @@ class PredictWidget(Container):
         self.preview_info = Label(label="preview", value="")
         self.known_models = ComboBox(label="known models", choices=self._model_choices,
                                      tooltip="The demo model and recently used checkpoints; picking one fills 'checkpoint'")
+        # Long entries (the demo's build note, deep checkpoint paths) must not widen the dock and
+        # squeeze the canvas: the box keeps a modest width and the list shows them in full.
+        self.known_models.native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.known_models.native.setMinimumContentsLength(18)
         self.checkpoint = FileEdit(label="checkpoint", mode="d", nullable=True, tooltip="A napari-stem checkpoint folder, or type hf-hub:owner/name[@revision] for one on the Hugging Face Hub; its config decides genes, encoder and patches")
         self.checkpoint_info = Label(label="model", value="(choose a checkpoint)")
         self.intervals = ComboBox(label="intervals", choices=list(INTERVAL_CHOICES), value=DEFAULT_INTERVALS,

@@ -13,7 +13,7 @@ DEMO = "demo"
 MAX_RECENT = 8
 #: The demo model's first build (data, embeddings, 400 training steps): the whole headless demo from
 #: nothing took 65 s on 2 idle CPU cores; busy cores stretch it to several minutes.
-DEMO_BUILD_TIME = "about a minute on 2 idle CPU cores, minutes when they are busy"
+DEMO_BUILD_TIME = "about 1 min on 2 idle CPU cores"
 
 
 def _recent_file() -> Path:
