@@ -188,14 +188,9 @@ def _spaceranger_image(outs: Path, spots, name: str) -> tuple | None:  # noqa: A
 
 
 def _is_prediction_file(path: Path) -> bool:
-    """Cheap check (HDF5 keys only) for ``uns/napari_stem`` and ``layers/variance``."""
-    import h5py
+    from napari_stem.validate import is_napari_stem_h5ad
 
-    try:
-        with h5py.File(path, "r") as handle:
-            return "uns/napari_stem" in handle and "layers/variance" in handle
-    except OSError:
-        return False
+    return is_napari_stem_h5ad(path, "layers/variance")
 
 
 def _spaceranger_outs(folder: Path) -> Path | None:

@@ -232,13 +232,14 @@ def check_not_an_input(out: str | Path, inputs: Iterable[str | Path | None], fla
                              "would destroy it. Choose another output path.")
 
 
-def is_napari_stem_h5ad(path: str | Path) -> bool:
-    """Whether ``path`` is a prediction napari-stem wrote (it carries ``uns['napari_stem']``)."""
+def is_napari_stem_h5ad(path: str | Path, *also: str) -> bool:
+    """Whether ``path`` is an ``.h5ad`` napari-stem wrote (it carries ``uns['napari_stem']``), and
+    holds the HDF5 keys ``also`` (e.g. ``"layers/variance"``); reads keys only, never the data."""
     import h5py
 
     try:
         with h5py.File(path, "r") as handle:
-            return "uns/napari_stem" in handle
+            return all(key in handle for key in ("uns/napari_stem", *also))
     except (OSError, ValueError):
         return False
 

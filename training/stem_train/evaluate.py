@@ -155,9 +155,6 @@ def load_pair(prediction_path: str | Path, truth_path: str | Path) -> tuple[Any,
         raise EvaluationError(f"truth {describe_path(truth_path)} has duplicate gene names {_preview(duplicated)}; make them unique.")
     rows = np.array([truth_rows[str(b)] for b in prediction.obs_names], dtype=np.int64)
     check_finite_counts(truth.X, f"truth {describe_path(truth_path)}")
-    if not np.isfinite(_dense(prediction.X)).all():
-        raise EvaluationError(f"prediction {describe_path(prediction_path)} holds non-finite values (NaN or infinity); it "
-                              "was not written by a successful napari-stem run. Predict again.")
     return prediction, truth, rows
 
 
@@ -166,6 +163,9 @@ def prediction_arrays(prediction: Any, source: Path) -> dict[str, Any]:
     from napari_stem.anndata_io import VARIANCE_LAYER
 
     mean = _dense(prediction.X)
+    if not np.isfinite(mean).all():
+        raise EvaluationError(f"prediction {describe_path(source)} holds non-finite values (NaN or infinity); it "
+                              "was not written by a successful napari-stem run. Predict again.")
     n_spots, n_genes = mean.shape
     variance = _dense(prediction.layers[VARIANCE_LAYER]) if VARIANCE_LAYER in prediction.layers else None
     samples = None

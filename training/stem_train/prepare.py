@@ -126,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
         raise DatasetError("--genes-method list needs --gene-list FILE (one gene symbol per line).")
     if method != "list" and args.gene_list is not None:
         raise DatasetError(f"--gene-list is only used with --genes-method list, not {method}; drop one of them.")
-    if (args.batch_size is not None and args.batch_size < 1) or args.num_workers < 0:
-        raise DatasetError(f"--batch-size must be >= 1 and --num-workers >= 0, got {args.batch_size} and {args.num_workers}.")
     encoder_weights_id(args.encoder, args.encoder_weights)  # unknown encoder or missing weights file: fail now
     patch_spec = PatchSpec.stem_native() if args.patch_mode == "stem-native" else PatchSpec()
     _warn_shared_patients(samples, held_out)
