@@ -178,3 +178,62 @@ def test_order_statistic_curve_levels_are_exact() -> None:
     curve = metrics.order_statistic_curve(truth, samples)
     assert curve["level"] == pytest.approx([0.8, 0.6, 0.4, 0.2])  # (K + 1 - 2i)/(K + 1), K = 9
     np.testing.assert_allclose(curve["coverage"], curve["level"], atol=4 * np.sqrt(0.25 / 8000))
+
+
+# ---------------------------------------------------------------------- bootstrap intervals
+def _noisy_pair(n_spots: int, seed: int = 0, noise: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(size=(n_spots, 6))
+    return truth, truth + rng.normal(scale=noise, size=truth.shape)
+
+
+def test_bootstrap_ci_contains_the_estimate_and_narrows_with_more_spots() -> None:
+    truth, prediction = _noisy_pair(1600)
+    small = metrics.bootstrap_panel_pcc(truth[:100], prediction[:100], n_resamples=400, seed=3)
+    large = metrics.bootstrap_panel_pcc(truth, prediction, n_resamples=400, seed=3)
+    for ci in (small, large):
+        assert ci.low < ci.estimate < ci.high and ci.unit == "spots" and ci.n_resamples == 400 and ci.level == 0.95
+    assert small.estimate == pytest.approx(metrics.fixed_panel_pcc(metrics.pearson_per_gene(truth[:100], prediction[:100]),
+                                                                   list("abcdef"), list("abcdef"))["mean"])
+    assert (large.high - large.low) < 0.5 * (small.high - small.low)  # 16x the spots: ~1/4 the width
+    assert metrics.bootstrap_panel_pcc(truth[:100], prediction[:100], n_resamples=400, seed=3) == small  # seeded, deterministic
+
+
+def test_resampled_panel_pcc_is_the_pcc_of_the_resampled_spots() -> None:
+    """The matrix-product moments equal scoring the drawn spots (repeated as drawn) directly."""
+    truth, prediction = _noisy_pair(40, seed=1)
+    truth[:, 5] = 0.0  # constant gene: undefined, left out as fixed_panel_pcc does
+    weights = metrics.bootstrap_weights(40, 5, seed=2)
+    resampled = metrics._weighted_panel_pcc(truth, prediction, weights)
+    for row, value in zip(weights.astype(int), resampled, strict=True):
+        drawn = np.repeat(np.arange(40), row)
+        pcc = metrics.pearson_per_gene(truth[drawn], prediction[drawn])
+        assert value == pytest.approx(np.nanmean(pcc), abs=1e-10)
+
+
+def test_paired_bootstrap_of_identical_predictions_is_exactly_zero() -> None:
+    truth, prediction = _noisy_pair(200)
+    same = metrics.paired_bootstrap_panel_pcc(truth, prediction, prediction.copy(), n_resamples=300)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+    better = truth + np.random.default_rng(5).normal(scale=0.5, size=truth.shape)
+    difference = metrics.paired_bootstrap_panel_pcc(truth, better, prediction, n_resamples=300)
+    alone_a = metrics.bootstrap_panel_pcc(truth, better, n_resamples=300)
+    alone_b = metrics.bootstrap_panel_pcc(truth, prediction, n_resamples=300)
+    assert difference.estimate == pytest.approx(alone_a.estimate - alone_b.estimate) and difference.low > 0
+    assert difference.excludes_zero and difference.describe(2, signed=True).startswith("+")
+
+
+def test_bootstrap_resamples_slides_when_there_are_three() -> None:
+    truth, prediction = _noisy_pair(300)
+    two = metrics.bootstrap_panel_pcc(truth[:200], prediction[:200], groups=["a"] * 100 + ["b"] * 100, n_resamples=200)
+    three = metrics.bootstrap_panel_pcc(truth, prediction, groups=np.repeat(["a", "b", "c"], 100), n_resamples=200)
+    assert (two.unit, two.n_units) == ("spots", 200) and (three.unit, three.n_units) == ("slides", 3)
+    per_slide = [np.mean(metrics.pearson_per_gene(truth[i:i + 100], prediction[i:i + 100])) for i in (0, 100, 200)]
+    assert three.estimate == pytest.approx(np.mean(per_slide)) and min(per_slide) <= three.low <= three.high <= max(per_slide)
+
+
+def test_bootstrap_of_an_undefined_pcc_is_undefined() -> None:
+    truth, _ = _noisy_pair(30)
+    constant = np.broadcast_to(truth.mean(axis=0), truth.shape).copy()  # the per-gene mean baseline
+    ci = metrics.bootstrap_panel_pcc(truth, constant, n_resamples=50)
+    assert math.isnan(ci.estimate) and math.isnan(ci.low) and ci.n_resamples == 0 and ci.describe() == "n/a"
