@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -27,7 +29,10 @@ def test_prepared_folder_contract(prepared_synthetic: Path) -> None:
     assert selection["includes_held_out"] is False
     assert (prepared_synthetic / GENE_LIST_FILE).read_text().split() == manifest.genes
     assert (prepared_synthetic / SLIDE_LIST_FILE).read_text().split() == ["SYN000", "SYN001", "SYN002", "SYN003"]
-    for slide in manifest.slides:
+    for slide in manifest.slides:  # the slide files' identity, for evaluate's leak check
+        image = Path(slide.image)
+        assert image.parent == Path(manifest.data_dir) / "wsis" and image.stem == slide.sample_id
+        assert slide.image_sha256 == hashlib.sha256(image.read_bytes()).hexdigest() and slide.image_bytes == image.stat().st_size
         with h5py.File(manifest.embeddings_path(slide)) as handle:
             assert handle["embeddings"].shape == (slide.n_spots, 1280)
             assert handle["embeddings_aug"].shape == (slide.n_spots, 7, 1280)
@@ -98,3 +103,18 @@ def test_gene_list_naming_absent_genes(synthetic_hest: Path, tmp_path: Path, cap
 def test_missing_data_folder(tmp_path: Path, capsys) -> None:
     assert main(["prepare", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_image_hash_is_streamed_and_reused_only_for_an_unchanged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stem_train import manifest as manifest_module
+
+    slide = tmp_path / "S1.tif"
+    slide.write_bytes(b"abc" * 5000)
+    assert manifest_module.sha256_file(slide, chunk_bytes=1000) == hashlib.sha256(b"abc" * 5000).hexdigest()
+    record = manifest_module.image_record(slide)
+    previous = manifest_module.PreparedSlide("S1", "P", "train", 1, "embeddings/S1.h5", **record)
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: "rehashed")
+    assert manifest_module.image_record(slide, previous)["image_sha256"] == record["image_sha256"]  # unchanged: not reread
+    slide.write_bytes(b"abd" * 5000)  # same size, new content and time
+    os.utime(slide, ns=(record["image_mtime_ns"] + 10**9, record["image_mtime_ns"] + 10**9))
+    assert manifest_module.image_record(slide, previous)["image_sha256"] == "rehashed"

@@ -14,6 +14,7 @@ HEST data folder) so a prepared folder can be moved together with its embeddings
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +33,45 @@ MANIFEST_VERSION = 1
 @dataclass
 class PreparedSlide:
     sample_id: str
-    patient: str
+    patient: str  # HEST metadata/<id>.json "patient" (the sample id when the metadata names none)
     split: str  # "train" or "test" (held out: never used for gene selection unless asked)
     n_spots: int
     embeddings: str  # relative to the prepared folder
+    # the slide file embedded, so 'evaluate' can tell a held-out slide that is a training image under
+    # another name (same bytes) from new tissue; absent in manifests written before they were recorded
+    image: str | None = None  # absolute path when prepared
+    image_sha256: str | None = None
+    image_bytes: int | None = None
+    image_mtime_ns: int | None = None  # with image_bytes: a rerun reuses the hash instead of reading the file again
+
+
+#: Bytes read per step while hashing a slide file (whole-slide images are gigabytes: never read at once).
+HASH_CHUNK_BYTES = 8 << 20
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
+    """Hex SHA-256 of a file, streamed in chunks (memory stays at one chunk whatever the slide's size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_record(path: str | Path, previous: PreparedSlide | None = None) -> dict[str, Any]:
+    """``image*`` fields of a :class:`PreparedSlide` for the slide file at ``path``.
+
+    The hash of ``previous`` (the same sample in the manifest being replaced) is reused when its
+    path, size and modification time are unchanged, so a cached rerun does not reread every slide.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    if (previous is not None and previous.image_sha256 and previous.image == str(path)
+            and previous.image_bytes == stat.st_size and previous.image_mtime_ns == stat.st_mtime_ns):
+        digest = previous.image_sha256
+    else:
+        digest = sha256_file(path)
+    return {"image": str(path), "image_sha256": digest, "image_bytes": int(stat.st_size), "image_mtime_ns": int(stat.st_mtime_ns)}
 
 
 @dataclass

@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     selection = choose_genes(args, method, adatas, held_out)
     print(f"gene panel: {len(selection.genes)} genes by {method} ({_describe(selection.info)})")
 
+    previous = _previous_slides(out)  # their image hashes are reused where the slide file is unchanged
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a stale manifest must not outlive a failed rerun
     created = [folder for folder in (out, out / EMBEDDINGS_DIR) if not folder.exists()]
     try:
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
+    slides = record_images(slides, samples, previous)
     manifest = PreparedDataset(
         data_dir=str(data_dir),
         encoder=args.encoder,
@@ -320,6 +322,32 @@ class LazyEncoder:
 
     def __call__(self, batch: Any) -> Any:
         return self._build()(batch)
+
+
+def _previous_slides(out: Path) -> dict[str, PreparedSlide]:
+    """The slides of the manifest a rerun replaces (none when absent or unreadable)."""
+    try:
+        return {slide.sample_id: slide for slide in PreparedDataset.load(out).slides}
+    except (DatasetError, TypeError, ValueError):
+        return {}
+
+
+def record_images(slides: list[PreparedSlide], samples: list[Any], previous: dict[str, PreparedSlide] | None = None) -> list[PreparedSlide]:
+    """Each slide with its image file's path, size and SHA-256 (streamed), for evaluate's leak check.
+
+    A held-out slide whose image hashes like a training slide's is the same scan under another id:
+    its "held-out" score would measure memory, not generalisation.
+    """
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from stem_train.manifest import image_record
+
+    paths = {sample.sample_id: sample.wsi_path for sample in samples}
+    previous = previous or {}
+    return [replace(slide, **image_record(paths[slide.sample_id], previous.get(slide.sample_id)))
+            for slide in tqdm(slides, desc="hashing slide files", unit="slide")]
 
 
 def _warn_shared_patients(samples: list[Any], held_out: list[str]) -> None:
