@@ -427,3 +427,25 @@ def test_interval_choice_draws_enough_samples_or_labels_what_it_gives(open_widge
     adata = anndata.read_h5ad(tmp_path / "pred.h5ad")
     np.testing.assert_allclose(adata.layers["lo50"], prediction.intervals[0, 0])
     assert json.loads(adata.uns["napari_stem"]["intervals_json"])[0]["label"] == "50 % interval from 3 samples"
+
+
+def test_preview_tissue_from_the_stored_thumbnail_matches_the_decoded_level(demo_slide_file: Path) -> None:
+    """The preview's mask comes from the SVS's stored thumbnail (milliseconds, not a decoded level):
+    grids over it keep nearly the same spots, with nearly the same tissue fractions."""
+    from napari_stem import preview
+    from napari_stem.grid import spots_over_tissue, tissue_mask
+    from napari_stem.slide import open_slide
+    from napari_stem.tissue import mask_overview
+
+    with open_slide(demo_slide_file) as slide:
+        overview, scale = mask_overview(slide)
+        assert overview.shape == (768, 574, 3) and scale == pytest.approx(574 / 2220)  # the thumbnail, not level 0
+        full = tissue_mask(slide)
+        for pitch, diameter, fraction in ((100.0, 55.0, 0.5), (150.0, 80.0, 0.9), (100.0, 55.0, 0.1), (50.0, 30.0, 0.5)):
+            exact = spots_over_tissue(slide, pitch, diameter, fraction, tissue=full)
+            quick = preview.grid_over_tissue(demo_slide_file, slide.mpp, pitch, diameter, fraction)
+            assert abs(len(quick) - len(exact)) <= max(1, 0.05 * len(exact)), (pitch, diameter, fraction)
+            both = exact.obs.index.intersection(quick.obs.index)
+            assert len(both) >= 0.95 * len(exact)
+            difference = (exact.obs.loc[both, "tissue_fraction"] - quick.obs.loc[both, "tissue_fraction"]).abs()
+            assert difference.mean() < 0.03, (pitch, diameter, fraction, difference.mean())

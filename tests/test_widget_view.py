@@ -159,24 +159,43 @@ def test_controller_reports_steps_and_time_left() -> None:
 
 
 @gui
-def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_viewer, qtbot, demo_slide_file: Path, tiny_checkpoint: Path) -> None:  # noqa: ANN001, F811
+def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_viewer, qtbot, demo_slide_file: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: ANN001, F811
+    import shutil
+
+    from napari_stem import preview as preview_module
     from napari_stem.grid import spots_over_tissue
     from napari_stem.slide import open_slide
     from test_widget import WIDGET
 
+    def shown(before=None):  # noqa: ANN001, ANN202
+        return lambda: widget.preview.preview is not before and "spot preview" in viewer.layers and viewer.layers["spot preview"].visible
+
     viewer = make_napari_viewer()
     viewer.open(str(demo_slide_file), plugin="napari-stem")
+    started = time.perf_counter()
     _, widget = viewer.window.add_plugin_dock_widget("napari-stem", WIDGET)
     widget.use_threads = True
     assert widget.spots.value == "grid over tissue"
+    qtbot.waitUntil(shown(), timeout=60_000)
+    print(f"first preview (widget docked over the open demo slide): {time.perf_counter() - started:.2f} s")
+    # choosing a slide never seen (a copy of the demo slide): its tissue is found now, in a worker
+    viewer.open(str(shutil.copy(demo_slide_file, tmp_path / "other_slide.svs")), plugin="napari-stem")
+    before = widget.preview.preview
     started = time.perf_counter()
-    qtbot.waitUntil(lambda: "spot preview" in viewer.layers and viewer.layers["spot preview"].visible, timeout=60_000)
-    print(f"first preview (tissue mask in a worker): {time.perf_counter() - started:.2f} s")
+    widget.slide.value = viewer.layers["other_slide"]
+    qtbot.waitUntil(shown(before), timeout=60_000)
+    chosen = time.perf_counter() - started
+    print(f"preview after choosing another slide (its tissue mask found in a worker): {chosen:.2f} s")
+    assert chosen <= 1.0
+    viewer.layers.remove("other_slide")
+    qtbot.waitUntil(lambda: widget.slide.value is viewer.layers["cmu_small_region"], timeout=5_000)
     preview = viewer.layers["spot preview"]
     with open_slide(demo_slide_file) as slide:
-        expected = spots_over_tissue(slide)
+        expected = preview_module.grid_over_tissue(demo_slide_file, slide.mpp, 100.0, 55.0, 0.5)  # what a run predicts
+        full_resolution = spots_over_tissue(slide)  # the mask on the decoded level, not the stored thumbnail
     assert len(preview.data) == len(expected)
     np.testing.assert_allclose(np.sort(preview.data, axis=0), np.sort(expected.napari_coords_um, axis=0))
+    assert abs(len(expected) - len(full_resolution)) <= 0.05 * len(full_resolution)
     assert widget.preview_info.value.startswith(f"~{len(expected)} spots")
 
     def redraw_after(change) -> float:  # noqa: ANN001 - seconds from a control change to the new preview
@@ -190,8 +209,7 @@ def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_view
     assert len(preview.data) < len(expected)
     seconds.append(redraw_after(lambda: setattr(widget.diameter_um, "value", 80.0)))
     seconds.append(redraw_after(lambda: setattr(widget.min_tissue, "value", 0.9)))
-    with open_slide(demo_slide_file) as slide:
-        assert len(preview.data) == len(spots_over_tissue(slide, 150.0, 80.0, 0.9))
+    assert len(preview.data) == len(preview_module.grid_over_tissue(demo_slide_file, 0.499, 150.0, 80.0, 0.9))
     widget.pitch_um.value, widget.diameter_um.value = 100.0, 55.0
     seconds.append(redraw_after(lambda: setattr(widget.min_tissue, "value", 0.5)))
     # a region: spots inside are cyan, the rest grey; the count is the region's
@@ -212,6 +230,7 @@ def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_view
     assert max(seconds) <= 1.0
     # the tissue mask, toggled, under the spots and over the slide
     seconds = redraw_after(lambda: setattr(widget.show_mask, "value", True))
+    assert seconds <= 1.0
     mask = viewer.layers["tissue mask"]
     names = [layer.name for layer in viewer.layers]
     assert mask.visible and names.index("cmu_small_region") < names.index("tissue mask") < names.index("spot preview")

@@ -3,7 +3,8 @@ slide, spots, pitch, diameter, minimum tissue fraction or region change, with co
 
 Changes are gathered for a moment (a quick series of edits redraws once). Grids come from
 :mod:`napari_stem.preview`, the same the run uses; the slow part, the slide's tissue mask, is
-computed once per slide in a thread worker (the GUI stays responsive on large slides) and kept.
+computed once per slide in a thread worker (the GUI stays responsive on large slides without a
+stored thumbnail, whose whole overview level is decoded) and kept.
 Layers are touched on the main thread only.
 """
 
@@ -163,7 +164,7 @@ class SpotPreview:
         def done(*_: Any) -> None:
             self._worker = None
             try:
-                self.schedule()
+                self.update()  # now, not after the debounce: the settings have not changed
             except RuntimeError:  # the widget was closed meanwhile
                 pass
 

@@ -1,8 +1,9 @@
 """See before you compute: the spots a run would predict, the tissue they were laid on, the cost.
 
-The tissue mask is the slow part of a grid (seconds: the slide's overview is read and
-thresholded), so it is kept per slide file; a grid for other pitch, diameter or minimum tissue
-fraction is then milliseconds. The widget's preview and the controller's run take their grids
+The tissue mask is the slow part of a grid, so it is found on the cheapest overview fine enough
+for spot tissue fractions (the file's stored thumbnail when it has one: 0.1 s for the demo slide,
+where decoding its one level takes 1.4 s; :func:`napari_stem.tissue.mask_overview`) and kept per
+slide file; a grid for other pitch, diameter or minimum tissue fraction is then milliseconds. The widget's preview and the controller's run take their grids
 from here, so what the preview shows is what gets predicted. The cost estimate uses the pace of
 the last run on this machine when there was one, else rough figures measured on 2 CPU cores.
 No napari or Qt import.
@@ -51,14 +52,15 @@ def cached_tissue(path: str | Path, mpp: float) -> tuple[np.ndarray, float] | No
 
 
 def slide_tissue(path: str | Path, mpp: float) -> tuple[np.ndarray, float]:
-    """``(mask, scale)`` of the slide's tissue (:func:`napari_stem.grid.tissue_mask`), kept per file."""
+    """``(mask, scale)`` of the slide's tissue on :func:`~napari_stem.tissue.mask_overview`, kept per file."""
     key = (*_file_key(path), float(mpp))
     if key not in _TISSUE:
-        from napari_stem.grid import tissue_mask
         from napari_stem.slide import open_slide
+        from napari_stem.tissue import mask_overview, tissue_mask_from_rgb
 
         with open_slide(path, mpp=mpp) as slide:
-            _remember(_TISSUE, key, tissue_mask(slide))
+            overview, scale = mask_overview(slide)
+        _remember(_TISSUE, key, (tissue_mask_from_rgb(overview), scale))
     return _TISSUE[key]
 
 
