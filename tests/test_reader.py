@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from napari_stem._reader import get_reader
+from test_widget import tiny_checkpoint  # noqa: F401 - fixture
 
 
 def test_get_reader_only_sniffs(tmp_path: Path, demo_slide_file: Path, synthetic_hest: Path) -> None:
@@ -68,3 +69,41 @@ def test_sample_data_demo_slide(make_napari_viewer) -> None:  # noqa: ANN001
     spots = viewer.layers["demo spots"]
     assert 30 < len(spots.data) < 170
     assert np.allclose(spots.size, 55.0)
+
+
+@pytest.mark.gui
+def test_sample_data_demo_prediction_does_not_block_napari(make_napari_viewer, qtbot, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """File > Open Sample > Demo prediction: the slide at once, the prediction from a worker while
+    napari keeps running (the real first use builds the model and embeds ~70 spots: 30 s and more)."""
+    import time
+
+    from qtpy.QtCore import QTimer
+
+    import napari_stem._sample_data as sample_data
+    from napari_stem import known_models
+
+    monkeypatch.setattr(known_models, "demo_checkpoint", lambda: tiny_checkpoint)  # the tiny model, 5 spots
+    grid = sample_data._demo_spots
+    monkeypatch.setattr(sample_data, "_demo_spots", lambda slide: grid(slide).subset(np.arange(5)))
+    monkeypatch.setattr(sample_data, "_embedding_cache", lambda: tmp_path / "demo.h5")
+    workers = []
+    start = sample_data.start_demo_prediction
+    monkeypatch.setattr(sample_data, "start_demo_prediction", lambda *args: workers.append(start(*args)) or workers[-1])
+    viewer = make_napari_viewer()
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(50)
+    viewer.open_sample("napari-stem", "demo_prediction")
+    assert [layer.name for layer in viewer.layers] == ["demo H&E"] and workers[0].is_running  # the prediction follows
+    qtbot.waitUntil(lambda: len(viewer.layers) == 3, timeout=120_000)
+    after = len(ticks)
+    qtbot.waitUntil(lambda: not workers[0].is_running, timeout=10_000)
+    timer.stop()
+    sd, mean = viewer.layers[1:]
+    gene = mean.metadata["gene"]
+    assert (mean.name, sd.name) == (f"demo {gene} mean", f"demo {gene} sd") and mean.visible and not sd.visible
+    assert len(mean.data) == 5 and mean.face_colorbar.visible and viewer.layers.selection.active is mean
+    gaps = np.diff(ticks[:after])
+    print(f"demo prediction sample: GUI timer kept ticking, longest gap {gaps.max():.2f} s over {len(gaps)} ticks")
+    assert len(gaps) > 5 and gaps.max() < 2.0  # the GUI kept running meanwhile (importing torch in the worker holds the GIL a moment)

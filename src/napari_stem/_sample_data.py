@@ -1,21 +1,46 @@
-"""npe2 sample data: the real demo H&E slide with a Visium-like spot grid over its tissue."""
+"""npe2 sample data: the real demo H&E slide with a Visium-like spot grid over its tissue, and the
+demo model's prediction over it.
+
+*File > Open Sample* calls these on napari's GUI thread, so nothing slow happens there: the grid
+is the preview's (tissue found on the slide's stored thumbnail, milliseconds), and the demo
+prediction (the first time: building the model, then embedding every spot, ~30 s on a CPU) runs
+in a thread worker that adds its layers when done, with a progress bar and notifications.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+#: What the demo prediction is doing, for the progress bar and the notifications.
+_STAGES = {"build": "building the demo model", "embed": "embedding spots", "sample": "sampling"}
 
 
 def demo_slide() -> list:
     from napari_stem.datasets import demo_slide_path
-    from napari_stem.grid import spots_over_tissue
     from napari_stem.layers import slide_layer_data, spots_layer_data
     from napari_stem.slide import open_slide
 
     slide = open_slide(demo_slide_path())
-    spots = spots_over_tissue(slide)
-    return [slide_layer_data(slide, name="demo H&E"), spots_layer_data(spots, name="demo spots")]
+    return [slide_layer_data(slide, name="demo H&E"), spots_layer_data(_demo_spots(slide), name="demo spots")]
+
+
+def _demo_spots(slide: Any) -> Any:
+    """The default grid over the demo tissue: the widget's preview grid (same spots, cached)."""
+    from napari_stem.preview import grid_over_tissue
+
+    return grid_over_tissue(slide.path, slide.require_mpp(), 100.0, 55.0, 0.5)
+
+
+def _embedding_cache() -> Path:
+    from napari_stem.datasets import cache_dir
+
+    return cache_dir() / "embeddings" / "demo_sample.h5"
 
 
 def demo_prediction() -> list:
-    """The demo slide with the demo model's predicted mean and variance over its tissue grid.
+    """The demo slide with the demo model's predicted mean and sd over its tissue grid, computed
+    here and now (for scripts; napari's menu uses :func:`open_demo_prediction`, which does not block).
 
     Uses the cached demo model that ``stem-train demo`` trains once; embeddings are cached too, so
     opening this sample again only re-samples (a few seconds on a CPU).
@@ -25,19 +50,121 @@ def demo_prediction() -> list:
     block_triton_if_llvm_loaded()  # napari's canvas may already hold Mesa's LLVM; see _torch_guard
     from napari_stem._result_layers import label_colorbars_when_added
     from napari_stem.checkpoint import load_checkpoint
-    from napari_stem.datasets import cache_dir, demo_checkpoint_path, demo_slide_path
-    from napari_stem.grid import spots_over_tissue
-    from napari_stem.layers import prediction_layer_data, slide_layer_data
+    from napari_stem.datasets import demo_checkpoint_path, demo_slide_path
+    from napari_stem.layers import slide_layer_data
     from napari_stem.predict import predict
     from napari_stem.slide import open_slide
 
     checkpoint = load_checkpoint(demo_checkpoint_path())
     slide = open_slide(demo_slide_path())
-    spots = spots_over_tissue(slide)
-    prediction = predict(slide.path, spots, checkpoint, cache_path=cache_dir() / "embeddings" / "demo_sample.h5", seed=0)
+    spots = _demo_spots(slide)
+    prediction = predict(slide.path, spots, checkpoint, cache_path=_embedding_cache(), seed=0)
     label_colorbars_when_added()
-    return [
-        slide_layer_data(slide, name="demo H&E"),
-        *(prediction_layer_data(prediction, spots, kind, prefix="demo ", slide_path=str(slide.path), visible=kind == "mean")
-          for kind in ("sd", "mean")),
-    ]
+    return [slide_layer_data(slide, name="demo H&E"), *_prediction_layers(prediction, spots, slide.path)]
+
+
+def _prediction_layers(prediction: Any, spots: Any, slide_path: Any) -> list:
+    from napari_stem.layers import prediction_layer_data
+
+    return [prediction_layer_data(prediction, spots, kind, prefix="demo ", slide_path=str(slide_path), visible=kind == "mean")
+            for kind in ("sd", "mean")]
+
+
+def open_demo_prediction() -> list:
+    """*File > Open Sample > Demo prediction*: the slide at once; the mean and sd layers follow from a
+    thread worker (building the demo model first if needed), with a progress bar, so napari never
+    freezes. Without a viewer (a script) this is :func:`demo_prediction`."""
+    import napari
+
+    viewer = napari.current_viewer()
+    if viewer is None:
+        return demo_prediction()
+    from napari_stem.datasets import demo_slide_path
+    from napari_stem.layers import slide_layer_data
+    from napari_stem.slide import open_slide
+
+    slide = open_slide(demo_slide_path())
+    start_demo_prediction(viewer, slide.path, _demo_spots(slide))
+    return [slide_layer_data(slide, name="demo H&E")]
+
+
+def _demo_prediction_events(slide_path: Path, spots: Any) -> Any:
+    """Worker: ``(stage, fraction)`` pairs while the model is built (once) and the spots are
+    embedded and sampled; returns the :class:`~napari_stem.sampling.Prediction`."""
+    from napari_stem._torch_guard import block_triton_if_llvm_loaded
+
+    block_triton_if_llvm_loaded()
+    from napari_stem import known_models
+    from napari_stem.predict import iter_predict
+
+    checkpoint = known_models.demo_checkpoint()
+    if checkpoint is None:
+        yield "build", 0.0
+        from napari_stem._widget import build_demo_model
+
+        checkpoint = build_demo_model()
+    n_spots = max(len(spots), 1)
+    prediction = None
+    for event in iter_predict(slide_path, spots, checkpoint, cache_path=_embedding_cache(), seed=0, step_events=True):
+        if event.stage == "embed":
+            yield "embed", 0.5 * event.done / n_spots
+        elif event.stage == "step":
+            step = event.batch
+            yield "sample", 0.5 + 0.5 * (step.start + (step.stop - step.start) * step.step / max(step.n_steps, 1)) / n_spots
+        elif event.stage == "done":
+            prediction = event.prediction
+    return prediction
+
+
+def start_demo_prediction(viewer: Any, slide_path: Path, spots: Any) -> Any:
+    """Run the demo prediction in a thread worker; its layers are added to ``viewer`` when done.
+
+    Returns the worker (tests wait on it). Progress shows in napari's activity bar; a
+    notification says what is happening and when the layers are there, or why they are not.
+    """
+    from napari.qt.threading import create_worker
+    from napari.utils import progress
+    from napari.utils.notifications import show_error, show_info
+
+    show_info("napari-stem: predicting the demo slide in the background; the mean and sd layers appear when "
+              "it is done (the first time the demo model is built and every spot embedded: a minute or more).")
+    bar = progress(total=100, desc="napari-stem demo prediction")
+    shown = {"stage": "", "percent": 0}
+
+    def on_progress(update: tuple[str, float]) -> None:
+        stage, fraction = update
+        if stage != shown["stage"]:
+            shown["stage"] = stage
+            bar.set_description(f"napari-stem demo: {_STAGES.get(stage, stage)}")
+            if stage == "build":
+                from napari_stem.known_models import DEMO_BUILD_TIME
+
+                show_info(f"napari-stem: building the demo model once ({DEMO_BUILD_TIME}); it is kept for next time…")
+        percent = min(99, int(100 * fraction))
+        if percent > shown["percent"]:
+            bar.update(percent - shown["percent"])
+            shown["percent"] = percent
+
+    def on_done(prediction: Any) -> None:
+        bar.close()
+        from napari.layers import Layer
+
+        from napari_stem import _result_layers
+
+        try:
+            for data, kwargs, layer_type in _prediction_layers(prediction, spots, slide_path):
+                layer = viewer.add_layer(Layer.create(data, kwargs, layer_type))
+                _result_layers.show(layer)  # labelled colorbar, as the widget's layers
+            viewer.layers.selection.active = layer
+        except RuntimeError:  # the viewer was closed meanwhile
+            return
+        show_info("napari-stem: the demo prediction is in (mean shown; tick the sd layer's eye for its uncertainty).")
+
+    def on_error(error: BaseException) -> None:
+        bar.close()
+        show_error(f"napari-stem: the demo prediction failed: {error}")
+
+    worker = create_worker(_demo_prediction_events, slide_path, spots, _start_thread=False,
+                           _connect={"yielded": on_progress, "returned": on_done, "errored": on_error})
+    worker.start()
+    return worker
