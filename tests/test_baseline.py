@@ -45,8 +45,17 @@ def test_baseline_writes_predictions_reports_and_summary(prepared_synthetic: Pat
     mean = json.loads((out / "mean" / held_out / "report.json").read_text())
     assert mean["fixed_panel_pcc"]["mean"] is None and len(mean["fixed_panel_pcc"]["nan_genes"]) == n_genes
 
+    cv_ridge = json.loads((out / "cv-ridge" / held_out / "report.json").read_text())["provenance"]
+    assert cv_ridge["alpha"] in cv_ridge["cv"]["grid"] and cv_ridge["hest_bench_alpha"] in cv_ridge["cv"]["grid"]
+    assert cv_ridge["cv"]["folds"].startswith("3 folds of whole training slides") and cv_ridge["train_slides"] == ["SYN000", "SYN001", "SYN002"]
+    knn = json.loads((out / "knn" / held_out / "report.json").read_text())
+    assert knn["provenance"]["k"] in knn["provenance"]["cv"]["grid"]
+    ci = knn["fixed_panel_pcc"]["ci"]
+    assert ci["unit"] == "spots" and ci["low"] <= knn["fixed_panel_pcc"]["mean"] <= ci["high"]
+
     summary = (out / "summary.tsv").read_text().splitlines()
-    assert summary[0].startswith("method\tslide\tn_spots\tfixed_panel_pcc") and len(summary) == 3
+    assert summary[0].startswith("method\tslide\tn_spots\tfixed_panel_pcc\tfixed_panel_pcc_low\tfixed_panel_pcc_high") and len(summary) == 5
+    assert "cv-ridge" in printed and "[95% CI]" in printed
 
 
 def test_ridge_probe_matches_hest_bench_recipe() -> None:
@@ -67,6 +76,49 @@ def test_ridge_probe_matches_hest_bench_recipe() -> None:
     assert abs(pipeline.predict(x).mean()) < 1.0  # no intercept: centred predictions for targets around 5
     with_intercept, _ = fit_ridge_probe(x, y, fit_intercept=True)
     assert with_intercept.predict(x).mean() == pytest.approx(5.0, abs=0.3)
+
+
+def _three_slides(n_spots: int) -> np.ndarray:
+    return np.repeat(["S1", "S2", "S3"], n_spots // 3)
+
+
+def test_cv_ridge_chooses_alpha_on_the_training_slides_either_way() -> None:
+    """Grouped CV finds a smaller alpha than HEST-Bench's when the signal is clean but lies partly in
+    low-variance directions (shrinking them costs PCC), and a larger one when the targets are noisy
+    and only the dominant direction carries signal (PR #140's finding on real data)."""
+    from stem_train.baseline import fit_cv_ridge, grouped_folds
+
+    rng = np.random.default_rng(0)
+    factor, small = rng.normal(size=(300, 1)), rng.normal(scale=0.1, size=(300, 10))
+    clean = np.hstack([factor + 10 * (small[:, :1] - small[:, 1:2]), factor - 10 * small[:, 2:3], factor + 10 * small[:, 3:4]])
+    _, settings = fit_cv_ridge(factor + small, clean, _three_slides(300), n_components=10)
+    assert settings["hest_bench_alpha"] == pytest.approx(100 / 30) and settings["alpha"] < settings["hest_bench_alpha"]
+    assert settings["cv"]["n_folds"] == 3 and max(settings["cv"]["scores"]) == settings["cv"]["scores"][settings["cv"]["grid"].index(settings["alpha"])]
+
+    rng = np.random.default_rng(0)
+    factor, small = rng.normal(size=(120, 1)), rng.normal(scale=0.05, size=(120, 40))
+    noisy = factor + rng.normal(scale=2, size=(120, 3))
+    _, settings = fit_cv_ridge(factor + small, noisy, _three_slides(120), n_components=40)
+    assert settings["alpha"] > settings["hest_bench_alpha"]
+
+    folds, description = grouped_folds(_three_slides(30))
+    for train_rows, val_rows in folds:  # no slide on both sides of a fold
+        assert not set(_three_slides(30)[train_rows]) & set(_three_slides(30)[val_rows])
+    _, single = grouped_folds(np.array(["S1"] * 30))
+    assert "one training slide S1" in single
+
+
+def test_knn_predicts_the_mean_of_the_k_nearest_training_spots() -> None:
+    from stem_train.baseline import fit_knn
+
+    centres = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    offsets = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    x = np.concatenate([centre + offsets for centre in centres])  # three tight clusters of three spots
+    y = np.arange(18, dtype=np.float64).reshape(9, 2) ** 1.5
+    groups = np.tile(["S1", "S2", "S3"], 3)  # each slide has one spot in every cluster
+    pipeline, settings = fit_knn(x, y, groups, n_components=2, ks=(3,))
+    assert settings["k"] == 3
+    np.testing.assert_allclose(pipeline.predict(centres + 0.1), [y[0:3].mean(axis=0), y[3:6].mean(axis=0), y[6:9].mean(axis=0)])
 
 
 def test_baseline_errors(prepared_synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -227,3 +227,149 @@ def test_evaluate_flags_intervals_narrower_than_their_label(pair: tuple[Path, Pa
     checks = {c["name"]: c for c in report["calibration"]["written_intervals"]}
     assert set(checks) == {"q05-q95", "q25-q75"} and checks["q05-q95"]["level"] == pytest.approx(0.9)
     assert checks["q05-q95"]["verdict"] == "too narrow" and checks["q05-q95"]["coverage"] < 0.75
+
+
+# ---------------------------------------------------------------------- baselines, verdict, leak check
+DRIVEN = {"GA": True, "GB": True, "GC": True, "GD": False, "FLAT": False}  # as napari_stem.synthetic marks its genes
+
+
+@pytest.fixture(scope="module")
+def hest_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A HEST-like slide SYN9 (st/, metadata/ with patient PX, wsis/), a Stem prediction of it and a
+    baselines folder as 'stem-train baseline' writes it: cv-ridge (better), ridge (worse), mean (constant)."""
+    import anndata
+
+    from napari_stem.anndata_io import write_prediction
+    from napari_stem.sampling import Prediction
+    from napari_stem.spots import spots_from_anndata
+
+    root = tmp_path_factory.mktemp("hest_pair")
+    for folder in ("st", "metadata", "wsis"):
+        (root / folder).mkdir()
+    truth = _truth_adata()
+    truth.var["synthetic_image_driven"] = [DRIVEN[g] for g in truth.var_names]
+    truth.write_h5ad(root / "st" / "SYN9.h5ad")
+    (root / "metadata" / "SYN9.json").write_text(json.dumps({"patient": "PX"}))
+    (root / "wsis" / "SYN9.tif").write_bytes(b"not really a slide, but bytes to hash" * 100)
+    prediction = _write_prediction(root / "pred.h5ad", truth)
+    target = np.log2(1 + truth.X.toarray())
+    rng = np.random.default_rng(11)
+    baselines = root / "baselines"
+    for method, mean in (("cv-ridge", target + rng.normal(scale=1.0, size=target.shape)),
+                         ("ridge", target + rng.normal(scale=2.0, size=target.shape)),
+                         ("mean", np.broadcast_to(target.mean(axis=0), target.shape))):
+        (baselines / method).mkdir(parents=True)
+        write_prediction(baselines / method / "SYN9.h5ad",
+                         Prediction(mean=mean.astype(np.float32), variance=np.zeros_like(mean, dtype=np.float32), genes=list(truth.var_names),
+                                    metadata={"baseline": method, "model": method, "target_transform": "log2p1"}),
+                         spots_from_anndata(truth))
+    anndata.read_h5ad(root / "st" / "SYN9.h5ad")  # readable as written
+    return {"root": root, "truth": root / "st" / "SYN9.h5ad", "prediction": prediction, "baselines": baselines}
+
+
+def test_verdict_against_the_best_baseline_with_paired_ci(hest_pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from stem_train.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(hest_pair["prediction"]), "--truth", str(hest_pair["truth"]), "--out", str(out), "--no-plots",
+                 "--baselines", str(hest_pair["baselines"]), "--bootstrap-resamples", "400"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    fixed = report["fixed_panel_pcc"]
+    assert fixed["ci"]["low"] <= fixed["mean"] <= fixed["ci"]["high"] and fixed["ci"]["n_resamples"] == 400
+
+    comparison = report["baselines"]
+    methods = {m["method"]: m for m in comparison["methods"]}
+    assert set(methods) == {"cv-ridge", "ridge", "mean"} and comparison["best"] == "cv-ridge"
+    assert methods["mean"]["fixed_panel_pcc"]["estimate"] is None  # constant: undefined, never the best
+    best = methods["cv-ridge"]
+    difference = best["difference"]
+    assert difference["estimate"] == pytest.approx(fixed["mean"] - best["fixed_panel_pcc"]["estimate"])
+    assert 0 < difference["low"] <= difference["estimate"] <= difference["high"]
+    line = (f"Stem vs best baseline (cv-ridge): {difference['estimate']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] "
+            "fixed-panel PCC (paired bootstrap 95 % CI, 48 spots); Stem ahead")
+    assert report["verdict"] == comparison["verdict"] == line and f"verdict: {line}" in printed
+
+    kinds = report["pcc_by_gene_kind"]
+    assert kinds["image_driven"]["genes"] == ["GA", "GB", "GC"] and kinds["noise"]["genes"] == ["GD", "FLAT"]
+    for scores in kinds.values():
+        assert scores["ci"]["low"] <= scores["mean"] <= scores["ci"]["high"]
+    driven = comparison["verdicts_by_gene_kind"]["image_driven"]
+    assert driven["verdict"].startswith(f"Stem vs best baseline ({driven['best']}): ")
+    assert "PCC over the 3 image-driven panel genes (paired bootstrap 95 % CI, 48 spots)" in driven["verdict"]
+    assert driven["verdict"] in printed and "image-driven genes (3)" in printed
+
+
+def test_baselines_folder_without_this_slide(hest_pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from stem_train.cli import main
+
+    (tmp_path / "other" / "ridge").mkdir(parents=True)
+    assert main(["evaluate", str(hest_pair["prediction"]), "--truth", str(hest_pair["truth"]), "--out", str(tmp_path / "e"),
+                 "--no-plots", "--baselines", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "<method>/SYN9.h5ad" in err and "stem-train baseline" in err and not (tmp_path / "e").exists()
+
+
+def _manifest(folder: Path, data_dir: Path, *slides: tuple[str, str, str | None]) -> Path:
+    """A prepared folder's manifest whose training slides are (sample id, patient, image sha256)."""
+    from stem_train.manifest import PreparedDataset, PreparedSlide
+
+    PreparedDataset(str(data_dir), "efficientnet_lite0", None, 4, {}, list(DRIVEN), {}, slides=[
+        PreparedSlide(sample_id, patient, "train", 10, f"embeddings/{sample_id}.h5", image_sha256=digest)
+        for sample_id, patient, digest in slides]).save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["same id", "same image", "same patient", "disjoint"])
+def test_leak_check_against_the_training_slides(hest_pair: dict[str, Path], tmp_path: Path, case: str) -> None:
+    import hashlib
+
+    from stem_train.evaluate import evaluate_files
+
+    image_hash = hashlib.sha256((hest_pair["root"] / "wsis" / "SYN9.tif").read_bytes()).hexdigest()
+    training = {"same id": ("SYN9", "PQ", None), "same image": ("T1", "PQ", image_hash),
+                "same patient": ("T2", "PX", "0" * 64), "disjoint": ("T3", "PY", "1" * 64)}[case]
+    prepared = _manifest(tmp_path / "prep", hest_pair["root"], training, ("T0", "PZ", "2" * 64))
+    report = evaluate_files(hest_pair["prediction"], hest_pair["truth"], tmp_path / "e", prepared=prepared, plots=False,
+                            bootstrap_resamples=50)
+    leak = report["leak_check"]
+    assert leak["n_training_slides"] == 2 and leak["patient"] == "PX" and leak["sources"][0].startswith("--prepared")
+    if case == "disjoint":
+        assert leak["status"] == "clear" and leak["findings"] == [] and report["warnings"] == []
+        return
+    (finding,) = leak["findings"]
+    assert finding in report["warnings"]
+    if case == "same patient":
+        assert leak["status"] == "same patient" and "LEAK" not in finding
+        assert finding.startswith("same patient as training slides T2 (patient PX): figures measure within-patient generalisation")
+    else:
+        assert leak["status"] == "leak" and finding.startswith("LEAK: test slide SYN9")
+        assert training[0] in finding and "held-out figures are not valid" in finding
+        assert (leak["sha256"] == image_hash) if case == "same image" else True
+
+
+def test_leak_check_follows_the_checkpoint_named_by_the_prediction(hest_pair: dict[str, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """No --prepared: a Stem prediction names its checkpoint, whose provenance names its training manifest."""
+    import anndata
+
+    from stem_train.cli import main
+
+    prepared = _manifest(tmp_path / "prep", hest_pair["root"], ("SYN9", "PX", None))
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"provenance": {"manifest": str(prepared / "manifest.json"), "train_slides": ["SYN9"]}}))
+    adata = anndata.read_h5ad(hest_pair["prediction"])
+    adata.uns["napari_stem"]["provenance_json"] = json.dumps({"target_transform": "log2p1", "checkpoint": str(checkpoint)})
+    adata.write_h5ad(tmp_path / "pred.h5ad")
+    assert main(["evaluate", str(tmp_path / "pred.h5ad"), "--truth", str(hest_pair["truth"]), "--out", str(tmp_path / "e"),
+                 "--no-plots", "--bootstrap-resamples", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: LEAK: test slide SYN9 is also a training slide of the model (checkpoint" in printed
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["leak_check"]["status"] == "leak" and "training manifest" in report["leak_check"]["sources"][0]
+    # nothing names the training slides: said, not silently passed
+    assert main(["evaluate", str(hest_pair["prediction"]), "--truth", str(hest_pair["truth"]), "--out", str(tmp_path / "e2"),
+                 "--no-plots", "--bootstrap-resamples", "50"]) == 0
+    assert "leak check (test slide vs training slides)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e2" / "report.json").read_text())["leak_check"]["status"] == "not checked"
