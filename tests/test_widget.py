@@ -449,3 +449,39 @@ def test_preview_tissue_from_the_stored_thumbnail_matches_the_decoded_level(demo
             assert len(both) >= 0.95 * len(exact)
             difference = (exact.obs.loc[both, "tissue_fraction"] - quick.obs.loc[both, "tissue_fraction"]).abs()
             assert difference.mean() < 0.03, (pitch, diameter, fraction, difference.mean())
+
+
+@gui
+def test_hub_checkpoint_is_fetched_off_the_gui_thread(open_widget, qtbot, errors, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Typing a hf-hub: reference returns at once: the download runs in a worker, and Predict
+    pressed meanwhile starts when it is done."""
+    import threading
+    import time
+
+    import napari_stem.hub as hub
+    from napari_stem import known_models
+
+    monkeypatch.setattr(known_models, "_recent_file", lambda: tmp_path / "recent.json")
+    downloads: list[int] = []
+
+    def slow_hub(value):  # noqa: ANN001, ANN202 - the Hub, slow the first time, then cached like hub._resolved
+        if not hub.is_hub_reference(value):
+            return Path(value)
+        if not downloads:
+            downloads.append(threading.get_ident())
+            time.sleep(1.5)
+        return tiny_checkpoint
+
+    monkeypatch.setattr(hub, "resolve_checkpoint", slow_hub)
+    viewer, widget = open_widget(threads=True)
+    started = time.perf_counter()
+    widget.checkpoint.value = "hf-hub:lab/stem-tiny@v1"
+    widget.run_button.clicked()  # pressed before the download is done: runs once it is
+    assert time.perf_counter() - started < 0.5
+    assert widget.checkpoint_info.value.startswith("fetching hf-hub:lab/stem-tiny@v1") and "fetching" in widget.status.value
+    qtbot.waitUntil(lambda: widget.checkpoint_info.value.startswith("5 genes"), timeout=30_000)
+    assert downloads and downloads[0] != threading.get_ident()  # not on the GUI thread
+    qtbot.waitUntil(lambda: widget.controller.status == "done" and widget.worker is None, timeout=120_000)
+    assert errors == [] and len(viewer.layers["GA mean"].data) == 5
+    assert str(known_models.recent_checkpoints()[0]) == "hf-hub:lab/stem-tiny@v1"  # remembered as typed
+    assert ("hf-hub:lab/stem-tiny@v1", "hf-hub:lab/stem-tiny@v1") in known_models.choices()

@@ -179,6 +179,7 @@ class PredictController:
         self._stage_started_at = 0.0
         self._from_cache = False
         self._metadata: dict = {}
+        self._fetched: dict[str, dict] = {}  # hf-hub: reference -> its config, once downloaded
 
     @property
     def running(self) -> bool:
@@ -188,12 +189,21 @@ class PredictController:
     @staticmethod
     def checkpoint_summary(path: str | Path | None) -> str:
         """One line about a checkpoint (genes, encoder, patches), read from its config only."""
+        return describe_checkpoint(_checkpoint_metadata(path))
+
+    def needs_download(self, path: str | Path | None) -> bool:
+        """A ``hf-hub:`` reference not fetched yet by :meth:`fetch_checkpoint`: reading it waits on
+        the network, so the widget does that in a worker, never on the GUI thread."""
+        from napari_stem.hub import is_hub_reference
+
+        return is_hub_reference(path) and str(path) not in self._fetched
+
+    def fetch_checkpoint(self, path: str | Path) -> dict:
+        """Worker thread: download a ``hf-hub:`` checkpoint (config and weights, into the Hub cache,
+        which later reads reuse at once) and return its config."""
         metadata = _checkpoint_metadata(path)
-        embedding = metadata.get("embedding") or {}
-        patch = (embedding.get("patch") or {}).get("mode", "hest")
-        genes = metadata.get("genes") or []
-        encoder = embedding.get("encoder", "?")
-        return f"{len(genes)} genes · encoder {encoder} · {patch} patches"
+        self._fetched[str(path)] = metadata
+        return metadata
 
     def prepare(
         self,
@@ -554,6 +564,15 @@ class PredictController:
 
 
 # ---------------------------------------------------------------------- helpers
+def describe_checkpoint(metadata: dict) -> str:
+    """"24 genes · encoder efficientnet_lite0 · hest patches", from a checkpoint's config."""
+    embedding = metadata.get("embedding") or {}
+    patch = (embedding.get("patch") or {}).get("mode", "hest")
+    genes = metadata.get("genes") or []
+    encoder = embedding.get("encoder", "?")
+    return f"{len(genes)} genes · encoder {encoder} · {patch} patches"
+
+
 def spots_from_points(points: PointsInput, frame: SlideFrame, mpp: float) -> Spots:
     """Spots in level-0 slide pixels from a Points layer given in world coordinates."""
     import pandas as pd

@@ -130,6 +130,8 @@ class SpotPreview:
         n = preview.n_selected
         if n == 0:
             return "no spots: " + ("none inside the region" if len(preview.spots) else "no tissue found for this grid")
+        if self.widget.controller.needs_download(settings.checkpoint):  # never wait on the Hub here
+            return f"~{n} spots (a time estimate once the checkpoint is fetched)"
         try:
             metadata = _checkpoint_metadata(settings.checkpoint)
         except StemError:

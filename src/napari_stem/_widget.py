@@ -52,6 +52,7 @@ from napari_stem._controller import (
 )
 from napari_stem._torch_guard import block_triton_if_llvm_loaded
 from napari_stem.errors import StemError
+from napari_stem.known_models import HUB_PREFIX
 from napari_stem.intervals import CHOICES as INTERVAL_CHOICES
 from napari_stem.intervals import DEFAULT_CHOICE as DEFAULT_INTERVALS
 from napari_stem.intervals import describe as describe_intervals
@@ -85,6 +86,8 @@ class PredictWidget(Container):
         self._result_layers: dict[str, Any] = {}  # role (ROLES) -> layer of the current result
         self._layers_result: Any = None  # the PredictionResult those layers show
         self._given_names: dict[int, str] = {}  # id(layer) -> the name this widget gave it
+        self._fetching: set[str] = set()  # hf-hub: references being downloaded in a worker
+        self._run_when_fetched: str | None = None  # Predict was pressed while this one downloads
         defaults = DEFAULT_SETTINGS["cpu"]
 
         # inputs
@@ -238,7 +241,10 @@ class PredictWidget(Container):
         if value is None:
             return
         if value != known_models.DEMO:
-            self.checkpoint.value = Path(value)
+            if str(value).startswith(HUB_PREFIX):
+                self.checkpoint.line_edit.value = str(value)  # as typed, not made a local path
+            else:
+                self.checkpoint.value = Path(value)
             return
         message = f"building the demo model once ({known_models.DEMO_BUILD_TIME}); it is kept for next time…"
         self._set_status(message)
@@ -270,19 +276,73 @@ class PredictWidget(Container):
         self._demo_worker = create_worker(build_demo_model, _start_thread=False, _connect={"returned": built, "errored": failed})
         self._demo_worker.start()
 
+    def checkpoint_value(self) -> Path | None:
+        """The 'checkpoint' field: a folder, or a ``hf-hub:`` reference as typed (magicgui's
+        FileEdit turns a value set in code into an absolute path: the reference is taken back)."""
+        text = str(self.checkpoint.line_edit.value or "")
+        start = text.find(HUB_PREFIX)
+        return Path(text[start:]) if start >= 0 else self.checkpoint.value
+
     def _on_checkpoint_changed(self, *_: Any) -> None:
-        if self.checkpoint.value is None:
+        value = self.checkpoint_value()
+        if value is None:
             self.checkpoint_info.value = "(choose a checkpoint)"
             return
+        if self.controller.needs_download(value):  # a hf-hub: reference: the network, in a worker
+            self._fetch_checkpoint(str(value))
+            return
         try:
-            self.checkpoint_info.value = self.controller.checkpoint_summary(self.checkpoint.value)
+            self.checkpoint_info.value = self.controller.checkpoint_summary(value)
         except StemError as exc:
             self.checkpoint_info.value = f"not usable: {exc}"
+
+    def _fetch_checkpoint(self, reference: str) -> None:
+        """Download a ``hf-hub:`` checkpoint off the GUI thread; then describe it, refresh the
+        preview's estimate, and start the run if Predict was pressed meanwhile."""
+        self.checkpoint_info.value = f"fetching {reference} from the Hugging Face Hub…"
+        if reference in self._fetching:
+            return
+        self._fetching.add(reference)
+
+        def fetched(metadata: dict) -> None:
+            self._fetching.discard(reference)
+            if str(self.checkpoint_value()) != reference:
+                return
+            from napari_stem._controller import describe_checkpoint
+
+            self.checkpoint_info.value = describe_checkpoint(metadata)
+            self.preview.schedule()
+            if self._run_when_fetched == reference:
+                self._run_when_fetched = None
+                self._on_run()
+
+        def failed(error: BaseException) -> None:
+            self._fetching.discard(reference)
+            message = str(error) if isinstance(error, StemError) else f"{type(error).__name__}: {error}"
+            if str(self.checkpoint_value()) == reference:
+                self.checkpoint_info.value = f"not usable: {message}"
+            if self._run_when_fetched == reference:
+                self._run_when_fetched = None
+                self._set_status(message)
+                show_error(message)
+
+        if not self.use_threads:
+            try:
+                metadata = self.controller.fetch_checkpoint(reference)
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                return failed(exc)
+            return fetched(metadata)
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(self.controller.fetch_checkpoint, reference, _start_thread=False,
+                               _connect={"returned": fetched, "errored": failed})
+        worker.start()
+        return None
 
     # ------------------------------------------------------------------ inputs as plain data
     def settings(self) -> PredictSettings:
         return PredictSettings(
-            checkpoint=self.checkpoint.value,
+            checkpoint=self.checkpoint_value(),
             n_samples=int(self.n_samples.value),
             intervals=INTERVAL_CHOICES[self.intervals.value],
             steps=int(self.steps.value),
@@ -351,6 +411,12 @@ class PredictWidget(Container):
     # ------------------------------------------------------------------ run
     def _on_run(self, *_: Any) -> None:
         block_triton_if_llvm_loaded()
+        checkpoint = self.checkpoint_value()
+        if checkpoint is not None and self.controller.needs_download(checkpoint):
+            self._run_when_fetched = str(checkpoint)  # the run starts when the download is done
+            self._fetch_checkpoint(str(checkpoint))
+            self._set_status(f"fetching {checkpoint} from the Hugging Face Hub; the prediction starts when it is here…")
+            return
         try:
             job = self.controller.prepare(self.slide_input(), self.spots_input(), self.region_input(), self.settings())
         except StemError as exc:

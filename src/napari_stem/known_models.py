@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 DEMO = "demo"
+HUB_PREFIX = "hf-hub:"  # as napari_stem.hub (not imported: it is only needed to download)
 MAX_RECENT = 8
 #: The demo model's first build (data, embeddings, 400 training steps): the whole headless demo from
 #: nothing took 65 s on 2 idle CPU cores; busy cores stretch it to several minutes.
@@ -23,17 +24,18 @@ def _recent_file() -> Path:
 
 
 def recent_checkpoints() -> list[Path]:
-    """Recently used checkpoint folders that still exist, newest first."""
+    """Recently used checkpoint folders that still exist and ``hf-hub:`` references, newest first."""
     try:
         entries = json.loads(_recent_file().read_text())
     except (OSError, ValueError):
         return []
-    return [Path(entry) for entry in entries if isinstance(entry, str) and (Path(entry) / "config.json").is_file()]
+    return [Path(entry) for entry in entries
+            if isinstance(entry, str) and (entry.startswith(HUB_PREFIX) or (Path(entry) / "config.json").is_file())]
 
 
 def remember_checkpoint(path: str | Path) -> None:
     """Put ``path`` first in the recent list (best effort: a read-only cache only loses the list)."""
-    path = str(Path(path).resolve())
+    path = str(path) if str(path).startswith(HUB_PREFIX) else str(Path(path).resolve())
     entries = [str(p) for p in recent_checkpoints() if str(p) != path]
     try:
         target = _recent_file()
@@ -57,6 +59,8 @@ def choices() -> list[tuple[str, str | None]]:
     items: list[tuple[str, str | None]] = [("—", None)]
     items.append(("demo model", str(demo)) if demo else (f"demo model (built on first use, {DEMO_BUILD_TIME})", DEMO))
     for path in recent_checkpoints():
-        if demo is None or path.resolve() != demo.resolve():
+        if str(path).startswith(HUB_PREFIX):
+            items.append((str(path), str(path)))
+        elif demo is None or path.resolve() != demo.resolve():
             items.append((f"{path.parent.name}/{path.name}", str(path)))
     return items
