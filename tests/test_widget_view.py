@@ -350,21 +350,29 @@ def test_reopened_prediction_brings_its_slide_and_labelled_colorbars(open_widget
 
 
 @gui
-def test_known_models_list_the_demo_model_and_recent_checkpoints(open_widget, errors, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001, F811
+def test_known_models_list_the_demo_model_and_recent_checkpoints(open_widget, qtbot, errors, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001, F811
     from napari_stem import known_models
 
     monkeypatch.setattr(known_models, "_recent_file", lambda: tmp_path / "recent.json")
     monkeypatch.setattr(known_models, "demo_checkpoint", lambda: None)
     import napari_stem._widget as widget_module
 
-    monkeypatch.setattr(widget_module, "build_demo_model", lambda: tiny_checkpoint)  # the slow build, stood in
-    viewer, widget = open_widget(threads=False)
+    def build() -> Path:  # the slow build, stood in
+        time.sleep(1.6)
+        return tiny_checkpoint
+
+    monkeypatch.setattr(widget_module, "build_demo_model", build)
+    viewer, widget = open_widget(threads=True)
     widget.checkpoint.value = None
     widget.known_models.reset_choices()
     labels = [widget.known_models.native.itemText(i) for i in range(widget.known_models.native.count())]
     assert labels[1].startswith("demo model (built on first use, about") and len(labels) == 2
-    widget.known_models.value = known_models.DEMO  # builds (here: instantly), then fills the checkpoint
-    assert Path(widget.checkpoint.value) == tiny_checkpoint and "demo model ready" in widget.status.value
+    widget.known_models.value = known_models.DEMO  # builds in a worker, then fills the checkpoint
+    assert not widget.run_button.enabled and widget.progress.max == 0  # busy
+    qtbot.waitUntil(lambda: "so far" in widget.status.value, timeout=5_000)  # the status counts the seconds
+    qtbot.waitUntil(lambda: "demo model ready" in widget.status.value, timeout=30_000)
+    assert Path(widget.checkpoint.value) == tiny_checkpoint and widget.run_button.enabled
+    widget.use_threads = False
     widget.run_button.clicked()  # a used checkpoint is remembered
     assert widget.controller.status == "done", errors
     monkeypatch.setattr(known_models, "demo_checkpoint", lambda: tmp_path / "demo")

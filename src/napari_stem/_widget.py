@@ -246,20 +246,35 @@ class PredictWidget(Container):
             else:
                 self.checkpoint.value = Path(value)
             return
+        import time
+
+        from qtpy.QtCore import QTimer
+
+        from napari_stem._controller import _duration
+
         message = f"building the demo model once ({known_models.DEMO_BUILD_TIME}); it is kept for next time…"
         self._set_status(message)
         show_info(f"napari-stem: {message}")
         self.run_button.enabled = False
         self.progress.max = 0  # busy, without a known end
+        started = time.perf_counter()
+        ticker = QTimer(self.native)  # the status counts the seconds: the build is alive
+        ticker.setInterval(1000)
+        ticker.timeout.connect(lambda: self._set_status(
+            f"building the demo model once: {_duration(time.perf_counter() - started)} so far "
+            f"({known_models.DEMO_BUILD_TIME}); it is kept for next time…"))
+        ticker.start()
 
         def built(checkpoint: Path) -> None:
+            ticker.stop()
             self.progress.max = 1000
             self.run_button.enabled = True
             self.known_models.reset_choices()
             self.checkpoint.value = checkpoint
-            self._set_status(f"demo model ready: {checkpoint}")
+            self._set_status(f"demo model ready after {_duration(time.perf_counter() - started)}: {checkpoint}")
 
         def failed(error: BaseException) -> None:
+            ticker.stop()
             self.progress.max = 1000
             self.run_button.enabled = True
             self._set_status(f"could not build the demo model: {error}")
