@@ -107,3 +107,17 @@ def test_sample_data_demo_prediction_does_not_block_napari(make_napari_viewer, q
     gaps = np.diff(ticks[:after])
     print(f"demo prediction sample: GUI timer kept ticking, longest gap {gaps.max():.2f} s over {len(gaps)} ticks")
     assert len(gaps) > 5 and gaps.max() < 2.0  # the GUI kept running meanwhile (importing torch in the worker holds the GIL a moment)
+
+
+@pytest.mark.gui
+def test_napari_command_line_opens_a_hest_folder_with_the_plugin(make_napari_viewer, synthetic_hest: Path) -> None:  # noqa: ANN001
+    """``napari --plugin napari-stem hest_folder/`` (what napari's __main__ calls). Without
+    ``--plugin`` napari's reader dialog offers napari-stem, but preselects its own folder reader,
+    which cannot read HEST folders (napari 0.9: "No files found ... after removing subdirectories")."""
+    from napari.plugins import _npe2
+
+    viewer = make_napari_viewer()
+    assert "napari-stem" in _npe2.get_readers(str(synthetic_hest))
+    viewer.window._qt_viewer._qt_open([str(synthetic_hest)], stack=False, plugin="napari-stem")
+    image, points = viewer.layers
+    assert image.metadata["napari_stem"] == "slide" and points.metadata["napari_stem"] == "spots"
