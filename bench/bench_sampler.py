@@ -14,7 +14,9 @@ same weights, the same rows per batch and the same ancestral sampler, in the sam
 
     python bench/bench_sampler.py                      # CPU (+ CUDA when available)
     python bench/bench_sampler.py --spots 16 --samples 8 --steps 4
-    python bench/bench_sampler.py --quality --checkpoint CKPT_DIR --embeddings emb.npy
+    python bench/bench_sampler.py --quality            # demo model, held-out slide, every sampler
+    python bench/bench_sampler.py --quality --checkpoint CKPT_DIR --prepared PREP_DIR
+    python bench/bench_sampler.py --quick              # the same table on a random toy model
 """
 
 from __future__ import annotations
@@ -189,7 +191,24 @@ def throughput(args, device: torch.device) -> None:
         print(line)
 
 
-# -- quality vs steps -----------------------------------------------------------------------
+# -- quality vs network evaluations ---------------------------------------------------------
+
+#: (label, sampler, options): every sampler against the 1000-step ancestral chain.
+QUALITY_VARIANTS = (
+    ("ancestral", "ancestral", {}),
+    ("ancestral, no clip", "ancestral", {"clip_x0": False}),
+    ("ddim", "ddim", {}),
+    ("ddim, no clip", "ddim", {"clip_x0": False}),
+    ("dpm++2m", "dpm++2m", {}),
+    ("dpm++2m, no clip", "dpm++2m", {"clip_x0": False}),
+    ("dpm++2m-sde", "dpm++2m-sde", {}),
+    ("dpm++2m-sde, learned var", "dpm++2m-sde", {"solver_options": {"variance": "learned"}}),
+    ("ancestral-matched", "ancestral-matched", {}),
+    ("ancestral-matched, 2nd order", "ancestral-matched", {"solver_options": {"second_order": True}}),
+    ("ancestral-matched, no clip", "ancestral-matched", {"clip_x0": False}),
+)
+QUALITY_EVALS = (2, 3, 4, 6, 10, 25, 50)
+
 
 def read_embeddings(path: Path, key: str | None) -> np.ndarray:
     if path.suffix == ".npy":
@@ -211,28 +230,111 @@ def mean_gene_pcc(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(0)[valid] / denom[valid]).mean())
 
 
+def quality_data(args):
+    """(checkpoint, held-out embeddings, truth, training range, where): the demo model and its
+    held-out slides unless --checkpoint/--prepared name others; --quick: a random toy model."""
+    if args.quick:
+        return _toy_quality_data()
+    from stem_train.data import assemble_held_out, assemble_training_set
+    from stem_train.manifest import PreparedDataset
+
+    if args.checkpoint and args.prepared:
+        checkpoint_dir, prepared = Path(args.checkpoint), Path(args.prepared)
+    else:
+        from stem_train.demo import ensure_demo_model
+
+        paths = ensure_demo_model(device=args.device)
+        checkpoint_dir, prepared = paths.checkpoint, paths.prepared
+    checkpoint = load_checkpoint(checkpoint_dir)
+    manifest = PreparedDataset.load(prepared)
+    held_out = assemble_held_out(manifest, target_transform=checkpoint.target_transform)
+    target_range = checkpoint.target_range
+    if target_range is None:  # an older checkpoint: the same range, from its training slides
+        targets = assemble_training_set(manifest, num_aug_ratio=0, target_transform=checkpoint.target_transform).targets
+        target_range = {"min": targets.min(0).tolist(), "max": targets.max(0).tolist()}
+    where = f"{checkpoint.path}, held-out {','.join(held_out.sample_ids)}"
+    spots = slice(None, args.spots)
+    return checkpoint, held_out.conditions[spots], held_out.targets[spots], target_range, where
+
+
+def _toy_quality_data():
+    """A random small model whose 'truth' is its own 1000-step draw: smoke-tests the table fast."""
+    config = StemConfig(n_genes=6, cond_dim=8, hidden_size=32, depth=1, num_heads=4)
+    torch.manual_seed(0)
+    model = StemModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
+    embeddings = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    truth = sample_expression(model.eval(), embeddings, n_samples=1, steps=50, sampler="ancestral", seed=99,
+                              device="cpu").mean
+    return model, embeddings, truth, {"min": truth.min(0) - 0.5, "max": truth.max(0) + 0.5}, "random toy model"
+
+
+def quality_row(truth, samples, reference_mean, target_range) -> dict:
+    from napari_stem.metrics import crps_samples, pearson_per_gene, pit_values, rank_interval_coverage
+
+    mean = samples.mean(axis=1)
+    pcc = pearson_per_gene(truth, mean)
+    pit = pit_values(truth, samples)
+    low, high = (np.asarray(target_range[k], dtype=np.float64) for k in ("min", "max"))
+    return {
+        "pcc": float(np.nanmean(pcc)),
+        "pcc_1000": mean_gene_pcc(mean, reference_mean),
+        "cov50": rank_interval_coverage(pit, 0.5),
+        "cov90": rank_interval_coverage(pit, 0.9),
+        "crps": float(crps_samples(truth, samples).mean()),
+        "outside": float(((samples < low) | (samples > high)).mean()),
+        "far": float(((samples < low - 1) | (samples > high + 1)).mean()),
+    }
+
+
 def quality(args) -> None:
-    checkpoint = load_checkpoint(args.checkpoint)
-    embeddings = read_embeddings(Path(args.embeddings), args.embeddings_key)[: args.spots]
-    common = dict(n_samples=args.samples, batch_size=args.batch_size, device=args.device)
-    print(f"{checkpoint.path}: {len(embeddings)} spots x {args.samples} samples, "
-          f"{checkpoint.config.n_genes} genes; reference = 1000-step ancestral (seed 0)")
+    checkpoint, embeddings, truth, target_range, where = quality_data(args)
+    evals = QUALITY_EVALS if not args.quick else (2, 4)
+    reference_steps = 1000 if not args.quick else 50  # --quick: a smoke test of the table, not a measurement
+    variants = [v for v in QUALITY_VARIANTS if args.variants is None or v[0] in args.variants.split(";")]
+    common = dict(n_samples=args.samples, batch_size=args.batch_size, device=args.device, seed=0,
+                  keep_samples=True, target_range=target_range, precision=args.precisions.split(",")[0])
+    print(f"{where}: {len(embeddings)} spots x {args.samples} samples, {truth.shape[1]} genes; same seed and "
+          f"start noise everywhere; reference: the 1000-step ancestral chain (unclipped, the paper's)")
     start = time.perf_counter()
-    reference = sample_expression(checkpoint, embeddings, steps=1000, sampler="ancestral", seed=0, **common).mean
-    print(f"  1000-step ancestral took {time.perf_counter() - start:.1f} s")
-    rerun = sample_expression(checkpoint, embeddings, steps=1000, sampler="ancestral", seed=1, **common).mean
-    print(f"  {'ancestral 1000 (other seed: noise ceiling)':44s} PCC {mean_gene_pcc(rerun, reference):.4f}")
-    for precision in args.precisions.split(","):
-        for sampler in ("ddim", "ancestral"):
-            for steps in (25, 50, 100):
-                start = time.perf_counter()
-                run = sample_expression(checkpoint, embeddings, steps=steps, sampler=sampler, seed=1,
-                                        precision=precision, keep_samples=True, **common)
-                seconds = time.perf_counter() - start
-                # Diverging samples show as a huge per-spot variance and values far outside the data.
-                print(f"  {f'{sampler} {steps} {precision}':44s} PCC {mean_gene_pcc(run.mean, reference):.4f}"
-                      f"   max variance {run.variance.max():8.2f}   samples in [{run.samples.min():.1f}, "
-                      f"{run.samples.max():.1f}]   ({seconds:.1f} s)")
+    cache = Path(args.reference_cache) if args.reference_cache else None
+    if cache is not None and cache.exists():
+        ref_samples = np.load(cache)
+        print(f"{reference_steps}-step ancestral samples read from {cache}\n")
+    else:
+        ref_samples = sample_expression(checkpoint, embeddings, steps=reference_steps, sampler="ancestral",
+                                        **{**common, "clip_x0": False}).samples
+        print(f"{reference_steps}-step ancestral took {time.perf_counter() - start:.1f} s\n")
+        if cache is not None:
+            np.save(cache, ref_samples)
+    ref_mean = ref_samples.mean(axis=1)
+    base = quality_row(truth, ref_samples, ref_mean, target_range)
+    header = ("| sampler | evals/sample | PCC vs truth | × 1000-step | PCC vs 1000-step means | 50 % cov. | 90 % cov. "
+              "| CRPS | vs 1000-step | outside range | > 1 beyond | s |")
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+
+    def line(label, n, row, seconds):
+        print(f"| {label} | {n} | {row['pcc']:.4f} | {row['pcc'] / base['pcc']:.3f} | {row['pcc_1000']:.4f} "
+              f"| {row['cov50']:.3f} | {row['cov90']:.3f} | {row['crps']:.4f} | {row['crps'] / base['crps'] - 1:+.1%} "
+              f"| {row['outside']:.3%} | {row['far']:.3%} | {seconds:.1f} |", flush=True)
+
+    line("ancestral (the reference)", reference_steps, base, 0.0)
+    for label, sampler, options in variants:
+        for n in evals:
+            start = time.perf_counter()
+            run = sample_expression(checkpoint, embeddings, steps=n, sampler=sampler, **{**common, **options})
+            row = quality_row(truth, run.samples, ref_mean, target_range)
+            line(label, n, row, time.perf_counter() - start)
+            if args.meets:
+                ok = (n <= 4 and row["pcc"] >= 0.98 * base["pcc"] and abs(row["cov50"] - base["cov50"]) <= 0.03
+                      and abs(row["cov90"] - base["cov90"]) <= 0.03 and row["crps"] <= 1.03 * base["crps"]
+                      and row["far"] == 0)
+                if ok:
+                    print(f"  ^ meets the 4-evaluation target: {label} at {n}")
 
 
 def main() -> None:
@@ -249,18 +351,25 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (CPU, then CUDA if present)")
-    parser.add_argument("--quality", action="store_true", help="PCC of 25/50/100 steps vs 1000 steps")
-    parser.add_argument("--checkpoint", help="napari-stem checkpoint folder (for --quality)")
-    parser.add_argument("--embeddings", help=".npy or .h5 (n_spots, D) embeddings (for --quality)")
-    parser.add_argument("--embeddings-key", help="dataset inside the .h5 (default: 'embeddings', else the first 2-D one)")
+    parser.add_argument("--quality", action="store_true",
+                        help="every sampler at 2-50 network evaluations vs the 1000-step ancestral chain (markdown table)")
+    parser.add_argument("--quick", action="store_true", help="--quality on a random toy model, 2 and 4 evaluations (smoke test)")
+    parser.add_argument("--checkpoint", help="--quality: a checkpoint folder (default: the demo model)")
+    parser.add_argument("--prepared", help="--quality: the checkpoint's prepared folder (its held-out slides are the truth)")
+    parser.add_argument("--variants", default=None, help="--quality: ';'-separated labels of QUALITY_VARIANTS to run (default: all)")
+    parser.add_argument("--reference-cache", default=None,
+                        help="--quality: .npy to keep the 1000-step samples in and reuse (same model, spots, samples, seed)")
+    parser.add_argument("--meets", action="store_true", help="--quality: flag rows meeting the 4-evaluation target")
     parser.add_argument("--batch-size", type=int, default=None, help="spots per batch (for --quality)")
-    parser.add_argument("--precisions", default="fp32", help="comma list for --quality, e.g. fp32,bf16")
+    parser.add_argument("--precisions", default="fp32", help="--quality: the precision to sample in (fp32 or bf16)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quality:
-        if not (args.checkpoint and args.embeddings):
-            parser.error("--quality needs --checkpoint and --embeddings")
+    if args.quality or args.quick:
+        if bool(args.checkpoint) != bool(args.prepared):
+            parser.error("--quality takes --checkpoint and --prepared together (or neither: the demo model)")
+        if args.samples == 4 and "--samples" not in " ".join(__import__("sys").argv):
+            args.samples = 19  # exact 50 % and 90 % intervals
         quality(args)
         return
     devices = [torch.device(args.device)] if args.device != "auto" else \

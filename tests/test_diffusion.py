@@ -192,3 +192,136 @@ def test_ancestral_step_adds_learned_variance_noise(reference) -> None:
         p = diffusion.p_mean_variance(model, x["xT"], t, kwargs)
         step = diffusion.ancestral_step(model, x["xT"], t, noise, kwargs)
     torch.testing.assert_close(step, p["mean"] + p["variance"].sqrt() * noise)
+
+
+# -- few-step solvers and x_0 clipping on Gaussian data, where every answer is known -----------
+
+def _exact_gaussian_model(mu: torch.Tensor, s2: float):
+    """Exact eps for x0 ~ N(mu, s2), and the variance output a perfect model learns: one step of
+    the 1000-step chain has variance posterior + coef1^2 Var[x0 | x_t], in the model's [-1, 1]."""
+    betas = linear_betas()
+    alphas_cumprod = np.cumprod(1 - betas)
+    prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior = betas * (1 - prev) / (1 - alphas_cumprod)
+    posterior = np.append(posterior[1], posterior[1:])  # the reference's clipped log variance
+    coef1_sq = (betas * np.sqrt(prev) / (1 - alphas_cumprod)) ** 2
+    x0_variance = s2 * (1 - alphas_cumprod) / (alphas_cumprod * s2 + 1 - alphas_cumprod)
+    frac = np.log((posterior + coef1_sq * x0_variance) / posterior) / np.log(betas / posterior)
+    var_values = torch.from_numpy(2 * frac - 1).float()
+    ab_table = torch.from_numpy(alphas_cumprod)
+
+    def model(x, t_original):
+        ab = ab_table[t_original].view(-1, 1, 1)
+        eps = (1 - ab).sqrt() * (x.double() - ab.sqrt() * mu) / (ab * s2 + 1 - ab)
+        return torch.cat([eps.float(), var_values[t_original].view(-1, 1, 1).expand_as(x)], 1)
+
+    return model
+
+
+def _flow_endpoint(x_T, mu, s2, t_end: int | None):
+    """Where the probability-flow ODE takes x_T (at t = 999) for Gaussian data: at t_end, or the
+    clean x_0 when None. It is the affine map between the two Gaussian marginals."""
+    ab = np.cumprod(1 - linear_betas())
+    std_T = math.sqrt(ab[-1] * s2 + 1 - ab[-1])
+    a_end, var_end = (1.0, s2) if t_end is None else (math.sqrt(ab[t_end]), ab[t_end] * s2 + 1 - ab[t_end])
+    return a_end * mu + math.sqrt(var_end) * (x_T.double() - math.sqrt(ab[-1]) * mu) / std_T
+
+
+MU, S2 = torch.tensor([0.0, 3.0, 6.0], dtype=torch.float64).view(1, 1, 3), 0.25
+
+
+@pytest.mark.parametrize("evals", [3, 4, 6, 10])
+def test_dpm_solver_2m_maps_noise_onto_the_gaussian_and_beats_ddim(evals: int) -> None:
+    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+
+    model = _exact_gaussian_model(MU, S2)
+    x_T = torch.randn(2000, 1, 3, generator=torch.Generator().manual_seed(0))
+    solver = GaussianDiffusion(timesteps=solver_timesteps(evals))
+    assert solver.n_loop_steps("dpm++2m") == evals
+    dpm_error = (solver.sample_loop(model, x_T, sampler="dpm++2m") - _flow_endpoint(x_T, MU, S2, 0)).abs().mean()
+    ddim = create_diffusion(str(evals))  # the same number of network evaluations
+    ddim_error = (ddim.sample_loop(model, x_T, sampler="ddim") - _flow_endpoint(x_T, MU, S2, None)).abs().mean()
+    assert dpm_error < 0.5 * ddim_error
+    assert dpm_error < {3: 0.15, 4: 0.1, 6: 0.015, 10: 0.02}[evals]  # data std 0.5
+
+
+def test_dpm_solver_2m_is_second_order() -> None:
+    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+
+    model = _exact_gaussian_model(MU, S2)
+    x_T = torch.randn(200, 1, 3, generator=torch.Generator().manual_seed(0))
+    errors = [(GaussianDiffusion(timesteps=solver_timesteps(n)).sample_loop(model, x_T, sampler="dpm++2m")
+               - _flow_endpoint(x_T, MU, S2, 0)).abs().max().item() for n in (20, 40, 80)]
+    assert errors[1] < errors[0] / 3 and errors[2] < errors[1] / 3, errors  # halving h: ~1/4
+
+
+@pytest.mark.parametrize("evals", [2, 4])
+def test_ancestral_matched_draws_the_gaussian_exactly_in_few_steps(evals: int) -> None:
+    """With the variance a perfect model learns, each big step is the exact Gaussian reverse kernel."""
+    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(timesteps=solver_timesteps(evals))
+    out = diffusion.sample_loop(_exact_gaussian_model(MU, S2), torch.randn(20000, 1, 3), sampler="ancestral-matched")
+    torch.testing.assert_close(out.mean(0).double(), MU[0], atol=0.01, rtol=0)
+    torch.testing.assert_close(out.var(0).double(), torch.full((1, 3), S2, dtype=torch.float64), atol=0.01, rtol=0)
+    # the reference's respaced ancestral sampler, same model and evaluations, loses most of the spread
+    reference = create_diffusion(str(evals)).sample_loop(_exact_gaussian_model(MU, S2), torch.randn(4000, 1, 3))
+    assert reference.var(0).max() < 0.5 * S2
+
+
+def test_sde_dpm_solver_2m_converges_to_the_gaussian() -> None:
+    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(timesteps=solver_timesteps(100))
+    out = diffusion.sample_loop(_exact_gaussian_model(MU, S2), torch.randn(5000, 1, 3), sampler="dpm++2m-sde")
+    torch.testing.assert_close(out.mean(0).double(), MU[0], atol=0.03, rtol=0)  # 4 standard errors
+    torch.testing.assert_close(out.var(0).double(), torch.full((1, 3), S2, dtype=torch.float64), atol=0.015, rtol=0)
+
+
+def test_solver_timesteps_and_noise_draws() -> None:
+    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+
+    for spacing in ("time", "quadratic", "logsnr"):
+        for n in (1, 2, 4, 50, 999):
+            kept = solver_timesteps(n, spacing)
+            assert len(kept) == n + 1 and kept[0] == 0 and kept[-1] == 999 and kept == sorted(set(kept))
+    assert solver_timesteps(4, "time") == [0, 250, 500, 749, 999]
+    with pytest.raises(ValueError):
+        solver_timesteps(1000)
+    diffusion = GaussianDiffusion(timesteps=[0, 300, 999])
+    model = _exact_gaussian_model(MU, S2)
+    drawn = []
+    x_T = torch.randn(2, 1, 3)
+    diffusion.sample_loop(model, x_T, sampler="ancestral-matched", step_noise=lambda i: drawn.append(i) or torch.randn_like(x_T))
+    assert drawn == [2, 1]  # every step draws, none is taken at t = 0
+
+    def no_noise(step_index):
+        raise AssertionError("the ODE solver draws no noise")
+
+    diffusion.sample_loop(model, x_T, sampler="dpm++2m", step_noise=no_noise)
+
+
+def test_x0_clipping_bounds_every_prediction_and_none_is_the_reference() -> None:
+    """A point mass at mu predicted beyond the range: every sampler returns the range's edge."""
+    mu = torch.tensor([-3.0, 1.0, 9.0]).view(1, 1, 3)
+    low, high = torch.tensor([0.0, 0.0, 0.0]).view(1, 1, 3), torch.tensor([5.0, 5.0, 5.0]).view(1, 1, 3)
+    model = _gaussian_denoiser(mu, 0.0, -1.0)  # point mass: Var[x0 | x_t] = 0, posterior variance
+    x_T = torch.randn(4, 1, 3, generator=torch.Generator().manual_seed(0))
+    expected = mu.clamp(0, 5).expand(4, 1, 3)
+    for sampler in ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "ancestral-matched"):
+        diffusion = create_diffusion("6")
+        out = diffusion.sample_loop(model, x_T, sampler=sampler, x0_range=(low, high))
+        # the solvers stop at t = 0 without evaluating there: noise of std 0.01 is left
+        torch.testing.assert_close(out, expected, atol=1e-3 if sampler in ("ancestral", "ddim") else 0.05, rtol=0)
+        assert (out >= low).all() and (out <= high).all()
+    diffusion = create_diffusion("10")
+    t = torch.full((4,), 9)
+    p = diffusion.p_mean_variance(model, x_T, t, x0_range=(low, high))
+    torch.testing.assert_close(p["pred_xstart"], p["pred_xstart"].clamp(0, 5), rtol=0, atol=0)
+    torch.testing.assert_close(p["mean"], diffusion.q_posterior_mean_variance(p["pred_xstart"], x_T, t)[0])
+    unclipped = diffusion.p_mean_variance(model, x_T, t)
+    assert (unclipped["pred_xstart"] < 0).any() and (unclipped["pred_xstart"] > 5).any()
+    torch.testing.assert_close(diffusion.sample_loop(model, x_T, sampler="ddim", x0_range=None),
+                               diffusion.sample_loop(model, x_T, sampler="ddim"), rtol=0, atol=0)

@@ -59,6 +59,9 @@ class StemCheckpoint:
     model: StemModel
     embedding: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    #: Per-gene {"min": [...], "max": [...]} of the training targets (stem-train fit records it);
+    #: samplers clip their predicted x_0 to it. None (e.g. imported reference weights): no clipping.
+    target_range: dict | None = None
 
 
 def reference_to_ours(state_dict: dict) -> dict:
@@ -81,13 +84,15 @@ def _rename(key: str, prefixes: dict[str, str]) -> str:
 
 def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
                     target_transform: str = "log2p1", embedding: dict | None = None,
-                    provenance: dict | None = None, overwrite: bool = False) -> Path:
+                    provenance: dict | None = None, overwrite: bool = False,
+                    target_range: dict | None = None) -> Path:
     """Write a checkpoint folder atomically; returns its path.
 
     ``ema`` (the weights used for sampling) and the optional ``model`` (raw training weights) are
     modules or state dicts of a :class:`StemModel` built from ``config``. ``embedding`` describes
     the condition (encoder name, dim, patch mode, patch size µm, µm/px...) and ``provenance`` the
-    run (steps, data); both are stored as given and must be JSON-serialisable.
+    run (steps, data); both are stored as given and must be JSON-serialisable. ``target_range``
+    ({"min": G values, "max": G values}) is the training targets' per-gene range.
     """
     import torch
 
@@ -99,6 +104,8 @@ def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
             f"{config.n_genes} genes")
     if len(set(genes)) != len(genes):
         raise CheckpointError(f"cannot save {describe_path(path)}: the gene list has duplicates")
+    if target_range is not None:
+        target_range = checked_target_range(target_range, config.n_genes, describe_path(path))
     if path.exists():
         check_replaceable(path, overwrite)
     tensors = {}
@@ -118,6 +125,8 @@ def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
         "provenance": dict(provenance or {}),
         "weights": {"file": WEIGHTS_FILE, "ema": True, "model": model is not None},
     }
+    if target_range is not None:
+        metadata["target_range"] = target_range
     config_text = json.dumps(metadata, indent=1, default=_json_value)  # fails before any write
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +143,22 @@ def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def checked_target_range(target_range, n_genes: int, where: str) -> dict:
+    """{"min": [...], "max": [...]} as plain floats, one per gene, finite, min <= max."""
+    import math
+
+    try:
+        low = [float(v) for v in target_range["min"]]
+        high = [float(v) for v in target_range["max"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: target_range must be {{'min': [...], 'max': [...]}} ({exc})") from exc
+    if len(low) != n_genes or len(high) != n_genes:
+        raise CheckpointError(f"{where}: target_range has {len(low)}/{len(high)} values for {n_genes} genes")
+    if not all(math.isfinite(a) and math.isfinite(b) and a <= b for a, b in zip(low, high)):
+        raise CheckpointError(f"{where}: target_range must be finite with min <= max for every gene")
+    return {"min": low, "max": high}
 
 
 #: Files napari-stem writes into a checkpoint folder (fit adds its training state).
@@ -294,9 +319,13 @@ def load_checkpoint(path, *, expected_genes=None, expected_cond_dim: int | None 
         map_location = "cuda" if torch.cuda.is_available() else "cpu"
     model.load_state_dict(state)
     model.to(map_location).eval()
+    target_range = metadata.get("target_range")
+    if target_range is not None:
+        target_range = checked_target_range(target_range, config.n_genes, describe_path(folder / CONFIG_FILE))
     return StemCheckpoint(path=folder, config=config, genes=genes,
                           target_transform=metadata.get("target_transform", "log2p1"), model=model,
-                          embedding=embedding, provenance=metadata.get("provenance", {}))
+                          embedding=embedding, provenance=metadata.get("provenance", {}),
+                          target_range=target_range)
 
 
 def _read_weights(file: Path, prefix: str) -> dict:

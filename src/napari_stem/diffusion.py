@@ -8,7 +8,15 @@ purpose: the t = 0 decoder NLL is the 8-bit image likelihood with 1/255 bins, me
 log-counts but part of the loss the released models were trained with.
 
 Respacing (``space_timesteps``) keeps a subset of the T steps; the model always sees the original
-timestep. Both samplers (ancestral and DDIM) run over any respaced schedule, with no clipping.
+timestep. The reference's samplers (ancestral and DDIM) run over any respaced schedule, unclipped
+unless given an ``x0_range``. Two multistep solvers of our own, DPM-Solver++(2M) (Lu et al. 2022)
+and its SDE form, reach the same marginals in far fewer network evaluations; see
+:meth:`GaussianDiffusion.dpm_step`.
+
+``x0_range`` (lo, hi), broadcastable to x: the predicted x_0 is clipped to it before every update
+(DiT's ``clip_denoised`` with the data's own support instead of [-1, 1]). At high noise the eps
+error is amplified ~1/sqrt(alphabar) (~150x at t = 999) in pred_xstart; clipping stops that error
+from being carried to the end by a deterministic sampler.
 """
 
 from __future__ import annotations
@@ -20,6 +28,15 @@ import numpy as np
 import torch
 
 N_TRAIN_STEPS = 1000
+#: The reference's samplers and ours; the solvers evaluate the network once per step.
+REFERENCE_SAMPLERS = ("ancestral", "ddim")
+SOLVERS = ("dpm++2m", "dpm++2m-sde", "ancestral-matched")
+#: What each solver is, as options of GaussianDiffusion.dpm_step.
+SOLVER_STEPS = {
+    "dpm++2m": {"stochastic": False},
+    "dpm++2m-sde": {"stochastic": True, "variance": "posterior", "second_order": True},
+    "ancestral-matched": {"stochastic": True, "variance": "matched", "second_order": False},
+}
 
 # model(x_t (N, 1, G), t_original (N,), **model_kwargs) -> (N, 2, G)
 Denoiser = Callable[..., torch.Tensor]
@@ -64,6 +81,36 @@ def space_timesteps(n_steps: int, section_counts: str | int | Iterable[int]) -> 
     return sorted(set(kept))
 
 
+def solver_timesteps(n_evals: int, spacing: str = "logsnr", n_steps: int = N_TRAIN_STEPS) -> list[int]:
+    """n_evals + 1 timesteps from 0 to n_steps - 1 for a solver that evaluates the network at all
+    but the last (t = 0, where it stops: one evaluation there would only remove noise of std 0.01).
+
+    "time": uniform in t; "quadratic": uniform in sqrt(t), denser near the data; "logsnr": uniform
+    in log signal-to-noise ratio (DPM-Solver's choice). Rounded; duplicates pushed apart.
+    """
+    if n_evals < 1 or n_evals >= n_steps:
+        raise ValueError(f"a solver needs 1 to {n_steps - 1} evaluations, got {n_evals}")
+    u = np.linspace(0.0, 1.0, n_evals + 1)
+    if spacing == "time":
+        points = u * (n_steps - 1)
+    elif spacing == "quadratic":
+        points = u**2 * (n_steps - 1)
+    elif spacing == "logsnr":
+        alphas_cumprod = np.cumprod(1.0 - linear_betas(n_steps))
+        log_snr = np.log(alphas_cumprod / (1.0 - alphas_cumprod))  # decreasing in t
+        targets = log_snr[0] + u * (log_snr[-1] - log_snr[0])
+        points = np.interp(-targets, -log_snr, np.arange(n_steps, dtype=np.float64))
+    else:
+        raise ValueError(f"spacing must be 'time', 'quadratic' or 'logsnr', got {spacing!r}")
+    kept = [int(round(p)) for p in points]
+    kept[0], kept[-1] = 0, n_steps - 1
+    for k in range(1, len(kept) - 1):  # strictly increasing, the ends fixed
+        kept[k] = max(kept[k], kept[k - 1] + 1)
+    for k in range(len(kept) - 2, 0, -1):
+        kept[k] = min(kept[k], kept[k + 1] - 1)
+    return kept
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
@@ -106,10 +153,17 @@ class GaussianDiffusion:
     """
 
     def __init__(self, respacing: str | int | Iterable[int] | None = None,
-                 n_train_steps: int = N_TRAIN_STEPS):
+                 n_train_steps: int = N_TRAIN_STEPS, *, timesteps: Iterable[int] | None = None):
+        """``timesteps``: the original timesteps to keep, given outright (instead of ``respacing``)."""
         base_alphas_cumprod = np.cumprod(1.0 - linear_betas(n_train_steps))
-        kept = space_timesteps(n_train_steps, respacing) if respacing not in (None, "") \
-            else list(range(n_train_steps))
+        if timesteps is not None:
+            kept = sorted({int(k) for k in timesteps})
+            if not kept or kept[0] < 0 or kept[-1] >= n_train_steps:
+                raise ValueError(f"timesteps must lie in [0, {n_train_steps - 1}], got {kept}")
+        elif respacing not in (None, ""):
+            kept = space_timesteps(n_train_steps, respacing)
+        else:
+            kept = list(range(n_train_steps))
         kept_alphas_cumprod = base_alphas_cumprod[kept]
         betas = 1.0 - kept_alphas_cumprod / np.append(1.0, kept_alphas_cumprod[:-1])
         self.n_steps = len(kept)
@@ -135,6 +189,23 @@ class GaussianDiffusion:
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas)
             / (1.0 - alphas_cumprod),
+        }
+        # Solver coefficients per kept step (float64 scalars; the solvers use no table lookups).
+        self._alpha64 = np.sqrt(alphas_cumprod)
+        self._sigma64 = np.sqrt(1.0 - alphas_cumprod)
+        self._lambda64 = np.log(self._alpha64) - np.log(self._sigma64)
+        self._posterior_variance64 = posterior_variance
+        self._coef1_sq64 = tables64["posterior_mean_coef1"] ** 2
+        # The model's variance output describes one step of the 1000-step chain at the original t:
+        # its posterior variance, log(beta / posterior variance) and squared x_0 coefficient there.
+        base_betas = linear_betas(n_train_steps)
+        base_prev = np.append(1.0, base_alphas_cumprod[:-1])
+        base_posterior = base_betas * (1.0 - base_prev) / (1.0 - base_alphas_cumprod)
+        base_posterior_clipped = np.append(base_posterior[1], base_posterior[1:])
+        self._one_step64 = {
+            "posterior_variance": base_posterior_clipped[kept],
+            "log_ratio": (np.log(base_betas) - np.log(base_posterior_clipped))[kept],
+            "coef1_sq": (base_betas * np.sqrt(base_prev) / (1.0 - base_alphas_cumprod))[kept] ** 2,
         }
         # float64 maths, float32 read-out: the reference's exact rounding.
         self._tables = {name: torch.from_numpy(v).float() for name, v in tables64.items()}
@@ -184,20 +255,32 @@ class GaussianDiffusion:
         return ((self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
                 / self._at("sqrt_recipm1_alphas_cumprod", t, x_t))
 
-    def _p_from_output(self, eps, var_values, x, t) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _clip(pred_xstart: torch.Tensor, x0_range) -> torch.Tensor:
+        if x0_range is None:
+            return pred_xstart
+        low, high = x0_range
+        return torch.minimum(torch.maximum(pred_xstart, low), high)
+
+    def _learned_log_variance(self, var_values, x, t) -> torch.Tensor:
         min_log = self._at("posterior_log_variance_clipped", t, x)
         max_log = self._at("log_betas", t, x)
         frac = (var_values + 1) / 2  # the model's [-1, 1] maps to [posterior var, beta]
-        log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = self._predict_xstart_from_eps(x, t, eps)
+        return frac * max_log + (1 - frac) * min_log
+
+    def _p_from_output(self, eps, var_values, x, t, x0_range=None) -> dict[str, torch.Tensor]:
+        log_variance = self._learned_log_variance(var_values, x, t)
+        pred_xstart = self._clip(self._predict_xstart_from_eps(x, t, eps), x0_range)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
                 "pred_xstart": pred_xstart}
 
-    def p_mean_variance(self, model: Denoiser, x, t, model_kwargs=None) -> dict[str, torch.Tensor]:
-        """p(x_{t-1} | x_t): mean, variance, log_variance and the implied x_0 (no clipping)."""
+    def p_mean_variance(self, model: Denoiser, x, t, model_kwargs=None,
+                        x0_range=None) -> dict[str, torch.Tensor]:
+        """p(x_{t-1} | x_t): mean, variance, log_variance and the implied x_0 (clipped to
+        ``x0_range`` when given, the mean then following the clipped x_0)."""
         eps, var_values = self._call_model(model, x, t, model_kwargs)
-        return self._p_from_output(eps, var_values, x, t)
+        return self._p_from_output(eps, var_values, x, t, x0_range)
 
     # -- training ---------------------------------------------------------------------------
     def _vb_bits(self, eps, var_values, x_start, x_t, t) -> torch.Tensor:
@@ -223,19 +306,20 @@ class GaussianDiffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     # -- sampling ---------------------------------------------------------------------------
-    def ancestral_step(self, model: Denoiser, x, t, noise, model_kwargs=None) -> torch.Tensor:
+    def ancestral_step(self, model: Denoiser, x, t, noise, model_kwargs=None,
+                       x0_range=None) -> torch.Tensor:
         """x_{t-1} ~ p(x_{t-1} | x_t) with the learned variance (the reference's p_sample)."""
-        p = self.p_mean_variance(model, x, t, model_kwargs)
+        p = self.p_mean_variance(model, x, t, model_kwargs, x0_range)
         if noise is None:  # only allowed at t = 0, where no noise is added
             return p["mean"]
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         return p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * noise
 
     def ddim_step(self, model: Denoiser, x, t, noise, eta: float = 0.0,
-                  model_kwargs=None) -> torch.Tensor:
+                  model_kwargs=None, x0_range=None) -> torch.Tensor:
         """DDIM update (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like."""
         eps, _ = self._call_model(model, x, t, model_kwargs)
-        pred_xstart = self._predict_xstart_from_eps(x, t, eps)
+        pred_xstart = self._clip(self._predict_xstart_from_eps(x, t, eps), x0_range)
         eps = self._predict_eps_from_xstart(x, t, pred_xstart)  # as the reference re-derives it
         alpha_bar = self._at("alphas_cumprod", t, x)
         alpha_bar_prev = self._at("alphas_cumprod_prev", t, x)
@@ -247,20 +331,85 @@ class GaussianDiffusion:
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         return mean + nonzero * sigma * noise
 
+    def dpm_step(self, model: Denoiser, x, i: int, history, noise=None, *, stochastic: bool = False,
+                 variance: str = "matched", second_order: bool = True, model_kwargs=None,
+                 x0_range=None):
+        """One DPM-Solver++(2M) step from kept step i to i - 1; returns (x, history for the next).
+
+        Data prediction in half-log-SNR lambda (h = lambda_{i-1} - lambda_i): x_0 is taken linear
+        in lambda through this and the previous step's predictions (first order on the first
+        step, or always with ``second_order=False``). ODE (``stochastic=False``): Lu et al.'s 2M
+        update. SDE: the same x_0 line against the SDE's kernel (k-diffusion's midpoint form);
+        its first-order form is the ancestral step, whose noise ``variance`` is:
+
+        - "posterior": the posterior variance (the published SDE-DPM-Solver++);
+        - "learned": the model's output interpolated between this big step's posterior variance
+          and beta in log space, as the reference's respaced ancestral sampler does;
+        - "matched": the model's output read as what it was trained to be, the variance of one
+          step of the 1000-step chain, which is posterior variance + coef1^2 Var[x_0 | x_t];
+          Var[x_0 | x_t] is then carried to this big step (posterior variance + its coef1^2
+          Var[x_0 | x_t]), the reverse kernel's own second moment (Bao et al.'s Analytic-DPM).
+          The log-space reading shrinks a big step's noise towards the posterior variance and
+          under-disperses a few-step sampler; this one does not.
+        """
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        eps, var_values = self._call_model(model, x, t, model_kwargs)
+        x0 = self._clip(self._predict_xstart_from_eps(x, t, eps), x0_range)
+        alpha_t, sigma_t, sigma_s = self._alpha64[i - 1], self._sigma64[i - 1], self._sigma64[i]
+        h = float(self._lambda64[i - 1] - self._lambda64[i])
+        use_history = history is not None and second_order
+        if not stochastic:
+            direction = x0
+            if use_history:
+                x0_prev, h_prev = history
+                direction = x0 + (h / (2.0 * h_prev)) * (x0 - x0_prev)
+            x_next = (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * direction
+        else:
+            decay = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+            x_next = (sigma_t / sigma_s) * math.exp(-h) * x + alpha_t * decay * x0
+            if use_history:
+                x0_prev, h_prev = history
+                x_next = x_next + (alpha_t * 0.5 * decay * h / h_prev) * (x0 - x0_prev)
+            if noise is not None:
+                x_next = x_next + torch.sqrt(self._step_variance(variance, var_values, x, t, i)) * noise
+        return x_next, (x0, h)
+
+    def _step_variance(self, variance: str, var_values, x, t, i: int):
+        if variance == "posterior":
+            return torch.full_like(x, float(self._posterior_variance64[i]))
+        if variance == "learned":
+            return torch.exp(self._learned_log_variance(var_values, x, t))
+        if variance == "matched":
+            one = self._one_step64
+            frac = (var_values + 1) / 2
+            # (one-step variance - its posterior variance) / coef1^2, without cancellation
+            x0_variance = (one["posterior_variance"][i] / one["coef1_sq"][i]) * torch.expm1(frac * one["log_ratio"][i])
+            return self._posterior_variance64[i] + self._coef1_sq64[i] * x0_variance.clamp(min=0)
+        raise ValueError(f"variance must be 'posterior', 'learned' or 'matched', got {variance!r}")
+
+    def n_loop_steps(self, sampler: str) -> int:
+        """Network evaluations (= progress steps) of one run: the solvers stop at the first kept
+        timestep without evaluating there."""
+        return self.n_steps - 1 if sampler in SOLVERS else self.n_steps
+
     def step_needs_noise(self, step_index: int, sampler: str, eta: float) -> bool:
         """Whether a sampler step draws fresh noise (so callers draw none when it does not)."""
-        return step_index > 0 and (sampler == "ancestral" or eta > 0)
+        stochastic = sampler == "ancestral" or SOLVER_STEPS.get(sampler, {}).get("stochastic", False)
+        return step_index > 0 and (stochastic or (sampler == "ddim" and eta > 0))
 
     def sample_loop(self, model: Denoiser, x_T: torch.Tensor, *, sampler: str = "ddim",
                     eta: float = 0.0, model_kwargs=None,
-                    step_noise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
-        """Run the reverse process from x_T over all kept steps; returns x_0 (unclipped).
+                    step_noise: Callable[[int], torch.Tensor] | None = None,
+                    x0_range=None, **solver_options) -> torch.Tensor:
+        """Run the reverse process from x_T over all kept steps; returns x_0.
 
         ``step_noise(step_index)`` supplies the noise of a step (shape of x_T); by default
         ``torch.randn_like``. It is called only for steps that use noise, in descending order.
+        ``x0_range``: clip the predicted x_0 to (lo, hi); None (the default) is the reference.
+        The solvers (:data:`SOLVERS`) need two kept steps or more and return x at the first.
         """
-        steps = self.iter_sample_loop(model, x_T, sampler=sampler, eta=eta,
-                                      model_kwargs=model_kwargs, step_noise=step_noise)
+        steps = self.iter_sample_loop(model, x_T, sampler=sampler, eta=eta, model_kwargs=model_kwargs,
+                                      step_noise=step_noise, x0_range=x0_range, **solver_options)
         while True:
             try:
                 next(steps)
@@ -270,23 +419,35 @@ class GaussianDiffusion:
     def iter_sample_loop(self, model: Denoiser, x_T: torch.Tensor, *, sampler: str = "ddim",
                          eta: float = 0.0, model_kwargs=None,
                          step_noise: Callable[[int], torch.Tensor] | None = None,
+                         x0_range=None, **solver_options,
                          ) -> Generator[int, None, torch.Tensor]:
         """:meth:`sample_loop` as a generator: yields the number of steps done after each step
         (so a GUI can show progress and stop between steps) and returns x_0."""
-        if sampler not in ("ddim", "ancestral"):
-            raise ValueError(f"sampler must be 'ddim' or 'ancestral', got {sampler!r}")
+        if sampler not in REFERENCE_SAMPLERS + SOLVERS:
+            raise ValueError(f"sampler must be one of {', '.join(REFERENCE_SAMPLERS + SOLVERS)}, got {sampler!r}")
+        if sampler in SOLVERS and self.n_steps < 2:
+            raise ValueError(f"the {sampler} solver needs at least two kept timesteps")
         x = x_T
-        for done, i in enumerate(reversed(range(self.n_steps)), start=1):
-            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        history = None
+        last = 1 if sampler in SOLVERS else 0
+        for done, i in enumerate(range(self.n_steps - 1, last - 1, -1), start=1):
             noise = None
             if self.step_needs_noise(i, sampler, eta):
                 noise = step_noise(i) if step_noise is not None else torch.randn_like(x)
-            if sampler == "ancestral":
-                x = self.ancestral_step(model, x, t, noise, model_kwargs)
+            if sampler in SOLVERS:
+                x, history = self.dpm_step(model, x, i, history, noise, model_kwargs=model_kwargs,
+                                           x0_range=x0_range, **{**SOLVER_STEPS[sampler], **solver_options})
             else:
-                x = self.ddim_step(model, x, t, noise, eta, model_kwargs)
+                t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+                if sampler == "ancestral":
+                    x = self.ancestral_step(model, x, t, noise, model_kwargs, x0_range)
+                else:
+                    x = self.ddim_step(model, x, t, noise, eta, model_kwargs, x0_range)
             yield done
+        if sampler in SOLVERS:  # x at the first kept timestep still has noise of std ~0.01 in it
+            x = self._clip(x, x0_range)
         return x
+
 
 def create_diffusion(respacing: str | int | Iterable[int] | None = None) -> GaussianDiffusion:
     """The reference's ``create_diffusion(respacing)`` with its defaults (learned sigma, MSE+VB)."""

@@ -28,7 +28,7 @@ DEFAULT_SETTINGS = {"cpu": {"n_samples": 4, "steps": 25}, "cuda": {"n_samples": 
 #: (eta 0) sent ~0.1 % of sample values to log-counts of 20-300 (per-spot variance in the
 #: thousands), lowering the held-out PCC from 0.58 to 0.48 at the same cost; ancestral sampling at
 #: 25-100 steps never did (bench/bench_sampler.py --quality).
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "ancestral-matched")
 DEFAULT_SAMPLER = "ancestral"
 
 
@@ -98,6 +98,7 @@ def iter_predict(
     intervals: Sequence[float] | None = None,
     keep_samples: bool = False,
     step_events: bool = False,
+    clip_x0: bool = True,
 ) -> Iterator[PredictEvent]:
     """Predict expression for ``spots`` of a slide; see the module docstring.
 
@@ -110,6 +111,8 @@ def iter_predict(
     ``precision`` ("auto", "bf16", "fp32") applies to the
     encoder and the sampler alike; "auto" is bf16 where the hardware computes it natively.
     ``step_events`` adds a ``"step"`` event after every denoising step of every batch.
+    ``clip_x0``: clip the predicted x_0 to the training range the checkpoint records (when it
+    records one); False samples exactly as the reference does.
     ``encoder`` is an already built encoder of the checkpoint's kind, so a cohort worker builds it
     once for all its slides (default: built here from the checkpoint's encoder name).
     """
@@ -160,6 +163,7 @@ def iter_predict(
         "steps": int(steps) if str(steps).isdigit() else str(steps),
         "sampler": sampler,
         "eta": float(eta),
+        "clip_x0": bool(clip_x0 and getattr(loaded, "target_range", None) is not None),
         "seed": int(seed),
         "device": str(torch_device),
         "precision": precision,
@@ -180,6 +184,7 @@ def iter_predict(
         intervals=intervals,
         keep_samples=keep_samples,
         step_events=step_events,
+        clip_x0=clip_x0,
     ):
         if isinstance(batch, SampleStep):
             yield PredictEvent("step", batch.start, n_spots, batch=batch, metadata=metadata)

@@ -19,13 +19,14 @@ import torch
 
 from napari_stem.allocator import keep_tensor_buffers_in_heap
 from napari_stem.checkpoint import StemCheckpoint, check_compatible, load_checkpoint
-from napari_stem.diffusion import N_TRAIN_STEPS, create_diffusion
+from napari_stem.diffusion import N_TRAIN_STEPS, SOLVERS, GaussianDiffusion, create_diffusion, solver_timesteps
 from napari_stem.intervals import IntervalSpec, plan_intervals
 from napari_stem.model import StemModel
 from napari_stem.precision import autocast, resolve_precision
 from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
 
 ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # spots x samples per forward, by default
+SOLVER_SPACING = "logsnr"  # the solvers' timesteps for an integer ``steps`` (diffusion.solver_timesteps)
 VARIANCE_DDOF = 1  # unbiased sample variance over the K samples of a spot
 
 
@@ -127,7 +128,9 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
                 precision: str = "auto", seed: int = 0, keep_samples: bool = False,
                 quantiles: Sequence[float] | None = None,
                 step_events: bool = False,
-                intervals: Sequence[float] | None = None) -> Iterator[SampleBatch | SampleStep]:
+                intervals: Sequence[float] | None = None,
+                clip_x0: bool = True, target_range=None, spacing: str | None = None,
+                solver_options: dict | None = None) -> Iterator[SampleBatch | SampleStep]:
     """Sample ``n_samples`` expression vectors for each row of ``embeddings`` (n_spots, D).
 
     ``steps``: an int N keeps N of the 1000 training steps evenly spread (the reference sampler's
@@ -142,6 +145,15 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     :func:`napari_stem.intervals.plan_intervals` picks for ``n_samples`` (exact where K allows).
     Yields one :class:`SampleBatch` per batch; stop iterating to cancel. ``step_events`` adds a
     :class:`SampleStep` after every denoising step of a batch (same numbers either way).
+
+    "dpm++2m" / "dpm++2m-sde" (:data:`napari_stem.diffusion.SOLVERS`): an int ``steps`` is the
+    number of network evaluations, at ``spacing`` ("logsnr" by default, see
+    :func:`napari_stem.diffusion.solver_timesteps`); a respacing string keeps its steps and
+    evaluates at all but t = 0. ``solver_options``: keywords of
+    :meth:`napari_stem.diffusion.GaussianDiffusion.dpm_step` (``variance``, ``second_order``).
+    ``clip_x0``: clip every predicted x_0 to the training targets' per-gene range recorded in
+    the checkpoint (``target_range``, lo and hi arrays of G values, gives one outright); False,
+    or a model without a recorded range, samples exactly as the reference does.
     """
     embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)
                                  if not isinstance(embeddings, torch.Tensor) else embeddings).float()
@@ -159,9 +171,14 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     precision = resolve_precision(precision, device)
     if device.type == "cpu":
         keep_tensor_buffers_in_heap()
-    model, _ = _as_model(model_or_checkpoint, embeddings.shape[1], device)
+    model, checkpoint = _as_model(model_or_checkpoint, embeddings.shape[1], device)
     model.to(device)  # train/eval mode left as is: the model has no mode-dependent layers
-    diffusion = create_diffusion(str(steps))
+    diffusion = build_diffusion(steps, sampler, spacing)
+    x0_range = None
+    if clip_x0:
+        if target_range is None and checkpoint is not None:
+            target_range = checkpoint.target_range
+        x0_range = range_tensors(target_range, model.config.n_genes, device)
     levels = torch.tensor(sorted(quantiles), dtype=torch.float32) if quantiles else None
     interval_specs = plan_intervals(intervals, n_samples)
     n_spots = embeddings.shape[0]
@@ -170,7 +187,8 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     for start in range(0, n_spots, batch_size):
         stop = min(start + batch_size, n_spots)
         steps = _iter_sample_batch(model, diffusion, embeddings[start:stop], range(start, stop),
-                                   n_samples, sampler, eta, seed, device, precision)
+                                   n_samples, sampler, eta, seed, device, precision, x0_range,
+                                   solver_options)
         while True:
             try:
                 done = next(steps)
@@ -178,7 +196,7 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
                 samples = finished.value
                 break
             if step_events:
-                yield SampleStep(start, stop, n_spots, done, diffusion.n_steps)
+                yield SampleStep(start, stop, n_spots, done, diffusion.n_loop_steps(sampler))
         yield SampleBatch(
             start, stop, n_spots,
             mean=samples.mean(dim=1).numpy(),
@@ -190,6 +208,28 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         )
 
 
+def build_diffusion(steps: int | str, sampler: str, spacing: str | None = None) -> GaussianDiffusion:
+    """The kept timesteps a sampler runs over: the reference's respacing for its samplers, N + 1
+    timesteps at ``spacing`` for a solver asked for N evaluations."""
+    if sampler in SOLVERS and str(steps).isdigit():
+        if not 1 <= int(steps) < N_TRAIN_STEPS:
+            raise ValueError(f"the {sampler} solver takes 1 to {N_TRAIN_STEPS - 1} steps, got {steps}")
+        return GaussianDiffusion(timesteps=solver_timesteps(int(steps), spacing or SOLVER_SPACING))
+    return create_diffusion(str(steps))
+
+
+def range_tensors(target_range, n_genes: int, device: torch.device):
+    """(lo, hi) as (1, 1, G) float32 tensors from {"min": [...], "max": [...]} or a pair; None if none."""
+    if target_range is None:
+        return None
+    low, high = (target_range["min"], target_range["max"]) if isinstance(target_range, dict) else target_range
+    bounds = [torch.as_tensor(np.broadcast_to(np.asarray(v, dtype=np.float32), (n_genes,)).copy())
+              .view(1, 1, n_genes).to(device) for v in (low, high)]
+    if not bool((bounds[0] <= bounds[1]).all()):
+        raise ValueError("target range: some minimum exceeds its maximum")
+    return tuple(bounds)
+
+
 def _interval_bounds(samples: np.ndarray, specs: Sequence[IntervalSpec]) -> np.ndarray | None:
     """(I, 2, n_spots, G) lower and upper ends of each interval from (n_spots, K, G) samples."""
     if not specs:
@@ -199,7 +239,7 @@ def _interval_bounds(samples: np.ndarray, specs: Sequence[IntervalSpec]) -> np.n
 
 def _iter_sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, spot_indices: range,
                        n_samples: int, sampler: str, eta: float, seed: int, device: torch.device,
-                       precision: str) -> Iterator[int]:
+                       precision: str, x0_range=None, solver_options: dict | None = None) -> Iterator[int]:
     """Yields steps done; returns (n_spots, K, G) float32 CPU samples for one batch of spots.
 
     Inference mode and autocast are entered around each step only, so they never leak into the
@@ -216,7 +256,7 @@ def _iter_sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, sp
         cond = model.embed_condition(embeddings.to(device)).repeat_interleave(n_samples, dim=0)
         steps = diffusion.iter_sample_loop(
             lambda x, t: model.forward_embedded(x, t, cond), draw_noise(), sampler=sampler, eta=eta,
-            step_noise=lambda step_index: draw_noise())
+            step_noise=lambda step_index: draw_noise(), x0_range=x0_range, **(solver_options or {}))
     while True:
         with torch.inference_mode(), autocast(device, precision):
             try:
@@ -233,7 +273,9 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
                       precision: str = "auto", seed: int = 0, keep_samples: bool = False,
                       quantiles: Sequence[float] | None = None,
                       intervals: Sequence[float] | None = None,
-                      genes: Sequence[str] | None = None) -> Prediction:
+                      genes: Sequence[str] | None = None, clip_x0: bool = True,
+                      target_range=None, spacing: str | None = None,
+                      solver_options: dict | None = None) -> Prediction:
     """Run :func:`iter_sample` to the end and gather a :class:`Prediction`.
 
     Gene names come from the checkpoint, else from ``genes``, else "gene0", "gene1", ...
@@ -246,7 +288,8 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     batches = list(iter_sample(
         model_or_checkpoint, embeddings, n_samples=n_samples, steps=steps, sampler=sampler,
         eta=eta, batch_size=batch_size, device=device, precision=precision, seed=seed,
-        keep_samples=keep_samples, quantiles=quantiles, intervals=intervals))
+        keep_samples=keep_samples, quantiles=quantiles, intervals=intervals, clip_x0=clip_x0,
+        target_range=target_range, spacing=spacing, solver_options=solver_options))
     config = (checkpoint.model if checkpoint else model_or_checkpoint).config
     if checkpoint is not None:
         genes = checkpoint.genes
@@ -272,6 +315,8 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         intervals=gather("intervals", axis=2),
         metadata={
             "n_samples": n_samples, "steps": steps, "sampler": sampler, "eta": eta, "seed": seed,
+            "clip_x0": bool(clip_x0 and (target_range is not None
+                                         or (checkpoint is not None and checkpoint.target_range is not None))),
             "variance_ddof": VARIANCE_DDOF, "device": str(device), "precision": precision,
             "target_transform": checkpoint.target_transform if checkpoint else None,
             "checkpoint": str(checkpoint.path) if checkpoint else None,

@@ -395,6 +395,16 @@ def validate(ema: Any, diffusion: Any, held_out: Any, args: argparse.Namespace, 
 
 
 # ---------------------------------------------------------------------- checkpoints
+def target_range(targets: np.ndarray) -> dict[str, list[float]]:
+    """Per-gene min and max of the training targets, for the samplers' x_0 clipping.
+
+    Per gene, not global: genes differ several-fold in range (a global bound would let a
+    low-expressed gene diverge to a marker's level); per gene costs 2 x G numbers.
+    """
+    targets = np.asarray(targets, dtype=np.float64)
+    return {"min": targets.min(axis=0).tolist(), "max": targets.max(axis=0).tolist()}
+
+
 def _provenance(step: int, manifest: PreparedDataset, args: argparse.Namespace, training_set: Any, ctx: Any) -> dict[str, Any]:
     from napari_stem import __version__
 
@@ -414,7 +424,8 @@ def _save_step_checkpoint(checkpoints: Path, step: int, state: dict, config: Any
 
     folder = checkpoints / f"step_{step:07d}"
     save_checkpoint(folder, config=config, genes=manifest.genes, ema=ema, model=model, target_transform=args.target_transform,
-                    embedding=manifest.embedding_spec(), provenance=_provenance(step, manifest, args, training_set, ctx), overwrite=True)
+                    embedding=manifest.embedding_spec(), provenance=_provenance(step, manifest, args, training_set, ctx), overwrite=True,
+                    target_range=target_range(training_set.targets))
     _torch_save_atomic(state, folder / STATE_FILE)
     write_text_atomically(checkpoints / LATEST_FILE, folder.name + "\n")
     if args.keep_last:
@@ -429,7 +440,8 @@ def _save_final_checkpoint(path: Path, step: int, config: Any, manifest: Prepare
     from napari_stem.checkpoint import save_checkpoint
 
     return save_checkpoint(path, config=config, genes=manifest.genes, ema=ema, target_transform=args.target_transform,
-                           embedding=manifest.embedding_spec(), provenance=_provenance(step, manifest, args, training_set, ctx), overwrite=True)
+                           embedding=manifest.embedding_spec(), provenance=_provenance(step, manifest, args, training_set, ctx), overwrite=True,
+                           target_range=target_range(training_set.targets))
 
 
 def _resume_folder(run_dir: Path) -> Path:
