@@ -167,8 +167,8 @@ def test_stem_beats_the_mean_baseline_end_to_end(prepared_synthetic: Path, fitte
                  "--cache-dir", str(Path(prepared) / "embeddings")])  # the prepared embeddings are reused
     assert code == 0
     truth = data_dir / "st" / f"{sample_id}.h5ad"
-    stem = evaluate_files(tmp_path / "pred" / f"{sample_id}.h5ad", truth, tmp_path / "eval", plots=False)
     assert main(["baseline", str(prepared), "--out", str(tmp_path / "baselines"), "--no-plots"]) == 0
+    stem = evaluate_files(tmp_path / "pred" / f"{sample_id}.h5ad", truth, tmp_path / "eval", plots=False, baselines=tmp_path / "baselines")
     mean = json.loads((tmp_path / "baselines" / "mean" / sample_id / "report.json").read_text())
     ridge = json.loads((tmp_path / "baselines" / "ridge" / sample_id / "report.json").read_text())
 
@@ -178,6 +178,12 @@ def test_stem_beats_the_mean_baseline_end_to_end(prepared_synthetic: Path, fitte
           f"{mean['reference_metrics']['mae']:.3f}; MSE: Stem {stem['reference_metrics']['mse']:.3f}, "
           f"per-gene mean {mean['reference_metrics']['mse']:.3f}")
     assert mean["fixed_panel_pcc"]["mean"] is None and stem["fixed_panel_pcc"]["n_valid"] == len(manifest.genes)
+    print(stem["verdict"], *[kind["verdict"] for kind in stem["baselines"]["verdicts_by_gene_kind"].values()], sep="\n")
+    best = stem["baselines"]["best"]
+    assert best in ("ridge", "cv-ridge", "knn") and stem["verdict"].startswith(f"Stem vs best baseline ({best}): ")
+    # the prediction names its checkpoint, the checkpoint its training manifest: SYN003 shares patient P1 with SYN002
+    assert stem["leak_check"]["status"] == "same patient" and stem["leak_check"]["patient"] == "P1"
+    assert any(w.startswith("same patient as training slides SYN002 (patient P1)") for w in stem["warnings"])
     assert stem_pcc > 0.2
     assert stem["calibration"]["crps"] < mean["reference_metrics"]["mae"]
 
