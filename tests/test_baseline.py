@@ -121,6 +121,19 @@ def test_knn_predicts_the_mean_of_the_k_nearest_training_spots() -> None:
     np.testing.assert_allclose(pipeline.predict(centres + 0.1), [y[0:3].mean(axis=0), y[3:6].mean(axis=0), y[6:9].mean(axis=0)])
 
 
+def test_knn_cross_validation_scores_every_k_from_one_neighbour_search() -> None:
+    from sklearn.neighbors import KNeighborsRegressor
+
+    from stem_train.baseline import _knn_grid_predictions
+
+    rng = np.random.default_rng(1)
+    x_train, y_train, x_val = rng.normal(size=(40, 3)), rng.normal(size=(40, 2)), rng.normal(size=(7, 3))
+    predictions = _knn_grid_predictions(x_train, y_train, x_val, [1, 5, 20, 100])
+    assert sorted(predictions) == [1.0, 5.0, 20.0]  # 100 > 40 training spots: not scored
+    for k, prediction in predictions.items():
+        np.testing.assert_allclose(prediction, KNeighborsRegressor(n_neighbors=int(k)).fit(x_train, y_train).predict(x_val))
+
+
 def test_baseline_errors(prepared_synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from stem_train.cli import main
 

@@ -220,13 +220,36 @@ def grouped_folds(groups: np.ndarray, n_folds: int = CV_FOLDS) -> tuple[list[tup
     return splits, f"{folds} contiguous blocks of spots of the one training slide {names[0]} (no second slide to hold out)"
 
 
+def _knn_grid_predictions(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, ks: list[float]) -> dict[float, np.ndarray]:
+    """``KNeighborsRegressor(k).predict`` for every usable k of ``ks`` from one neighbour search.
+
+    The k nearest are the first k of the largest k's neighbours (sorted by distance), so one
+    query and a running sum serve the whole grid instead of a search per k.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    usable = sorted(int(k) for k in ks if int(k) <= len(x_train))
+    if not usable:
+        return {}
+    neighbours = NearestNeighbors(n_neighbors=usable[-1]).fit(x_train).kneighbors(x_val, return_distance=False)
+    total = np.zeros((len(x_val), y_train.shape[1]))
+    predictions = {}
+    for j in range(usable[-1]):
+        total += y_train[neighbours[:, j]]
+        if j + 1 in usable:
+            predictions[float(j + 1)] = total / (j + 1)
+    return predictions
+
+
 def cross_validate(embeddings: np.ndarray, targets: np.ndarray, groups: np.ndarray, make_model: Any, grid: list[float],
                    parameter: str, *, n_components: int, seed: int, n_folds: int = CV_FOLDS,
-                   usable: Any = None) -> CVChoice:
+                   predict_grid: Any = None) -> CVChoice:
     """Score every ``grid`` value of ``make_model(value)`` by grouped cross-validation on the training spots.
 
     The scaler and PCA are refitted on each fold's training rows only (no peeking at the fold
-    held out). ``usable(value, n_train)`` skips values a fold cannot fit (k above its spots).
+    held out). ``predict_grid(x_train, y_train, x_val, grid)``, when given, returns the fold's
+    predictions for every value it can fit at once ({value: prediction}); values it leaves out
+    (k above the fold's spots) stay unscored.
     """
     from napari_stem.metrics import pearson_per_gene
 
@@ -236,11 +259,14 @@ def cross_validate(embeddings: np.ndarray, targets: np.ndarray, groups: np.ndarr
         components = _components(n_components, embeddings[train_rows])
         features = _pipeline("passthrough", components, seed).fit(embeddings[train_rows])
         x_train, x_val = features.transform(embeddings[train_rows]), features.transform(embeddings[val_rows])
+        if predict_grid is not None:
+            predictions = predict_grid(x_train, targets[train_rows], x_val, grid)
+        else:
+            predictions = {value: make_model(value).fit(x_train, targets[train_rows]).predict(x_val) for value in grid}
         for j, value in enumerate(grid):
-            if usable is not None and not usable(value, len(train_rows)):
+            if float(value) not in predictions:
                 continue
-            prediction = make_model(value).fit(x_train, targets[train_rows]).predict(x_val)
-            pcc = pearson_per_gene(targets[val_rows], prediction)
+            pcc = pearson_per_gene(targets[val_rows], predictions[float(value)])
             if np.isfinite(pcc).any():
                 scores[f, j] = np.nanmean(pcc)
     with warnings.catch_warnings():  # a grid value no fold could fit is NaN, not a warning
@@ -277,7 +303,7 @@ def fit_knn(embeddings: np.ndarray, targets: np.ndarray, groups: np.ndarray, *, 
     components = _components(n_components, embeddings)
     grid = sorted({int(k) for k in ks if int(k) <= len(embeddings)}) or [len(embeddings)]
     choice = cross_validate(embeddings, targets, groups, _knn, grid, "k", n_components=n_components, seed=seed,
-                            n_folds=n_folds, usable=lambda k, n_train: k <= n_train)
+                            n_folds=n_folds, predict_grid=_knn_grid_predictions)
     k = int(choice.chosen)
     pipeline = _pipeline(_knn(k), components, seed).fit(embeddings, targets)
     settings = {"pca_components": components, "pca_components_requested": int(n_components), "k": k, "weights": "uniform",
