@@ -134,6 +134,23 @@ def test_knn_cross_validation_scores_every_k_from_one_neighbour_search() -> None
         np.testing.assert_allclose(prediction, KNeighborsRegressor(n_neighbors=int(k)).fit(x_train, y_train).predict(x_val))
 
 
+def test_pooled_row_resamples_slides_from_three_test_slides(capsys: pytest.CaptureFixture) -> None:
+    from stem_train.baseline import ALL_SLIDES, pooled_row, print_summary
+
+    rng = np.random.default_rng(2)
+    slides = []
+    for _ in range(3):
+        truth = rng.normal(size=(40, 4))
+        slides.append((truth, truth + rng.normal(size=truth.shape)))
+    row = pooled_row("knn", slides)
+    per_slide = [np.mean([np.corrcoef(t[:, g], p[:, g])[0, 1] for g in range(4)]) for t, p in slides]
+    assert row["slide"] == ALL_SLIDES and row["n_spots"] == 120 and row["ci_unit"] == "slides"
+    assert row["fixed_panel_pcc"] == pytest.approx(np.mean(per_slide)) and min(per_slide) <= row["fixed_panel_pcc_low"]
+    assert pooled_row("knn", slides[:2])["ci_unit"] == "spots"  # two slides: too few to resample
+    print_summary([row])
+    assert "(slides)" in capsys.readouterr().out
+
+
 def test_baseline_errors(prepared_synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from stem_train.cli import main
 
