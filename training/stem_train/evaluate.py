@@ -34,7 +34,6 @@ DEFAULT_MARKERS = 4
 #: Boolean column of the truth's var marking genes driven by the image (napari_stem.synthetic's data):
 #: when present, PCC and the verdict are reported per gene kind too.
 GENE_KIND_COLUMN = "synthetic_image_driven"
-GENE_KINDS = ("image_driven", "noise")
 
 
 class EvaluationError(StemError):
@@ -352,7 +351,8 @@ def evaluate_files(
         samples=arrays["samples"], quantiles=arrays["quantiles"], intervals=arrays["intervals"],
     )
     per_gene = result.pop("per_gene")
-    panel_columns = [genes.index(g) for g in panel_genes]
+    column_of = {g: i for i, g in enumerate(genes)}
+    panel_columns = [column_of[g] for g in panel_genes]
     panel_truth, panel_mean = truth_values[:, panel_columns], arrays["mean"][:, panel_columns]
     result["fixed_panel"]["ci"] = metrics.bootstrap_panel_pcc(panel_truth, panel_mean, n_resamples=resamples, seed=bootstrap_seed).to_dict()
     by_kind = {kind: _kind_pcc(panel_truth[:, columns], panel_mean[:, columns], [panel_genes[c] for c in columns], resamples, bootstrap_seed)
