@@ -52,11 +52,11 @@ from napari_stem._controller import (
 )
 from napari_stem._torch_guard import block_triton_if_llvm_loaded
 from napari_stem.errors import StemError
-from napari_stem.known_models import HUB_PREFIX
 from napari_stem.intervals import CHOICES as INTERVAL_CHOICES
 from napari_stem.intervals import DEFAULT_CHOICE as DEFAULT_INTERVALS
 from napari_stem.intervals import describe as describe_intervals
 from napari_stem.intervals import samples_for_levels
+from napari_stem.known_models import HUB_PREFIX
 from napari_stem import _result_layers
 from napari_stem.layers import SPOT_OPACITY, UNCERTAINTY_KINDS, SlideFrame, has_interval, prediction_layer_data
 from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
