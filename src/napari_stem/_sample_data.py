@@ -84,18 +84,22 @@ def open_demo_prediction() -> list:
     from napari_stem.slide import open_slide
 
     slide = open_slide(demo_slide_path())
-    start_demo_prediction(viewer, slide.path, _demo_spots(slide))
+    start_demo_prediction(viewer, slide.path)
     return [slide_layer_data(slide, name="demo H&E")]
 
 
-def _demo_prediction_events(slide_path: Path, spots: Any) -> Any:
-    """Worker: ``(stage, fraction)`` pairs while the model is built (once) and the spots are
-    embedded and sampled; returns the :class:`~napari_stem.sampling.Prediction`."""
+def _demo_prediction_events(slide_path: Path) -> Any:
+    """Worker: ``(stage, fraction)`` pairs while the grid is laid, the model built (once) and the
+    spots embedded and sampled; returns ``(Prediction, Spots)``."""
     from napari_stem._torch_guard import block_triton_if_llvm_loaded
 
     block_triton_if_llvm_loaded()
     from napari_stem import known_models
     from napari_stem.predict import iter_predict
+    from napari_stem.slide import open_slide
+
+    with open_slide(slide_path) as slide:
+        spots = _demo_spots(slide)
 
     checkpoint = known_models.demo_checkpoint()
     if checkpoint is None:
@@ -113,10 +117,10 @@ def _demo_prediction_events(slide_path: Path, spots: Any) -> Any:
             yield "sample", 0.5 + 0.5 * (step.start + (step.stop - step.start) * step.step / max(step.n_steps, 1)) / n_spots
         elif event.stage == "done":
             prediction = event.prediction
-    return prediction
+    return prediction, spots
 
 
-def start_demo_prediction(viewer: Any, slide_path: Path, spots: Any) -> Any:
+def start_demo_prediction(viewer: Any, slide_path: Path) -> Any:
     """Run the demo prediction in a thread worker; its layers are added to ``viewer`` when done.
 
     Returns the worker (tests wait on it). Progress shows in napari's activity bar; a
@@ -145,8 +149,9 @@ def start_demo_prediction(viewer: Any, slide_path: Path, spots: Any) -> Any:
             bar.update(percent - shown["percent"])
             shown["percent"] = percent
 
-    def on_done(prediction: Any) -> None:
+    def on_done(result: tuple[Any, Any]) -> None:
         bar.close()
+        prediction, spots = result
         from napari.layers import Layer
 
         from napari_stem import _result_layers
@@ -164,7 +169,7 @@ def start_demo_prediction(viewer: Any, slide_path: Path, spots: Any) -> Any:
         bar.close()
         show_error(f"napari-stem: the demo prediction failed: {error}")
 
-    worker = create_worker(_demo_prediction_events, slide_path, spots, _start_thread=False,
+    worker = create_worker(_demo_prediction_events, slide_path, _start_thread=False,
                            _connect={"yielded": on_progress, "returned": on_done, "errored": on_error})
     worker.start()
     return worker
