@@ -294,7 +294,8 @@ def quality(args) -> None:
     checkpoint, embeddings, truth, target_range, where = quality_data(args)
     evals = QUALITY_EVALS if not args.quick else (2, 4)
     reference_steps = 1000 if not args.quick else 50  # --quick: a smoke test of the table, not a measurement
-    variants = [v for v in QUALITY_VARIANTS if args.variants is None or v[0] in args.variants.split(";")]
+    by_label = {v[0]: v for v in QUALITY_VARIANTS}
+    variants = QUALITY_VARIANTS if args.variants is None else [by_label[label] for label in args.variants.split(";")]
     common = dict(n_samples=args.samples, batch_size=args.batch_size, device=args.device, seed=0,
                   keep_samples=True, target_range=target_range, precision=args.precisions.split(",")[0])
     print(f"{where}: {len(embeddings)} spots x {args.samples} samples, {truth.shape[1]} genes; same seed and "

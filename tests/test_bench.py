@@ -66,3 +66,12 @@ def test_cohort_bench_prints_the_worker_ratio_and_the_overhead(tmp_path: Path) -
     assert _number(r"ratio slides/hour 2 workers / 1 worker: ([\d.]+)×", out) > 0
     assert _number(r"max \|mean, 2 workers - mean, 1 worker\| = ([\d.e+-]+)", out) < 1e-3  # the same predictions
     assert _number(r"per-slide scheduling overhead: ([\d.]+) ms on Dask", out) > 0
+
+
+def test_sampler_quality_table_smoke() -> None:
+    """``bench_sampler.py --quick``: the --quality table (every sampler vs the long ancestral chain) on a toy model."""
+    out = _run("bench_sampler.py", "--quick", "--device", "cpu", "--threads", "1")
+    assert "| sampler | evals/sample | PCC vs truth |" in out
+    rows = re.findall(r"^\| ([^|]+) \| (\d+) \| ([-\d.]+) \|", out, flags=re.M)
+    samplers = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "ancestral-matched")
+    assert {(label.strip(), int(n)) for label, n, _ in rows} >= {(s, n) for s in samplers for n in (2, 4)}

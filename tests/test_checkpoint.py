@@ -236,3 +236,19 @@ def test_reading_metadata_does_not_import_torch(saved) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == [str(len(GENES)), "False"]
+
+
+def test_the_training_range_round_trips_and_is_checked(tmp_path: Path) -> None:
+    target_range = {"min": [0.0] * 6, "max": [1.0, 2.0, 3.0, 4.0, 5.0, 6.5]}
+    path = save_checkpoint(tmp_path / "ranged", config=TINY, genes=GENES, ema=_model(0), target_range=target_range)
+    assert load_checkpoint(path).target_range == target_range
+    assert load_checkpoint(save_checkpoint(tmp_path / "plain", config=TINY, genes=GENES, ema=_model(0))).target_range is None
+    for bad in ({"min": [0.0] * 5, "max": [1.0] * 5}, {"min": [2.0] * 6, "max": [1.0] * 6},
+                {"min": [0.0] * 6, "max": [float("nan")] * 6}, {"low": [0.0] * 6}):
+        with pytest.raises(CheckpointError, match="target_range"):
+            save_checkpoint(tmp_path / "bad", config=TINY, genes=GENES, ema=_model(0), target_range=bad)
+    config = json.loads((path / "config.json").read_text())
+    config["target_range"]["max"][0] = -1.0  # edited by hand
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="target_range"):
+        load_checkpoint(path)

@@ -214,3 +214,13 @@ def test_torchrun_two_ranks_match_one_process(prepared_synthetic: Path, tmp_path
     # same global batches and noise: the two-rank losses equal the single process's up to float sums
     for ours, theirs in zip(_log(ddp), _log(single), strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-3)
+
+
+def test_fit_records_the_training_targets_range_for_clipping(fitted_synthetic_run: Path, prepared_synthetic: Path) -> None:
+    manifest = PreparedDataset.load(prepared_synthetic)
+    targets = assemble_training_set(manifest, num_aug_ratio=0).targets  # views share their spots' targets
+    for folder in (fitted_synthetic_run / fit.FINAL_CHECKPOINT, fitted_synthetic_run / "checkpoints" / "step_0000400"):
+        recorded = load_checkpoint(folder).target_range
+        np.testing.assert_allclose(recorded["min"], targets.min(axis=0), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(recorded["max"], targets.max(axis=0), rtol=0, atol=1e-6)
+        assert len(recorded["min"]) == len(manifest.genes)

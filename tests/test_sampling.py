@@ -13,7 +13,7 @@ import torch
 from napari_stem.checkpoint import save_checkpoint
 from napari_stem.errors import CheckpointError
 from napari_stem.model import StemConfig, StemModel
-from napari_stem.sampling import Prediction, iter_sample, sample_expression
+from napari_stem.sampling import Prediction, SampleStep, iter_sample, sample_expression
 
 CONFIG = StemConfig(n_genes=10, cond_dim=8, hidden_size=32, depth=2, num_heads=4)
 GENES = [f"GENE{i}" for i in range(10)]
@@ -133,3 +133,44 @@ def test_bf16_precision_runs_close_to_fp32(model, embeddings) -> None:
 def test_importing_the_package_does_not_import_torch() -> None:
     code = "import sys, napari_stem; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++2m-sde", "ancestral-matched"])
+def test_solvers_count_evaluations_as_steps_and_ignore_the_batch_size(model, embeddings, sampler) -> None:
+    events = list(iter_sample(model, embeddings, n_samples=2, steps=3, sampler=sampler, batch_size=4,
+                              step_events=True, keep_samples=True))
+    assert [(e.step, e.n_steps) for e in events if isinstance(e, SampleStep)][:3] == [(1, 3), (2, 3), (3, 3)]
+    calls = []
+    original = model.forward_embedded
+    try:
+        model.forward_embedded = lambda *a, **k: calls.append(1) or original(*a, **k)
+        one_batch = sample_expression(model, embeddings, n_samples=2, steps=3, sampler=sampler, keep_samples=True)
+    finally:
+        del model.forward_embedded
+    assert len(calls) == 3  # one network evaluation per step
+    batched = np.concatenate([e.samples for e in events if not isinstance(e, SampleStep)])
+    np.testing.assert_allclose(batched, one_batch.samples, rtol=1e-5, atol=1e-5)
+    assert np.isfinite(one_batch.samples).all() and one_batch.metadata["sampler"] == sampler
+
+
+def test_clipping_to_the_recorded_range_and_the_reference_without_it(model, embeddings, tmp_path) -> None:
+    """A checkpoint's training range bounds every sample; clip_x0=False is the unclipped reference,
+    bit for bit, as is a checkpoint that records no range."""
+    low, high = [-0.05] * 10, [0.05] * 10
+    ranged = save_checkpoint(tmp_path / "ranged", config=CONFIG, genes=GENES, ema=model,
+                             embedding={"encoder": "toy", "dim": 8}, target_range={"min": low, "max": high})
+    plain = save_checkpoint(tmp_path / "plain", config=CONFIG, genes=GENES, ema=model, embedding={"encoder": "toy", "dim": 8})
+    for sampler in ("ancestral", "ancestral-matched"):  # the reference's loop and the solvers'
+        run = dict(n_samples=3, steps=4, sampler=sampler, keep_samples=True, seed=5)
+        reference = sample_expression(model, embeddings, **run).samples
+        clipped = sample_expression(ranged, embeddings, **run)
+        assert clipped.metadata["clip_x0"] is True
+        assert clipped.samples.min() >= -0.05 and clipped.samples.max() <= 0.05
+        assert reference.min() < -0.05 or reference.max() > 0.05  # the range did something
+        unclipped = sample_expression(ranged, embeddings, clip_x0=False, **run)
+        assert unclipped.metadata["clip_x0"] is False
+        np.testing.assert_array_equal(unclipped.samples, reference)
+        np.testing.assert_array_equal(sample_expression(plain, embeddings, **run).samples, reference)
+        # a range given outright (e.g. for a bare model) clips the same way
+        given = sample_expression(model, embeddings, target_range=(low, high), **run).samples
+        np.testing.assert_array_equal(given, clipped.samples)

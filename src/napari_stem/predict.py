@@ -27,7 +27,10 @@ DEFAULT_SETTINGS = {"cpu": {"n_samples": 4, "steps": 25}, "cuda": {"n_samples": 
 #: The paper's ancestral sampler (respaced) is the default: on the demo models deterministic DDIM
 #: (eta 0) sent ~0.1 % of sample values to log-counts of 20-300 (per-spot variance in the
 #: thousands), lowering the held-out PCC from 0.58 to 0.48 at the same cost; ancestral sampling at
-#: 25-100 steps never did (bench/bench_sampler.py --quality).
+#: 25-100 steps never did (bench/bench_sampler.py --quality). Those blow-ups came from unclipped
+#: x_0 predictions at high noise; checkpoints from stem-train fit now record the training range and
+#: every sampler clips to it (``clip_x0``). The last three are our few-step solvers
+#: (napari_stem.diffusion.SOLVERS): their steps are network evaluations.
 SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "ancestral-matched")
 DEFAULT_SAMPLER = "ancestral"
 

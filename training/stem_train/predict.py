@@ -89,10 +89,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           "(default: the fewest that make --intervals exact, 19 for 0.5,0.9; without intervals 4 on CPU, "
                           "10 on CUDA; the paper: 20). A K that cannot give the intervals exactly is raised to one that can")
     sampling.add_argument("--steps", type=STEPS, default=None, metavar="N",
-                          help="denoising steps out of the 1000 trained (default: 25 on CPU, 50 on CUDA; the paper: 1000)")
+                          help="denoising steps out of the 1000 trained, i.e. network evaluations per sample (default: 25 "
+                          "on CPU, 50 on CUDA; the paper: 1000)")
     sampling.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
-                          help=f"ancestral (the paper's DDPM sampler, respaced to --steps) or ddim (eta 0 = deterministic "
-                               f"per start noise; can diverge on undertrained models) (default: {DEFAULT_SAMPLER})")
+                          help=f"ancestral (the paper's DDPM sampler, respaced to --steps); ddim (eta 0 = deterministic per "
+                               f"start noise); dpm++2m (DPM-Solver++(2M), deterministic, second order); dpm++2m-sde (its "
+                               f"stochastic form); ancestral-matched (ancestral steps whose noise is the learned variance "
+                               f"carried to the big step: keeps the spread at few steps) (default: {DEFAULT_SAMPLER})")
+    sampling.add_argument("--no-clip-x0", dest="clip_x0", action="store_false",
+                          help="do not clip the denoiser's predicted x0 to the per-gene range of the training targets "
+                          "the checkpoint records (the reference's sampling exactly; checkpoints without a range, e.g. "
+                          "imported reference weights, are never clipped)")
     sampling.add_argument("--eta", type=FRACTION, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
     sampling.add_argument("--seed", type=int, default=0, help="random seed; same seed, same samples on any batch size (default: 0)")
     sampling.add_argument("--intervals", default=",".join(f"{level:g}" for level in DEFAULT_LEVELS), metavar="L,L",
@@ -158,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "device": device, "precision": args.precision, "encoder_weights": args.encoder_weights,
         "embed_batch_size": args.batch_size, "num_workers": args.num_workers,
         "sample_batch_size": args.sample_batch_size, "quantiles": (0.5,) if args.median else None,
-        "intervals": levels, "keep_samples": args.keep_samples,
+        "intervals": levels, "keep_samples": args.keep_samples, "clip_x0": args.clip_x0,
     }
     if args.scheduler.distributed:  # one Dask task per slide, each running predict_job below
         from stem_train.cohort import predict_cohort
