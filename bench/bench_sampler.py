@@ -206,6 +206,10 @@ QUALITY_VARIANTS = (
     ("ancestral-matched", "ancestral-matched", {}),
     ("ancestral-matched, 2nd order", "ancestral-matched", {"solver_options": {"second_order": True}}),
     ("ancestral-matched, no clip", "ancestral-matched", {"clip_x0": False}),
+    ("ancestral-matched, quadratic spacing", "ancestral-matched", {"spacing": "quadratic"}),
+    ("ancestral-matched, time spacing", "ancestral-matched", {"spacing": "time"}),
+    ("ancestral-matched, logsnr spacing", "ancestral-matched", {"spacing": "logsnr"}),
+    ("dpm++2m, time spacing", "dpm++2m", {"spacing": "time"}),
 )
 QUALITY_EVALS = (2, 3, 4, 6, 10, 25, 50)
 
@@ -273,7 +277,12 @@ def _toy_quality_data():
 
 
 def quality_row(truth, samples, reference_mean, target_range) -> dict:
-    from napari_stem.metrics import crps_samples, pearson_per_gene, pit_values, rank_interval_coverage
+    from napari_stem.metrics import (
+        crps_samples,
+        pearson_per_gene,
+        pit_values,
+        rank_interval_coverage,
+    )
 
     mean = samples.mean(axis=1)
     pcc = pearson_per_gene(truth, mean)
@@ -292,12 +301,12 @@ def quality_row(truth, samples, reference_mean, target_range) -> dict:
 
 def quality(args) -> None:
     checkpoint, embeddings, truth, target_range, where = quality_data(args)
-    evals = QUALITY_EVALS if not args.quick else (2, 4)
+    evals = tuple(int(n) for n in args.evals.split(",")) if args.evals else QUALITY_EVALS if not args.quick else (2, 4)
     reference_steps = 1000 if not args.quick else 50  # --quick: a smoke test of the table, not a measurement
     by_label = {v[0]: v for v in QUALITY_VARIANTS}
     variants = QUALITY_VARIANTS if args.variants is None else [by_label[label] for label in args.variants.split(";")]
-    common = dict(n_samples=args.samples, batch_size=args.batch_size, device=args.device, seed=0,
-                  keep_samples=True, target_range=target_range, precision=args.precisions.split(",")[0])
+    common = {"n_samples": args.samples, "batch_size": args.batch_size, "device": args.device, "seed": 0,
+              "keep_samples": True, "target_range": target_range, "precision": args.precisions.split(",")[0]}
     print(f"{where}: {len(embeddings)} spots x {args.samples} samples, {truth.shape[1]} genes; same seed and "
           f"start noise everywhere; reference: the 1000-step ancestral chain (unclipped, the paper's)")
     start = time.perf_counter()
@@ -327,7 +336,8 @@ def quality(args) -> None:
     for label, sampler, options in variants:
         for n in evals:
             start = time.perf_counter()
-            run = sample_expression(checkpoint, embeddings, steps=n, sampler=sampler, **{**common, **options})
+            run = sample_expression(checkpoint, embeddings, steps=n, sampler=sampler,
+                                    **{**common, "seed": args.seed, **options})
             row = quality_row(truth, run.samples, ref_mean, target_range)
             line(label, n, row, time.perf_counter() - start)
             if args.meets:
@@ -360,6 +370,8 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="--quality: ';'-separated labels of QUALITY_VARIANTS to run (default: all)")
     parser.add_argument("--reference-cache", default=None,
                         help="--quality: .npy to keep the 1000-step samples in and reuse (same model, spots, samples, seed)")
+    parser.add_argument("--seed", type=int, default=0, help="--quality: seed of the few-step runs (the 1000-step one: 0)")
+    parser.add_argument("--evals", default=None, help="--quality: comma list of network evaluations (default: 2,3,4,6,10,25,50)")
     parser.add_argument("--meets", action="store_true", help="--quality: flag rows meeting the 4-evaluation target")
     parser.add_argument("--batch-size", type=int, default=None, help="spots per batch (for --quality)")
     parser.add_argument("--precisions", default="fp32", help="--quality: the precision to sample in (fp32 or bf16)")

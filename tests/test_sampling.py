@@ -161,7 +161,7 @@ def test_clipping_to_the_recorded_range_and_the_reference_without_it(model, embe
                              embedding={"encoder": "toy", "dim": 8}, target_range={"min": low, "max": high})
     plain = save_checkpoint(tmp_path / "plain", config=CONFIG, genes=GENES, ema=model, embedding={"encoder": "toy", "dim": 8})
     for sampler in ("ancestral", "ancestral-matched"):  # the reference's loop and the solvers'
-        run = dict(n_samples=3, steps=4, sampler=sampler, keep_samples=True, seed=5)
+        run = {"n_samples": 3, "steps": 4, "sampler": sampler, "keep_samples": True, "seed": 5}
         reference = sample_expression(model, embeddings, **run).samples
         clipped = sample_expression(ranged, embeddings, **run)
         assert clipped.metadata["clip_x0"] is True

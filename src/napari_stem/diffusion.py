@@ -102,7 +102,7 @@ def solver_timesteps(n_evals: int, spacing: str = "logsnr", n_steps: int = N_TRA
         points = np.interp(-targets, -log_snr, np.arange(n_steps, dtype=np.float64))
     else:
         raise ValueError(f"spacing must be 'time', 'quadratic' or 'logsnr', got {spacing!r}")
-    kept = [int(round(p)) for p in points]
+    kept = [round(float(p)) for p in points]
     kept[0], kept[-1] = 0, n_steps - 1
     for k in range(1, len(kept) - 1):  # strictly increasing, the ends fixed
         kept[k] = max(kept[k], kept[k - 1] + 1)

@@ -19,14 +19,23 @@ import torch
 
 from napari_stem.allocator import keep_tensor_buffers_in_heap
 from napari_stem.checkpoint import StemCheckpoint, check_compatible, load_checkpoint
-from napari_stem.diffusion import N_TRAIN_STEPS, SOLVERS, GaussianDiffusion, create_diffusion, solver_timesteps
+from napari_stem.diffusion import (
+    N_TRAIN_STEPS,
+    SOLVERS,
+    GaussianDiffusion,
+    create_diffusion,
+    solver_timesteps,
+)
 from napari_stem.intervals import IntervalSpec, plan_intervals
 from napari_stem.model import StemModel
 from napari_stem.precision import autocast, resolve_precision
 from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
 
 ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # spots x samples per forward, by default
-SOLVER_SPACING = "logsnr"  # the solvers' timesteps for an integer ``steps`` (diffusion.solver_timesteps)
+#: Each solver's timesteps for an integer ``steps`` (diffusion.solver_timesteps), chosen with
+#: bench/bench_sampler.py --quality: the ODE solvers need logSNR spacing to be accurate; the
+#: moment-matched steps are exact whatever the spacing and calibrate best uniform in t.
+SOLVER_SPACING = {"dpm++2m": "logsnr", "dpm++2m-sde": "logsnr", "ancestral-matched": "time"}
 VARIANCE_DDOF = 1  # unbiased sample variance over the K samples of a spot
 
 
@@ -147,7 +156,7 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     :class:`SampleStep` after every denoising step of a batch (same numbers either way).
 
     "dpm++2m" / "dpm++2m-sde" (:data:`napari_stem.diffusion.SOLVERS`): an int ``steps`` is the
-    number of network evaluations, at ``spacing`` ("logsnr" by default, see
+    number of network evaluations, at ``spacing`` (default :data:`SOLVER_SPACING`, see
     :func:`napari_stem.diffusion.solver_timesteps`); a respacing string keeps its steps and
     evaluates at all but t = 0. ``solver_options``: keywords of
     :meth:`napari_stem.diffusion.GaussianDiffusion.dpm_step` (``variance``, ``second_order``).
@@ -214,7 +223,7 @@ def build_diffusion(steps: int | str, sampler: str, spacing: str | None = None) 
     if sampler in SOLVERS and str(steps).isdigit():
         if not 1 <= int(steps) < N_TRAIN_STEPS:
             raise ValueError(f"the {sampler} solver takes 1 to {N_TRAIN_STEPS - 1} steps, got {steps}")
-        return GaussianDiffusion(timesteps=solver_timesteps(int(steps), spacing or SOLVER_SPACING))
+        return GaussianDiffusion(timesteps=solver_timesteps(int(steps), spacing or SOLVER_SPACING[sampler]))
     return create_diffusion(str(steps))
 
 
@@ -315,6 +324,7 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         intervals=gather("intervals", axis=2),
         metadata={
             "n_samples": n_samples, "steps": steps, "sampler": sampler, "eta": eta, "seed": seed,
+            **({"spacing": spacing or SOLVER_SPACING[sampler]} if sampler in SOLVERS else {}),
             "clip_x0": bool(clip_x0 and (target_range is not None
                                          or (checkpoint is not None and checkpoint.target_range is not None))),
             "variance_ddof": VARIANCE_DDOF, "device": str(device), "precision": precision,
