@@ -485,3 +485,17 @@ def test_hub_checkpoint_is_fetched_off_the_gui_thread(open_widget, qtbot, errors
     assert errors == [] and len(viewer.layers["GA mean"].data) == 5
     assert str(known_models.recent_checkpoints()[0]) == "hf-hub:lab/stem-tiny@v1"  # remembered as typed
     assert ("hf-hub:lab/stem-tiny@v1", "hf-hub:lab/stem-tiny@v1") in known_models.choices()
+
+
+def test_preview_cost_estimate_does_not_import_torch() -> None:
+    """The preview's estimate runs on the GUI thread at every change: importing torch there (the
+    first time a checkpoint is chosen) froze napari for seconds."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom napari_stem.preview import describe_cost, estimate_seconds\n"
+              "print(describe_cost(70, estimate_seconds(70, 19, 25, 'auto', 'efficientnet_lite0'), 'auto'))\n"
+              "assert 'torch' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("~70 spots · ~")

@@ -79,14 +79,16 @@ def grid_over_tissue(path: str | Path, mpp: float, pitch_um: float, diameter_um:
 
 # ---------------------------------------------------------------------- cost
 def _device_type(device: str) -> str:
+    """"cuda" or "cpu". For "auto", torch is asked only when already loaded: importing it for an
+    estimate would freeze the GUI for seconds (3 s on 2 busy cores); until then an NVIDIA driver
+    on the machine stands for a usable GPU."""
     if str(device) == "auto":
-        import importlib.util
+        import sys
 
-        if importlib.util.find_spec("torch") is not None:
-            import torch
-
+        torch = sys.modules.get("torch")
+        if torch is not None and hasattr(torch, "cuda"):
             return "cuda" if torch.cuda.is_available() else "cpu"
-        return "cpu"
+        return "cuda" if Path("/proc/driver/nvidia/version").exists() else "cpu"
     return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
