@@ -207,7 +207,6 @@ QUALITY_VARIANTS = (
     ("ancestral-matched, 2nd order", "ancestral-matched", {"solver_options": {"second_order": True}}),
     ("ancestral-matched, no clip", "ancestral-matched", {"clip_x0": False}),
     ("ancestral-matched, quadratic spacing", "ancestral-matched", {"spacing": "quadratic"}),
-    ("ancestral-matched, time spacing", "ancestral-matched", {"spacing": "time"}),
     ("ancestral-matched, logsnr spacing", "ancestral-matched", {"spacing": "logsnr"}),
     ("dpm++2m, time spacing", "dpm++2m", {"spacing": "time"}),
 )

@@ -9,9 +9,10 @@ log-counts but part of the loss the released models were trained with.
 
 Respacing (``space_timesteps``) keeps a subset of the T steps; the model always sees the original
 timestep. The reference's samplers (ancestral and DDIM) run over any respaced schedule, unclipped
-unless given an ``x0_range``. Two multistep solvers of our own, DPM-Solver++(2M) (Lu et al. 2022)
-and its SDE form, reach the same marginals in far fewer network evaluations; see
-:meth:`GaussianDiffusion.dpm_step`.
+unless given an ``x0_range``. For few network evaluations, our own :data:`SOLVERS` (written from
+the papers): DPM-Solver++(2M) and its SDE form (Lu et al. 2022), and an ancestral step whose noise
+is the learned variance carried to the big step (moment matching, as in Bao et al.'s Analytic-DPM);
+see :meth:`GaussianDiffusion.dpm_step`.
 
 ``x0_range`` (lo, hi), broadcastable to x: the predicted x_0 is clipped to it before every update
 (DiT's ``clip_denoised`` with the data's own support instead of [-1, 1]). At high noise the eps

@@ -155,7 +155,8 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     Yields one :class:`SampleBatch` per batch; stop iterating to cancel. ``step_events`` adds a
     :class:`SampleStep` after every denoising step of a batch (same numbers either way).
 
-    "dpm++2m" / "dpm++2m-sde" (:data:`napari_stem.diffusion.SOLVERS`): an int ``steps`` is the
+    "dpm++2m", "dpm++2m-sde", "ancestral-matched" (:data:`napari_stem.diffusion.SOLVERS`, the
+    last one the few-step choice: its noise keeps the spread at 3-4 steps): an int ``steps`` is the
     number of network evaluations, at ``spacing`` (default :data:`SOLVER_SPACING`, see
     :func:`napari_stem.diffusion.solver_timesteps`); a respacing string keeps its steps and
     evaluates at all but t = 0. ``solver_options``: keywords of
