@@ -142,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
             "interval ends (q05-q95 of 8 samples covers ~0.65 of the truth, not 0.90). Use --intervals 0.5,0.9 "
             "(exact order-statistic intervals, layers lo50/hi50 and lo90/hi90) and --median for the median."
         )
+    if args.sampler not in ("ancestral", "ddim") and args.steps is not None and args.steps >= 1000:
+        raise StemError(f"--sampler {args.sampler} stops at t = 0 without evaluating there: it takes at most 999 --steps, "
+                        f"not {args.steps} (the full 1000-step chain is --sampler ancestral --steps 1000).")
     levels = parse_levels(args.intervals, "--intervals")
     jobs = plan_jobs(args.input, args.out, spots_path=args.spots, sample_ids=_split_ids(args.sample_ids), mpp=args.mpp,
                      suffix=".zarr" if getattr(args, "format", "h5ad") == "spatialdata" else ".h5ad")
