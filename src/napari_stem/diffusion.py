@@ -356,7 +356,8 @@ class GaussianDiffusion:
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         eps, var_values = self._call_model(model, x, t, model_kwargs)
         x0 = self._clip(self._predict_xstart_from_eps(x, t, eps), x0_range)
-        alpha_t, sigma_t, sigma_s = self._alpha64[i - 1], self._sigma64[i - 1], self._sigma64[i]
+        # Python floats: exact scalars on any device, no numpy-tensor arithmetic
+        alpha_t, sigma_t, sigma_s = float(self._alpha64[i - 1]), float(self._sigma64[i - 1]), float(self._sigma64[i])
         h = float(self._lambda64[i - 1] - self._lambda64[i])
         use_history = history is not None and second_order
         if not stochastic:
@@ -384,8 +385,8 @@ class GaussianDiffusion:
             one = self._one_step64
             frac = (var_values + 1) / 2
             # (one-step variance - its posterior variance) / coef1^2, without cancellation
-            x0_variance = (one["posterior_variance"][i] / one["coef1_sq"][i]) * torch.expm1(frac * one["log_ratio"][i])
-            return self._posterior_variance64[i] + self._coef1_sq64[i] * x0_variance.clamp(min=0)
+            x0_variance = float(one["posterior_variance"][i] / one["coef1_sq"][i]) * torch.expm1(frac * float(one["log_ratio"][i]))
+            return float(self._posterior_variance64[i]) + float(self._coef1_sq64[i]) * x0_variance.clamp(min=0)
         raise ValueError(f"variance must be 'posterior', 'learned' or 'matched', got {variance!r}")
 
     def n_loop_steps(self, sampler: str) -> int:
