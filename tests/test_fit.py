@@ -224,3 +224,21 @@ def test_fit_records_the_training_targets_range_for_clipping(fitted_synthetic_ru
         np.testing.assert_allclose(recorded["min"], targets.min(axis=0), rtol=0, atol=1e-6)
         np.testing.assert_allclose(recorded["max"], targets.max(axis=0), rtol=0, atol=1e-6)
         assert len(recorded["min"]) == len(manifest.genes)
+
+
+def test_training_options_left_unset_come_from_the_preset() -> None:
+    import argparse
+
+    from napari_stem.model_config import TRAINING_DEFAULTS
+
+    parser = argparse.ArgumentParser()
+    fit.add_parser(parser.add_subparsers())
+    for preset, expected in TRAINING_DEFAULTS.items():
+        args = parser.parse_args(["fit", "prep", "--out", "run", "--preset", preset])
+        fit.apply_preset_defaults(args)
+        assert {name: getattr(args, name) for name in expected} == expected
+    # An option given on the command line wins over the preset.
+    args = parser.parse_args(["fit", "prep", "--out", "run", "--preset", "stem-small", "--lr", "3e-4", "--num-aug-ratio", "0"])
+    fit.apply_preset_defaults(args)
+    assert (args.lr, args.num_aug_ratio, args.ema_decay) == (3e-4, 0, TRAINING_DEFAULTS["stem-small"]["ema_decay"])
+    assert TRAINING_DEFAULTS["stem-small"] != TRAINING_DEFAULTS["stem-reference"]

@@ -30,6 +30,7 @@ import numpy as np
 
 from napari_stem.atomic import replace_atomically, write_text_atomically
 from napari_stem.errors import CheckpointError, StemError, describe_path
+from napari_stem.model_config import PRESETS, TRAINING_DEFAULTS
 from napari_stem.validate import (
     AUGMENTATION_RATIO,
     BATCH_SIZE,
@@ -64,7 +65,6 @@ class TrainingError(StemError):
 # ---------------------------------------------------------------------- command line
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from napari_stem.metrics import TRAINING_TARGET_TRANSFORMS
-    from napari_stem.model_config import PRESETS
 
     parser = subparsers.add_parser(
         "fit",
@@ -98,11 +98,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     train = parser.add_argument_group("training")
     train.add_argument("--max-steps", type=POSITIVE_INT, default=1000, help="optimiser steps to train in total, counting resumed ones (default: 1000)")
     train.add_argument("--global-batch-size", type=BATCH_SIZE, default=256, help="rows per step summed over all ranks; must divide by the number of ranks (default: 256)")
-    train.add_argument("--lr", type=LEARNING_RATE, default=1e-4, help="AdamW learning rate, constant (default: 1e-4)")
+    train.add_argument("--lr", type=LEARNING_RATE, default=None, help=f"AdamW learning rate, constant (default: the preset's: {_preset_defaults('lr')})")
     train.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0, help="AdamW weight decay (default: 0)")
-    train.add_argument("--ema-decay", type=FRACTION, default=0.9999, help="decay of the weight average that is saved for sampling (default: 0.9999; use ~0.99 for runs of a few hundred steps)")
+    train.add_argument("--ema-decay", type=FRACTION, default=None, help=f"decay of the weight average that is saved for sampling (default: the preset's: {_preset_defaults('ema_decay')}; use ~0.98 for runs of a few hundred steps)")
     train.add_argument("--grad-clip", type=_grad_clip, default=None, metavar="none|NORM", help="clip the gradient's global norm to NORM (default: none, as the reference)")
-    train.add_argument("--num-aug-ratio", type=AUGMENTATION_RATIO, default=7, help="augmented views (0..7) used per training spot besides the original, drawn once per run (default: 7, all)")
+    train.add_argument("--num-aug-ratio", type=AUGMENTATION_RATIO, default=None, help=f"augmented views (0..7) used per training spot besides the original, drawn once per run (default: the preset's: {_preset_defaults('num_aug_ratio')}; needs views: prepare without --no-augment)")
     train.add_argument("--target-transform", choices=sorted(TRAINING_TARGET_TRANSFORMS), default="log2p1", help="count → target: log2p1 = log2(1+x) (the reference's) or log1p = ln(1+x) (default: log2p1)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the augmentation draw, the batch order and the noise (default: 0)")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on CUDA, fp32 elsewhere (default: auto)")
@@ -131,9 +131,21 @@ def _grad_clip(text: str) -> float | None:
     return value
 
 
+def _preset_defaults(option: str) -> str:
+    return ", ".join(f"{value:g} for {preset}" for preset, values in TRAINING_DEFAULTS.items() for name, value in values.items() if name == option)
+
+
+def apply_preset_defaults(args: argparse.Namespace) -> None:
+    """Fill the training options left unset from the preset's :data:`TRAINING_DEFAULTS`."""
+    for name, value in TRAINING_DEFAULTS[args.preset].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
 def run(args: argparse.Namespace) -> int:
     from stem_train import distributed
 
+    apply_preset_defaults(args)
     _check_args(args)
     try:
         ctx = distributed.setup(args.device)
