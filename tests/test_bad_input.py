@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference_fixture import COND_DIM, N_GENES, NUM_HEADS
+from reference_fixture import REFERENCE_DIR as REFERENCE
 from tiny_models import save_tiny_checkpoint
 
 from stem_train.cli import main
 
-REFERENCE = Path(__file__).parent / "data" / "stem_reference"
 
 
 # ---------------------------------------------------------------------- helpers
@@ -117,12 +118,11 @@ def test_predict_cache_never_replaces_prepared_training_embeddings(prepared_synt
 def test_import_reference_overwrite_replaces_only_its_own_checkpoints(tmp_path, capsys, monkeypatch) -> None:
     import napari_stem.encoders as encoders
 
-    n_genes = json.loads((REFERENCE / "config.json").read_text())["reference_constructor_args"]["input_size"]
-    cond_dim = json.loads((REFERENCE / "config.json").read_text())["reference_constructor_args"]["label_size"]
+    n_genes, cond_dim = N_GENES, COND_DIM
     monkeypatch.setattr(encoders, "get_encoder_spec", lambda name: type("Spec", (), {"dim": cond_dim})())
     gene_list = tmp_path / "genes.txt"
     gene_list.write_text("\n".join(f"G{i}" for i in range(n_genes)))
-    args = ["import-reference", REFERENCE / "0000100.pt", "--genes", gene_list, "--num-heads", "4", "--encoder", "tiny", "--overwrite"]
+    args = ["import-reference", REFERENCE / "0000100.pt", "--genes", gene_list, "--num-heads", str(NUM_HEADS), "--encoder", "tiny", "--overwrite"]
 
     notes = tmp_path / "notes"
     notes.mkdir()

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from reference_fixture import COND_DIM, N_GENES, NUM_HEADS, REFERENCE_ARGS, write_gene_list
+from reference_fixture import REFERENCE_PT as FIXTURE_PT
 
 import napari_stem.checkpoint as ckpt
 from napari_stem.checkpoint import (
@@ -21,7 +23,6 @@ from napari_stem.checkpoint import (
 from napari_stem.errors import CheckpointError
 from napari_stem.model import StemConfig, StemModel
 
-FIXTURE_PT = Path(__file__).parent / "data" / "stem_reference" / "0000100.pt"
 TINY = StemConfig(n_genes=6, cond_dim=4, hidden_size=16, depth=1, num_heads=2)
 GENES = ["ACTB", "GAPDH", "CD74", "KRT8", "EPCAM", "VIM"]
 EMBEDDING = {"encoder": "uni+conch", "dim": 4, "patch_mode": "stem-native", "patch_size_um": 112.0}
@@ -46,9 +47,7 @@ def saved(tmp_path: Path) -> tuple[Path, StemModel, StemModel]:
 
 @pytest.fixture
 def gene_file(tmp_path: Path) -> Path:
-    path = tmp_path / "selected_gene_list.txt"
-    path.write_text("\n".join(f"G{i}" for i in range(40)) + "\n\n")
-    return path
+    return write_gene_list(tmp_path / "selected_gene_list.txt", trailer="\n\n")
 
 
 def test_round_trip_restores_weights_genes_and_specs(saved) -> None:
@@ -164,16 +163,18 @@ def test_missing_and_malformed_checkpoints(tmp_path: Path, saved) -> None:
 
 
 def test_import_reference_checkpoint_infers_the_architecture(tmp_path: Path, gene_file: Path) -> None:
-    imported = import_reference_checkpoint(FIXTURE_PT, gene_file, num_heads=4, out_path=tmp_path / "imported",
-                                           embedding={"encoder": "random", "dim": 64})
-    assert imported.config == StemConfig(n_genes=40, cond_dim=64, hidden_size=96, depth=2, num_heads=4, mlp_ratio=4.0)
-    assert imported.genes == [f"G{i}" for i in range(40)] and not imported.model.training
+    imported = import_reference_checkpoint(FIXTURE_PT, gene_file, num_heads=NUM_HEADS, out_path=tmp_path / "imported",
+                                           embedding={"encoder": "random", "dim": COND_DIM})
+    assert imported.config == StemConfig(n_genes=N_GENES, cond_dim=COND_DIM, hidden_size=REFERENCE_ARGS["hidden_size"],
+                                         depth=REFERENCE_ARGS["depth"], num_heads=NUM_HEADS,
+                                         mlp_ratio=REFERENCE_ARGS["mlp_ratio"])
+    assert imported.genes == [f"G{i}" for i in range(N_GENES)] and not imported.model.training
     reference = torch.load(FIXTURE_PT, weights_only=True)
     ours = reference_to_ours(reference["ema"])
     assert all(torch.equal(imported.model.state_dict()[k], v) for k, v in ours.items())
-    loaded = load_checkpoint(tmp_path / "imported", expected_genes=imported.genes, expected_cond_dim=64)
+    loaded = load_checkpoint(tmp_path / "imported", expected_genes=imported.genes, expected_cond_dim=COND_DIM)
     assert loaded.provenance["steps"] == 100 and loaded.provenance["source"] == "reference-import"
-    assert loaded.embedding == {"encoder": "random", "dim": 64}
+    assert loaded.embedding == {"encoder": "random", "dim": COND_DIM}
     raw = load_checkpoint(tmp_path / "imported", weights="model").model.state_dict()
     assert all(torch.equal(raw[k], v) for k, v in reference_to_ours(reference["model"]).items())
 
@@ -184,9 +185,9 @@ def test_import_uses_weights_only_and_accepts_converted_state_dicts(tmp_path, ge
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
-    imported = import_reference_checkpoint(converted, gene_file, num_heads=4)
+    imported = import_reference_checkpoint(converted, gene_file, num_heads=NUM_HEADS)
     assert calls and all(call.get("weights_only") is True for call in calls)
-    assert imported.config.n_genes == 40 and imported.provenance["steps"] is None
+    assert imported.config.n_genes == N_GENES and imported.provenance["steps"] is None
 
 
 def test_full_model_pickles_are_refused_with_a_conversion_recipe(tmp_path: Path, gene_file: Path) -> None:
@@ -202,11 +203,10 @@ def test_full_model_pickles_are_refused_with_a_conversion_recipe(tmp_path: Path,
 
 
 def test_import_errors_name_the_files(tmp_path: Path, gene_file: Path) -> None:
-    short = tmp_path / "genes39.txt"
-    short.write_text("\n".join(f"G{i}" for i in range(39)))
+    short = write_gene_list(tmp_path / "genes_short.txt", n_genes=N_GENES - 1, trailer="")
     with pytest.raises(CheckpointError) as err:
-        import_reference_checkpoint(FIXTURE_PT, short, num_heads=4)
-    assert "has 39 genes" in str(err.value) and "trained on 40" in str(err.value)
+        import_reference_checkpoint(FIXTURE_PT, short, num_heads=NUM_HEADS)
+    assert f"has {N_GENES - 1} genes" in str(err.value) and f"trained on {N_GENES}" in str(err.value)
     assert str(short) in str(err.value) and str(FIXTURE_PT) in str(err.value)
     with pytest.raises(CheckpointError, match="pass num_heads"):
         import_reference_checkpoint(FIXTURE_PT, gene_file)
@@ -220,7 +220,6 @@ def test_import_errors_name_the_files(tmp_path: Path, gene_file: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, wrong)
     with pytest.raises(CheckpointError, match="neither 'ema'/'model'"):
         import_reference_checkpoint(wrong, gene_file)
-    assert json.loads((Path(__file__).parent / "data" / "stem_reference" / "config.json").read_text())
 
 
 def test_reading_metadata_does_not_import_torch(saved) -> None:

@@ -8,16 +8,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from reference_fixture import COND_DIM, N_GENES, NUM_HEADS, REFERENCE_CASES, write_gene_list
+from reference_fixture import REFERENCE_PT as FIXTURE
 from stem_train.cli import main
-
-FIXTURE = Path(__file__).parent / "data" / "stem_reference" / "0000100.pt"
 
 
 @pytest.fixture
 def gene_list(tmp_path: Path) -> Path:
-    path = tmp_path / "selected_gene_list.txt"
-    path.write_text("\n".join(f"GENE{i}" for i in range(40)) + "\n")
-    return path
+    return write_gene_list(tmp_path / "selected_gene_list.txt", prefix="GENE")
 
 
 def test_import_writes_a_checkpoint_the_sampler_uses(tmp_path: Path, gene_list: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,25 +23,25 @@ def test_import_writes_a_checkpoint_the_sampler_uses(tmp_path: Path, gene_list: 
     from napari_stem.checkpoint import load_checkpoint
     from napari_stem.sampling import sample_expression
 
-    # the fixture's tiny model has a 64-d condition; stand in an encoder of that width
-    monkeypatch.setattr(encoders, "get_encoder_spec", lambda name: SimpleNamespace(dim=64))
+    # the fixture's tiny model has a COND_DIM-d condition; stand in an encoder of that width
+    monkeypatch.setattr(encoders, "get_encoder_spec", lambda name: SimpleNamespace(dim=COND_DIM))
     out = tmp_path / "converted"
-    assert main(["import-reference", str(FIXTURE), "--genes", str(gene_list), "--out", str(out), "--num-heads", "4",
+    assert main(["import-reference", str(FIXTURE), "--genes", str(gene_list), "--out", str(out), "--num-heads", str(NUM_HEADS),
                  "--encoder", "tiny64"]) == 0
     loaded = load_checkpoint(out)
-    assert loaded.genes[:2] == ["GENE0", "GENE1"] and loaded.config.cond_dim == 64
+    assert loaded.genes[:2] == ["GENE0", "GENE1"] and loaded.config.cond_dim == COND_DIM
     assert loaded.embedding["encoder"] == "tiny64" and loaded.embedding["patch"]["mode"] == "stem-native"
-    cases = np.load(Path(__file__).parent / "data" / "stem_reference" / "cases.npz")
+    cases = np.load(REFERENCE_CASES)
     prediction = sample_expression(loaded, cases["y"][:2], n_samples=2, steps=3, device="cpu")
-    assert prediction.mean.shape == (2, 40)
+    assert prediction.mean.shape == (2, N_GENES)
 
 
 def test_import_refuses_a_mismatched_encoder_and_gene_list(tmp_path: Path, gene_list: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["import-reference", str(FIXTURE), "--genes", str(gene_list), "--out", str(tmp_path / "x"),
-                 "--num-heads", "4"]) == 2
-    assert "64-d" in capsys.readouterr().err and not (tmp_path / "x").exists()
+                 "--num-heads", str(NUM_HEADS)]) == 2
+    assert f"{COND_DIM}-d" in capsys.readouterr().err and not (tmp_path / "x").exists()
     short = tmp_path / "short.txt"
     short.write_text("A\nB\n")
-    assert main(["import-reference", str(FIXTURE), "--genes", str(short), "--out", str(tmp_path / "y"), "--num-heads", "4"]) == 2
+    assert main(["import-reference", str(FIXTURE), "--genes", str(short), "--out", str(tmp_path / "y"), "--num-heads", str(NUM_HEADS)]) == 2
     error = capsys.readouterr().err
-    assert "short.txt" in error and "40" in error
+    assert "short.txt" in error and str(N_GENES) in error

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from reference_fixture import NUM_HEADS, write_gene_list
+from reference_fixture import REFERENCE_DIR as FIXTURE
+
 from napari_stem.checkpoint import import_reference_checkpoint
 from napari_stem.diffusion import create_diffusion, linear_betas, space_timesteps
-
-FIXTURE = Path(__file__).parent / "data" / "stem_reference"
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The reference-written checkpoint, imported, and its recorded inputs and outputs."""
-    genes = tmp_path_factory.mktemp("genes") / "selected_gene_list.txt"
-    genes.write_text("\n".join(f"G{i}" for i in range(40)) + "\n")
-    checkpoint = import_reference_checkpoint(FIXTURE / "0000100.pt", genes, num_heads=4)
+    genes = write_gene_list(tmp_path_factory.mktemp("genes") / "selected_gene_list.txt")
+    checkpoint = import_reference_checkpoint(FIXTURE / "0000100.pt", genes, num_heads=NUM_HEADS)
     cases = dict(np.load(FIXTURE / "cases.npz"))
     tensors = {k: torch.from_numpy(cases[k]) for k in ("x0", "t", "y", "noise", "xT")}
     return checkpoint.model, cases, tensors
