@@ -115,7 +115,7 @@ class PredictionResult:
     """The results of one job, filled batch by batch (rows of NaN are spots not sampled yet)."""
 
     job: PredictJob
-    prediction: Any  # napari_stem.sampling.Prediction; its arrays are filled in place
+    prediction: Any  # napari_stem.values.Prediction; its arrays are filled in place
     done: int = 0
     status: str = "running"  # running, done, cancelled
     from_cache: bool = False
@@ -471,7 +471,7 @@ class PredictController:
         """The result buffers, made at the first sampled batch (so nothing exists while embedding)."""
         if self.result is None:
             from napari_stem.intervals import plan_intervals
-            from napari_stem.sampling import Prediction
+            from napari_stem.values import Prediction
 
             job = self.job
             n_genes = len(job.genes)

@@ -1,7 +1,7 @@
 """What prediction layers show, changed in place: the gene, the uncertainty kind, the colorbar label.
 
 A prediction layer (``metadata['napari_stem'] == 'prediction'``, made by :mod:`napari_stem.layers`)
-keeps its :class:`~napari_stem.sampling.Prediction` and spots, so switching the gene or between sd
+keeps its :class:`~napari_stem.values.Prediction` and spots, so switching the gene or between sd
 and variance only rebuilds its small feature table. Used by the widget for its own and for
 re-opened layers, and by the reader's layers as soon as they are in a viewer. No Qt import.
 """

@@ -1,6 +1,6 @@
 """npe2 writers: napari-stem prediction layers → ``.h5ad`` (as ``stem-train predict`` writes) or ``.csv``.
 
-The prediction layers (``<gene> mean``, ``<gene> sd`` …) carry the :class:`~napari_stem.sampling.Prediction` and
+The prediction layers (``<gene> mean``, ``<gene> sd`` …) carry the :class:`~napari_stem.values.Prediction` and
 :class:`~napari_stem.spots.Spots` behind them in their metadata, so the ``.h5ad`` goes through
 :func:`napari_stem.anndata_io.write_prediction`: one code path with the CLI. Only spots still in
 the layer and already predicted (not NaN, e.g. after a cancelled run) are written. Both writes are

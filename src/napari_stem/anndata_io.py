@@ -59,7 +59,7 @@ def read_interval_specs(adata: Any) -> tuple[IntervalSpec, ...]:
 
 
 def prediction_to_anndata(prediction: Any, spots: Spots, slide: Any = None, thumbnail_max_size: int = 1000) -> Any:
-    """An AnnData of a :class:`~napari_stem.sampling.Prediction` for ``spots`` (same order)."""
+    """An AnnData of a :class:`~napari_stem.values.Prediction` for ``spots`` (same order)."""
     import anndata
     import pandas as pd
 
@@ -144,9 +144,9 @@ def read_prediction(path: str | Path) -> tuple[Any, Spots]:
 
 
 def prediction_from_anndata(adata: Any) -> Any:
-    """The :class:`~napari_stem.sampling.Prediction` a prediction table holds (mean, variance,
+    """The :class:`~napari_stem.values.Prediction` a prediction table holds (mean, variance,
     quantile and interval layers, provenance); shared by the ``.h5ad`` and SpatialData readers."""
-    from napari_stem.sampling import Prediction
+    from napari_stem.values import Prediction
 
     provenance = json.loads(adata.uns["napari_stem"]["provenance_json"])
     quantile_layers = _quantile_layers(adata.layers)

@@ -257,7 +257,7 @@ def prediction_layer_data(
 
     Named ``"<prefix><gene> <kind><suffix>"``. Features hold the displayed gene's values (see
     :func:`prediction_features`); switching genes rebuilds them from the
-    :class:`~napari_stem.sampling.Prediction` and :class:`Spots` kept in the metadata (no
+    :class:`~napari_stem.values.Prediction` and :class:`Spots` kept in the metadata (no
     recomputation), which is also what the writer exports, exactly as ``stem-train predict``.
     ``frame`` defaults to the slide's µm frame; ``shown`` hides spots not predicted yet (NaN).
     """

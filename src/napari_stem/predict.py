@@ -18,6 +18,7 @@ import numpy as np
 from napari_stem.errors import CheckpointError, describe_path
 from napari_stem.precision import resolve_precision
 from napari_stem.validate import check_batch_size, check_samples, check_spots, check_steps
+from napari_stem.values import Prediction, SampleBatch, SampleStep
 
 if TYPE_CHECKING:
     from napari_stem.spots import Spots
@@ -40,7 +41,7 @@ class PredictEvent:
     """Progress of a prediction run.
 
     ``stage`` is ``"embed"`` (patches → embeddings), ``"step"`` (one denoising step of a batch,
-    with ``step_events``; ``batch`` is a :class:`~napari_stem.sampling.SampleStep`), ``"sample"``
+    with ``step_events``; ``batch`` is a :class:`~napari_stem.values.SampleStep`), ``"sample"``
     (diffusion sampling; ``batch`` holds the finished spots' mean/variance) or ``"done"``
     (``prediction`` is set). ``done``/``total`` count spots within the stage. ``metadata`` is the
     run's provenance (the final prediction's), on sampling events, so partial results carry it too.
@@ -49,8 +50,8 @@ class PredictEvent:
     stage: str
     done: int
     total: int
-    batch: Any = None  # napari_stem.sampling.SampleBatch while sampling
-    prediction: Any = None  # napari_stem.sampling.Prediction when done
+    batch: SampleBatch | SampleStep | None = None  # while sampling
+    prediction: Prediction | None = None  # when done
     from_cache: bool = False
     metadata: dict | None = None
 
@@ -121,7 +122,7 @@ def iter_predict(
     """
     from napari_stem.checkpoint import load_checkpoint
     from napari_stem.intervals import plan_intervals, samples_for_levels
-    from napari_stem.sampling import Prediction, SampleStep, iter_sample, resolve_device
+    from napari_stem.sampling import iter_sample, resolve_device
 
     # Arguments first: a mistake is refused before any model is loaded.
     if n_samples is not None:
@@ -262,8 +263,8 @@ def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_
     return out
 
 
-def predict(slide_path: str | Path, spots: Spots, checkpoint: Any, **options: Any) -> Any:
-    """Run :func:`iter_predict` to the end and return its :class:`~napari_stem.sampling.Prediction`."""
+def predict(slide_path: str | Path, spots: Spots, checkpoint: Any, **options: Any) -> Prediction | None:
+    """Run :func:`iter_predict` to the end and return its :class:`~napari_stem.values.Prediction`."""
     prediction = None
     for event in iter_predict(slide_path, spots, checkpoint, **options):
         if event.stage == "done":

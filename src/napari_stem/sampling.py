@@ -9,9 +9,7 @@ batch size or device. The model's condition MLP runs once per batch, not once pe
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from napari_stem.intervals import IntervalSpec, plan_intervals
 from napari_stem.model import StemModel
 from napari_stem.precision import autocast, resolve_precision
 from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
+from napari_stem.values import Prediction, SampleBatch, SampleStep  # re-exported: their old home
 
 ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # spots x samples per forward, by default
 #: Each solver's timesteps for an integer ``steps`` (diffusion.solver_timesteps), chosen with
@@ -37,66 +36,6 @@ ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # spots x samples per forward, by d
 #: moment-matched steps are exact whatever the spacing and calibrate best uniform in t.
 SOLVER_SPACING = {"dpm++2m": "logsnr", "dpm++2m-sde": "logsnr", "ancestral-matched": "time"}
 VARIANCE_DDOF = 1  # unbiased sample variance over the K samples of a spot
-
-
-@dataclass
-class SampleBatch:
-    """Progress event: results for spots [start, stop) once their batch has finished."""
-
-    start: int
-    stop: int
-    total_spots: int
-    mean: np.ndarray  # (stop - start, G)
-    variance: np.ndarray  # (stop - start, G), ddof = VARIANCE_DDOF
-    samples: np.ndarray | None = None  # (stop - start, K, G) with keep_samples
-    quantiles: np.ndarray | None = None  # (Q, stop - start, G) with quantiles
-    intervals: np.ndarray | None = None  # (I, 2, stop - start, G): lower, upper of each interval
-
-    @property
-    def done_spots(self) -> int:
-        return self.stop
-
-
-@dataclass
-class SampleStep:
-    """Progress event inside a batch (``step_events=True``): ``step`` of ``n_steps`` denoising
-    steps done for spots [start, stop). Lets a GUI move its bar and cancel between steps."""
-
-    start: int
-    stop: int
-    total_spots: int
-    step: int
-    n_steps: int
-
-
-@dataclass
-class Prediction:
-    """Per-spot predictive mean and variance in the model's target space (e.g. log2(1 + count))."""
-
-    mean: np.ndarray  # (n_spots, G) float32
-    variance: np.ndarray  # (n_spots, G): sample variance, ddof 1; NaN when n_samples == 1
-    genes: list[str]
-    samples: np.ndarray | None = None  # (n_spots, K, G)
-    quantile_levels: tuple[float, ...] | None = None  # interpolated quantiles (e.g. the median)
-    quantiles: np.ndarray | None = None  # (len(quantile_levels), n_spots, G)
-    interval_specs: tuple[IntervalSpec, ...] = ()  # order-statistic intervals, narrowest first
-    intervals: np.ndarray | None = None  # (len(interval_specs), 2, n_spots, G): lower, upper
-    metadata: dict = field(default_factory=dict)
-
-    def subset(self, index: np.ndarray) -> Prediction:
-        """The rows of the selected spots (boolean mask or integer index), like :meth:`Spots.subset`."""
-        index = np.asarray(index)
-        if index.dtype == bool:
-            index = np.flatnonzero(index)
-        return dataclasses.replace(
-            self,
-            mean=np.asarray(self.mean)[index],
-            variance=np.asarray(self.variance)[index],
-            samples=None if self.samples is None else np.asarray(self.samples)[index],
-            quantiles=None if self.quantiles is None else np.asarray(self.quantiles)[:, index],
-            intervals=None if self.intervals is None else np.asarray(self.intervals)[:, :, index],
-            metadata=dict(self.metadata),
-        )
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -1,0 +1,75 @@
+"""Typed values passed between the stages of a prediction: torch-free, so anyone may import them.
+
+The sampler (:mod:`napari_stem.sampling`) fills them, the prediction path
+(:mod:`napari_stem.predict`) assembles them, and the writers, the napari layers and ``stem-train``
+read them, without importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_stem.intervals import IntervalSpec
+
+
+@dataclass
+class SampleBatch:
+    """Progress event: results for spots [start, stop) once their batch has finished."""
+
+    start: int
+    stop: int
+    total_spots: int
+    mean: np.ndarray  # (stop - start, G)
+    variance: np.ndarray  # (stop - start, G), ddof = napari_stem.sampling.VARIANCE_DDOF
+    samples: np.ndarray | None = None  # (stop - start, K, G) with keep_samples
+    quantiles: np.ndarray | None = None  # (Q, stop - start, G) with quantiles
+    intervals: np.ndarray | None = None  # (I, 2, stop - start, G): lower, upper of each interval
+
+    @property
+    def done_spots(self) -> int:
+        return self.stop
+
+
+@dataclass
+class SampleStep:
+    """Progress event inside a batch (``step_events=True``): ``step`` of ``n_steps`` denoising
+    steps done for spots [start, stop). Lets a GUI move its bar and cancel between steps."""
+
+    start: int
+    stop: int
+    total_spots: int
+    step: int
+    n_steps: int
+
+
+@dataclass
+class Prediction:
+    """Per-spot predictive mean and variance in the model's target space (e.g. log2(1 + count))."""
+
+    mean: np.ndarray  # (n_spots, G) float32
+    variance: np.ndarray  # (n_spots, G): sample variance, ddof 1; NaN when n_samples == 1
+    genes: list[str]
+    samples: np.ndarray | None = None  # (n_spots, K, G)
+    quantile_levels: tuple[float, ...] | None = None  # interpolated quantiles (e.g. the median)
+    quantiles: np.ndarray | None = None  # (len(quantile_levels), n_spots, G)
+    interval_specs: tuple[IntervalSpec, ...] = ()  # order-statistic intervals, narrowest first
+    intervals: np.ndarray | None = None  # (len(interval_specs), 2, n_spots, G): lower, upper
+    metadata: dict = field(default_factory=dict)
+
+    def subset(self, index: np.ndarray) -> Prediction:
+        """The rows of the selected spots (boolean mask or integer index), like :meth:`Spots.subset`."""
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        return dataclasses.replace(
+            self,
+            mean=np.asarray(self.mean)[index],
+            variance=np.asarray(self.variance)[index],
+            samples=None if self.samples is None else np.asarray(self.samples)[index],
+            quantiles=None if self.quantiles is None else np.asarray(self.quantiles)[:, index],
+            intervals=None if self.intervals is None else np.asarray(self.intervals)[:, :, index],
+            metadata=dict(self.metadata),
+        )
