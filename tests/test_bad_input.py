@@ -464,3 +464,12 @@ def test_widget_controller_refuses_bad_settings_before_loading_anything(demo_sli
         with pytest.raises(StemError, match=words):
             controller.prepare(slide, spots, None, settings)
         assert time.perf_counter() - started < 1.0
+
+
+def test_few_step_solvers_refuse_the_full_chain_before_any_work() -> None:
+    from napari_stem.validate import InputError, check_steps
+
+    assert check_steps(1000, "--steps", "ancestral") == 1000  # the paper's full chain
+    assert check_steps(999, "--steps", "ancestral-matched") == 999
+    with pytest.raises(InputError, match="ancestral-matched sampler .* at most 999 steps, not 1000"):
+        check_steps(1000, "--steps", "ancestral-matched")

@@ -23,20 +23,25 @@ def demo_cache(tmp_path: Path, demo_slide_file: Path, monkeypatch: pytest.Monkey
 
 def test_headless_quick_demo_writes_its_outputs(demo_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from stem_train.cli import main
+    from stem_train.demo import QUICK
 
     out = tmp_path / "out"
     assert main(["demo", "--headless", "--quick", "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    prediction = out / "predictions" / "SYN003.h5ad"
+    prediction = out / "predictions" / f"{QUICK.test_id}.h5ad"
     for path in (prediction, out / "mean_variance_maps.png", out / "evaluation" / "report.json"):
         assert path.exists() and path.stat().st_size > 0
         assert str(path) in printed
     adata = anndata.read_h5ad(prediction)
-    assert adata.n_vars == 12 and adata.n_obs > 30
+    n_genes = QUICK.n_genes_panel
+    assert adata.n_vars == n_genes and adata.n_obs > 30
     assert (adata.layers["variance"] > 0).all()
-    assert (adata.layers["lo50"] <= adata.layers["hi50"]).all() and adata.obsm["samples"].shape[1] == 3 * 12
+    assert (adata.layers["lo50"] <= adata.layers["hi50"]).all() and adata.obsm["samples"].shape[1] == QUICK.samples * n_genes
     report = json.loads((out / "evaluation" / "report.json").read_text())
-    assert report["fixed_panel_pcc"]["n_genes"] == 12 and np.isfinite(report["fixed_panel_pcc"]["mean"])
+    assert report["fixed_panel_pcc"]["n_genes"] == n_genes and np.isfinite(report["fixed_panel_pcc"]["mean"])
+    # The test slide is tissue no training slide shows, judged against the baselines on the same spots.
+    assert report["leak_check"]["status"] == "same patient"
+    assert report["verdict"].startswith("Stem vs best baseline")
     (written,) = report["calibration"]["written_intervals"]
     assert written["layers"] == ["lo50", "hi50"] and written["level"] == 0.5 and written["n_samples"] == 3
     # the demo model is cached: a second run does not rebuild it
@@ -57,9 +62,9 @@ def test_mean_variance_maps_png(tmp_path: Path, demo_cache: Path) -> None:
     from stem_train.cli import main
 
     paths = ensure_demo_model(QUICK, device="cpu")
-    assert main(["predict", str(paths.hest), "--checkpoint", str(paths.checkpoint), "--sample-ids", "SYN003",
+    assert main(["predict", str(paths.hest), "--checkpoint", str(paths.checkpoint), "--sample-ids", QUICK.test_id,
                  "--out", str(tmp_path / "p"), "--samples", "2", "--steps", "3", "--device", "cpu"]) == 0
-    png = draw_mean_variance_maps(tmp_path / "p" / "SYN003.h5ad", tmp_path / "maps.png")
+    png = draw_mean_variance_maps(tmp_path / "p" / f"{QUICK.test_id}.h5ad", tmp_path / "maps.png")
     image = np.asarray(Image.open(png).convert("RGB"))
     assert image.shape[0] > 600 and image.shape[1] > 600
     assert image.std() > 20  # a slide with coloured spots, not a blank canvas
@@ -79,7 +84,7 @@ def test_interactive_demo_opens_the_ready_plugin(demo_cache: Path, make_napari_v
     assert [layer.name for layer in viewer.layers] == ["demo H&E", "spot grid"]
     assert Path(widget.checkpoint.value) == paths.checkpoint
     assert widget.spots.value is viewer.layers["spot grid"]
-    assert "12 genes" in widget.checkpoint_info.value
+    assert f"{QUICK.n_genes_panel} genes" in widget.checkpoint_info.value
 
 
 def test_torch_survives_napari_on_software_opengl(tmp_path: Path) -> None:

@@ -628,9 +628,9 @@ def _slide_shape(path: Path) -> tuple[int, int]:
 
 def _check_sampling(settings: PredictSettings) -> None:
     check_samples(settings.n_samples, "'samples per spot'")
-    check_steps(settings.steps, "'steps'")
     if settings.sampler not in SAMPLERS:
         raise StemError(f"unknown sampler {settings.sampler!r}; use {' or '.join(SAMPLERS)}.")
+    check_steps(settings.steps, "'steps'", settings.sampler)
     if settings.device not in DEVICES and not str(settings.device).startswith("cuda:"):
         raise StemError(f"unknown device {settings.device!r}; use {', '.join(DEVICES)}.")
     if str(settings.device).startswith("cuda"):

@@ -59,6 +59,7 @@ from napari_stem.intervals import samples_for_levels
 from napari_stem.known_models import HUB_PREFIX
 from napari_stem import _result_layers
 from napari_stem.layers import SPOT_OPACITY, UNCERTAINTY_KINDS, SlideFrame, has_interval, prediction_layer_data
+from napari_stem.validate import MAX_DIFFUSION_STEPS
 from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ class PredictWidget(Container):
         self.n_samples = SpinBox(label="samples per spot", value=samples_for_levels(INTERVAL_CHOICES[DEFAULT_INTERVALS], defaults["n_samples"]),
                                  min=2, max=1000, tooltip="More samples: steadier mean and variance; exact 50 % and 90 % intervals need 19, 39, ... (K + 1 a multiple of 20)")
         self.intervals_info = Label(label="", value="")
-        self.steps = SpinBox(label="denoising steps", value=defaults["steps"], min=1, max=1000, tooltip="More steps: closer to the trained chain, slower (GPU default 50)")
+        self.steps = SpinBox(label="denoising steps", value=defaults["steps"], min=1, max=MAX_DIFFUSION_STEPS, tooltip=f"Network evaluations per sample: more is closer to the trained chain, slower (GPU default {DEFAULT_SETTINGS['cuda']['steps']})")
         self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
         self.device = ComboBox(label="device", choices=list(DEVICES), value="auto", tooltip="auto = CUDA when available")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)

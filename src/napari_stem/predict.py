@@ -23,17 +23,17 @@ from napari_stem.values import Prediction, SampleBatch, SampleStep
 if TYPE_CHECKING:
     from napari_stem.spots import Spots
 
-#: Interactive defaults (samples per spot, denoising steps): cheap on CPU, closer to the paper on GPU.
-DEFAULT_SETTINGS = {"cpu": {"n_samples": 4, "steps": 25}, "cuda": {"n_samples": 10, "steps": 50}}
-#: The paper's ancestral sampler (respaced) is the default: on the demo models deterministic DDIM
-#: (eta 0) sent ~0.1 % of sample values to log-counts of 20-300 (per-spot variance in the
-#: thousands), lowering the held-out PCC from 0.58 to 0.48 at the same cost; ancestral sampling at
-#: 25-100 steps never did (bench/bench_sampler.py --quality). Those blow-ups came from unclipped
-#: x_0 predictions at high noise; checkpoints from stem-train fit now record the training range and
-#: every sampler clips to it (``clip_x0``). The last three are our few-step solvers
-#: (napari_stem.diffusion.SOLVERS): their steps are network evaluations.
+#: Interactive defaults (samples per spot, denoising steps = network evaluations per sample).
+#: Chosen from bench/bench_sampler.py --quality (the table is in the README): the default sampler
+#: matches the paper's 1000-step chain at 4 evaluations; CUDA affords a margin.
+DEFAULT_SETTINGS = {"cpu": {"n_samples": 4, "steps": 4}, "cuda": {"n_samples": 10, "steps": 10}}
+#: "ancestral" and "ddim" are the reference's samplers (respaced); the other three are our few-step
+#: solvers (napari_stem.diffusion.SOLVERS). "ancestral-matched" gives each big step the variance
+#: the model learned for the 1000-step chain, so its samples keep their spread at 4 steps where
+#: the respaced ancestral sampler's shrink. Every sampler clips its x_0 predictions to the
+#: training range a checkpoint records (``clip_x0``), which stopped DDIM's blow-ups.
 SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "ancestral-matched")
-DEFAULT_SAMPLER = "ancestral"
+DEFAULT_SAMPLER = "ancestral-matched"
 
 
 @dataclass

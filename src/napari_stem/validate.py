@@ -65,8 +65,14 @@ def check_samples(n_samples: Any, name: str = "samples") -> int:
     return check_int(name, n_samples, 2, why=" (the variance that shows the uncertainty needs two samples)")
 
 
-def check_steps(steps: Any, name: str = "steps") -> int:
-    return check_int(name, steps, 1, MAX_DIFFUSION_STEPS, why=" (steps kept of the 1000 the model was trained on)")
+def check_steps(steps: Any, name: str = "steps", sampler: str = "ancestral") -> int:
+    """Steps kept of the trained chain; the few-step solvers stop before evaluating t = 0, so at most 999."""
+    steps = check_int(name, steps, 1, MAX_DIFFUSION_STEPS, why=" (steps kept of the 1000 the model was trained on)")
+    if sampler not in ("ancestral", "ddim") and steps >= MAX_DIFFUSION_STEPS:
+        raise InputError(f"{name}: the {sampler} sampler stops at t = 0 without evaluating there, so it takes at most "
+                         f"{MAX_DIFFUSION_STEPS - 1} steps, not {steps} (the full chain is the ancestral sampler at "
+                         f"{MAX_DIFFUSION_STEPS} steps).")
+    return steps
 
 
 def check_batch_size(name: str, value: Any) -> int | None:

@@ -22,8 +22,8 @@ from typing import Any
 from napari_stem.errors import StemError, describe_path
 from napari_stem.intervals import DEFAULT_LEVELS
 from napari_stem.precision import PRECISION_HELP, PRECISIONS
-from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
-from napari_stem.validate import BATCH_SIZE, FRACTION, MPP, NON_NEGATIVE_INT, POSITIVE_FLOAT, SAMPLES, STEPS
+from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
+from napari_stem.validate import BATCH_SIZE, FRACTION, MPP, NON_NEGATIVE_INT, POSITIVE_FLOAT, SAMPLES, STEPS, check_steps
 
 
 @dataclass
@@ -89,8 +89,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                           "(default: the fewest that make --intervals exact, 19 for 0.5,0.9; without intervals 4 on CPU, "
                           "10 on CUDA; the paper: 20). A K that cannot give the intervals exactly is raised to one that can")
     sampling.add_argument("--steps", type=STEPS, default=None, metavar="N",
-                          help="denoising steps out of the 1000 trained, i.e. network evaluations per sample (default: 25 "
-                          "on CPU, 50 on CUDA; the paper: 1000)")
+                          help="denoising steps out of the 1000 trained, i.e. network evaluations per sample (default: "
+                          f"{DEFAULT_SETTINGS['cpu']['steps']} on CPU, {DEFAULT_SETTINGS['cuda']['steps']} on CUDA; the paper: 1000)")
     sampling.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
                           help=f"ancestral (the paper's DDPM sampler, respaced to --steps); ddim (eta 0 = deterministic per "
                                f"start noise); dpm++2m (DPM-Solver++(2M), deterministic, second order); dpm++2m-sde (its "
@@ -142,9 +142,8 @@ def run(args: argparse.Namespace) -> int:
             "interval ends (q05-q95 of 8 samples covers ~0.65 of the truth, not 0.90). Use --intervals 0.5,0.9 "
             "(exact order-statistic intervals, layers lo50/hi50 and lo90/hi90) and --median for the median."
         )
-    if args.sampler not in ("ancestral", "ddim") and args.steps is not None and args.steps >= 1000:
-        raise StemError(f"--sampler {args.sampler} stops at t = 0 without evaluating there: it takes at most 999 --steps, "
-                        f"not {args.steps} (the full 1000-step chain is --sampler ancestral --steps 1000).")
+    if args.steps is not None:
+        check_steps(args.steps, "--steps", args.sampler)
     levels = parse_levels(args.intervals, "--intervals")
     jobs = plan_jobs(args.input, args.out, spots_path=args.spots, sample_ids=_split_ids(args.sample_ids), mpp=args.mpp,
                      suffix=".zarr" if getattr(args, "format", "h5ad") == "spatialdata" else ".h5ad")
