@@ -13,6 +13,7 @@ import torch
 from napari_stem.checkpoint import save_checkpoint
 from napari_stem.errors import CheckpointError
 from napari_stem.model import StemConfig, StemModel
+from napari_stem.predict import DEFAULT_SAMPLER
 from napari_stem.sampling import Prediction, SampleStep, iter_sample, sample_expression
 
 CONFIG = StemConfig(n_genes=10, cond_dim=8, hidden_size=32, depth=2, num_heads=4)
@@ -51,7 +52,7 @@ def test_prediction_shapes_and_statistics(model, embeddings) -> None:
     np.testing.assert_array_equal(pred.intervals[0, 0], pred.samples.min(axis=1))
     np.testing.assert_array_equal(pred.intervals[0, 1], pred.samples.max(axis=1))
     assert (pred.variance > 0).all()  # samples of one spot differ
-    assert pred.metadata["steps"] == 5 and pred.metadata["sampler"] == "ancestral" and pred.metadata["variance_ddof"] == 1
+    assert pred.metadata["steps"] == 5 and pred.metadata["sampler"] == DEFAULT_SAMPLER and pred.metadata["variance_ddof"] == 1
 
     # a selection keeps every per-spot array aligned, whether given as a mask or as indices
     mask = np.array([True, False, True, False, False, True, False])
