@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"napari_stem": ROOT / "src" / "napari_stem", "stem_train": ROOT / "training" / "stem_train"}
 #: Modules the widget, the CLI's argument parsing and the writers import without paying for torch.
 TORCH_FREE = ("napari_stem.predict", "napari_stem.values", "napari_stem.validate", "napari_stem.model_config",
-              "napari_stem.intervals", "napari_stem.metrics", "napari_stem.errors")
+              "napari_stem.intervals", "napari_stem.metrics", "napari_stem.errors", "napari_stem.devices")
 
 
 def _modules() -> dict[str, Path]:
@@ -134,3 +134,15 @@ def test_the_core_values_and_checks_import_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "", f"importing {', '.join(TORCH_FREE)} imported {result.stdout.strip()}"
+
+
+def test_auto_is_resolved_in_one_place() -> None:
+    """Every "auto" device resolution goes through napari_stem.devices.resolve_device_name."""
+    from napari_stem.devices import resolve_device_name
+
+    assert resolve_device_name("auto", lambda: True) == "cuda" and resolve_device_name("auto", lambda: False) == "cpu"
+    assert resolve_device_name("cuda:1", lambda: False) == "cuda:1" and resolve_device_name("cpu", lambda: True) == "cpu"
+    inline = [f"{path.relative_to(ROOT)}:{number}" for path in _modules().values()
+              for number, line in enumerate(path.read_text().splitlines(), 1)
+              if '"cuda" if torch.cuda.is_available() else "cpu"' in line]
+    assert inline == [], f"resolve 'auto' with napari_stem.devices.resolve_device_name, not inline: {inline}"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from napari_stem.atomic import remove_stale_temporaries, temporary_sibling
+from napari_stem.devices import resolve_device_name
 from napari_stem.errors import CheckpointError, describe_path
 from napari_stem.gene_list import read_gene_list as read_gene_list_file
 
@@ -315,8 +316,7 @@ def load_checkpoint(path, *, expected_genes=None, expected_cond_dim: int | None 
             f"e.g. '{damaged[0]}': the file is damaged or its training diverged. Use an earlier checkpoint of the run.")
     model = StemModel(config)
     _validated_state_dict(state, config, describe_path(folder), template=model)
-    if str(map_location) == "auto":
-        map_location = "cuda" if torch.cuda.is_available() else "cpu"
+    map_location = resolve_device_name(map_location, torch.cuda.is_available)
     model.load_state_dict(state)
     model.to(map_location).eval()
     target_range = metadata.get("target_range")

@@ -313,10 +313,10 @@ class ConcatEncoder(Encoder):
 
 
 def default_device() -> str:
-    """``"cuda"`` when a GPU is usable, else ``"cpu"``."""
-    import torch
+    """``"cuda"`` when a GPU is usable, else ``"cpu"`` (:func:`napari_stem.devices.resolve_device_name`)."""
+    from napari_stem.devices import resolve_device_name
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device_name("auto")
 
 
 def create_encoder(

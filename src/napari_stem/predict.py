@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_stem.devices import resolve_device_name
 from napari_stem.errors import CheckpointError, describe_path
 from napari_stem.precision import resolve_precision
 from napari_stem.validate import check_batch_size, check_samples, check_spots, check_steps
@@ -58,10 +59,7 @@ class PredictEvent:
 
 def default_settings(device: str = "auto") -> dict[str, int]:
     """Samples per spot and steps suited to ``device`` ("auto" resolves to CUDA when present)."""
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device_name(device)
     return dict(DEFAULT_SETTINGS["cuda" if str(device).startswith("cuda") else "cpu"])
 
 

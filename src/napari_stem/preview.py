@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_stem.devices import resolve_device_name
 from napari_stem.spots import Spots
 
 _TISSUE: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()  # slide file -> (mask, scale)
@@ -87,8 +88,8 @@ def _device_type(device: str) -> str:
 
         torch = sys.modules.get("torch")
         if torch is not None and hasattr(torch, "cuda"):
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return "cuda" if Path("/proc/driver/nvidia/version").exists() else "cpu"
+            return resolve_device_name(device, torch.cuda.is_available)
+        return resolve_device_name(device, Path("/proc/driver/nvidia/version").exists)
     return "cuda" if str(device).startswith("cuda") else "cpu"
 
 

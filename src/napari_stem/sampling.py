@@ -17,6 +17,7 @@ import torch
 
 from napari_stem.allocator import keep_tensor_buffers_in_heap
 from napari_stem.checkpoint import StemCheckpoint, check_compatible, load_checkpoint
+from napari_stem.devices import resolve_device_name
 from napari_stem.diffusion import (
     N_TRAIN_STEPS,
     SOLVERS,
@@ -39,9 +40,8 @@ VARIANCE_DDOF = 1  # unbiased sample variance over the K samples of a spot
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The ``torch.device`` for a name; "auto" as :func:`napari_stem.devices.resolve_device_name` decides."""
+    return torch.device(resolve_device_name(device, torch.cuda.is_available))
 
 
 def spot_generator(seed: int, spot_index: int) -> torch.Generator:

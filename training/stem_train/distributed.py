@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from napari_stem.devices import resolve_device_name
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -34,9 +36,7 @@ class Distributed:
 
 def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` → this process's GPU if there is one, else the CPU; ``cuda`` → ``cuda:LOCAL_RANK``."""
-    requested = str(requested)
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    requested = resolve_device_name(str(requested), torch.cuda.is_available)
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
