@@ -146,3 +146,10 @@ def test_auto_is_resolved_in_one_place() -> None:
               for number, line in enumerate(path.read_text().splitlines(), 1)
               if '"cuda" if torch.cuda.is_available() else "cpu"' in line]
     assert inline == [], f"resolve 'auto' with napari_stem.devices.resolve_device_name, not inline: {inline}"
+
+
+def test_the_trained_chain_length_is_one_constant() -> None:
+    from napari_stem import diffusion, model_config, validate
+
+    assert diffusion.N_TRAIN_STEPS is model_config.N_TRAIN_STEPS and validate.MAX_DIFFUSION_STEPS == model_config.N_TRAIN_STEPS
+    assert len(diffusion.linear_betas()) == model_config.N_TRAIN_STEPS

@@ -28,7 +28,8 @@ from collections.abc import Callable, Generator, Iterable
 import numpy as np
 import torch
 
-N_TRAIN_STEPS = 1000
+from napari_stem.model_config import N_TRAIN_STEPS  # re-exported: its old home
+
 #: The reference's samplers and ours; the solvers evaluate the network once per step.
 REFERENCE_SAMPLERS = ("ancestral", "ddim")
 SOLVERS = ("dpm++2m", "dpm++2m-sde", "ancestral-matched")

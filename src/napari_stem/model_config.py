@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+#: Steps of the diffusion chain the model is trained on (the reference's linear schedule). Torch-free
+#: here so the argument checks (napari_stem.validate) and the GUI know it without importing torch.
+N_TRAIN_STEPS = 1000
+
 # Architecture presets. n_genes always comes from the gene panel; cond_dim from the encoder
 # unless the preset fixes it.
 PRESETS: dict[str, dict] = {

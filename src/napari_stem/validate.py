@@ -20,11 +20,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from napari_stem.errors import StemError, describe_path
+from napari_stem.model_config import N_TRAIN_STEPS
 
 T = TypeVar("T")
 
-#: The diffusion chain the model was trained on has 1000 steps; a sampler keeps 1..1000 of them.
-MAX_DIFFUSION_STEPS = 1000
+#: A sampler keeps 1..N_TRAIN_STEPS of the steps of the diffusion chain the model was trained on.
+MAX_DIFFUSION_STEPS = N_TRAIN_STEPS
 #: µm per pixel a real scan can have: 0.05 (beyond any optical scanner) to 20 (a 0.5× overview).
 MPP_RANGE_UM = (0.05, 20.0)
 #: Share of the machine's available memory one request may plan to use.
