@@ -19,6 +19,8 @@ from napari_stem.devices import resolve_device_name
 from napari_stem.errors import CheckpointError, describe_path
 from napari_stem.precision import resolve_precision
 from napari_stem.validate import check_batch_size, check_samples, check_spots, check_steps
+from napari_stem.values import DEFAULT_SAMPLER as DEFAULT_SAMPLER
+from napari_stem.values import SAMPLERS as SAMPLERS
 from napari_stem.values import Prediction, SampleBatch, SampleStep
 
 if TYPE_CHECKING:
@@ -26,15 +28,10 @@ if TYPE_CHECKING:
 
 #: Interactive defaults (samples per spot, denoising steps = network evaluations per sample).
 #: Chosen from bench/bench_sampler.py --quality (the table is in the README): the default sampler
-#: matches the paper's 1000-step chain at 4 evaluations; CUDA affords a margin.
+#: matches the paper's 1000-step chain at 4 evaluations; CUDA affords a margin. SAMPLERS and
+#: DEFAULT_SAMPLER (imported above, still importable from here) live in napari_stem.values, torch-free,
+#: so the sampler names them without importing this module.
 DEFAULT_SETTINGS = {"cpu": {"n_samples": 4, "steps": 4}, "cuda": {"n_samples": 10, "steps": 10}}
-#: "ancestral" and "ddim" are the reference's samplers (respaced); the other three are our few-step
-#: solvers (napari_stem.diffusion.SOLVERS). "ancestral-matched" gives each big step the variance
-#: the model learned for the 1000-step chain, so its samples keep their spread at 4 steps where
-#: the respaced ancestral sampler's shrink. Every sampler clips its x_0 predictions to the
-#: training range a checkpoint records (``clip_x0``), which stopped DDIM's blow-ups.
-SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "ancestral-matched")
-DEFAULT_SAMPLER = "ancestral-matched"
 
 
 @dataclass

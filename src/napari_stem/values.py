@@ -1,8 +1,8 @@
-"""Typed values passed between the stages of a prediction: torch-free, so anyone may import them.
+"""Typed values passed between the stages of a prediction, and the sampler names a run may ask for.
 
-The sampler (:mod:`napari_stem.sampling`) fills them, the prediction path
-(:mod:`napari_stem.predict`) assembles them, and the writers, the napari layers and ``stem-train``
-read them, without importing torch.
+Torch-free, so anyone may import them: the sampler (:mod:`napari_stem.sampling`) fills them, the
+prediction path (:mod:`napari_stem.predict`, which re-exports ``SAMPLERS`` and ``DEFAULT_SAMPLER``)
+assembles them, and the writers, the napari layers and ``stem-train`` read them without torch.
 """
 
 from __future__ import annotations
@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_stem.intervals import IntervalSpec
+
+#: "ancestral" and "ddim" are the reference's samplers (respaced); the other three are our few-step
+#: solvers (napari_stem.diffusion.SOLVERS). "ancestral-matched" gives each big step the variance
+#: the model learned for the 1000-step chain, so its samples keep their spread at 4 steps where
+#: the respaced ancestral sampler's shrink. Every sampler clips its x_0 predictions to the
+#: training range a checkpoint records (``clip_x0``), which stopped DDIM's blow-ups.
+SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "ancestral-matched")
+DEFAULT_SAMPLER = "ancestral-matched"
 
 
 @dataclass
