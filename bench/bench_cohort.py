@@ -121,7 +121,7 @@ def _max_difference(one: Path, two: Path) -> float:
                for path in sorted(one.glob("*.h5ad")))
 
 
-def _overhead(scheduler: str, folder: Path, n: int, SlideTask, run_cohort) -> float:  # noqa: ANN001, N803
+def _overhead(scheduler: str, folder: Path, n: int, SlideTask, run_cohort) -> float:
     """Seconds per slide of a cohort of no-op slides."""
     folder.mkdir(parents=True, exist_ok=True)
     tasks = [SlideTask(f"noop{i:04d}", folder / f"noop{i:04d}.txt", noop_slide, {"path": str(folder / f"noop{i:04d}.txt")}, 1)

@@ -255,14 +255,14 @@ def run_ours(
 class _TimedEncoder:
     """The encoder, with the time spent inside it (transform + network) summed up."""
 
-    def __init__(self, encoder) -> None:  # noqa: ANN001
+    def __init__(self, encoder) -> None:
         self.encoder = encoder
         self.name, self.dim, self.input_size = encoder.name, encoder.dim, encoder.input_size
         self.weights_id, self.device = encoder.weights_id, getattr(encoder, "device", "cpu")
         self.precision = encoder.precision
         self.seconds = 0.0
 
-    def __call__(self, batch):  # noqa: ANN001, ANN204
+    def __call__(self, batch):
         tick = time.perf_counter()
         out = self.encoder(batch)
         self.seconds += time.perf_counter() - tick

@@ -47,7 +47,7 @@ def main() -> None:
     if args.fresh_cache:
         print(f"demo model first build (data, prepare, fit) from nothing: {built:.0f} s; load average {os.getloadavg()}")
 
-    def wait(condition, timeout: float) -> float:  # noqa: ANN001
+    def wait(condition, timeout: float) -> float:
         start = time.perf_counter()
         while not condition():
             QApplication.processEvents()

@@ -125,7 +125,7 @@ def worker_overhead(n_spots: int, samples: int, steps: int) -> None:
     checkpoint = load_checkpoint(ensure_demo_model(FULL, device="cpu").checkpoint)
     embeddings = np.random.default_rng(1).normal(size=(n_spots, checkpoint.config.cond_dim)).astype(np.float32)
 
-    def job():  # noqa: ANN202
+    def job():
         yield from iter_sample(checkpoint, embeddings, n_samples=samples, steps=steps, device="cpu", seed=0)
 
     app = get_qapp()

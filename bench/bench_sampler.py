@@ -34,7 +34,6 @@ from napari_stem.diffusion import create_diffusion
 from napari_stem.model import StemConfig, StemModel
 from napari_stem.sampling import sample_expression
 
-
 # -- reference re-statement (Stem/models.py: DiT with a gene-token embedder) -----------------
 
 class _RefGeneJointEmbedding(nn.Module):
@@ -170,7 +169,7 @@ def throughput(args, device: torch.device) -> None:
     wall_rate, cpu_rate = dict.fromkeys(variants, 0.0), dict.fromkeys(variants, 0.0)
     for _ in range(args.repeats):
         for name, run in variants.items():
-            wall_s, cpu_s = _timed(lambda: run(args.steps))
+            wall_s, cpu_s = _timed(lambda run=run: run(args.steps))
             wall_rate[name] = max(wall_rate[name], spot_steps / wall_s)
             cpu_rate[name] = max(cpu_rate[name], spot_steps / cpu_s)
 

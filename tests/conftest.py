@@ -22,7 +22,7 @@ def _isolated_napari_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _torch_survives_napari():  # noqa: ANN202
+def _torch_survives_napari():
     """Once a test has opened napari on Mesa, block triton as the widget does (napari_stem._torch_guard):
     otherwise a later test importing torchvision (timm encoders) crashes the run, depending on order."""
     yield

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from reference_fixture import COND_DIM, N_GENES, NUM_HEADS
 from reference_fixture import REFERENCE_DIR as REFERENCE
-from tiny_models import save_tiny_checkpoint
-
 from stem_train.cli import main
-
+from tiny_models import save_tiny_checkpoint
 
 
 # ---------------------------------------------------------------------- helpers
@@ -309,9 +308,9 @@ def test_nan_truth_counts_are_refused_not_read_as_zero(workspace, tmp_path, caps
 def test_absurd_pixel_size_tag_is_not_trusted(tmp_path, capsys, checkpoint) -> None:
     import tifffile
 
+    from napari_stem.errors import SlideError
     from napari_stem.grid import spots_over_tissue
     from napari_stem.slide import open_slide
-    from napari_stem.errors import SlideError
 
     path = tmp_path / "one_px_per_cm.tif"
     tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8), resolution=(1, 1), resolutionunit="CENTIMETER")
@@ -358,7 +357,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(workspace, checkpoint, monkeyp
     root = workspace["root"]
     spots = few_spots(workspace["spots"], root / "few.h5ad")
 
-    def fill_the_disk(self, filename, *args, **kwargs):  # noqa: ANN001, ANN202
+    def fill_the_disk(self, filename, *args, **kwargs):
         Path(filename).write_bytes(b"x" * 1000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
@@ -374,7 +373,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(workspace, checkpoint, monkeyp
 def test_disk_full_during_prepare_leaves_no_temporary_file(synthetic_hest, tmp_path, monkeypatch, capsys) -> None:
     import napari_stem.embed as embed
 
-    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(embed, "_write_rows", fail)

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from reference_fixture import COND_DIM, N_GENES, NUM_HEADS, REFERENCE_ARGS, write_gene_list
-from reference_fixture import REFERENCE_PT as FIXTURE_PT
 
 import napari_stem.checkpoint as ckpt
 from napari_stem.checkpoint import (
@@ -22,6 +20,8 @@ from napari_stem.checkpoint import (
 )
 from napari_stem.errors import CheckpointError
 from napari_stem.model import StemConfig, StemModel
+from reference_fixture import COND_DIM, N_GENES, NUM_HEADS, REFERENCE_ARGS, write_gene_list
+from reference_fixture import REFERENCE_PT as FIXTURE_PT
 
 TINY = StemConfig(n_genes=6, cond_dim=4, hidden_size=16, depth=1, num_heads=2)
 GENES = ["ACTB", "GAPDH", "CD74", "KRT8", "EPCAM", "VIM"]

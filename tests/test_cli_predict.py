@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tiny_models import save_tiny_checkpoint
 
 

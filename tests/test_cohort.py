@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_bad_input import few_spots
-from tiny_models import save_tiny_checkpoint
 
 from stem_train.cli import main
 from stem_train.cohort import Scheduler, file_sha256, predict_cohort, read_state, run_cohort, state_path
+from test_bad_input import few_spots
+from tiny_models import save_tiny_checkpoint
 
 SLIDES = ("SYN000", "SYN001", "SYN002", "SYN003")
 #: The sampling settings of every run here (fp32: the same arithmetic on any CPU).
@@ -221,11 +221,11 @@ def test_scheduler_none_runs_the_same_tasks_here_with_state(tmp_path: Path, monk
     tasks[1].kwargs["fail"] = False
     retried = run_cohort(tasks, "none", retry_failed=True, progress=False, quiet=True)
     assert [o.state for o in retried.outcomes] == ["skipped", "done", "skipped"] and retried.exit_code == 0
+    from types import SimpleNamespace
+
     from distributed.scheduler import KilledWorker
 
     from stem_train.cohort import _lost
-
-    from types import SimpleNamespace
 
     lost = _lost(tasks[0], KilledWorker("stem-slide-s0-x", SimpleNamespace(address="tcp://10.0.0.7:4000"), 3))  # Dask gave up
     assert lost.state == "failed" and "worker lost" in read_state(tmp_path / "s0.txt").error

@@ -58,8 +58,8 @@ def test_headless_quick_demo_writes_its_outputs(demo_cache: Path, tmp_path: Path
 def test_mean_variance_maps_png(tmp_path: Path, demo_cache: Path) -> None:
     from PIL import Image
 
-    from stem_train.demo import QUICK, draw_mean_variance_maps, ensure_demo_model
     from stem_train.cli import main
+    from stem_train.demo import QUICK, draw_mean_variance_maps, ensure_demo_model
 
     paths = ensure_demo_model(QUICK, device="cpu")
     assert main(["predict", str(paths.hest), "--checkpoint", str(paths.checkpoint), "--sample-ids", QUICK.test_id,
@@ -71,7 +71,7 @@ def test_mean_variance_maps_png(tmp_path: Path, demo_cache: Path) -> None:
 
 
 @pytest.mark.gui
-def test_interactive_demo_opens_the_ready_plugin(demo_cache: Path, make_napari_viewer, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_interactive_demo_opens_the_ready_plugin(demo_cache: Path, make_napari_viewer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The demo's napari session: slide, spot grid, widget docked with the demo checkpoint chosen."""
     import napari
 

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from reference_fixture import NUM_HEADS, write_gene_list
-from reference_fixture import REFERENCE_DIR as FIXTURE
-
 from napari_stem.checkpoint import import_reference_checkpoint
 from napari_stem.diffusion import create_diffusion, linear_betas, space_timesteps
+from reference_fixture import NUM_HEADS, write_gene_list
+from reference_fixture import REFERENCE_DIR as FIXTURE
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 GENES = ["GA", "GB", "GC", "GD", "FLAT"]  # FLAT is constant on the slide: its PCC is undefined
 
 
-def _truth_adata(n_spots: int = 48, seed: int = 0):  # noqa: ANN202
+def _truth_adata(n_spots: int = 48, seed: int = 0):
     """A HEST-like st h5ad: raw counts, obsm['spatial'], uns['spatial']['ST'] with a thumbnail."""
     import anndata
     import pandas as pd
@@ -36,7 +36,7 @@ def _truth_adata(n_spots: int = 48, seed: int = 0):  # noqa: ANN202
 
 
 def _write_prediction(path: Path, truth, *, n_samples: int = 6, keep_samples: bool = True, point: bool = False, seed: int = 1,
-                      legacy_quantiles: bool = False, interval_levels=(0.5, 0.9)) -> Path:  # noqa: ANN001
+                      legacy_quantiles: bool = False, interval_levels=(0.5, 0.9)) -> Path:
     """A prediction file; ``legacy_quantiles`` writes q05/q25/q75/q95 layers as older versions did."""
     import anndata
 

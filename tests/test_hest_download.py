@@ -8,11 +8,11 @@ samples, two versions of the metadata table, patches and a zipped cell segmentat
 from __future__ import annotations
 
 import io
-import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
+
 from hub_standin import HubStandin, point_hub_at
 
 pytest.importorskip("huggingface_hub")
@@ -47,7 +47,7 @@ def hest_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def hub(hest_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def hub(hest_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with HubStandin() as standin:
         standin.add_repo(REPO, hest_repo, repo_type="dataset", gated=True, accepted_tokens={"hf_accepted"})
         point_hub_at(monkeypatch, standin.endpoint, tmp_path / "hf_cache", token="hf_accepted")
@@ -70,7 +70,7 @@ def test_dry_run_selects_by_metadata_and_lists_sizes(hub: HubStandin, hest_repo:
     listed = [line.split()[-1] for line in text.splitlines() if line.strip() and line.split()[-1] in expected]
     assert listed == expected  # sample by sample, parts in order
     assert "SYN002" not in text and "SYN003" not in text
-    assert f"7 files, " in text and "2 samples" in text and "HEST_v1_3_0.csv" in text  # the newest table
+    assert "7 files, " in text and "2 samples" in text and "HEST_v1_3_0.csv" in text  # the newest table
     assert f"{_size(hest_repo, 'wsis/SYN000.tif'):>15,d}  wsis/SYN000.tif" in text
     assert "note: SYN001 has no patches" in text
     assert not out.exists()  # a dry run writes nothing

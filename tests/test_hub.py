@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from hub_standin import HubStandin, point_hub_at
 from tiny_models import save_tiny_checkpoint
 
@@ -26,7 +27,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import napari_stem.hub as hub_module
 
     monkeypatch.setattr(hub_module, "_resolved", {})
@@ -101,10 +102,10 @@ def test_push_writes_a_model_card_and_round_trips(hub: HubStandin, tiny_checkpoi
 
     uploads = []
 
-    def create_repo(self, repo_id, *, repo_type=None, private=False, exist_ok=False, **_):  # noqa: ANN001, ANN202
+    def create_repo(self, repo_id, *, repo_type=None, private=False, exist_ok=False, **_):
         uploads.append(("create", repo_id, private))
 
-    def upload_folder(self, *, repo_id, folder_path, repo_type=None, allow_patterns=None, **_):  # noqa: ANN001, ANN202
+    def upload_folder(self, *, repo_id, folder_path, repo_type=None, allow_patterns=None, **_):
         target = tmp_path / "hub_repos" / repo_id.replace("/", "__")
         shutil.copytree(folder_path, target)
         hub.add_repo(repo_id, target)

@@ -88,7 +88,7 @@ def test_written_intervals_cover_their_label(n_samples: int) -> None:
         assert ((truth >= q05) & (truth <= q95)).mean() < 0.75
 
 
-def _prediction(n_spots: int = 12, n_samples: int = 19, levels=(0.5, 0.9)):  # noqa: ANN001, ANN202
+def _prediction(n_spots: int = 12, n_samples: int = 19, levels=(0.5, 0.9)):
     from napari_stem.sampling import Prediction
 
     rng = np.random.default_rng(0)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import save_tiny_checkpoint
 
 from napari_stem.errors import CheckpointError, StemError
+from tiny_models import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +18,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_spots(demo_slide_file: Path):  # noqa: ANN201
+def demo_spots(demo_slide_file: Path):
     from napari_stem.grid import spots_over_tissue
     from napari_stem.slide import open_slide
 
     return spots_over_tissue(open_slide(demo_slide_file)).subset(np.arange(6))
 
 
-def test_iter_predict_stages_and_shapes(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots) -> None:  # noqa: ANN001
+def test_iter_predict_stages_and_shapes(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots) -> None:
     from napari_stem.predict import iter_predict
 
     events = list(
@@ -49,7 +49,7 @@ def test_iter_predict_stages_and_shapes(tiny_checkpoint: Path, demo_slide_file: 
     assert prediction.metadata["n_samples"] == 3 and prediction.metadata["steps"] == 4
 
 
-def test_default_sample_count_makes_requested_intervals_exact(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots) -> None:  # noqa: ANN001
+def test_default_sample_count_makes_requested_intervals_exact(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots) -> None:
     from napari_stem.predict import predict
 
     prediction = predict(demo_slide_file, demo_spots.subset(np.arange(2)), tiny_checkpoint, steps=2, device="cpu",
@@ -62,7 +62,7 @@ def test_default_sample_count_makes_requested_intervals_exact(tiny_checkpoint: P
     assert eight.metadata["n_samples"] == 8 and not spec.exact and spec.name == "77.8"
 
 
-def test_predict_is_deterministic_and_cache_reused(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:  # noqa: ANN001
+def test_predict_is_deterministic_and_cache_reused(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:
     from napari_stem.predict import iter_predict, predict
 
     options = {"n_samples": 2, "steps": 3, "seed": 5, "device": "cpu"}
@@ -76,7 +76,7 @@ def test_predict_is_deterministic_and_cache_reused(tiny_checkpoint: Path, demo_s
     assert not np.allclose(other_seed.mean, first.mean)
 
 
-def test_encoder_dimension_mismatch_is_named(tmp_path: Path, demo_slide_file: Path, demo_spots) -> None:  # noqa: ANN001
+def test_encoder_dimension_mismatch_is_named(tmp_path: Path, demo_slide_file: Path, demo_spots) -> None:
     from napari_stem.checkpoint import save_checkpoint
     from napari_stem.model import StemConfig, StemModel
     from napari_stem.predict import predict
@@ -91,7 +91,7 @@ def test_encoder_dimension_mismatch_is_named(tmp_path: Path, demo_slide_file: Pa
         predict(demo_slide_file, demo_spots, bare, n_samples=2, steps=2, device="cpu")
 
 
-def test_export_h5ad_is_scanpy_ready_and_reopens(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:  # noqa: ANN001
+def test_export_h5ad_is_scanpy_ready_and_reopens(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:
     import anndata
     import matplotlib
 

@@ -44,7 +44,7 @@ def test_hest_folder_opens_slide_and_spots_in_one_frame(synthetic_hest: Path) ->
 
 
 @pytest.mark.gui
-def test_napari_shows_slide_and_spots(make_napari_viewer, qtbot, synthetic_hest: Path) -> None:  # noqa: ANN001
+def test_napari_shows_slide_and_spots(make_napari_viewer, qtbot, synthetic_hest: Path) -> None:
     viewer = make_napari_viewer(show=True)
     viewer.open(str(synthetic_hest), plugin="napari-stem")
     image, points = viewer.layers
@@ -61,7 +61,7 @@ def test_napari_shows_slide_and_spots(make_napari_viewer, qtbot, synthetic_hest:
 
 
 @pytest.mark.gui
-def test_sample_data_demo_slide(make_napari_viewer) -> None:  # noqa: ANN001
+def test_sample_data_demo_slide(make_napari_viewer) -> None:
     viewer = make_napari_viewer()
     viewer.open_sample("napari-stem", "demo_slide")
     names = [layer.name for layer in viewer.layers]
@@ -72,7 +72,7 @@ def test_sample_data_demo_slide(make_napari_viewer) -> None:  # noqa: ANN001
 
 
 @pytest.mark.gui
-def test_sample_data_demo_prediction_does_not_block_napari(make_napari_viewer, qtbot, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001, F811
+def test_sample_data_demo_prediction_does_not_block_napari(make_napari_viewer, qtbot, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """File > Open Sample > Demo prediction: the slide at once, the prediction from a worker while
     napari keeps running (the real first use builds the model and embeds ~70 spots: 30 s and more)."""
     import threading
@@ -90,7 +90,7 @@ def test_sample_data_demo_prediction_does_not_block_napari(make_napari_viewer, q
     shown = threading.Event()
     events = sample_data._demo_prediction_events
 
-    def slow_events(*args):  # noqa: ANN002, ANN202 - the worker is still busy well after the slide shows
+    def slow_events(*args):  # the worker is still busy well after the slide shows
         shown.wait(60)
         time.sleep(1.5)
         return (yield from events(*args))
@@ -100,7 +100,7 @@ def test_sample_data_demo_prediction_does_not_block_napari(make_napari_viewer, q
     finished: list[bool] = []
     start = sample_data.start_demo_prediction
 
-    def started(*args):  # noqa: ANN002, ANN202
+    def started(*args):
         worker = start(*args)
         worker.yielded.connect(lambda _: first_progress.append(time.perf_counter()))
         worker.finished.connect(lambda: finished.append(True))
@@ -131,7 +131,7 @@ def test_sample_data_demo_prediction_does_not_block_napari(make_napari_viewer, q
 
 
 @pytest.mark.gui
-def test_napari_command_line_opens_a_hest_folder_with_the_plugin(make_napari_viewer, synthetic_hest: Path) -> None:  # noqa: ANN001
+def test_napari_command_line_opens_a_hest_folder_with_the_plugin(make_napari_viewer, synthetic_hest: Path) -> None:
     """``napari --plugin napari-stem hest_folder/`` (what napari's __main__ calls). Without
     ``--plugin`` napari's reader dialog offers napari-stem, but preselects its own folder reader,
     which cannot read HEST folders (napari 0.9: "No files found ... after removing subdirectories")."""

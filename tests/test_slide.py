@@ -109,7 +109,7 @@ def test_tile_reader_reads_what_zarr_reads(tmp_path: Path, compression: str, til
     reads = []
 
     class CountingHandle:
-        def __init__(self, handle) -> None:  # noqa: ANN001
+        def __init__(self, handle) -> None:
             self.handle, self.lock, self.seek = handle, handle.lock, handle.seek
 
         def read(self, size: int) -> bytes:

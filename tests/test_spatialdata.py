@@ -17,7 +17,7 @@ RED = (220, 20, 30)
 
 
 @pytest.fixture(scope="module")
-def marked(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def marked(tmp_path_factory: pytest.TempPathFactory):
     """A slide with a red 60-px square under each of 14 spots, and a prediction for those spots."""
     from napari_stem import intervals
     from napari_stem.sampling import Prediction
@@ -45,7 +45,7 @@ def marked(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def written(marked, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
+def written(marked, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from napari_stem.slide import open_slide
     from napari_stem.spatialdata_io import write_prediction_zarr
 
@@ -56,7 +56,7 @@ def written(marked, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: 
     return out
 
 
-def test_spatialdata_prediction_opens_and_table_joins_shapes(written: Path, marked) -> None:  # noqa: ANN001
+def test_spatialdata_prediction_opens_and_table_joins_shapes(written: Path, marked) -> None:
     import spatialdata as sd
     from spatialdata import join_spatialelement_table
 
@@ -84,7 +84,7 @@ def test_spatialdata_prediction_opens_and_table_joins_shapes(written: Path, mark
     assert list(joined.obs_names) == [str(b) for b in spots.barcodes[order]]
 
 
-def test_circles_sit_on_the_right_image_pixels(written: Path, marked) -> None:  # noqa: ANN001
+def test_circles_sit_on_the_right_image_pixels(written: Path, marked) -> None:
     import spatialdata as sd
     from spatialdata.transformations import get_transformation
 
@@ -112,7 +112,7 @@ def test_circles_sit_on_the_right_image_pixels(written: Path, marked) -> None:  
         assert (pixels[0, outside[inside_slide, 1], outside[inside_slide, 0]] > 200).mean() > 0.8
 
 
-def test_round_trip_reader_and_spots_from_spatialdata(written: Path, marked, tmp_path: Path) -> None:  # noqa: ANN001
+def test_round_trip_reader_and_spots_from_spatialdata(written: Path, marked, tmp_path: Path) -> None:
     from napari_stem._reader import get_reader
     from napari_stem.spatialdata_io import read_prediction_zarr, spots_from_spatialdata
 
@@ -188,7 +188,7 @@ def test_spots_from_spatialdata_io_visium(spaceranger_outs: Path, tmp_path: Path
     np.testing.assert_allclose(lowres.centers_px, spots.centers_px * 0.0450045, rtol=1e-5)
 
 
-def test_zarr_output_never_replaces_foreign_folders(written: Path, marked, tmp_path: Path) -> None:  # noqa: ANN001
+def test_zarr_output_never_replaces_foreign_folders(written: Path, marked, tmp_path: Path) -> None:
     from napari_stem.errors import StemError
     from napari_stem.spatialdata_io import check_spatialdata_output, write_prediction_zarr
 
@@ -212,16 +212,16 @@ def test_zarr_output_never_replaces_foreign_folders(written: Path, marked, tmp_p
 
 
 def test_cli_predicts_spatialdata_with_spots_from_spatialdata_and_a_hub_checkpoint(
-        written: Path, marked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+        written: Path, marked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """stem-train predict SLIDE --spots X.zarr --checkpoint hf-hub:... --format spatialdata --out OUT.zarr."""
     import shutil
 
     import spatialdata as sd
-    from hub_standin import HubStandin, point_hub_at
-    from tiny_models import save_tiny_checkpoint
 
     import napari_stem.hub as hub_module
+    from hub_standin import HubStandin, point_hub_at
     from stem_train.cli import main
+    from tiny_models import save_tiny_checkpoint
 
     slide_path, spots, _ = marked
     repo = save_tiny_checkpoint(tmp_path / "tiny", ["EPCAM", "KRT8"])
@@ -250,7 +250,7 @@ def test_cli_predicts_spatialdata_with_spots_from_spatialdata_and_a_hub_checkpoi
 
 
 @pytest.mark.gui
-def test_napari_opens_it_with_our_reader_and_napari_spatialdata(make_napari_viewer, qtbot, written: Path, marked) -> None:  # noqa: ANN001
+def test_napari_opens_it_with_our_reader_and_napari_spatialdata(make_napari_viewer, qtbot, written: Path, marked) -> None:
     """napari's own reader dispatch picks napari-stem's reader; napari-spatialdata reads the same folder as is."""
     napari_spatialdata = pytest.importorskip("napari_spatialdata")
     import spatialdata as sd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import anndata
@@ -53,7 +54,7 @@ def test_slides_are_multilevel_for_openslide(synthetic_hest: Path) -> None:
 def test_same_seed_same_data(tmp_path: Path) -> None:
     first = make_demo_dataset(tmp_path / "a", n_slides=1, n_genes=12, seed=3, slide_size_um=600.0)
     second = make_demo_dataset(tmp_path / "b", n_slides=1, n_genes=12, seed=3, slide_size_um=600.0)
-    other = make_demo_dataset(tmp_path / "c", n_slides=1, n_genes=12, seed=4, slide_size_um=600.0)
+    make_demo_dataset(tmp_path / "c", n_slides=1, n_genes=12, seed=4, slide_size_um=600.0)
     assert first == second
     a = anndata.read_h5ad(tmp_path / "a" / "st" / "SYN000.h5ad")
     b = anndata.read_h5ad(tmp_path / "b" / "st" / "SYN000.h5ad")
@@ -63,7 +64,7 @@ def test_same_seed_same_data(tmp_path: Path) -> None:
     assert a.X.shape != c.X.shape or not np.array_equal(a.X.toarray(), c.X.toarray())
 
 
-def _patch_features(sample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN001
+def _patch_features(sample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Simple image features per spot, read back through the slide reader: colour and stain stats."""
     from skimage.color import rgb2hed
 
@@ -118,7 +119,7 @@ def test_real_source_is_split_into_disjoint_tissue(tmp_path: Path, demo_slide_fi
     bands = sorted((tuple(m["source_rows_px"]), m["split"]) for m in metadata.values())
     assert [split for _, split in bands] == [split for split, _ in SOURCE_BANDS]
     gap_px = round(BAND_GAP_UM / 0.5)  # the written slides' default µm/px
-    assert all(b[0][0] - a[0][1] >= gap_px for a, b in zip(bands, bands[1:]))
+    assert all(b[0][0] - a[0][1] >= gap_px for a, b in pairwise(bands))
     # No validation or test patch shows a pixel of training tissue.
     assert shared_tissue(tmp_path) == {}
 
@@ -150,7 +151,7 @@ def test_a_failed_slide_write_leaves_nothing(tmp_path: Path, monkeypatch) -> Non
     image = np.full((1024, 1024, 3), 200, np.uint8)
     calls = []
 
-    def fail_on_second_level(self, *args, **kwargs):  # noqa: ANN001, ANN202
+    def fail_on_second_level(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise OSError("disk full")

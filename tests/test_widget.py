@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tiny_models import save_tiny_checkpoint
 
 gui = pytest.mark.gui
@@ -35,10 +36,10 @@ def embedding_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def open_widget(make_napari_viewer, demo_slide_file: Path, tiny_checkpoint: Path, embedding_cache: Path):  # noqa: ANN001, ANN201
+def open_widget(make_napari_viewer, demo_slide_file: Path, tiny_checkpoint: Path, embedding_cache: Path):
     """A viewer with the demo slide and an ROI, and the widget docked through the manifest, set up."""
 
-    def make(show: bool = False, threads: bool = False):  # noqa: ANN202
+    def make(show: bool = False, threads: bool = False):
         viewer = make_napari_viewer(show=show)
         viewer.open(str(demo_slide_file), plugin="napari-stem")
         viewer.add_shapes([ROI], shape_type="rectangle", name="roi", units=("um", "um"), face_color="transparent")
@@ -76,12 +77,12 @@ def _expected_roi_spots(demo_slide_file: Path) -> np.ndarray:
     return coords[((coords >= low) & (coords <= high)).all(axis=1)]
 
 
-def _wait_until_idle(qtbot, widget) -> None:  # noqa: ANN001
+def _wait_until_idle(qtbot, widget) -> None:
     qtbot.waitUntil(lambda: not widget.controller.running and widget.worker is None, timeout=120_000)
 
 
 @gui
-def test_predict_in_a_worker_then_switch_genes_rerun_and_export(open_widget, qtbot, demo_slide_file: Path, tmp_path: Path, errors) -> None:  # noqa: ANN001
+def test_predict_in_a_worker_then_switch_genes_rerun_and_export(open_widget, qtbot, demo_slide_file: Path, tmp_path: Path, errors) -> None:
     import anndata
     import pandas as pd
 
@@ -158,14 +159,14 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(open_widget, qtb
 
 
 @gui
-def test_cancel_keeps_only_finished_spots(open_widget, qtbot, errors, tmp_path: Path) -> None:  # noqa: ANN001
+def test_cancel_keeps_only_finished_spots(open_widget, qtbot, errors, tmp_path: Path) -> None:
     import anndata
 
     viewer, widget = open_widget(threads=False)
     seen = []
     original = widget._on_yielded
 
-    def on_yielded(job_id, event):  # noqa: ANN001, ANN202 - cancel once the first batch is drawn
+    def on_yielded(job_id, event):  # cancel once the first batch is drawn
         original(job_id, event)
         seen.append((event.stage, event.done))
         if event.stage == "sample" and event.done == 2:
@@ -204,7 +205,7 @@ def test_cancel_keeps_only_finished_spots(open_widget, qtbot, errors, tmp_path: 
 
 
 @gui
-def test_bad_inputs_give_notifications_naming_the_fix(open_widget, errors, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_bad_inputs_give_notifications_naming_the_fix(open_widget, errors, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tifffile
 
     viewer, widget = open_widget(threads=False)
@@ -263,7 +264,7 @@ def test_bad_inputs_give_notifications_naming_the_fix(open_widget, errors, tmp_p
 
 
 @gui
-def test_screenshot_shows_coloured_spots_over_tissue(open_widget, qtbot, errors) -> None:  # noqa: ANN001
+def test_screenshot_shows_coloured_spots_over_tissue(open_widget, qtbot, errors) -> None:
     viewer, widget = open_widget(show=True)
     viewer.layers["roi"].visible = False
     widget.run_button.clicked()
@@ -307,7 +308,7 @@ def test_screenshot_shows_coloured_spots_over_tissue(open_widget, qtbot, errors)
 
 
 # ---------------------------------------------------------------------- the controller alone (no viewer)
-def _fake_job(controller, n_spots: int = 5):  # noqa: ANN001, ANN202
+def _fake_job(controller, n_spots: int = 5):
     from napari_stem._controller import PredictJob, PredictSettings
     from napari_stem.layers import SlideFrame
     from napari_stem.spots import Spots
@@ -321,7 +322,7 @@ def _fake_job(controller, n_spots: int = 5):  # noqa: ANN001, ANN202
     )  # fmt: skip
 
 
-def _sample_event(start: int, stop: int, n_spots: int = 5):  # noqa: ANN202
+def _sample_event(start: int, stop: int, n_spots: int = 5):
     from types import SimpleNamespace
 
     values = np.full((stop - start, 2), float(stop))
@@ -401,7 +402,7 @@ def test_nothreads_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @gui
-def test_interval_choice_draws_enough_samples_or_labels_what_it_gives(open_widget, errors, tmp_path: Path) -> None:  # noqa: ANN001
+def test_interval_choice_draws_enough_samples_or_labels_what_it_gives(open_widget, errors, tmp_path: Path) -> None:
     import json
 
     import anndata
@@ -452,7 +453,7 @@ def test_preview_tissue_from_the_stored_thumbnail_matches_the_decoded_level(demo
 
 
 @gui
-def test_hub_checkpoint_is_fetched_off_the_gui_thread(open_widget, qtbot, errors, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_hub_checkpoint_is_fetched_off_the_gui_thread(open_widget, qtbot, errors, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Typing a hf-hub: reference returns at once: the download runs in a worker, and Predict
     pressed meanwhile starts when it is done."""
     import threading
@@ -464,7 +465,7 @@ def test_hub_checkpoint_is_fetched_off_the_gui_thread(open_widget, qtbot, errors
     monkeypatch.setattr(known_models, "_recent_file", lambda: tmp_path / "recent.json")
     downloads: list[int] = []
 
-    def slow_hub(value):  # noqa: ANN001, ANN202 - the Hub, slow the first time, then cached like hub._resolved
+    def slow_hub(value):  # the Hub, slow the first time, then cached like hub._resolved
         if not hub.is_hub_reference(value):
             return Path(value)
         if not downloads:

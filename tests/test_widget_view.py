@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from test_widget import GENES, ROI, embedding_cache, errors, open_widget, tiny_checkpoint  # noqa: F401 - fixtures
 
 gui = pytest.mark.gui
 
 
-def _hover(viewer, world_rc) -> str:  # noqa: ANN001
+def _hover(viewer, world_rc) -> str:
     """The status line napari shows with the cursor at ``world_rc``."""
     viewer.mouse_over_canvas = True
     viewer.cursor.position = tuple(world_rc)
@@ -26,7 +27,7 @@ def _hover(viewer, world_rc) -> str:  # noqa: ANN001
 
 
 @gui
-def test_mean_on_top_uncertainty_one_click_away(open_widget, errors, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001, F811
+def test_mean_on_top_uncertainty_one_click_away(open_widget, errors, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     viewer, widget = open_widget(threads=False)
     warnings_shown: list[str] = []
     monkeypatch.setattr("napari._vispy.canvas.show_warning", warnings_shown.append)
@@ -98,7 +99,7 @@ def test_mean_on_top_uncertainty_one_click_away(open_widget, errors, monkeypatch
 
 
 @gui
-def test_progress_moves_during_sampling_and_cancel_is_quick(open_widget, qtbot, errors) -> None:  # noqa: ANN001, F811
+def test_progress_moves_during_sampling_and_cancel_is_quick(open_widget, qtbot, errors) -> None:  # noqa: F811
     """Thousands of denoising steps: the bar must move every ≤ 2 s and Cancel act within 2 s."""
     viewer, widget = open_widget(threads=True)
     widget.steps.value = 1000
@@ -159,7 +160,7 @@ def test_controller_reports_steps_and_time_left() -> None:
 
 
 @gui
-def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_viewer, qtbot, demo_slide_file: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: ANN001, F811
+def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_viewer, qtbot, demo_slide_file: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
     import shutil
 
     from napari_stem import preview as preview_module
@@ -167,7 +168,7 @@ def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_view
     from napari_stem.slide import open_slide
     from test_widget import WIDGET
 
-    def shown(before=None):  # noqa: ANN001, ANN202
+    def shown(before=None):
         return lambda: widget.preview.preview is not before and "spot preview" in viewer.layers and viewer.layers["spot preview"].visible
 
     viewer = make_napari_viewer()
@@ -198,7 +199,7 @@ def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_view
     assert abs(len(expected) - len(full_resolution)) <= 0.05 * len(full_resolution)
     assert widget.preview_info.value.startswith(f"~{len(expected)} spots")
 
-    def redraw_after(change) -> float:  # noqa: ANN001 - seconds from a control change to the new preview
+    def redraw_after(change) -> float:  # seconds from a control change to the new preview
         before = widget.preview.preview
         started = time.perf_counter()
         change()
@@ -243,7 +244,7 @@ def test_preview_shows_spots_mask_count_and_cost_before_predict(make_napari_view
 
 
 @gui
-def test_clicking_a_spot_opens_the_inspector_with_its_samples(open_widget, qtbot, errors) -> None:  # noqa: ANN001, F811
+def test_clicking_a_spot_opens_the_inspector_with_its_samples(open_widget, qtbot, errors) -> None:  # noqa: F811
     from napari.utils._proxies import ReadOnlyWrapper
     from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
 
@@ -259,11 +260,11 @@ def test_clicking_a_spot_opens_the_inspector_with_its_samples(open_widget, qtbot
     spot = mean.data[index] + np.array([5.0, -5.0])  # inside the 55 µm disc, off its centre
 
     class Event:  # what napari's canvas sends (world position)
-        def __init__(self, kind: str, position) -> None:  # noqa: ANN001
+        def __init__(self, kind: str, position) -> None:
             self.type, self.position, self.button, self.is_dragging, self.modifiers = kind, tuple(position), 1, False, []
             self.handled = False
 
-    def click(position) -> None:  # noqa: ANN001
+    def click(position) -> None:
         press = ReadOnlyWrapper(Event("mouse_press", position), exceptions=("handled",))
         mouse_press_callbacks(viewer, press)
         mouse_release_callbacks(viewer, ReadOnlyWrapper(Event("mouse_release", position), exceptions=("handled",)))
@@ -303,7 +304,7 @@ def test_clicking_a_spot_opens_the_inspector_with_its_samples(open_widget, qtbot
 
 
 @gui
-def test_spaceranger_outs_open_with_their_he_under_the_spots(make_napari_viewer, spaceranger_outs: Path) -> None:  # noqa: ANN001
+def test_spaceranger_outs_open_with_their_he_under_the_spots(make_napari_viewer, spaceranger_outs: Path) -> None:
     viewer = make_napari_viewer()
     viewer.open(str(spaceranger_outs), plugin="napari-stem")
     image, spots = viewer.layers
@@ -323,7 +324,7 @@ def test_spaceranger_outs_open_with_their_he_under_the_spots(make_napari_viewer,
 
 
 @gui
-def test_reopened_prediction_brings_its_slide_and_labelled_colorbars(open_widget, qtbot, errors, tmp_path: Path, demo_slide_file: Path) -> None:  # noqa: ANN001, F811
+def test_reopened_prediction_brings_its_slide_and_labelled_colorbars(open_widget, qtbot, errors, tmp_path: Path, demo_slide_file: Path) -> None:  # noqa: F811
     from napari_stem._result_layers import colorbar_text
 
     viewer, widget = open_widget(threads=False)
@@ -350,7 +351,7 @@ def test_reopened_prediction_brings_its_slide_and_labelled_colorbars(open_widget
 
 
 @gui
-def test_known_models_list_the_demo_model_and_recent_checkpoints(open_widget, qtbot, errors, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001, F811
+def test_known_models_list_the_demo_model_and_recent_checkpoints(open_widget, qtbot, errors, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     from napari_stem import known_models
 
     monkeypatch.setattr(known_models, "_recent_file", lambda: tmp_path / "recent.json")
@@ -385,7 +386,7 @@ def test_known_models_list_the_demo_model_and_recent_checkpoints(open_widget, qt
 
 
 @gui
-def test_a_hest_folder_opened_later_becomes_the_spots(make_napari_viewer, synthetic_hest: Path) -> None:  # noqa: ANN001
+def test_a_hest_folder_opened_later_becomes_the_spots(make_napari_viewer, synthetic_hest: Path) -> None:
     from test_widget import WIDGET
 
     viewer = make_napari_viewer()

@@ -17,7 +17,7 @@ GENES = ["GA", "GB", "GC"]
 
 
 @pytest.fixture
-def prediction_and_spots():  # noqa: ANN201
+def prediction_and_spots():
     from napari_stem.sampling import Prediction
 
     rng = np.random.default_rng(0)
@@ -38,11 +38,11 @@ def prediction_and_spots():  # noqa: ANN201
     return prediction, spots
 
 
-def _layers(prediction, spots):  # noqa: ANN001, ANN202
+def _layers(prediction, spots):
     return [prediction_layer_data(prediction, spots, kind) for kind in ("mean", "sd")]
 
 
-def test_prediction_layer_data(prediction_and_spots) -> None:  # noqa: ANN001
+def test_prediction_layer_data(prediction_and_spots) -> None:
     prediction, spots = prediction_and_spots
     (coords, kwargs, layer_type), (_, sd_kwargs, _) = _layers(prediction, spots)
     assert layer_type == "points" and kwargs["name"] == "GA mean" and sd_kwargs["name"] == "GA sd"
@@ -77,7 +77,7 @@ def test_gene_contrast_limits_are_robust() -> None:
     assert low < 3.0 < high
 
 
-def test_h5ad_writer_is_the_cli_layout_and_round_trips(tmp_path: Path, prediction_and_spots) -> None:  # noqa: ANN001
+def test_h5ad_writer_is_the_cli_layout_and_round_trips(tmp_path: Path, prediction_and_spots) -> None:
     import anndata
 
     from napari_stem._writer import write_h5ad
@@ -95,7 +95,7 @@ def test_h5ad_writer_is_the_cli_layout_and_round_trips(tmp_path: Path, predictio
     assert json.loads(adata.uns["napari_stem"]["provenance_json"])["encoder"] == "efficientnet_lite0"
 
 
-def test_writers_keep_only_shown_and_predicted_spots(tmp_path: Path, prediction_and_spots) -> None:  # noqa: ANN001
+def test_writers_keep_only_shown_and_predicted_spots(tmp_path: Path, prediction_and_spots) -> None:
     import anndata
 
     from napari_stem._writer import write_csv, write_h5ad
@@ -110,7 +110,7 @@ def test_writers_keep_only_shown_and_predicted_spots(tmp_path: Path, prediction_
     assert pd.read_csv(tmp_path / "p.csv")["barcode"].tolist() == ["b0", "b2", "b3"]
 
 
-def test_csv_writer(tmp_path: Path, prediction_and_spots) -> None:  # noqa: ANN001
+def test_csv_writer(tmp_path: Path, prediction_and_spots) -> None:
     from napari_stem._writer import write_csv
 
     prediction, spots = prediction_and_spots
@@ -123,14 +123,14 @@ def test_csv_writer(tmp_path: Path, prediction_and_spots) -> None:  # noqa: ANN0
     np.testing.assert_allclose(table["x_um"], spots.centers_px[:, 0] * 0.5)
 
 
-def test_csv_write_is_atomic(tmp_path: Path, prediction_and_spots, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_csv_write_is_atomic(tmp_path: Path, prediction_and_spots, monkeypatch: pytest.MonkeyPatch) -> None:
     from napari_stem import _writer
 
     prediction, spots = prediction_and_spots
     out = tmp_path / "pred.csv"
     out.write_text("old\n")
 
-    def broken_to_csv(self, path, **kwargs):  # noqa: ANN001, ANN202
+    def broken_to_csv(self, path, **kwargs):
         Path(path).write_text("half")
         raise OSError("disk full")
 
@@ -147,7 +147,7 @@ def test_writer_refuses_other_layers(tmp_path: Path) -> None:
         write_h5ad(str(tmp_path / "x.h5ad"), [(np.zeros((2, 2)), {"metadata": {}}, "points")])
 
 
-def test_prediction_h5ad_reopens_as_mean_and_variance(tmp_path: Path, prediction_and_spots) -> None:  # noqa: ANN001
+def test_prediction_h5ad_reopens_as_mean_and_variance(tmp_path: Path, prediction_and_spots) -> None:
     from napari_stem._reader import get_reader
     from napari_stem._writer import write_h5ad
 
@@ -170,12 +170,12 @@ def test_prediction_h5ad_reopens_as_mean_and_variance(tmp_path: Path, prediction
     np.testing.assert_allclose(anndata.read_h5ad(again).layers["variance"], prediction.variance)
 
 
-def test_prediction_h5ad_reopens_over_its_thumbnail_when_the_slide_is_gone(tmp_path: Path, prediction_and_spots, demo_slide_file: Path) -> None:  # noqa: ANN001
+def test_prediction_h5ad_reopens_over_its_thumbnail_when_the_slide_is_gone(tmp_path: Path, prediction_and_spots, demo_slide_file: Path) -> None:
+    import shutil
+
     from napari_stem._reader import get_reader
     from napari_stem.anndata_io import write_prediction
     from napari_stem.slide import open_slide
-
-    import shutil
 
     prediction, spots = prediction_and_spots
     moved = tmp_path / "moved_away.svs"

@@ -12,7 +12,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0+unknown"
 
-from napari_stem.errors import (  # noqa: E402
+from napari_stem.errors import (
     CheckpointError,
     DatasetError,
     EncoderError,

@@ -450,7 +450,7 @@ class PredictController:
 
         settings, now = self.job.settings, time.perf_counter()
         metadata = self.result.prediction.metadata
-        rows_steps = n_spots * int(metadata.get("n_samples", settings.n_samples)) * int(str(metadata.get("steps", settings.steps)).lstrip("ddim") or 1)
+        rows_steps = n_spots * int(metadata.get("n_samples", settings.n_samples)) * int(str(metadata.get("steps", settings.steps)).removeprefix("ddim") or 1)
         embed = None if self._from_cache else (self._stage_started_at - self._started_at) / max(n_spots, 1)
         record_pace(str(metadata.get("device", settings.device)), self.job.encoder,
                     embed_seconds_per_spot=embed, sample_seconds_per_row_step=(now - self._stage_started_at) / max(rows_steps, 1))

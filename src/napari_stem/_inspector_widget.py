@@ -47,7 +47,7 @@ class SampleHistogram(QWidget):
         bins = int(np.clip(np.sqrt(len(samples)) * 2, 4, 30))
         return np.histogram(samples, bins=bins, range=self.value_range())
 
-    def paintEvent(self, _event: Any) -> None:  # noqa: N802 - Qt's name
+    def paintEvent(self, _event: Any) -> None:  # Qt's name
         if self.report is None:
             return
         painter = QPainter(self)

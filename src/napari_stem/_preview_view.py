@@ -87,7 +87,7 @@ class SpotPreview:
             preview = self._compute(slide, mpp, settings)
         except StemError as exc:
             return self._clear(str(exc))
-        except Exception as exc:  # noqa: BLE001 - a preview must never break the widget; Predict will say more
+        except Exception as exc:  # a preview must never break the widget; Predict will say more
             return self._clear(f"no preview: {type(exc).__name__}: {exc}")
         if widget.spots.value == _grid():
             self._draw(preview, slide)
@@ -148,7 +148,7 @@ class SpotPreview:
         try:
             selected = preview.spots.subset(preview.selected)
             return self.widget.controller._cache_path(Path(slide.path), selected, embedding, settings.encoder_weights).exists()
-        except Exception:  # noqa: BLE001 - an estimate only
+        except Exception:  # an estimate only
             return False
 
     def _find_tissue(self, path: Any, mpp: float) -> None:

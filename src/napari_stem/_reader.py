@@ -61,7 +61,7 @@ def read_slide(path: str | list[str]) -> list:
     return [slide_layer_data(slide)]
 
 
-def unknown_pixel_size_notice(slide) -> str:  # noqa: ANN001
+def unknown_pixel_size_notice(slide) -> str:
     """What the user sees when a slide opens in pixels, not µm."""
     problem = slide.mpp_problem or "records no pixel size"
     return (f"{slide.path.name} {problem}: it is shown in pixels, not µm. Enter its µm/px in the napari-stem widget "
@@ -100,7 +100,7 @@ def read_prediction_h5ad(path: str | list[str]) -> list:
     return [layer for layer in layers if layer is not None]
 
 
-def _prediction_slide_layer(path: Path, slide_path: str | None, spots) -> tuple | None:  # noqa: ANN001
+def _prediction_slide_layer(path: Path, slide_path: str | None, spots) -> tuple | None:
     """The slide under a re-opened prediction: its file, else the file's own thumbnail, else None."""
     from napari_stem.layers import slide_layer_data
     from napari_stem.slide import open_slide
@@ -108,7 +108,7 @@ def _prediction_slide_layer(path: Path, slide_path: str | None, spots) -> tuple 
     if slide_path and Path(slide_path).is_file():
         try:
             return slide_layer_data(open_slide(slide_path, mpp=spots.mpp))
-        except Exception:  # noqa: BLE001 - an unreadable slide only loses the background
+        except Exception:  # an unreadable slide only loses the background
             pass
     import anndata
 
@@ -117,12 +117,12 @@ def _prediction_slide_layer(path: Path, slide_path: str | None, spots) -> tuple 
         library = next(iter(adata.uns["spatial"].values()))
         image = np.asarray(library["images"]["downscaled_fullres"])
         scale = float(library["scalefactors"]["tissue_downscaled_fullres_scalef"])
-    except Exception:  # noqa: BLE001 - no thumbnail recorded
+    except Exception:  # no thumbnail recorded
         return None
     return _image_layer_in_spot_frame(image, scale, spots, f"{path.stem} thumbnail")
 
 
-def _image_layer_in_spot_frame(image: np.ndarray, image_per_fullres: float, spots, name: str) -> tuple:  # noqa: ANN001
+def _image_layer_in_spot_frame(image: np.ndarray, image_per_fullres: float, spots, name: str) -> tuple:
     """An RGB image whose pixel (i, j) is full-resolution pixel (i, j) / ``image_per_fullres``,
     placed in the spots' frame (µm when their µm/px is known, else full-resolution pixels)."""
     fullres_per_pixel = 1.0 / image_per_fullres
@@ -164,7 +164,7 @@ def read_spaceranger(path: str | list[str]) -> list:
     return [layer] if image is None else [image, layer]
 
 
-def _spaceranger_image(outs: Path, spots, name: str) -> tuple | None:  # noqa: ANN001
+def _spaceranger_image(outs: Path, spots, name: str) -> tuple | None:
     """The best H&E spaceranger kept (hires, else lowres), scaled by its scale factor onto the spots."""
     import json
 
@@ -204,7 +204,7 @@ def _spaceranger_outs(folder: Path) -> Path | None:
 
 def read_hest_folder(path: str | list[str]) -> list:
     """The first sample of a HEST folder: slide and spots together, in the same µm frame."""
-    from napari_stem.hest import hest_sample_ids, hest_sample
+    from napari_stem.hest import hest_sample, hest_sample_ids
     from napari_stem.layers import slide_layer_data, spots_layer_data
 
     root = Path(_single(path))

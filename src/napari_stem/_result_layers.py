@@ -89,7 +89,7 @@ def label_colorbars_when_added() -> None:
     try:
         import napari
         from qtpy.QtCore import QTimer
-    except Exception:  # noqa: BLE001 - no Qt (the reader used headless)
+    except Exception:  # no Qt (the reader used headless)
         return
 
     def label() -> None:
@@ -110,7 +110,7 @@ def _label_overlay(text: str) -> Any:
     """A text overlay that follows its layer (shown with it, tiled with its colorbar)."""
     try:
         cls = _label_overlay_class()
-    except Exception:  # noqa: BLE001 - napari internals moved: no label, the colorbar still shows
+    except Exception:  # napari internals moved: no label, the colorbar still shows
         return None
     return cls(text=text, visible=True, position="top_right", font_size=10)
 

@@ -31,7 +31,7 @@ def read_prediction_spatialdata(path: str | list[str]) -> list:
     return [layer for layer in layers if layer is not None]
 
 
-def _image_layer(sdata, spots, name: str) -> tuple | None:  # noqa: ANN001
+def _image_layer(sdata, spots, name: str) -> tuple | None:
     """The zarr's H&E as a multiscale RGB layer scaled onto the spots (µm when known, else full-res px)."""
     from spatialdata.transformations import get_transformation
 

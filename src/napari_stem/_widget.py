@@ -40,6 +40,7 @@ from napari.layers import Layer
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QComboBox
 
+from napari_stem import _result_layers
 from napari_stem._controller import (
     DEVICES,
     GRID,
@@ -57,10 +58,9 @@ from napari_stem.intervals import DEFAULT_CHOICE as DEFAULT_INTERVALS
 from napari_stem.intervals import describe as describe_intervals
 from napari_stem.intervals import samples_for_levels
 from napari_stem.known_models import HUB_PREFIX
-from napari_stem import _result_layers
 from napari_stem.layers import SPOT_OPACITY, UNCERTAINTY_KINDS, SlideFrame, has_interval, prediction_layer_data
-from napari_stem.validate import MAX_DIFFUSION_STEPS
 from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
+from napari_stem.validate import MAX_DIFFUSION_STEPS
 
 if TYPE_CHECKING:
     import napari
@@ -284,7 +284,7 @@ class PredictWidget(Container):
         if not self.use_threads:
             try:
                 built(build_demo_model())
-            except Exception as exc:  # noqa: BLE001 - shown to the user
+            except Exception as exc:  # shown to the user
                 failed(exc)
             return
         from napari.qt.threading import create_worker
@@ -345,7 +345,7 @@ class PredictWidget(Container):
         if not self.use_threads:
             try:
                 metadata = self.controller.fetch_checkpoint(reference)
-            except Exception as exc:  # noqa: BLE001 - shown to the user
+            except Exception as exc:  # shown to the user
                 return failed(exc)
             return fetched(metadata)
         from napari.qt.threading import create_worker
@@ -458,7 +458,7 @@ class PredictWidget(Container):
 
         events = self.controller.run(job)
 
-        def work():  # noqa: ANN202 - a generator function, so napari makes a GeneratorWorker
+        def work():  # a generator function, so napari makes a GeneratorWorker
             return (yield from events)
 
         self.worker = create_worker(
@@ -479,7 +479,7 @@ class PredictWidget(Container):
                     outcome = stop.value
                     break
                 handlers["yielded"](event)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, like the worker's errored signal
+        except Exception as exc:  # shown to the user, like the worker's errored signal
             handlers["errored"](exc)
             return
         finally:

@@ -109,7 +109,7 @@ def write_h5ad_atomic(adata: Any, path: str | Path) -> Path:
     return replace_atomically(path, lambda partial: adata.write_h5ad(partial, compression="gzip"))
 
 
-def write_prediction(path: str | Path, prediction: Any, spots: Spots, slide: Any = None, format: str = "h5ad") -> Path:  # noqa: A002
+def write_prediction(path: str | Path, prediction: Any, spots: Spots, slide: Any = None, format: str = "h5ad") -> Path:
     """Export a prediction as ``.h5ad`` (see the module docstring for the layout), or with
     ``format="zarr"`` as a SpatialData ``.zarr`` folder (:mod:`napari_stem.spatialdata_io`)."""
     if format == "zarr":

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
 #: This machine's name as it appears in temporary file names (letters, digits, '-', '_').
 _HOST = re.sub(r"[^\w-]", "-", socket.gethostname())[:64] or "host"
 

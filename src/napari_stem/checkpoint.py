@@ -157,7 +157,7 @@ def checked_target_range(target_range, n_genes: int, where: str) -> dict:
         raise CheckpointError(f"{where}: target_range must be {{'min': [...], 'max': [...]}} ({exc})") from exc
     if len(low) != n_genes or len(high) != n_genes:
         raise CheckpointError(f"{where}: target_range has {len(low)}/{len(high)} values for {n_genes} genes")
-    if not all(math.isfinite(a) and math.isfinite(b) and a <= b for a, b in zip(low, high)):
+    if not all(math.isfinite(a) and math.isfinite(b) and a <= b for a, b in zip(low, high, strict=True)):
         raise CheckpointError(f"{where}: target_range must be finite with min <= max for every gene")
     return {"min": low, "max": high}
 
@@ -370,7 +370,7 @@ def _gene_difference(in_checkpoint: list[str], expected: list[str]) -> str:
     only_checkpoint = [g for g in in_checkpoint if g not in set(expected)]
     only_expected = [g for g in expected if g not in set(in_checkpoint)]
     if not only_checkpoint and not only_expected:
-        first = next(i for i, (a, b) in enumerate(zip(in_checkpoint, expected)) if a != b)
+        first = next(i for i, (a, b) in enumerate(zip(in_checkpoint, expected, strict=False)) if a != b)
         return (f"same genes in a different order (position {first}: '{in_checkpoint[first]}' "
                 f"in the checkpoint, '{expected[first]}' expected)")
     return (f"{len(only_expected)} expected genes are not in the checkpoint {_preview(only_expected)}; "

@@ -628,7 +628,7 @@ def iter_embed_slide_cached(
         try:
             if handle.id.valid:
                 handle.close()  # may fail again after a write error (disk full): the file is dropped anyway
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         temp_path.unlink(missing_ok=True)
 

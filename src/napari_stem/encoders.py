@@ -240,7 +240,7 @@ class _SingleEncoder(Encoder):
         std,
         input_size: int,
         interpolation: str,
-    ) -> None:  # noqa: ANN001
+    ) -> None:
         import torch
 
         self.spec = spec

@@ -37,12 +37,12 @@ class HestSample:
     def patient(self) -> str:
         return str(self.metadata.get("patient") or self.sample_id)
 
-    def open_slide(self):  # noqa: ANN201
+    def open_slide(self):
         from napari_stem.slide import open_slide
 
         return open_slide(self.wsi_path, mpp=self.mpp)
 
-    def read_spots(self):  # noqa: ANN201
+    def read_spots(self):
         from napari_stem.spots import read_spots_h5ad
 
         return read_spots_h5ad(self.st_path, mpp=self.mpp)
@@ -94,7 +94,7 @@ def hest_sample(root: str | Path, sample_id: str) -> HestSample:
     return HestSample(sample_id=sample_id, wsi_path=wsi_path, st_path=st_path, metadata=metadata)
 
 
-def download(out_dir: str | Path, sample_ids: Sequence[str] | None = None, **options: Any):  # noqa: ANN201
+def download(out_dir: str | Path, sample_ids: Sequence[str] | None = None, **options: Any):
     """Fetch HEST-1k samples from the Hugging Face Hub into ``out_dir`` in this layout.
 
     See :func:`napari_stem.hest_download.download` (filters, parts, dry run, resume).

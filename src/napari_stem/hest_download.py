@@ -93,7 +93,7 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} PB"  # pragma: no cover
 
 
-def _hub():  # noqa: ANN202
+def _hub():
     from napari_stem.hub import _hub as hub
 
     return hub()
@@ -106,7 +106,7 @@ def _call(fn: Callable[[], Any], repo_id: str, what: str) -> Any:
         return fn()
     except DatasetError:
         raise
-    except Exception as exc:  # noqa: BLE001 - client errors become one line
+    except Exception as exc:  # client errors become one line
         raise hub_error(exc, repo_id, "dataset", what=what) from exc
 
 

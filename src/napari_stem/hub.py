@@ -55,7 +55,7 @@ def parse_hub_reference(value: str | Path) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-def _hub():  # noqa: ANN202
+def _hub():
     try:
         import huggingface_hub
     except ImportError as exc:
@@ -79,7 +79,7 @@ def resolve_checkpoint(value: str | Path) -> Path:
     hub = _hub()
     try:
         folder = Path(hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(CHECKPOINT_FILES)))
-    except Exception as exc:  # noqa: BLE001 - every client error becomes one line naming the repo
+    except Exception as exc:  # every client error becomes one line naming the repo
         raise hub_error(exc, repo_id, "model", what=f"checkpoint {value}") from exc
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
     if missing:
@@ -112,7 +112,7 @@ def resolve_weights_file(value: str | Path) -> Path:
             last = exc
             if isinstance(exc, hub.errors.LocalEntryNotFoundError):
                 break
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise hub_error(exc, repo_id, "model", what=f"encoder weights {value}") from exc
     raise hub_error(last, repo_id, "model", what=f"encoder weights {value} (looked for {', '.join(candidates)})")
 
@@ -129,7 +129,7 @@ def _not_a_checkpoint_message(value: Any, repo_id: str, revision: str | None, mi
                      "a reference checkpoint you trust locally with stem-train import-reference.")
         else:
             holds = f" It holds {', '.join(files[:5]) or 'no files'}."
-    except Exception:  # noqa: BLE001 - the listing only improves the message
+    except Exception:  # the listing only improves the message
         pass
     return (f"Hub repo '{repo_id}' ({value}) is not a napari-stem checkpoint: no {' or '.join(missing)}; a napari-stem "
             f"checkpoint on the Hub is {CONFIG_FILE} + {WEIGHTS_FILE}.{holds}")
@@ -288,6 +288,6 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, *, report: str | Path 
             api.upload_folder(repo_id=repo_id, folder_path=str(staging), repo_type="model", revision=revision,
                               commit_message=commit_message or f"napari-stem checkpoint ({len(metadata.get('genes', []))} genes)",
                               allow_patterns=list(CHECKPOINT_FILES))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise hub_error(exc, repo_id, "model", what=f"push to {repo_id}") from exc
     return f"https://huggingface.co/{repo_id}"

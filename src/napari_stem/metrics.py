@@ -418,7 +418,7 @@ def _written_intervals(truth: np.ndarray, intervals: Sequence[dict], per_gene: d
     return checks
 
 
-def _calibration(truth, mean, variance, samples, quantiles, levels, seed, per_gene, intervals=None) -> dict:  # noqa: ANN001
+def _calibration(truth, mean, variance, samples, quantiles, levels, seed, per_gene, intervals=None) -> dict:
     """The calibration block of :func:`score` (fills per-gene columns in place)."""
     has_spread = variance is not None and np.nanmax(np.asarray(variance, dtype=np.float64), initial=0.0) > 0
     quantiles = {round(float(q), 10): np.asarray(v) for q, v in (quantiles or {}).items()}

@@ -223,7 +223,7 @@ def _check_finite(batch: Any, loaded: Any) -> None:
         )
 
 
-def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers, encoder=None):  # noqa: ANN001, ANN202
+def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers, encoder=None):
     """Embedding stage of :func:`iter_predict` (a sub-generator whose return value is the array)."""
     from napari_stem.embed import iter_embed_slide_cached, iter_embed_spots
 

@@ -28,7 +28,13 @@ from napari_stem.diffusion import (
 from napari_stem.intervals import IntervalSpec, plan_intervals
 from napari_stem.model import StemModel
 from napari_stem.precision import autocast, resolve_precision
-from napari_stem.values import DEFAULT_SAMPLER, SAMPLERS, Prediction, SampleBatch, SampleStep  # re-exported: their old home
+from napari_stem.values import (  # re-exported: their old home
+    DEFAULT_SAMPLER,
+    SAMPLERS,
+    Prediction,
+    SampleBatch,
+    SampleStep,
+)
 
 ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # spots x samples per forward, by default
 #: Each solver's timesteps for an integer ``steps`` (diffusion.solver_timesteps), chosen with

@@ -43,7 +43,7 @@ DEFAULT_IMAGE_MAX_SIZE = 4096
 ZARR_SUFFIX = ".zarr"
 
 
-def _spatialdata():  # noqa: ANN202
+def _spatialdata():
     try:
         import spatialdata
     except ImportError as exc:

@@ -111,7 +111,7 @@ def read_spots_h5ad(path: str | Path, mpp: float | None = None) -> Spots:
     return spots
 
 
-def spots_from_anndata(adata, source: str | Path = "<AnnData>", mpp: float | None = None) -> Spots:  # noqa: ANN001
+def spots_from_anndata(adata, source: str | Path = "<AnnData>", mpp: float | None = None) -> Spots:
     """Spots of an in-memory AnnData laid out as HEST/scanpy spatial data."""
     if "spatial" not in adata.obsm:
         raise SpotsError(
@@ -132,7 +132,7 @@ def spots_from_anndata(adata, source: str | Path = "<AnnData>", mpp: float | Non
     )
 
 
-def spot_diameter_fullres(adata, source: str | Path = "<AnnData>") -> float:  # noqa: ANN001
+def spot_diameter_fullres(adata, source: str | Path = "<AnnData>") -> float:
     """``uns['spatial'][library]['scalefactors']['spot_diameter_fullres']`` of the first library."""
     libraries = adata.uns.get("spatial", {}) if hasattr(adata.uns, "get") else {}
     for library in libraries.values() if hasattr(libraries, "values") else []:

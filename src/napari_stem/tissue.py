@@ -56,7 +56,7 @@ def stored_thumbnail(path: Any, backend: str) -> np.ndarray | None:
             for series in tif.series[1:]:
                 if (series.name or "").lower() == "thumbnail" and series.ndim == 3 and series.shape[-1] in (3, 4) and series.dtype == np.uint8:
                     return np.asarray(series.asarray())[..., :3]
-    except Exception:  # noqa: BLE001 - an unreadable thumbnail only means the slower overview
+    except Exception:  # an unreadable thumbnail only means the slower overview
         return None
     return None
 

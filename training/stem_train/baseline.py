@@ -124,7 +124,6 @@ def load_split(manifest: Any, split: str, transform: str) -> list[dict[str, Any]
     spots, counts and embeddings as the Stem model.
     """
     from napari_stem import metrics
-
     from stem_train.data import slide_counts, slide_embeddings
 
     slides = []
@@ -409,8 +408,8 @@ def run_baselines(
 def _write_baseline_prediction(path: Path, mean: np.ndarray, manifest: Any, slide: dict, provenance: dict) -> Path:
     from napari_stem.anndata_io import write_prediction
     from napari_stem.hest import hest_sample
-    from napari_stem.values import Prediction
     from napari_stem.spots import read_spots_h5ad
+    from napari_stem.values import Prediction
 
     prediction = Prediction(mean=mean, variance=np.zeros_like(mean), genes=list(manifest.genes), metadata=provenance)
     spots = read_spots_h5ad(slide["st_path"])

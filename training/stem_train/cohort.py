@@ -26,7 +26,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,7 @@ def _cuda_device_count() -> int:
         import torch
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - no usable CUDA is simply no GPU
+    except Exception:  # no usable CUDA is simply no GPU
         return 0
 
 
@@ -217,7 +217,7 @@ def output_size(path: str | Path) -> int:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 # ---------------------------------------------------------------------- tasks and their outcomes
@@ -318,7 +318,7 @@ def run_task(task: SlideTask, torch_threads: int | None = None, run_id: str = ""
             result = dict(task.function(**task.kwargs) or {})
         state.sha256, state.size = file_sha256(task.output), output_size(task.output)
         state.state, state.result = "done", result
-    except Exception as exc:  # noqa: BLE001 - one slide's failure is recorded; the others go on
+    except Exception as exc:  # one slide's failure is recorded; the others go on
         state.state, state.error = "failed", describe_error(exc)
     state.seconds, state.finished = round(time.perf_counter() - start, 3), _now()
     write_state(task.output, state)
@@ -500,7 +500,7 @@ def _run_on_dask(client: Any, todo: Sequence[SlideTask], torch_threads: int | No
                 task = futures[future]
                 try:
                     outcome = future.result()
-                except Exception as exc:  # noqa: BLE001 - KilledWorker (the slide killed its workers), lost scheduler, ...
+                except Exception as exc:  # KilledWorker (the slide killed its workers), lost scheduler, ...
                     outcome = _lost(task, exc)
                 finished(outcome)
             if lines is not None:
@@ -524,7 +524,7 @@ class WorkerLines:
 
         try:
             processing = self.client.processing()
-        except Exception:  # noqa: BLE001 - a display must never stop the cohort
+        except Exception:  # a display must never stop the cohort
             return
         prefix = "stem-slide-"
         for worker in sorted(set(processing) | set(self.bars)):
@@ -679,7 +679,6 @@ def _spot_count(spots_path: Path | None) -> int | None:
 def embed_slide_task(sample: Any, spots: Any, cache_path: Path, encoder: dict, patch: dict, options: dict) -> dict:
     """One slide of ``stem-train prepare`` on a worker: ``prepare.embed_slide`` with this worker's encoder."""
     from napari_stem.embed import PatchSpec
-
     from stem_train.prepare import embed_slide
 
     device = worker_device(encoder["device"] or "auto")

@@ -20,7 +20,6 @@ import numpy as np
 from napari_stem import metrics
 from napari_stem.embed import N_AUGMENTATIONS, read_embedding_cache
 from napari_stem.errors import DatasetError, describe_path
-
 from stem_train.manifest import PreparedDataset, PreparedSlide
 
 #: Count → model target, as the metrics define them. ``log2p1`` is the reference's (no library-size normalisation).
@@ -47,7 +46,7 @@ def slide_counts(manifest: PreparedDataset, slide: PreparedSlide) -> np.ndarray:
     adata = anndata.read_h5ad(path)
     columns = adata.var_names.get_indexer(manifest.genes)
     if (columns < 0).any():
-        absent = [gene for gene, column in zip(manifest.genes, columns) if column < 0]
+        absent = [gene for gene, column in zip(manifest.genes, columns, strict=True) if column < 0]
         raise DatasetError(f"{describe_path(path)} lacks panel genes {absent[:5]}; re-run 'stem-train prepare'.")
     if adata.n_obs != slide.n_spots:
         raise DatasetError(

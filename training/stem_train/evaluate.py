@@ -136,7 +136,7 @@ def read_gene_panel(path: str | Path) -> list[str]:
     return read_gene_list(path, error=EvaluationError)
 
 
-def _read_h5ad(path: Path, role: str):  # noqa: ANN202
+def _read_h5ad(path: Path, role: str):
     import anndata
 
     if not path.exists():
@@ -729,7 +729,7 @@ def intervals_verdict(checks: list[dict]) -> str:
         f"{c['tolerance']:.2f} at {c['n_spots']} spots; {c['source']})" for c in narrow)
 
 
-def _plots(report, truth_values, arrays, genes, per_gene, context, prediction_path, out_dir, marker_genes, title) -> dict:  # noqa: ANN001
+def _plots(report, truth_values, arrays, genes, per_gene, context, prediction_path, out_dir, marker_genes, title) -> dict:
     from stem_train import plots
 
     label = title or Path(prediction_path).stem

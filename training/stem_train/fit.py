@@ -41,7 +41,6 @@ from napari_stem.validate import (
     POSITIVE_INT,
     STEPS,
 )
-
 from stem_train.manifest import PreparedDataset
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -179,7 +178,6 @@ def train(args: argparse.Namespace, ctx: Any) -> None:
 
     from napari_stem.diffusion import create_diffusion
     from napari_stem.model import StemConfig, StemModel, count_parameters
-
     from stem_train import distributed
     from stem_train.data import BatchOrder, assemble_held_out, assemble_training_set
 

@@ -233,7 +233,7 @@ def _count_blocks(adatas: Mapping[str, Any], genes: list[str], chunk: int):
     for adata in adatas.values():
         indices = adata.var_names.get_indexer(genes)
         if (indices < 0).any():
-            raise DatasetError(f"a slide lacks genes {_preview([g for g, i in zip(genes, indices) if i < 0])}")
+            raise DatasetError(f"a slide lacks genes {_preview([g for g, i in zip(genes, indices, strict=True) if i < 0])}")
         for start in range(0, len(genes), chunk):
             columns = slice(start, min(start + chunk, len(genes)))
             values = adata.X[:, indices[columns]]

@@ -15,7 +15,7 @@ import numpy as np
 DPI = 110
 
 
-def _figure(width: float, height: float):  # noqa: ANN202
+def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -24,7 +24,7 @@ def _figure(width: float, height: float):  # noqa: ANN202
     return figure
 
 
-def _save(figure, path: str | Path) -> Path:  # noqa: ANN001
+def _save(figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()

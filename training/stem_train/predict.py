@@ -23,7 +23,16 @@ from napari_stem.errors import StemError, describe_path
 from napari_stem.intervals import DEFAULT_LEVELS
 from napari_stem.precision import PRECISION_HELP, PRECISIONS
 from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
-from napari_stem.validate import BATCH_SIZE, FRACTION, MPP, NON_NEGATIVE_INT, POSITIVE_FLOAT, SAMPLES, STEPS, check_steps
+from napari_stem.validate import (
+    BATCH_SIZE,
+    FRACTION,
+    MPP,
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    SAMPLES,
+    STEPS,
+    check_steps,
+)
 
 
 @dataclass

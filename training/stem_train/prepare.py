@@ -16,7 +16,6 @@ from typing import Any
 from napari_stem.errors import DatasetError, describe_path
 from napari_stem.precision import PRECISION_HELP, PRECISIONS
 from napari_stem.validate import BATCH_SIZE, NON_NEGATIVE_INT, POSITIVE_INT
-
 from stem_train import genes as gene_selection
 from stem_train.manifest import EMBEDDINGS_DIR, MANIFEST_FILE, PreparedDataset, PreparedSlide
 
@@ -191,8 +190,13 @@ def _embed_samples(args: argparse.Namespace, samples: list[Any], spots_by_sample
     dims: dict[str, int] = {}
     if args.scheduler.distributed:  # one Dask task per slide, each running embed_slide below
         from napari_stem.embed import spots_fingerprint
-
-        from stem_train.cohort import SlideTask, embed_slide_task, refuse_under_torchrun, run_cohort, settings_fingerprint
+        from stem_train.cohort import (
+            SlideTask,
+            embed_slide_task,
+            refuse_under_torchrun,
+            run_cohort,
+            settings_fingerprint,
+        )
 
         refuse_under_torchrun(args.scheduler)
         encoder_spec = {"name": args.encoder, "weights": args.encoder_weights, "precision": args.precision,
