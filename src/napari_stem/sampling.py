@@ -88,9 +88,9 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
 
     ``steps``: an int N keeps N of the 1000 training steps evenly spread (the reference sampler's
     ``create_diffusion(str(N))``; 1000 = the full chain), or a respacing string like "ddim50".
-    ``sampler``: "ancestral" (the reference's p_sample_loop; the default, see
-    :data:`napari_stem.predict.DEFAULT_SAMPLER`) or "ddim" (``eta`` 0 = deterministic given the
-    start noise). ``batch_size``: spots per batch (each brings ``n_samples`` rows); default ~256
+    ``sampler``: one of :data:`napari_stem.values.SAMPLERS`, by default
+    :data:`~napari_stem.values.DEFAULT_SAMPLER`; "ancestral" is the reference's p_sample_loop, "ddim"
+    (``eta`` 0 = deterministic given the start noise) its DDIM loop. ``batch_size``: spots per batch (each brings ``n_samples`` rows); default ~256
     rows on CPU, ~4096 on CUDA. ``precision``: "auto" = bf16 autocast on CUDA and on CPUs with
     native bf16 (:mod:`napari_stem.precision`), else fp32; "bf16" or "fp32" to force. A
     StemModel passed in is moved to ``device``. ``quantiles``: interpolated quantile levels;
