@@ -5,8 +5,9 @@ manifests, evaluation reports, cohort state files, the cached demo assets) put t
 hidden sibling named by :func:`temporary_sibling` (target name, process id and host, kind) and
 rename it into place, so a crash or Ctrl-C mid-write leaves the target untouched. A few small
 side files are written in place: the recent-checkpoints list, figures, ``stem-train baseline``'s
-summary, and the model card in the temporary folder ``stem-train push`` uploads. A killed process (SIGKILL, OOM, power) cannot remove its sibling; the next writer of
-the same target does, with :func:`remove_stale_temporaries`, once that process is gone.
+summary, and the model card in the temporary folder ``stem-train push`` uploads. A killed process
+(SIGKILL, OOM, power) cannot remove its sibling; the next writer of the same target does, with
+:func:`remove_stale_temporaries`, once that process is gone.
 """
 
 from __future__ import annotations
