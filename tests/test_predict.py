@@ -130,3 +130,16 @@ def _plain_h5ad(tmp_path: Path) -> Path:
     path = tmp_path / "plain.h5ad"
     anndata.AnnData(X=np.zeros((2, 2), np.float32)).write_h5ad(path)
     return path
+
+
+def test_predict_options_are_iter_predicts_keywords_with_its_defaults() -> None:
+    """PredictOptions (napari_stem.values) stands for iter_predict's sampling keywords: same names, same defaults."""
+    import inspect
+
+    from napari_stem.predict import iter_predict
+    from napari_stem.values import PredictOptions
+
+    parameters = inspect.signature(iter_predict).parameters
+    options = PredictOptions().as_kwargs()
+    assert set(options) <= set(parameters), set(options) - set(parameters)
+    assert {name: parameters[name].default for name in options} == options

@@ -352,24 +352,28 @@ class PredictController:
         ``iter_predict`` so its temporary files are removed; else ``"done"``.
         """
         from napari_stem.predict import iter_predict
+        from napari_stem.values import PredictOptions
 
         settings = job.settings
-        events = iter_predict(
-            job.slide_path,
-            job.spots,
-            job.checkpoint,
+        options = PredictOptions(
             n_samples=settings.n_samples,
             steps=settings.steps,
             sampler=settings.sampler,
             seed=settings.seed,
             device=settings.device,
-            encoder_weights=settings.encoder_weights,
-            cache_path=job.cache_path,
             embed_batch_size=self.embed_batch_size,
             sample_batch_size=self.sample_batch_size,
             keep_samples=self.keeps_samples(job),
             intervals=settings.intervals,
+        )
+        events = iter_predict(
+            job.slide_path,
+            job.spots,
+            job.checkpoint,
+            encoder_weights=settings.encoder_weights,
+            cache_path=job.cache_path,
             step_events=True,
+            **options.as_kwargs(),
         )
         last_sent = 0.0
         try:

@@ -23,6 +23,35 @@ SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde", "ancestral-matched")
 DEFAULT_SAMPLER = "ancestral-matched"
 
 
+@dataclass(frozen=True)
+class PredictOptions:
+    """How a prediction samples: the keyword options of :func:`napari_stem.predict.iter_predict`.
+
+    ``None`` for ``n_samples``/``steps`` means the device's default
+    (:func:`napari_stem.predict.default_settings`, raised for exact ``intervals``). Each default
+    here is iter_predict's own (a test checks), so ``iter_predict(..., **options.as_kwargs())``
+    is the same call as passing the keywords one by one.
+    """
+
+    n_samples: int | None = None
+    steps: int | str | None = None
+    sampler: str = DEFAULT_SAMPLER
+    eta: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    embed_batch_size: int | None = None
+    sample_batch_size: int | None = None
+    num_workers: int = 0
+    intervals: tuple[float, ...] | None = None  # central interval levels (napari_stem.intervals)
+    quantiles: tuple[float, ...] | None = None
+    keep_samples: bool = False
+    clip_x0: bool = True
+
+    def as_kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 @dataclass
 class SampleBatch:
     """Progress event: results for spots [start, stop) once their batch has finished."""
