@@ -41,9 +41,14 @@ def make_cohort(workdir: Path, n_slides: int, n_spots: int) -> tuple[Path, Path]
     genes = list(anndata.read_h5ad(next((hest / "st").glob("*.h5ad")), backed="r").var_names[:20])
     torch.manual_seed(0)
     config = StemConfig(n_genes=len(genes), cond_dim=1280, hidden_size=64, depth=2, num_heads=4)
-    checkpoint = save_checkpoint(workdir / "checkpoint", config=config, genes=genes, ema=StemModel(config),
-                                 embedding={"encoder": "efficientnet_lite0", "dim": 1280, "patch": PatchSpec().to_dict()},
-                                 provenance={"steps": 0, "data": "bench_cohort: untrained"})
+    checkpoint = save_checkpoint(
+        workdir / "checkpoint",
+        config=config,
+        genes=genes,
+        ema=StemModel(config),
+        embedding={"encoder": "efficientnet_lite0", "dim": 1280, "patch": PatchSpec().to_dict()},
+        provenance={"steps": 0, "data": "bench_cohort: untrained"},
+    )
     return hest, checkpoint
 
 
@@ -82,8 +87,10 @@ def main() -> None:
     hest, checkpoint = make_cohort(workdir, args.slides, args.spots)
     options = {"n_samples": args.samples, "steps": args.steps, "device": "cpu", "precision": "auto", "intervals": None}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"{args.slides} slides x {args.spots} spots, {args.samples} samples x {args.steps} steps, "
-          f"efficientnet_lite0 + 64-wide 2-block Stem, {cores} cores")
+    print(
+        f"{args.slides} slides x {args.spots} spots, {args.samples} samples x {args.steps} steps, "
+        f"efficientnet_lite0 + 64-wide 2-block Stem, {cores} cores"
+    )
 
     rates = {}
     for n_workers in (1, 2):
@@ -94,22 +101,32 @@ def main() -> None:
             client.run(warm_worker, jobs[0], str(checkpoint), options)
             ready = time.perf_counter() - start
             start = time.perf_counter()
-            report = predict_cohort(jobs, checkpoint, client.scheduler.address, options=options, progress=False, quiet=True)
+            report = predict_cohort(
+                jobs, checkpoint, client.scheduler.address, options=options, progress=False, quiet=True
+            )
             seconds = time.perf_counter() - start
             assert report.exit_code == 0, report.table()
             if n_workers == 2:
-                overhead_dask = _overhead(client.scheduler.address, workdir / "noop_dask", args.overhead_slides, SlideTask, run_cohort)
+                overhead_dask = _overhead(
+                    client.scheduler.address, workdir / "noop_dask", args.overhead_slides, SlideTask, run_cohort
+                )
         rates[n_workers] = args.slides / seconds * 3600
         spots = sum(o.result.get("n_spots", 0) for o in report.outcomes)
-        print(f"  {n_workers} worker{'s' if n_workers > 1 else ' '} x {local_cluster_size(n_workers)[1]} torch threads: "
-              f"{rates[n_workers]:8.0f} slides/hour  ({seconds:.1f} s, {spots / seconds:.1f} spots/s; "
-              f"cluster start + first slide {ready:.1f} s, once)")
+        print(
+            f"  {n_workers} worker{'s' if n_workers > 1 else ' '} x {local_cluster_size(n_workers)[1]} torch threads: "
+            f"{rates[n_workers]:8.0f} slides/hour  ({seconds:.1f} s, {spots / seconds:.1f} spots/s; "
+            f"cluster start + first slide {ready:.1f} s, once)"
+        )
     print(f"ratio slides/hour 2 workers / 1 worker: {rates[2] / rates[1]:.2f}×")
-    print(f"max |mean, 2 workers - mean, 1 worker| = {_max_difference(workdir / 'predictions_1', workdir / 'predictions_2'):.2g} "
-          "(1 vs 2 torch threads: rounding only)")
+    print(
+        f"max |mean, 2 workers - mean, 1 worker| = {_max_difference(workdir / 'predictions_1', workdir / 'predictions_2'):.2g} "
+        "(1 vs 2 torch threads: rounding only)"
+    )
     overhead_here = _overhead("none", workdir / "noop_here", args.overhead_slides, SlideTask, run_cohort)
-    print(f"per-slide scheduling overhead: {overhead_dask * 1000:.1f} ms on Dask (2 workers), "
-          f"{overhead_here * 1000:.1f} ms in process (state files + checksum only)")
+    print(
+        f"per-slide scheduling overhead: {overhead_dask * 1000:.1f} ms on Dask (2 workers), "
+        f"{overhead_here * 1000:.1f} ms in process (state files + checksum only)"
+    )
     print(f"work files in {workdir}")
 
 
@@ -117,15 +134,21 @@ def _max_difference(one: Path, two: Path) -> float:
     import anndata
     import numpy as np
 
-    return max(float(np.abs(anndata.read_h5ad(path).X - anndata.read_h5ad(two / path.name).X).max())
-               for path in sorted(one.glob("*.h5ad")))
+    return max(
+        float(np.abs(anndata.read_h5ad(path).X - anndata.read_h5ad(two / path.name).X).max())
+        for path in sorted(one.glob("*.h5ad"))
+    )
 
 
 def _overhead(scheduler: str, folder: Path, n: int, SlideTask, run_cohort) -> float:
     """Seconds per slide of a cohort of no-op slides."""
     folder.mkdir(parents=True, exist_ok=True)
-    tasks = [SlideTask(f"noop{i:04d}", folder / f"noop{i:04d}.txt", noop_slide, {"path": str(folder / f"noop{i:04d}.txt")}, 1)
-             for i in range(n)]
+    tasks = [
+        SlideTask(
+            f"noop{i:04d}", folder / f"noop{i:04d}.txt", noop_slide, {"path": str(folder / f"noop{i:04d}.txt")}, 1
+        )
+        for i in range(n)
+    ]
     start = time.perf_counter()
     report = run_cohort(tasks, scheduler, progress=False, quiet=True)
     assert report.exit_code == 0, report.table()

@@ -494,7 +494,9 @@ def main(argv: list[str] | None = None) -> None:
             cpu_speed = ours["patches_per_cpu_s"] / ref["patches_per_cpu_s"]
             load = os.getloadavg()[0]
             print(f"ratio patches/s ours/reference: {speed:.2f}×   (target ≥ 10×)")
-            print(f"  per CPU-second (less sensitive to other load; 1-min load average now {load:.1f}): {cpu_speed:.2f}×")
+            print(
+                f"  per CPU-second (less sensitive to other load; 1-min load average now {load:.1f}): {cpu_speed:.2f}×"
+            )
             print(
                 f"  network time ratio reference/ours {ref['seconds_network'] / max(ours['seconds_network'], 1e-9):.2f}×, "
                 f"time outside the network (decode, crop, transform, loop) reference/ours {outside_ref / max(outside_ours, 1e-9):.2f}×"

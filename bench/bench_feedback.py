@@ -45,7 +45,9 @@ def main() -> None:
     paths = ensure_demo_model(FULL)
     built = time.perf_counter() - started
     if args.fresh_cache:
-        print(f"demo model first build (data, prepare, fit) from nothing: {built:.0f} s; load average {os.getloadavg()}")
+        print(
+            f"demo model first build (data, prepare, fit) from nothing: {built:.0f} s; load average {os.getloadavg()}"
+        )
 
     def wait(condition, timeout: float) -> float:
         start = time.perf_counter()
@@ -81,9 +83,11 @@ def main() -> None:
     before = widget.preview.preview
     widget.show_mask.value = True
     mask = wait(lambda: widget.preview.preview is not before, 10)
-    print(f"preview: first {first:.2f} s (widget docked), {chosen:.2f} s after choosing an unseen slide, redraws "
-          f"{', '.join(f'{s:.2f}' for s in redraws)} s (max {max(redraws):.2f}), tissue mask shown in {mask:.2f} s "
-          f"({widget.preview_info.value})")
+    print(
+        f"preview: first {first:.2f} s (widget docked), {chosen:.2f} s after choosing an unseen slide, redraws "
+        f"{', '.join(f'{s:.2f}' for s in redraws)} s (max {max(redraws):.2f}), tissue mask shown in {mask:.2f} s "
+        f"({widget.preview_info.value})"
+    )
     widget.show_mask.value = False
 
     # -- the demo prediction sample, in its own viewer
@@ -99,8 +103,10 @@ def main() -> None:
     timer.stop()
     shown_at = start + slide_shown
     gaps = np.diff([shown_at, *(t for t in ticks if t > shown_at)])
-    print(f"demo prediction sample: slide shown after {slide_shown:.2f} s, mean/sd layers after {arrived:.1f} s, "
-          f"GUI still for at most {gaps.max():.2f} s in between")
+    print(
+        f"demo prediction sample: slide shown after {slide_shown:.2f} s, mean/sd layers after {arrived:.1f} s, "
+        f"GUI still for at most {gaps.max():.2f} s in between"
+    )
     sample_viewer.close()
 
     # -- a whole-tissue prediction: progress and cancel
@@ -119,8 +125,10 @@ def main() -> None:
         latency = float("nan")
     times = [t for t, status in moves if t >= sampling_started and t <= clicked]
     gaps = np.diff(times) if len(times) > 1 else np.array([float("nan")])
-    print(f"progress while sampling: {len(times)} moves in {clicked - sampling_started:.1f} s, "
-          f"gap mean {np.mean(gaps):.2f} s, max {np.max(gaps):.2f} s; last status: {moves[-1][1] if moves else ''}")
+    print(
+        f"progress while sampling: {len(times)} moves in {clicked - sampling_started:.1f} s, "
+        f"gap mean {np.mean(gaps):.2f} s, max {np.max(gaps):.2f} s; last status: {moves[-1][1] if moves else ''}"
+    )
     print(f"cancel latency: {latency:.2f} s ({widget.controller.message})")
     viewer.close()
 

@@ -34,7 +34,9 @@ def region_end_to_end(n_spots: int, samples: int, steps: int) -> None:
 
     paths = ensure_demo_model(FULL, device="cpu")
     slide = open_slide(paths.slide)
-    grid = spots_over_tissue(slide, pitch_um=50.0, diameter_um=27.5)  # a denser grid: the small demo slide has 100+ spots
+    grid = spots_over_tissue(
+        slide, pitch_um=50.0, diameter_um=27.5
+    )  # a denser grid: the small demo slide has 100+ spots
     spots = grid.subset(np.arange(min(n_spots, len(grid))))
     start = time.perf_counter()
     checkpoint = load_checkpoint(paths.checkpoint)
@@ -51,9 +53,11 @@ def region_end_to_end(n_spots: int, samples: int, steps: int) -> None:
     sample_expression(checkpoint, embeddings, n_samples=samples, steps=steps, device="cpu", seed=0)
     sampling = time.perf_counter() - start
     total = setup + embed_total + sampling
-    print(f"1. region of {len(spots)} spots, end to end on CPU ({samples} samples × {steps} steps): {total:.1f} s "
-          f"(target ≤ 10 s) = model+encoder load {setup:.1f} s + patch reads & embedding {embed_total:.1f} s "
-          f"(of which patch reads alone {reads:.2f} s for {len(patches)} patches) + sampling {sampling:.1f} s")
+    print(
+        f"1. region of {len(spots)} spots, end to end on CPU ({samples} samples × {steps} steps): {total:.1f} s "
+        f"(target ≤ 10 s) = model+encoder load {setup:.1f} s + patch reads & embedding {embed_total:.1f} s "
+        f"(of which patch reads alone {reads:.2f} s for {len(patches)} patches) + sampling {sampling:.1f} s"
+    )
 
 
 def gene_switch(n_spots: int, n_genes: int) -> None:
@@ -72,8 +76,10 @@ def gene_switch(n_spots: int, n_genes: int) -> None:
         _recolour(layer, gene)
         timings.append(time.perf_counter() - start)
     viewer.close()
-    print(f"2. gene switch on {n_spots} spots × {n_genes} genes: median {np.median(timings) * 1000:.1f} ms, "
-          f"max {max(timings) * 1000:.1f} ms (target ≤ 100 ms)")
+    print(
+        f"2. gene switch on {n_spots} spots × {n_genes} genes: median {np.median(timings) * 1000:.1f} ms, "
+        f"max {max(timings) * 1000:.1f} ms (target ≤ 100 ms)"
+    )
 
 
 def whole_slide_projection(n_spots: int, samples: int, steps: int) -> None:
@@ -89,7 +95,9 @@ def whole_slide_projection(n_spots: int, samples: int, steps: int) -> None:
     device = "cuda" if cuda else "cpu"
     precision = resolve_precision("auto", device)  # what create_encoder("uni") would run in here
     keep_tensor_buffers_in_heap()
-    vit = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, init_values=1e-5).eval().to(device)
+    vit = (
+        timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, init_values=1e-5).eval().to(device)
+    )
     batch = torch.rand(32 if cuda else 2, 3, 224, 224, device=device)
     with torch.inference_mode(), autocast(device, precision):
         vit(batch)
@@ -109,9 +117,11 @@ def whole_slide_projection(n_spots: int, samples: int, steps: int) -> None:
     per_spot_step = (time.perf_counter() - start) / (probe_spots * probe_steps)
     projected = n_spots * (per_patch + per_spot_step * steps)
     where = "measured per-unit costs on CUDA" if cuda else "projected from CPU per-unit costs"
-    print(f"3. whole slide, {n_spots} spots, ViT-L + reference Stem, {steps} steps × {samples} samples: "
-          f"{projected:.0f} s ({projected / 60:.1f} min; {where}, {precision}: ViT-L {per_patch * 1000:.0f} ms/patch, "
-          f"Stem {per_spot_step * 1000:.1f} ms per spot-step with {samples} samples; target ≤ 60 s on one H100)")
+    print(
+        f"3. whole slide, {n_spots} spots, ViT-L + reference Stem, {steps} steps × {samples} samples: "
+        f"{projected:.0f} s ({projected / 60:.1f} min; {where}, {precision}: ViT-L {per_patch * 1000:.0f} ms/patch, "
+        f"Stem {per_spot_step * 1000:.1f} ms per spot-step with {samples} samples; target ≤ 60 s on one H100)"
+    )
 
 
 def worker_overhead(n_spots: int, samples: int, steps: int) -> None:
@@ -151,8 +161,10 @@ def worker_overhead(n_spots: int, samples: int, steps: int) -> None:
     direct, in_worker = float("inf"), float("inf")
     for _ in range(3):
         direct, in_worker = min(direct, run_directly()), min(in_worker, run_in_worker())
-    print(f"4. thread-worker overhead ({n_spots} spots sampled): direct {direct:.2f} s, in napari's worker "
-          f"{in_worker:.2f} s, ratio {in_worker / direct:.2f}× (target ≤ 1.1×)")
+    print(
+        f"4. thread-worker overhead ({n_spots} spots sampled): direct {direct:.2f} s, in napari's worker "
+        f"{in_worker:.2f} s, ratio {in_worker / direct:.2f}× (target ≤ 1.1×)"
+    )
 
 
 def main() -> None:

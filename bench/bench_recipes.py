@@ -15,7 +15,6 @@ image-driven genes.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -26,25 +25,113 @@ import numpy as np
 #: name -> `stem-train fit` options. Each row changes one thing from the one above it where it can.
 RECIPES: dict[str, tuple[str, ...]] = {
     "demo (64x2, 400 steps, lr 2e-3, EMA 0.98)": (
-        "--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "400",
-        "--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.98", "--num-aug-ratio", "0"),
+        "--preset",
+        "stem-small",
+        "--hidden-size",
+        "64",
+        "--depth",
+        "2",
+        "--max-steps",
+        "400",
+        "--global-batch-size",
+        "128",
+        "--lr",
+        "2e-3",
+        "--ema-decay",
+        "0.98",
+        "--num-aug-ratio",
+        "0",
+    ),
     "demo, 200 steps": (
-        "--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "200",
-        "--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.98", "--num-aug-ratio", "0"),
+        "--preset",
+        "stem-small",
+        "--hidden-size",
+        "64",
+        "--depth",
+        "2",
+        "--max-steps",
+        "200",
+        "--global-batch-size",
+        "128",
+        "--lr",
+        "2e-3",
+        "--ema-decay",
+        "0.98",
+        "--num-aug-ratio",
+        "0",
+    ),
     "demo, 800 steps": (
-        "--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "800",
-        "--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.98", "--num-aug-ratio", "0"),
+        "--preset",
+        "stem-small",
+        "--hidden-size",
+        "64",
+        "--depth",
+        "2",
+        "--max-steps",
+        "800",
+        "--global-batch-size",
+        "128",
+        "--lr",
+        "2e-3",
+        "--ema-decay",
+        "0.98",
+        "--num-aug-ratio",
+        "0",
+    ),
     "demo + D4 views, aug ratio 4": (
-        "--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "400",
-        "--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.98", "--num-aug-ratio", "4"),
+        "--preset",
+        "stem-small",
+        "--hidden-size",
+        "64",
+        "--depth",
+        "2",
+        "--max-steps",
+        "400",
+        "--global-batch-size",
+        "128",
+        "--lr",
+        "2e-3",
+        "--ema-decay",
+        "0.98",
+        "--num-aug-ratio",
+        "4",
+    ),
     "stem-small, paper defaults, 2000 steps": (
-        "--preset", "stem-small", "--max-steps", "2000", "--global-batch-size", "128"),
+        "--preset",
+        "stem-small",
+        "--max-steps",
+        "2000",
+        "--global-batch-size",
+        "128",
+    ),
     "stem-small, 2000 steps, lr 1e-3, EMA 0.995": (
-        "--preset", "stem-small", "--max-steps", "2000", "--global-batch-size", "128", "--lr", "1e-3",
-        "--ema-decay", "0.995", "--num-aug-ratio", "0"),
+        "--preset",
+        "stem-small",
+        "--max-steps",
+        "2000",
+        "--global-batch-size",
+        "128",
+        "--lr",
+        "1e-3",
+        "--ema-decay",
+        "0.995",
+        "--num-aug-ratio",
+        "0",
+    ),
     "  + D4 views, aug ratio 4": (
-        "--preset", "stem-small", "--max-steps", "2000", "--global-batch-size", "128", "--lr", "1e-3",
-        "--ema-decay", "0.995", "--num-aug-ratio", "4"),
+        "--preset",
+        "stem-small",
+        "--max-steps",
+        "2000",
+        "--global-batch-size",
+        "128",
+        "--lr",
+        "1e-3",
+        "--ema-decay",
+        "0.995",
+        "--num-aug-ratio",
+        "4",
+    ),
 }
 
 
@@ -61,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared", type=Path, default=None, help="prepared folder (default: the cached full demo's)")
     parser.add_argument("--hest", type=Path, default=None, help="its HEST folder (default: the cached full demo's)")
-    parser.add_argument("--recipes", default=None, help="comma-separated recipe names or 1-based indices (default: all)")
-    parser.add_argument("--out", type=Path, default=Path("bench_recipes_runs"), help="run folders (default: ./bench_recipes_runs)")
+    parser.add_argument(
+        "--recipes", default=None, help="comma-separated recipe names or 1-based indices (default: all)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench_recipes_runs"), help="run folders (default: ./bench_recipes_runs)"
+    )
     parser.add_argument("--samples", type=int, default=19, help="samples per spot (default: 19, predict's default)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: predict's on CPU)")
     parser.add_argument("--sampler", default=None, help="sampler (default: predict's)")
@@ -88,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     image_driven = _image_driven(args.hest / "st" / f"{test_id}.h5ad", genes)
     held = {sid: _held_out(manifest, sid) for sid in (validation_id, test_id)}
     baselines = _baseline_means(manifest, held)
-    baseline_scores = {name: {sid: _score(held[sid][1], means[sid], None, image_driven) for sid in held}
-                       for name, means in baselines.items()}
+    baseline_scores = {
+        name: {sid: _score(held[sid][1], means[sid], None, image_driven) for sid in held}
+        for name, means in baselines.items()
+    }
     # The strongest baseline on the test slide itself: the comparison least kind to Stem.
     best = max(baseline_scores, key=lambda name: baseline_scores[name][test_id].pcc_image)
 
@@ -109,11 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, fit_s, scores[validation_id], scores[test_id], diff))
         print(f"done: {_row(*rows[-1])}", file=sys.stderr, flush=True)
 
-    print(f"\nValidation {validation_id} ({len(held[validation_id][1])} spots) chooses; test {test_id} "
-          f"({len(held[test_id][1])} spots, tissue no training or validation slide shows) reports. "
-          f"{int(image_driven.sum())} image-driven and {int((~image_driven).sum())} noise genes in the panel; "
-          f"{args.samples} samples, {args.sampler} sampler at {args.steps} steps.\n")
-    print(f"| recipe | fit s | val PCC img | test PCC img | test PCC noise | test cov90 | test CRPS | test − {best} (img) [95 % CI] |")
+    print(
+        f"\nValidation {validation_id} ({len(held[validation_id][1])} spots) chooses; test {test_id} "
+        f"({len(held[test_id][1])} spots, tissue no training or validation slide shows) reports. "
+        f"{int(image_driven.sum())} image-driven and {int((~image_driven).sum())} noise genes in the panel; "
+        f"{args.samples} samples, {args.sampler} sampler at {args.steps} steps.\n"
+    )
+    print(
+        f"| recipe | fit s | val PCC img | test PCC img | test PCC noise | test cov90 | test CRPS | test − {best} (img) [95 % CI] |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, scores in baseline_scores.items():
         val, test = scores[validation_id], scores[test_id]
@@ -125,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row(name: str, fit_s: float, val: Scores, test: Scores, diff: tuple[float, float, float]) -> str:
     delta, low, high = diff
-    return (f"| {name} | {fit_s:.0f} | {val.pcc_image:.3f} | {test.pcc_image:.3f} | {test.pcc_noise:.3f} | "
-            f"{test.coverage90:.2f} | {test.crps:.3f} | {delta:+.3f} [{low:+.3f}, {high:+.3f}] |")
+    return (
+        f"| {name} | {fit_s:.0f} | {val.pcc_image:.3f} | {test.pcc_image:.3f} | {test.pcc_noise:.3f} | "
+        f"{test.coverage90:.2f} | {test.crps:.3f} | {delta:+.3f} [{low:+.3f}, {high:+.3f}] |"
+    )
 
 
 def _chosen_recipes(spec: str | None) -> dict[str, tuple[str, ...]]:
@@ -152,8 +251,25 @@ def _fit(prepared: Path, run_dir: Path, options: tuple[str, ...], seed: int) -> 
 
     if (run_dir / "checkpoint" / "config.json").exists():
         return  # trained by an earlier run of this bench: reuse (delete the folder to retrain)
-    code = stem_train(["fit", str(prepared), "--out", str(run_dir), "--device", "cpu", "--val-every", "0",
-                       "--log-every", "500", "--ckpt-every", "100000", "--seed", str(seed), *options])
+    code = stem_train(
+        [
+            "fit",
+            str(prepared),
+            "--out",
+            str(run_dir),
+            "--device",
+            "cpu",
+            "--val-every",
+            "0",
+            "--log-every",
+            "500",
+            "--ckpt-every",
+            "100000",
+            "--seed",
+            str(seed),
+            *options,
+        ]
+    )
     if code != 0:
         raise SystemExit(f"stem-train fit failed for {run_dir}")
 
@@ -181,16 +297,32 @@ def _baseline_means(manifest, held: dict) -> dict[str, dict[str, np.ndarray]]:
     x = np.concatenate([s["embeddings"][s["expressed"]] for s in train])
     y = np.concatenate([s["targets"][s["expressed"]] for s in train])
     groups = np.concatenate([np.full(int(s["expressed"].sum()), i) for i, s in enumerate(train)])
-    fitted = {"ridge (HEST-Bench)": fit_ridge_probe(x, y)[0], "cv-ridge": fit_cv_ridge(x, y, groups)[0],
-              "knn": fit_knn(x, y, groups)[0]}
-    return {name: {sid: model.predict(c.astype(np.float64)) for sid, (c, _) in held.items()} for name, model in fitted.items()}
+    fitted = {
+        "ridge (HEST-Bench)": fit_ridge_probe(x, y)[0],
+        "cv-ridge": fit_cv_ridge(x, y, groups)[0],
+        "knn": fit_knn(x, y, groups)[0],
+    }
+    return {
+        name: {sid: model.predict(c.astype(np.float64)) for sid, (c, _) in held.items()}
+        for name, model in fitted.items()
+    }
 
 
-def _sample(checkpoint: Path, conditions: np.ndarray, n_samples: int, steps: int, sampler: str, seed: int) -> np.ndarray:
+def _sample(
+    checkpoint: Path, conditions: np.ndarray, n_samples: int, steps: int, sampler: str, seed: int
+) -> np.ndarray:
     from napari_stem.sampling import sample_expression
 
-    prediction = sample_expression(str(checkpoint), conditions, n_samples=n_samples, steps=steps, sampler=sampler,
-                                   device="cpu", seed=seed, keep_samples=True)
+    prediction = sample_expression(
+        str(checkpoint),
+        conditions,
+        n_samples=n_samples,
+        steps=steps,
+        sampler=sampler,
+        device="cpu",
+        seed=seed,
+        keep_samples=True,
+    )
     return prediction.samples
 
 
@@ -205,12 +337,15 @@ def _score(truth: np.ndarray, mean: np.ndarray, samples: np.ndarray | None, imag
     return Scores(float(np.nanmean(pcc[image_driven])), float(np.nanmean(pcc[~image_driven])), coverage, crps, pcc)
 
 
-def _paired_difference(truth: np.ndarray, stem_mean: np.ndarray, baseline_mean: np.ndarray, image_driven: np.ndarray,
-                       seed: int) -> tuple[float, float, float]:
+def _paired_difference(
+    truth: np.ndarray, stem_mean: np.ndarray, baseline_mean: np.ndarray, image_driven: np.ndarray, seed: int
+) -> tuple[float, float, float]:
     """Stem minus a baseline, fixed-panel PCC on image-driven genes, paired spot-bootstrap 95 % CI."""
     from napari_stem.metrics import paired_bootstrap_panel_pcc
 
-    ci = paired_bootstrap_panel_pcc(truth[:, image_driven], stem_mean[:, image_driven], baseline_mean[:, image_driven], seed=seed)
+    ci = paired_bootstrap_panel_pcc(
+        truth[:, image_driven], stem_mean[:, image_driven], baseline_mean[:, image_driven], seed=seed
+    )
     return ci.estimate, ci.low, ci.high
 
 

@@ -36,6 +36,7 @@ from napari_stem.sampling import sample_expression
 
 # -- reference re-statement (Stem/models.py: DiT with a gene-token embedder) -----------------
 
+
 class _RefGeneJointEmbedding(nn.Module):
     def __init__(self, n_genes, hidden):
         super().__init__()
@@ -88,10 +89,12 @@ class ReferenceStem(nn.Module):
         hidden = config.hidden_size
         self.gene_joint_embed = _RefGeneJointEmbedding(config.n_genes, hidden)
         self.time_embed = TimestepEmbedder(hidden)  # identical code in the reference
-        self.label_embed = nn.Sequential(nn.Linear(config.cond_dim, config.cond_dim), nn.SiLU(),
-                                         nn.Linear(config.cond_dim, hidden))
-        self.blocks = nn.ModuleList(_RefBlock(hidden, config.num_heads, config.mlp_ratio, fused_attention)
-                                    for _ in range(config.depth))
+        self.label_embed = nn.Sequential(
+            nn.Linear(config.cond_dim, config.cond_dim), nn.SiLU(), nn.Linear(config.cond_dim, hidden)
+        )
+        self.blocks = nn.ModuleList(
+            _RefBlock(hidden, config.num_heads, config.mlp_ratio, fused_attention) for _ in range(config.depth)
+        )
         self.final_layer = _RefFinal(hidden)
 
     def forward(self, x, t, y):
@@ -113,6 +116,7 @@ def reference_sample(ref_model, embeddings, n_samples, steps, device):
 
 # -- throughput -----------------------------------------------------------------------------
 
+
 def _timed(fn) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process); CPU time resists other load on the machine."""
     if torch.cuda.is_available():
@@ -125,8 +129,9 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def throughput(args, device: torch.device) -> None:
-    config = StemConfig(n_genes=args.genes, cond_dim=args.cond_dim, hidden_size=args.hidden,
-                        depth=args.depth, num_heads=args.heads)
+    config = StemConfig(
+        n_genes=args.genes, cond_dim=args.cond_dim, hidden_size=args.hidden, depth=args.depth, num_heads=args.heads
+    )
     torch.manual_seed(0)
     ours = StemModel(config)
     with torch.no_grad():  # fill the zero-initialised layers so every path does real work
@@ -159,10 +164,17 @@ def throughput(args, device: torch.device) -> None:
     with torch.no_grad():
         diff = (ref(x, t, y) - ours(x, t, y)).abs().max().item()
     print(f"same function check: max |reference - ours| forward = {diff:.2e}")
-    for precision in (["fp32", "bf16"] if device.type == "cpu" else ["bf16", "fp32"]):
+    for precision in ["fp32", "bf16"] if device.type == "cpu" else ["bf16", "fp32"]:
         variants[f"ours {precision}"] = lambda steps, precision=precision: sample_expression(
-            ours, embeddings, n_samples=args.samples, steps=steps, sampler="ancestral",
-            batch_size=n_spots, device=device, precision=precision)
+            ours,
+            embeddings,
+            n_samples=args.samples,
+            steps=steps,
+            sampler="ancestral",
+            batch_size=n_spots,
+            device=device,
+            precision=precision,
+        )
     for run in variants.values():
         run(2)  # warm-up
     # Interleaved repeats, best of each: fair under a shared, noisy machine.
@@ -173,20 +185,32 @@ def throughput(args, device: torch.device) -> None:
             wall_rate[name] = max(wall_rate[name], spot_steps / wall_s)
             cpu_rate[name] = max(cpu_rate[name], spot_steps / cpu_s)
 
-    print(f"\n{device.type.upper()} ({torch.get_num_threads()} threads" if device.type == "cpu"
-          else f"\nCUDA ({torch.cuda.get_device_name(device)}", end="")
-    print(f"), {args.genes} genes, cond {args.cond_dim}, H{args.hidden} D{args.depth} heads {args.heads}, "
-          f"{n_spots} spots x {args.samples} samples = {rows} rows/forward, {args.steps} steps, "
-          f"best of {args.repeats}")
+    print(
+        f"\n{device.type.upper()} ({torch.get_num_threads()} threads"
+        if device.type == "cpu"
+        else f"\nCUDA ({torch.cuda.get_device_name(device)}",
+        end="",
+    )
+    print(
+        f"), {args.genes} genes, cond {args.cond_dim}, H{args.hidden} D{args.depth} heads {args.heads}, "
+        f"{n_spots} spots x {args.samples} samples = {rows} rows/forward, {args.steps} steps, "
+        f"best of {args.repeats}"
+    )
     explicit, fused = "reference fp32 (timm explicit softmax)", "reference fp32 (timm fused SDPA)"
-    print(f"  {'':40s} {'spot-steps/s':>12s} {'vs explicit':>11s} {'vs fused':>9s}"
-          + (f" | {'per CPU-s':>9s} {'vs explicit':>11s} {'vs fused':>9s}" if device.type == "cpu" else ""))
+    print(
+        f"  {'':40s} {'spot-steps/s':>12s} {'vs explicit':>11s} {'vs fused':>9s}"
+        + (f" | {'per CPU-s':>9s} {'vs explicit':>11s} {'vs fused':>9s}" if device.type == "cpu" else "")
+    )
     for name in variants:
-        line = (f"  {name:40s} {wall_rate[name]:12.1f} {wall_rate[name] / wall_rate[explicit]:10.2f}x"
-                f" {wall_rate[name] / wall_rate[fused]:8.2f}x")
+        line = (
+            f"  {name:40s} {wall_rate[name]:12.1f} {wall_rate[name] / wall_rate[explicit]:10.2f}x"
+            f" {wall_rate[name] / wall_rate[fused]:8.2f}x"
+        )
         if device.type == "cpu":
-            line += (f" | {cpu_rate[name]:9.1f} {cpu_rate[name] / cpu_rate[explicit]:10.2f}x"
-                     f" {cpu_rate[name] / cpu_rate[fused]:8.2f}x")
+            line += (
+                f" | {cpu_rate[name]:9.1f} {cpu_rate[name] / cpu_rate[explicit]:10.2f}x"
+                f" {cpu_rate[name] / cpu_rate[fused]:8.2f}x"
+            )
         print(line)
 
 
@@ -219,8 +243,11 @@ def read_embeddings(path: Path, key: str | None) -> np.ndarray:
 
     with h5py.File(path, "r") as f:
         if key is None:  # napari-stem / HEST-Bench caches call it "embeddings"; else the first 2-D one
-            key = "embeddings" if "embeddings" in f else next(
-                k for k, v in f.items() if isinstance(v, h5py.Dataset) and v.ndim == 2)
+            key = (
+                "embeddings"
+                if "embeddings" in f
+                else next(k for k, v in f.items() if isinstance(v, h5py.Dataset) and v.ndim == 2)
+            )
         return f[key][()]
 
 
@@ -269,8 +296,9 @@ def _toy_quality_data():
             if not p.any():
                 p.normal_(std=0.02)
     embeddings = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
-    truth = sample_expression(model.eval(), embeddings, n_samples=1, steps=50, sampler="ancestral", seed=99,
-                              device="cpu").mean
+    truth = sample_expression(
+        model.eval(), embeddings, n_samples=1, steps=50, sampler="ancestral", seed=99, device="cpu"
+    ).mean
     return model, embeddings, truth, {"min": truth.min(0) - 0.5, "max": truth.max(0) + 0.5}, "random toy model"
 
 
@@ -303,53 +331,75 @@ def quality(args) -> None:
     reference_steps = 1000 if not args.quick else 50  # --quick: a smoke test of the table, not a measurement
     by_label = {v[0]: v for v in QUALITY_VARIANTS}
     variants = QUALITY_VARIANTS if args.variants is None else [by_label[label] for label in args.variants.split(";")]
-    common = {"n_samples": args.samples, "batch_size": args.batch_size, "device": args.device, "seed": 0,
-              "keep_samples": True, "target_range": target_range, "precision": args.precisions.split(",")[0]}
-    print(f"{where}: {len(embeddings)} spots x {args.samples} samples, {truth.shape[1]} genes; same seed and "
-          f"start noise everywhere; reference: the 1000-step ancestral chain (unclipped, the paper's)")
+    common = {
+        "n_samples": args.samples,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "seed": 0,
+        "keep_samples": True,
+        "target_range": target_range,
+        "precision": args.precisions.split(",")[0],
+    }
+    print(
+        f"{where}: {len(embeddings)} spots x {args.samples} samples, {truth.shape[1]} genes; same seed and "
+        f"start noise everywhere; reference: the 1000-step ancestral chain (unclipped, the paper's)"
+    )
     start = time.perf_counter()
     cache = Path(args.reference_cache) if args.reference_cache else None
     if cache is not None and cache.exists():
         ref_samples = np.load(cache)
         print(f"{reference_steps}-step ancestral samples read from {cache}\n")
     else:
-        ref_samples = sample_expression(checkpoint, embeddings, steps=reference_steps, sampler="ancestral",
-                                        **{**common, "clip_x0": False}).samples
+        ref_samples = sample_expression(
+            checkpoint, embeddings, steps=reference_steps, sampler="ancestral", **{**common, "clip_x0": False}
+        ).samples
         print(f"{reference_steps}-step ancestral took {time.perf_counter() - start:.1f} s\n")
         if cache is not None:
             np.save(cache, ref_samples)
     ref_mean = ref_samples.mean(axis=1)
     base = quality_row(truth, ref_samples, ref_mean, target_range)
-    header = ("| sampler | evals/sample | PCC vs truth | × 1000-step | PCC vs 1000-step means | 50 % cov. | 90 % cov. "
-              "| CRPS | vs 1000-step | outside range | > 1 beyond | s |")
+    header = (
+        "| sampler | evals/sample | PCC vs truth | × 1000-step | PCC vs 1000-step means | 50 % cov. | 90 % cov. "
+        "| CRPS | vs 1000-step | outside range | > 1 beyond | s |"
+    )
     print(header)
     print("|" + "---|" * header.count(" | ") + "---|")
 
     def line(label, n, row, seconds):
-        print(f"| {label} | {n} | {row['pcc']:.4f} | {row['pcc'] / base['pcc']:.3f} | {row['pcc_1000']:.4f} "
-              f"| {row['cov50']:.3f} | {row['cov90']:.3f} | {row['crps']:.4f} | {row['crps'] / base['crps'] - 1:+.1%} "
-              f"| {row['outside']:.3%} | {row['far']:.3%} | {seconds:.1f} |", flush=True)
+        print(
+            f"| {label} | {n} | {row['pcc']:.4f} | {row['pcc'] / base['pcc']:.3f} | {row['pcc_1000']:.4f} "
+            f"| {row['cov50']:.3f} | {row['cov90']:.3f} | {row['crps']:.4f} | {row['crps'] / base['crps'] - 1:+.1%} "
+            f"| {row['outside']:.3%} | {row['far']:.3%} | {seconds:.1f} |",
+            flush=True,
+        )
 
     line("ancestral (the reference)", reference_steps, base, 0.0)
     for label, sampler, options in variants:
         for n in evals:
             start = time.perf_counter()
-            run = sample_expression(checkpoint, embeddings, steps=n, sampler=sampler,
-                                    **{**common, "seed": args.seed, **options})
+            run = sample_expression(
+                checkpoint, embeddings, steps=n, sampler=sampler, **{**common, "seed": args.seed, **options}
+            )
             row = quality_row(truth, run.samples, ref_mean, target_range)
             line(label, n, row, time.perf_counter() - start)
             if args.meets:
-                ok = (n <= 4 and row["pcc"] >= 0.98 * base["pcc"] and abs(row["cov50"] - base["cov50"]) <= 0.03
-                      and abs(row["cov90"] - base["cov90"]) <= 0.03 and row["crps"] <= 1.03 * base["crps"]
-                      and row["far"] == 0)
+                ok = (
+                    n <= 4
+                    and row["pcc"] >= 0.98 * base["pcc"]
+                    and abs(row["cov50"] - base["cov50"]) <= 0.03
+                    and abs(row["cov90"] - base["cov90"]) <= 0.03
+                    and row["crps"] <= 1.03 * base["crps"]
+                    and row["far"] == 0
+                )
                 if ok:
                     print(f"  ^ meets the 4-evaluation target: {label} at {n}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spots", type=int, default=None,
-                        help="spots per batch (default 4 on CPU, 256 on CUDA; --quality: all)")
+    parser.add_argument(
+        "--spots", type=int, default=None, help="spots per batch (default 4 on CPU, 256 on CUDA; --quality: all)"
+    )
     parser.add_argument("--samples", type=int, default=4, help="samples per spot")
     parser.add_argument("--steps", type=int, default=3, help="timed sampler steps")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed runs; best is kept")
@@ -360,16 +410,32 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (CPU, then CUDA if present)")
-    parser.add_argument("--quality", action="store_true",
-                        help="every sampler at 2-50 network evaluations vs the 1000-step ancestral chain (markdown table)")
-    parser.add_argument("--quick", action="store_true", help="--quality on a random toy model, 2 and 4 evaluations (smoke test)")
+    parser.add_argument(
+        "--quality",
+        action="store_true",
+        help="every sampler at 2-50 network evaluations vs the 1000-step ancestral chain (markdown table)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="--quality on a random toy model, 2 and 4 evaluations (smoke test)"
+    )
     parser.add_argument("--checkpoint", help="--quality: a checkpoint folder (default: the demo model)")
-    parser.add_argument("--prepared", help="--quality: the checkpoint's prepared folder (its held-out slides are the truth)")
-    parser.add_argument("--variants", default=None, help="--quality: ';'-separated labels of QUALITY_VARIANTS to run (default: all)")
-    parser.add_argument("--reference-cache", default=None,
-                        help="--quality: .npy to keep the 1000-step samples in and reuse (same model, spots, samples, seed)")
-    parser.add_argument("--seed", type=int, default=0, help="--quality: seed of the few-step runs (the 1000-step one: 0)")
-    parser.add_argument("--evals", default=None, help="--quality: comma list of network evaluations (default: 2,3,4,6,10,25,50)")
+    parser.add_argument(
+        "--prepared", help="--quality: the checkpoint's prepared folder (its held-out slides are the truth)"
+    )
+    parser.add_argument(
+        "--variants", default=None, help="--quality: ';'-separated labels of QUALITY_VARIANTS to run (default: all)"
+    )
+    parser.add_argument(
+        "--reference-cache",
+        default=None,
+        help="--quality: .npy to keep the 1000-step samples in and reuse (same model, spots, samples, seed)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="--quality: seed of the few-step runs (the 1000-step one: 0)"
+    )
+    parser.add_argument(
+        "--evals", default=None, help="--quality: comma list of network evaluations (default: 2,3,4,6,10,25,50)"
+    )
     parser.add_argument("--meets", action="store_true", help="--quality: flag rows meeting the 4-evaluation target")
     parser.add_argument("--batch-size", type=int, default=None, help="spots per batch (for --quality)")
     parser.add_argument("--precisions", default="fp32", help="--quality: the precision to sample in (fp32 or bf16)")
@@ -383,8 +449,11 @@ def main() -> None:
             args.samples = 19  # exact 50 % and 90 % intervals
         quality(args)
         return
-    devices = [torch.device(args.device)] if args.device != "auto" else \
-        [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = (
+        [torch.device(args.device)]
+        if args.device != "auto"
+        else [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    )
     for device in devices:
         throughput(args, device)
 

@@ -40,8 +40,22 @@ def main() -> None:
     slide = viewer.layers["demo H&E"]
     height, width = (np.asarray(slide.extent.world[1]) - np.asarray(slide.extent.world[0]))[-2:]
     region = viewer.add_shapes(
-        [np.array([[0.30 * height, 0.15 * width], [0.30 * height, 0.85 * width], [0.65 * height, 0.85 * width], [0.65 * height, 0.15 * width]])],
-        shape_type="rectangle", name="region", units=("um", "um"), face_color="transparent", edge_color="yellow", edge_width=6,
+        [
+            np.array(
+                [
+                    [0.30 * height, 0.15 * width],
+                    [0.30 * height, 0.85 * width],
+                    [0.65 * height, 0.85 * width],
+                    [0.65 * height, 0.15 * width],
+                ]
+            )
+        ],
+        shape_type="rectangle",
+        name="region",
+        units=("um", "um"),
+        face_color="transparent",
+        edge_color="yellow",
+        edge_width=6,
     )
     widget.region.value = region
     widget.show_mask.value = True

@@ -58,7 +58,19 @@ def spaceranger_outs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (target / "filtered_feature_bc_matrix.h5").exists():
         download = tmp_path_factory.mktemp("scanpy-sdist")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "scanpy==1.11.5", "-d", str(download)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "scanpy==1.11.5",
+                "-d",
+                str(download),
+            ],
             check=True,
             capture_output=True,
         )
@@ -76,9 +88,32 @@ def spaceranger_outs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 #: Options of the shared training run (small model, short EMA: a few hundred CPU steps that learn).
 SYNTHETIC_FIT_ARGS = (
-    "--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--num-heads", "4",
-    "--max-steps", "400", "--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.98",
-    "--log-every", "50", "--val-every", "200", "--ckpt-every", "200", "--val-samples", "2", "--device", "cpu",
+    "--preset",
+    "stem-small",
+    "--hidden-size",
+    "64",
+    "--depth",
+    "2",
+    "--num-heads",
+    "4",
+    "--max-steps",
+    "400",
+    "--global-batch-size",
+    "128",
+    "--lr",
+    "2e-3",
+    "--ema-decay",
+    "0.98",
+    "--log-every",
+    "50",
+    "--val-every",
+    "200",
+    "--ckpt-every",
+    "200",
+    "--val-samples",
+    "2",
+    "--device",
+    "cpu",
 )
 
 
@@ -89,7 +124,20 @@ def prepared_synthetic(synthetic_hest: Path, tmp_path_factory: pytest.TempPathFa
     from stem_train.cli import main
 
     out = tmp_path_factory.mktemp("prepared_synthetic")
-    code = main(["prepare", str(synthetic_hest), "--out", str(out), "--held-out", "SYN003", "--n-genes", "20", "--device", "cpu"])
+    code = main(
+        [
+            "prepare",
+            str(synthetic_hest),
+            "--out",
+            str(out),
+            "--held-out",
+            "SYN003",
+            "--n-genes",
+            "20",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     return out
 

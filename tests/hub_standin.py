@@ -84,7 +84,11 @@ class HubStandin:
 
     def downloads(self, path_suffix: str) -> list[tuple[str, str, str | None]]:
         """Logged GETs of files ending in ``path_suffix``."""
-        return [entry for entry in self.log if entry[0] == "GET" and "/resolve/" in entry[1] and entry[1].endswith(path_suffix)]
+        return [
+            entry
+            for entry in self.log
+            if entry[0] == "GET" and "/resolve/" in entry[1] and entry[1].endswith(path_suffix)
+        ]
 
     # ---------------------------------------------------------------- routing
     def _handle(self, handler: BaseHTTPRequestHandler, head: bool) -> None:
@@ -110,7 +114,12 @@ class HubStandin:
                 self._error(handler, 401, "GatedRepo", "Access to this repo is restricted; you must be authenticated.")
                 return None
             if token not in repo.accepted_tokens:
-                self._error(handler, 403, "GatedRepo", "Access to this repo is restricted; your request is awaiting review or the terms are not accepted.")
+                self._error(
+                    handler,
+                    403,
+                    "GatedRepo",
+                    "Access to this repo is restricted; your request is awaiting review or the terms are not accepted.",
+                )
                 return None
         return repo
 
@@ -127,8 +136,14 @@ class HubStandin:
 
     def _info(self, repo_id: str, repo: StandinRepo) -> dict:
         siblings = [{"rfilename": p.relative_to(repo.folder).as_posix()} for p in repo.files()]
-        return {"id": repo_id, "sha": repo.commit, "private": False, "gated": "auto" if repo.gated else False,
-                "siblings": siblings, "tags": []}
+        return {
+            "id": repo_id,
+            "sha": repo.commit,
+            "private": False,
+            "gated": "auto" if repo.gated else False,
+            "siblings": siblings,
+            "tags": [],
+        }
 
     def _tree(self, repo: StandinRepo, sub: str) -> list[dict]:
         base = repo.folder / sub if sub else repo.folder
@@ -138,8 +153,15 @@ class HubStandin:
                 continue
             data = p.read_bytes()
             sha = hashlib.sha256(data).hexdigest()
-            entries.append({"type": "file", "path": p.relative_to(repo.folder).as_posix(), "size": len(data),
-                            "oid": hashlib.sha1(data).hexdigest(), "lfs": {"oid": sha, "size": len(data), "pointerSize": 134}})
+            entries.append(
+                {
+                    "type": "file",
+                    "path": p.relative_to(repo.folder).as_posix(),
+                    "size": len(data),
+                    "oid": hashlib.sha1(data).hexdigest(),
+                    "lfs": {"oid": sha, "size": len(data), "pointerSize": 134},
+                }
+            )
         return entries
 
     def _resolve(self, handler, repo_type: str, repo_id: str, file_path: str, head: bool) -> None:
@@ -201,7 +223,9 @@ def point_hub_at(monkeypatch, endpoint: str, cache_dir: Path, token: str | None 
     monkeypatch.setenv("HF_HUB_CACHE", str(cache_dir))
     monkeypatch.setenv("HF_HOME", str(cache_dir.parent / "hf_home"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(cache_dir.parent / "hf_home" / "token"), raising=False)
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(cache_dir.parent / "hf_home" / "stored_tokens"), raising=False)
+    monkeypatch.setattr(
+        constants, "HF_STORED_TOKENS_PATH", str(cache_dir.parent / "hf_home" / "stored_tokens"), raising=False
+    )
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     if token is not None:

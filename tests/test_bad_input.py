@@ -24,8 +24,10 @@ from tiny_models import save_tiny_checkpoint
 # ---------------------------------------------------------------------- helpers
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (hidden ones too) with its content hash."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -59,8 +61,14 @@ def workspace(tmp_path: Path, synthetic_hest: Path) -> dict[str, Path]:
     return {"root": tmp_path, "slide": slide, "spots": spots}
 
 
-def few_spots(source: Path, target: Path, n: int = 4, shift_px: tuple[float, float] = (0.0, 0.0),
-              shifted: int = 0, barcodes: list[str] | None = None) -> Path:
+def few_spots(
+    source: Path,
+    target: Path,
+    n: int = 4,
+    shift_px: tuple[float, float] = (0.0, 0.0),
+    shifted: int = 0,
+    barcodes: list[str] | None = None,
+) -> Path:
     """The first ``n`` spots of ``source``; the last ``shifted`` of them moved by ``shift_px``."""
     import anndata
 
@@ -74,8 +82,27 @@ def few_spots(source: Path, target: Path, n: int = 4, shift_px: tuple[float, flo
 
 
 def predict_args(workspace: dict[str, Path], checkpoint: Path, spots: Path, out: Path, *extra: str) -> list:
-    return ["predict", workspace["slide"], "--checkpoint", checkpoint, "--spots", spots, "--out", out,
-            "--samples", "2", "--steps", "2", "--device", "cpu", "--intervals", "", "--precision", "fp32", *extra]
+    return [
+        "predict",
+        workspace["slide"],
+        "--checkpoint",
+        checkpoint,
+        "--spots",
+        spots,
+        "--out",
+        out,
+        "--samples",
+        "2",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--intervals",
+        "",
+        "--precision",
+        "fp32",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------------- data destroyed
@@ -95,21 +122,45 @@ def test_predict_never_writes_into_a_hest_folders_own_truth(synthetic_hest, chec
     hest = tmp_path / "hest"
     shutil.copytree(synthetic_hest, hest)
     before = snapshot(hest)
-    code, err = run_cli(["predict", hest, "--checkpoint", checkpoint, "--out", hest / "st", "--sample-ids", "SYN003"], capsys)
+    code, err = run_cli(
+        ["predict", hest, "--checkpoint", checkpoint, "--out", hest / "st", "--sample-ids", "SYN003"], capsys
+    )
     assert code == 2 and "SYN003.h5ad" in err and "is an input of this run" in err
     assert snapshot(hest) == before
 
 
-def test_predict_cache_never_replaces_prepared_training_embeddings(prepared_synthetic, synthetic_hest, checkpoint, tmp_path, capsys) -> None:
+def test_predict_cache_never_replaces_prepared_training_embeddings(
+    prepared_synthetic, synthetic_hest, checkpoint, tmp_path, capsys
+) -> None:
     prep = tmp_path / "prep"
     (prep / "embeddings").mkdir(parents=True)
     shutil.copy(prepared_synthetic / "manifest.json", prep / "manifest.json")
     shutil.copy(prepared_synthetic / "embeddings" / "SYN003.h5", prep / "embeddings" / "SYN003.h5")
     spots = few_spots(synthetic_hest / "st" / "SYN003.h5ad", tmp_path / "other_spots.h5ad")  # not the prepared spot set
     before = snapshot(prep)
-    code, err = run_cli(["predict", synthetic_hest / "wsis" / "SYN003.tif", "--checkpoint", checkpoint, "--spots", spots,
-                         "--out", tmp_path / "out.h5ad", "--cache-dir", prep / "embeddings", "--samples", "2", "--steps", "2",
-                         "--device", "cpu", "--intervals", ""], capsys)
+    code, err = run_cli(
+        [
+            "predict",
+            synthetic_hest / "wsis" / "SYN003.tif",
+            "--checkpoint",
+            checkpoint,
+            "--spots",
+            spots,
+            "--out",
+            tmp_path / "out.h5ad",
+            "--cache-dir",
+            prep / "embeddings",
+            "--samples",
+            "2",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--intervals",
+            "",
+        ],
+        capsys,
+    )
     assert code == 2 and "prepared training embeddings" in err and "--cache-dir" in err
     assert snapshot(prep) == before and not (tmp_path / "out.h5ad").exists()
 
@@ -121,7 +172,17 @@ def test_import_reference_overwrite_replaces_only_its_own_checkpoints(tmp_path, 
     monkeypatch.setattr(encoders, "get_encoder_spec", lambda name: type("Spec", (), {"dim": cond_dim})())
     gene_list = tmp_path / "genes.txt"
     gene_list.write_text("\n".join(f"G{i}" for i in range(n_genes)))
-    args = ["import-reference", REFERENCE / "0000100.pt", "--genes", gene_list, "--num-heads", str(NUM_HEADS), "--encoder", "tiny", "--overwrite"]
+    args = [
+        "import-reference",
+        REFERENCE / "0000100.pt",
+        "--genes",
+        gene_list,
+        "--num-heads",
+        str(NUM_HEADS),
+        "--encoder",
+        "tiny",
+        "--overwrite",
+    ]
 
     notes = tmp_path / "notes"
     notes.mkdir()
@@ -176,10 +237,20 @@ def test_non_finite_samples_are_never_written(checkpoint) -> None:
             parameter.fill_(float("nan"))
     spots = Spots(centers_px=np.array([[10.0, 10.0], [20.0, 20.0]]), diameter_px=5.0, mpp=0.5)
     with pytest.raises(StemError, match="non-finite values .* Nothing was written"):
-        predict("unused.tif", spots, loaded, embeddings=np.zeros((2, loaded.config.cond_dim)), n_samples=2, steps=2, device="cpu")
+        predict(
+            "unused.tif",
+            spots,
+            loaded,
+            embeddings=np.zeros((2, loaded.config.cond_dim)),
+            n_samples=2,
+            steps=2,
+            device="cpu",
+        )
 
 
-def test_checkpoint_whose_config_lists_other_genes_is_refused_before_any_work(checkpoint, workspace, tmp_path, capsys) -> None:
+def test_checkpoint_whose_config_lists_other_genes_is_refused_before_any_work(
+    checkpoint, workspace, tmp_path, capsys
+) -> None:
     edited = tmp_path / "edited"
     shutil.copytree(checkpoint, edited)
     config = json.loads((edited / "config.json").read_text())
@@ -214,8 +285,12 @@ def test_checkpoint_whose_config_lists_other_genes_is_refused_before_any_work(ch
     ],
 )
 def test_bad_arguments_are_refused_at_parse_time(command, option, value, words, tmp_path, capsys) -> None:
-    positional = {"predict": ["x.tif", "--checkpoint", tmp_path], "fit": [tmp_path, "--out", tmp_path / "run"],
-                  "prepare": [tmp_path], "make-demo-data": [tmp_path / "d"]}[command]
+    positional = {
+        "predict": ["x.tif", "--checkpoint", tmp_path],
+        "fit": [tmp_path, "--out", tmp_path / "run"],
+        "prepare": [tmp_path],
+        "make-demo-data": [tmp_path / "d"],
+    }[command]
     started = time.perf_counter()
     code, err = run_cli([command, *positional, option, value], capsys)
     assert time.perf_counter() - started < 1.0
@@ -229,8 +304,12 @@ def test_python_api_refuses_zero_samples_and_steps_instead_of_defaulting(checkpo
     from napari_stem.validate import InputError
 
     spots = Spots(centers_px=np.array([[10.0, 10.0]]), diameter_px=5.0, mpp=0.5)
-    for options, words in (({"n_samples": 0}, "at least 2"), ({"n_samples": 1}, "at least 2"), ({"steps": 0}, "between 1 and 1000"),
-                           ({"sample_batch_size": 0}, "at least 1")):
+    for options, words in (
+        ({"n_samples": 0}, "at least 2"),
+        ({"n_samples": 1}, "at least 2"),
+        ({"steps": 0}, "between 1 and 1000"),
+        ({"sample_batch_size": 0}, "at least 1"),
+    ):
         with pytest.raises(InputError, match=words):
             predict("unused.tif", spots, checkpoint, embeddings=np.zeros((1, 1280)), **options)
     with pytest.raises(InputError, match="holds no spots"):
@@ -294,13 +373,18 @@ def test_nan_truth_counts_are_refused_not_read_as_zero(workspace, tmp_path, caps
     truth = anndata.read_h5ad(workspace["spots"])
     spots = read_spots_h5ad(workspace["spots"])
     genes = list(truth.var_names[:3])
-    prediction = Prediction(mean=np.ones((len(spots), 3), np.float32), variance=np.ones((len(spots), 3), np.float32), genes=genes)
+    prediction = Prediction(
+        mean=np.ones((len(spots), 3), np.float32), variance=np.ones((len(spots), 3), np.float32), genes=genes
+    )
     predicted = write_prediction(tmp_path / "pred.h5ad", prediction, spots)
     x = np.asarray(truth.X.toarray() if hasattr(truth.X, "toarray") else truth.X, dtype=np.float32)
     x[5, 0] = np.nan
     truth.X = x
     truth.write_h5ad(tmp_path / "nan_truth.h5ad")
-    code, err = run_cli(["evaluate", predicted, "--truth", tmp_path / "nan_truth.h5ad", "--out", tmp_path / "eval", "--no-plots"], capsys)
+    code, err = run_cli(
+        ["evaluate", predicted, "--truth", tmp_path / "nan_truth.h5ad", "--out", tmp_path / "eval", "--no-plots"],
+        capsys,
+    )
     assert code == 2 and "1 non-finite expression values" in err and not (tmp_path / "eval").exists()
 
 
@@ -320,7 +404,9 @@ def test_absurd_pixel_size_tag_is_not_trusted(tmp_path, capsys, checkpoint) -> N
             spots_over_tissue(slide)
     with open_slide(path, mpp=0.5) as slide:
         assert slide.mpp == 0.5
-    code, err = run_cli(["predict", path, "--checkpoint", checkpoint, "--out", tmp_path / "p.h5ad", "--device", "cpu"], capsys)
+    code, err = run_cli(
+        ["predict", path, "--checkpoint", checkpoint, "--out", tmp_path / "p.h5ad", "--device", "cpu"], capsys
+    )
     assert code == 2 and "--mpp" in err and "Traceback" not in err and not (tmp_path / "p.h5ad").exists()
 
 
@@ -341,13 +427,18 @@ def test_output_paths_are_checked_before_the_work(workspace, checkpoint, capsys)
     blocker = root / "blocker"
     blocker.write_text("a file where a folder is expected")
     (root / "folder.h5ad").mkdir()
-    for out, words in ((blocker / "sub" / "p.h5ad", "is a file, not a folder"), (Path("/proc/napari-stem/p.h5ad"), "not writable"),
-                       (root / "folder.h5ad", "is a folder")):
+    for out, words in (
+        (blocker / "sub" / "p.h5ad", "is a file, not a folder"),
+        (Path("/proc/napari-stem/p.h5ad"), "not writable"),
+        (root / "folder.h5ad", "is a folder"),
+    ):
         started = time.perf_counter()
         code, err = run_cli(predict_args(workspace, checkpoint, workspace["spots"], out), capsys)
         assert code == 2 and words in err and "Traceback" not in err, err
         assert time.perf_counter() - started < 1.0  # refused before the model loads
-    code, err = run_cli(["evaluate", workspace["spots"], "--truth", workspace["spots"], "--out", blocker, "--no-plots"], capsys)
+    code, err = run_cli(
+        ["evaluate", workspace["spots"], "--truth", workspace["spots"], "--out", blocker, "--no-plots"], capsys
+    )
     assert code == 2 and "is a file" in err
 
 
@@ -365,7 +456,9 @@ def test_disk_full_is_one_line_and_leaves_nothing(workspace, checkpoint, monkeyp
     out = root / "out" / "pred.h5ad"
     code, err = run_cli(predict_args(workspace, checkpoint, spots, out), capsys)
     assert code == 2 and "No space left on device" in err and "free some space" in err
-    assert "Traceback" not in err and [line for line in err.splitlines() if "error" in line] == [err.strip().splitlines()[-1]]
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error" in line] == [
+        err.strip().splitlines()[-1]
+    ]
     assert f"({out})" in err  # the file the user asked for, not our hidden temporary
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
@@ -378,8 +471,22 @@ def test_disk_full_during_prepare_leaves_no_temporary_file(synthetic_hest, tmp_p
 
     monkeypatch.setattr(embed, "_write_rows", fail)
     out = tmp_path / "prep"
-    code, err = run_cli(["prepare", synthetic_hest, "--out", out, "--held-out", "SYN003", "--n-genes", "5", "--device", "cpu",
-                         "--no-augment"], capsys)
+    code, err = run_cli(
+        [
+            "prepare",
+            synthetic_hest,
+            "--out",
+            out,
+            "--held-out",
+            "SYN003",
+            "--n-genes",
+            "5",
+            "--device",
+            "cpu",
+            "--no-augment",
+        ],
+        capsys,
+    )
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
     assert not out.exists()  # neither a temporary .h5 nor an empty embeddings/ folder stays behind
 
@@ -434,7 +541,9 @@ def test_safe_loading_messages_say_what_happened_and_never_advise_unsafe_loading
     with pytest.raises(EncoderError) as err:
         load_weights_file(code_pickle, "efficientnet_lite0")
     message = str(err.value)
-    assert "contains pickled code" in message and "refuses it for safety" in message and "trusted environment" in message
+    assert (
+        "contains pickled code" in message and "refuses it for safety" in message and "trusted environment" in message
+    )
     assert "Re-running" not in message and "will likely succeed" not in message
     truncated = tmp_path / "truncated.pt"
     torch.save({"w": torch.ones(3)}, truncated)
@@ -456,7 +565,11 @@ def test_widget_controller_refuses_bad_settings_before_loading_anything(demo_sli
         (PredictSettings(checkpoint=checkpoint, steps=0), GRID, "between 1 and 1000"),
         (PredictSettings(checkpoint=checkpoint, mpp_override=1000.0), GRID, "at most 20"),
         (PredictSettings(checkpoint=checkpoint, pitch_um=10.0, diameter_um=55.0), GRID, "at least 55"),
-        (PredictSettings(checkpoint=checkpoint), PointsInput("far", np.array([[1e7, 1e7], [50.0, 50.0]]), 55.0), "off the slide"),
+        (
+            PredictSettings(checkpoint=checkpoint),
+            PointsInput("far", np.array([[1e7, 1e7], [50.0, 50.0]]), 55.0),
+            "off the slide",
+        ),
     ]
     for settings, spots, words in cases:
         started = time.perf_counter()

@@ -12,7 +12,9 @@ import pytest
 # work): synthetic_hest prepared with efficientnet_lite0, SYN003 held out, and a small model fitted on it.
 
 
-def test_baseline_writes_predictions_reports_and_summary(prepared_synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_baseline_writes_predictions_reports_and_summary(
+    prepared_synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import anndata
 
     from napari_stem.anndata_io import read_prediction
@@ -47,14 +49,21 @@ def test_baseline_writes_predictions_reports_and_summary(prepared_synthetic: Pat
 
     cv_ridge = json.loads((out / "cv-ridge" / held_out / "report.json").read_text())["provenance"]
     assert cv_ridge["alpha"] in cv_ridge["cv"]["grid"] and cv_ridge["hest_bench_alpha"] in cv_ridge["cv"]["grid"]
-    assert cv_ridge["cv"]["folds"].startswith("3 folds of whole training slides") and cv_ridge["train_slides"] == ["SYN000", "SYN001", "SYN002"]
+    assert cv_ridge["cv"]["folds"].startswith("3 folds of whole training slides") and cv_ridge["train_slides"] == [
+        "SYN000",
+        "SYN001",
+        "SYN002",
+    ]
     knn = json.loads((out / "knn" / held_out / "report.json").read_text())
     assert knn["provenance"]["k"] in knn["provenance"]["cv"]["grid"]
     ci = knn["fixed_panel_pcc"]["ci"]
     assert ci["unit"] == "spots" and ci["low"] <= knn["fixed_panel_pcc"]["mean"] <= ci["high"]
 
     summary = (out / "summary.tsv").read_text().splitlines()
-    assert summary[0].startswith("method\tslide\tn_spots\tfixed_panel_pcc\tfixed_panel_pcc_low\tfixed_panel_pcc_high") and len(summary) == 5
+    assert (
+        summary[0].startswith("method\tslide\tn_spots\tfixed_panel_pcc\tfixed_panel_pcc_low\tfixed_panel_pcc_high")
+        and len(summary) == 5
+    )
     assert "cv-ridge" in printed and "[95% CI]" in printed
 
 
@@ -90,10 +99,15 @@ def test_cv_ridge_chooses_alpha_on_the_training_slides_either_way() -> None:
 
     rng = np.random.default_rng(0)
     factor, small = rng.normal(size=(300, 1)), rng.normal(scale=0.1, size=(300, 10))
-    clean = np.hstack([factor + 10 * (small[:, :1] - small[:, 1:2]), factor - 10 * small[:, 2:3], factor + 10 * small[:, 3:4]])
+    clean = np.hstack(
+        [factor + 10 * (small[:, :1] - small[:, 1:2]), factor - 10 * small[:, 2:3], factor + 10 * small[:, 3:4]]
+    )
     _, settings = fit_cv_ridge(factor + small, clean, _three_slides(300), n_components=10)
     assert settings["hest_bench_alpha"] == pytest.approx(100 / 30) and settings["alpha"] < settings["hest_bench_alpha"]
-    assert settings["cv"]["n_folds"] == 3 and max(settings["cv"]["scores"]) == settings["cv"]["scores"][settings["cv"]["grid"].index(settings["alpha"])]
+    assert (
+        settings["cv"]["n_folds"] == 3
+        and max(settings["cv"]["scores"]) == settings["cv"]["scores"][settings["cv"]["grid"].index(settings["alpha"])]
+    )
 
     rng = np.random.default_rng(0)
     factor, small = rng.normal(size=(120, 1)), rng.normal(scale=0.05, size=(120, 40))
@@ -118,7 +132,9 @@ def test_knn_predicts_the_mean_of_the_k_nearest_training_spots() -> None:
     groups = np.tile(["S1", "S2", "S3"], 3)  # each slide has one spot in every cluster
     pipeline, settings = fit_knn(x, y, groups, n_components=2, ks=(3,))
     assert settings["k"] == 3
-    np.testing.assert_allclose(pipeline.predict(centres + 0.1), [y[0:3].mean(axis=0), y[3:6].mean(axis=0), y[6:9].mean(axis=0)])
+    np.testing.assert_allclose(
+        pipeline.predict(centres + 0.1), [y[0:3].mean(axis=0), y[3:6].mean(axis=0), y[6:9].mean(axis=0)]
+    )
 
 
 def test_knn_cross_validation_scores_every_k_from_one_neighbour_search() -> None:
@@ -131,7 +147,9 @@ def test_knn_cross_validation_scores_every_k_from_one_neighbour_search() -> None
     predictions = _knn_grid_predictions(x_train, y_train, x_val, [1, 5, 20, 100])
     assert sorted(predictions) == [1.0, 5.0, 20.0]  # 100 > 40 training spots: not scored
     for k, prediction in predictions.items():
-        np.testing.assert_allclose(prediction, KNeighborsRegressor(n_neighbors=int(k)).fit(x_train, y_train).predict(x_val))
+        np.testing.assert_allclose(
+            prediction, KNeighborsRegressor(n_neighbors=int(k)).fit(x_train, y_train).predict(x_val)
+        )
 
 
 def test_pooled_row_resamples_slides_from_three_test_slides(capsys: pytest.CaptureFixture) -> None:
@@ -165,7 +183,9 @@ def test_baseline_errors(prepared_synthetic: Path, tmp_path: Path, capsys: pytes
     assert "NOT_SELECTED" in capsys.readouterr().err
 
 
-def test_stem_beats_the_mean_baseline_end_to_end(prepared_synthetic: Path, fitted_synthetic_run: Path, tmp_path: Path) -> None:
+def test_stem_beats_the_mean_baseline_end_to_end(
+    prepared_synthetic: Path, fitted_synthetic_run: Path, tmp_path: Path
+) -> None:
     """The issue's key test: predict the held-out slide with the fitted model, evaluate, compare.
 
     What "beats the per-gene mean" can honestly mean:
@@ -192,21 +212,43 @@ def test_stem_beats_the_mean_baseline_end_to_end(prepared_synthetic: Path, fitte
     manifest = PreparedDataset.load(prepared)
     sample_id = manifest.split("test")[0].sample_id
     data_dir = Path(manifest.data_dir)
-    code = main(["predict", str(data_dir), "--checkpoint", str(Path(run_dir) / "checkpoint"), "--sample-ids", sample_id,
-                 "--out", str(tmp_path / "pred"), "--samples", "8", "--steps", "20", "--device", "cpu", "--keep-samples",
-                 "--cache-dir", str(Path(prepared) / "embeddings")])  # the prepared embeddings are reused
+    code = main(
+        [
+            "predict",
+            str(data_dir),
+            "--checkpoint",
+            str(Path(run_dir) / "checkpoint"),
+            "--sample-ids",
+            sample_id,
+            "--out",
+            str(tmp_path / "pred"),
+            "--samples",
+            "8",
+            "--steps",
+            "20",
+            "--device",
+            "cpu",
+            "--keep-samples",
+            "--cache-dir",
+            str(Path(prepared) / "embeddings"),
+        ]
+    )  # the prepared embeddings are reused
     assert code == 0
     truth = data_dir / "st" / f"{sample_id}.h5ad"
     assert main(["baseline", str(prepared), "--out", str(tmp_path / "baselines"), "--no-plots"]) == 0
-    stem = evaluate_files(tmp_path / "pred" / f"{sample_id}.h5ad", truth, tmp_path / "eval", plots=False, baselines=tmp_path / "baselines")
+    stem = evaluate_files(
+        tmp_path / "pred" / f"{sample_id}.h5ad", truth, tmp_path / "eval", plots=False, baselines=tmp_path / "baselines"
+    )
     mean = json.loads((tmp_path / "baselines" / "mean" / sample_id / "report.json").read_text())
     ridge = json.loads((tmp_path / "baselines" / "ridge" / sample_id / "report.json").read_text())
 
     stem_pcc = stem["fixed_panel_pcc"]["mean"]
-    print(f"{sample_id} fixed-panel PCC: Stem {stem_pcc:.3f}, ridge probe {ridge['fixed_panel_pcc']['mean']:.3f}, "
-          f"per-gene mean undefined; CRPS: Stem {stem['calibration']['crps']:.3f}, per-gene mean "
-          f"{mean['reference_metrics']['mae']:.3f}; MSE: Stem {stem['reference_metrics']['mse']:.3f}, "
-          f"per-gene mean {mean['reference_metrics']['mse']:.3f}")
+    print(
+        f"{sample_id} fixed-panel PCC: Stem {stem_pcc:.3f}, ridge probe {ridge['fixed_panel_pcc']['mean']:.3f}, "
+        f"per-gene mean undefined; CRPS: Stem {stem['calibration']['crps']:.3f}, per-gene mean "
+        f"{mean['reference_metrics']['mae']:.3f}; MSE: Stem {stem['reference_metrics']['mse']:.3f}, "
+        f"per-gene mean {mean['reference_metrics']['mse']:.3f}"
+    )
     assert mean["fixed_panel_pcc"]["mean"] is None and stem["fixed_panel_pcc"]["n_valid"] == len(manifest.genes)
     print(stem["verdict"], *[kind["verdict"] for kind in stem["baselines"]["verdicts_by_gene_kind"].values()], sep="\n")
     best = stem["baselines"]["best"]

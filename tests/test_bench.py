@@ -15,9 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _run(script: str, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -28,15 +26,21 @@ def _number(pattern: str, text: str) -> float:
     return float(match.group(1))
 
 
-def _assert_ratio_of_printed(ratio: float, numerator: str, denominator: str, printed_ratio_half_step: float = 0.005) -> None:
+def _assert_ratio_of_printed(
+    ratio: float, numerator: str, denominator: str, printed_ratio_half_step: float = 0.005
+) -> None:
     """``ratio`` (printed to 2 decimals) is numerator / denominator as printed (each rounded to its own decimals)."""
+
     def bounds(text: str) -> tuple[float, float]:
         half = 0.5 * 10.0 ** -len(text.partition(".")[2])
         return float(text) - half, float(text) + half
 
     (n_low, n_high), (d_low, d_high) = bounds(numerator), bounds(denominator)
     assert n_low / d_high - printed_ratio_half_step <= ratio <= n_high / max(d_low, 1e-12) + printed_ratio_half_step, (
-        ratio, numerator, denominator)
+        ratio,
+        numerator,
+        denominator,
+    )
 
 
 def test_gpu_check_runs_the_three_benchmarks_comparing_like_with_like(tmp_path: Path) -> None:
@@ -44,7 +48,10 @@ def test_gpu_check_runs_the_three_benchmarks_comparing_like_with_like(tmp_path: 
     import os
 
     result = subprocess.run(
-        ["bash", str(BENCH / "gpu_check.sh"), "--quick"], capture_output=True, text=True, timeout=900,
+        ["bash", str(BENCH / "gpu_check.sh"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORKDIR": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -63,7 +70,9 @@ def test_gpu_check_runs_the_three_benchmarks_comparing_like_with_like(tmp_path: 
     rates = dict(re.findall(r"^\s*(reference|ours): +([\d.]+) patches/s", out, flags=re.M))
     peaks = re.findall(r"; peak PSS +(\d+) MiB", out)
     assert sorted(rates) == ["ours", "reference"] and len(peaks) == 2, out
-    _assert_ratio_of_printed(_number(r"ratio patches/s ours/reference: ([\d.]+)×", out), rates["ours"], rates["reference"])
+    _assert_ratio_of_printed(
+        _number(r"ratio patches/s ours/reference: ([\d.]+)×", out), rates["ours"], rates["reference"]
+    )
     # the sides print reference first, then ours
     _assert_ratio_of_printed(_number(r"ratio peak memory ours/reference: ([\d.]+)× PSS", out), peaks[1], peaks[0])
     assert _number(r"feature checksums differ by ([\d.e+-]+)", out) < 1e-2
@@ -75,8 +84,21 @@ def test_gpu_check_runs_the_three_benchmarks_comparing_like_with_like(tmp_path: 
 
 
 def test_cohort_bench_prints_the_worker_ratio_and_the_overhead(tmp_path: Path) -> None:
-    out = _run("bench_cohort.py", "--slides", "2", "--spots", "2", "--samples", "2", "--steps", "1",
-               "--overhead-slides", "5", "--workdir", str(tmp_path))
+    out = _run(
+        "bench_cohort.py",
+        "--slides",
+        "2",
+        "--spots",
+        "2",
+        "--samples",
+        "2",
+        "--steps",
+        "1",
+        "--overhead-slides",
+        "5",
+        "--workdir",
+        str(tmp_path),
+    )
     rows = re.findall(r"^\s+(\d) workers? +x (\d+) torch threads: +(\d+) slides/hour", out, flags=re.M)
     assert [row[0] for row in rows] == ["1", "2"] and all(int(row[2]) > 0 for row in rows), out
     _assert_ratio_of_printed(_number(r"ratio slides/hour 2 workers / 1 worker: ([\d.]+)×", out), rows[1][2], rows[0][2])

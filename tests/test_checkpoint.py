@@ -40,8 +40,15 @@ def _model(seed: int) -> StemModel:
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[Path, StemModel, StemModel]:
     ema, raw = _model(0), _model(1)
-    path = save_checkpoint(tmp_path / "run" / "final", config=TINY, genes=GENES, ema=ema, model=raw,
-                           embedding=EMBEDDING, provenance={"steps": 1234, "data": "synthetic"})
+    path = save_checkpoint(
+        tmp_path / "run" / "final",
+        config=TINY,
+        genes=GENES,
+        ema=ema,
+        model=raw,
+        embedding=EMBEDDING,
+        provenance={"steps": 1234, "data": "synthetic"},
+    )
     return path, ema, raw
 
 
@@ -71,8 +78,9 @@ def test_numpy_values_in_specs_are_stored_as_json(tmp_path: Path) -> None:
     import numpy as np
 
     spec = {"encoder": "uni", "dim": np.int64(4), "um_per_px": np.float32(0.5), "crop": np.array([224, 224])}
-    path = save_checkpoint(tmp_path / "c", config=TINY, genes=GENES, ema=_model(0), embedding=spec,
-                           provenance={"data": tmp_path / "hest"})
+    path = save_checkpoint(
+        tmp_path / "c", config=TINY, genes=GENES, ema=_model(0), embedding=spec, provenance={"data": tmp_path / "hest"}
+    )
     loaded = load_checkpoint(path)
     assert loaded.embedding == {"encoder": "uni", "dim": 4, "um_per_px": 0.5, "crop": [224, 224]}
     assert loaded.provenance == {"data": str(tmp_path / "hest")}
@@ -124,8 +132,12 @@ def test_save_rejects_a_gene_list_that_does_not_fit(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="5 gene names for a model of 6 genes"):
         save_checkpoint(tmp_path / "c", config=TINY, genes=GENES[:5], ema=_model(0))
     with pytest.raises(CheckpointError, match="do not fit the architecture"):
-        save_checkpoint(tmp_path / "c", config=TINY, genes=GENES,
-                        ema=StemModel(StemConfig(n_genes=6, cond_dim=5, hidden_size=16, depth=1, num_heads=2)))
+        save_checkpoint(
+            tmp_path / "c",
+            config=TINY,
+            genes=GENES,
+            ema=StemModel(StemConfig(n_genes=6, cond_dim=5, hidden_size=16, depth=1, num_heads=2)),
+        )
     assert not (tmp_path / "c").exists()
 
 
@@ -136,7 +148,9 @@ def test_gene_and_condition_mismatches_name_both_sides(saved) -> None:
     message = str(err.value)
     assert str(path) in message and "predicts 6 genes" in message and "7 genes" in message
     assert "MKI67" in message and "VIM" in message
-    with pytest.raises(CheckpointError, match=r"different order \(position 0: 'ACTB' in the checkpoint, 'GAPDH' expected\)"):
+    with pytest.raises(
+        CheckpointError, match=r"different order \(position 0: 'ACTB' in the checkpoint, 'GAPDH' expected\)"
+    ):
         load_checkpoint(path, expected_genes=[GENES[1], GENES[0], *GENES[2:]])
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path, expected_cond_dim=1536)
@@ -163,11 +177,21 @@ def test_missing_and_malformed_checkpoints(tmp_path: Path, saved) -> None:
 
 
 def test_import_reference_checkpoint_infers_the_architecture(tmp_path: Path, gene_file: Path) -> None:
-    imported = import_reference_checkpoint(FIXTURE_PT, gene_file, num_heads=NUM_HEADS, out_path=tmp_path / "imported",
-                                           embedding={"encoder": "random", "dim": COND_DIM})
-    assert imported.config == StemConfig(n_genes=N_GENES, cond_dim=COND_DIM, hidden_size=REFERENCE_ARGS["hidden_size"],
-                                         depth=REFERENCE_ARGS["depth"], num_heads=NUM_HEADS,
-                                         mlp_ratio=REFERENCE_ARGS["mlp_ratio"])
+    imported = import_reference_checkpoint(
+        FIXTURE_PT,
+        gene_file,
+        num_heads=NUM_HEADS,
+        out_path=tmp_path / "imported",
+        embedding={"encoder": "random", "dim": COND_DIM},
+    )
+    assert imported.config == StemConfig(
+        n_genes=N_GENES,
+        cond_dim=COND_DIM,
+        hidden_size=REFERENCE_ARGS["hidden_size"],
+        depth=REFERENCE_ARGS["depth"],
+        num_heads=NUM_HEADS,
+        mlp_ratio=REFERENCE_ARGS["mlp_ratio"],
+    )
     assert imported.genes == [f"G{i}" for i in range(N_GENES)] and not imported.model.training
     reference = torch.load(FIXTURE_PT, weights_only=True)
     ours = reference_to_ours(reference["ema"])
@@ -241,9 +265,16 @@ def test_the_training_range_round_trips_and_is_checked(tmp_path: Path) -> None:
     target_range = {"min": [0.0] * 6, "max": [1.0, 2.0, 3.0, 4.0, 5.0, 6.5]}
     path = save_checkpoint(tmp_path / "ranged", config=TINY, genes=GENES, ema=_model(0), target_range=target_range)
     assert load_checkpoint(path).target_range == target_range
-    assert load_checkpoint(save_checkpoint(tmp_path / "plain", config=TINY, genes=GENES, ema=_model(0))).target_range is None
-    for bad in ({"min": [0.0] * 5, "max": [1.0] * 5}, {"min": [2.0] * 6, "max": [1.0] * 6},
-                {"min": [0.0] * 6, "max": [float("nan")] * 6}, {"low": [0.0] * 6}):
+    assert (
+        load_checkpoint(save_checkpoint(tmp_path / "plain", config=TINY, genes=GENES, ema=_model(0))).target_range
+        is None
+    )
+    for bad in (
+        {"min": [0.0] * 5, "max": [1.0] * 5},
+        {"min": [2.0] * 6, "max": [1.0] * 6},
+        {"min": [0.0] * 6, "max": [float("nan")] * 6},
+        {"low": [0.0] * 6},
+    ):
         with pytest.raises(CheckpointError, match="target_range"):
             save_checkpoint(tmp_path / "bad", config=TINY, genes=GENES, ema=_model(0), target_range=bad)
     config = json.loads((path / "config.json").read_text())

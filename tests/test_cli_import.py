@@ -18,7 +18,9 @@ def gene_list(tmp_path: Path) -> Path:
     return write_gene_list(tmp_path / "selected_gene_list.txt", prefix="GENE")
 
 
-def test_import_writes_a_checkpoint_the_sampler_uses(tmp_path: Path, gene_list: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_import_writes_a_checkpoint_the_sampler_uses(
+    tmp_path: Path, gene_list: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import napari_stem.encoders as encoders
     from napari_stem.checkpoint import load_checkpoint
     from napari_stem.sampling import sample_expression
@@ -26,8 +28,23 @@ def test_import_writes_a_checkpoint_the_sampler_uses(tmp_path: Path, gene_list: 
     # the fixture's tiny model has a COND_DIM-d condition; stand in an encoder of that width
     monkeypatch.setattr(encoders, "get_encoder_spec", lambda name: SimpleNamespace(dim=COND_DIM))
     out = tmp_path / "converted"
-    assert main(["import-reference", str(FIXTURE), "--genes", str(gene_list), "--out", str(out), "--num-heads", str(NUM_HEADS),
-                 "--encoder", "tiny64"]) == 0
+    assert (
+        main(
+            [
+                "import-reference",
+                str(FIXTURE),
+                "--genes",
+                str(gene_list),
+                "--out",
+                str(out),
+                "--num-heads",
+                str(NUM_HEADS),
+                "--encoder",
+                "tiny64",
+            ]
+        )
+        == 0
+    )
     loaded = load_checkpoint(out)
     assert loaded.genes[:2] == ["GENE0", "GENE1"] and loaded.config.cond_dim == COND_DIM
     assert loaded.embedding["encoder"] == "tiny64" and loaded.embedding["patch"]["mode"] == "stem-native"
@@ -36,12 +53,41 @@ def test_import_writes_a_checkpoint_the_sampler_uses(tmp_path: Path, gene_list: 
     assert prediction.mean.shape == (2, N_GENES)
 
 
-def test_import_refuses_a_mismatched_encoder_and_gene_list(tmp_path: Path, gene_list: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["import-reference", str(FIXTURE), "--genes", str(gene_list), "--out", str(tmp_path / "x"),
-                 "--num-heads", str(NUM_HEADS)]) == 2
+def test_import_refuses_a_mismatched_encoder_and_gene_list(
+    tmp_path: Path, gene_list: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        main(
+            [
+                "import-reference",
+                str(FIXTURE),
+                "--genes",
+                str(gene_list),
+                "--out",
+                str(tmp_path / "x"),
+                "--num-heads",
+                str(NUM_HEADS),
+            ]
+        )
+        == 2
+    )
     assert f"{COND_DIM}-d" in capsys.readouterr().err and not (tmp_path / "x").exists()
     short = tmp_path / "short.txt"
     short.write_text("A\nB\n")
-    assert main(["import-reference", str(FIXTURE), "--genes", str(short), "--out", str(tmp_path / "y"), "--num-heads", str(NUM_HEADS)]) == 2
+    assert (
+        main(
+            [
+                "import-reference",
+                str(FIXTURE),
+                "--genes",
+                str(short),
+                "--out",
+                str(tmp_path / "y"),
+                "--num-heads",
+                str(NUM_HEADS),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err
     assert "short.txt" in error and str(N_GENES) in error

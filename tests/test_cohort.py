@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_stem.predict import DEFAULT_SAMPLER
 from stem_train.cli import main
 from stem_train.cohort import Scheduler, file_sha256, predict_cohort, read_state, run_cohort, state_path
 from test_bad_input import few_spots
@@ -21,10 +22,36 @@ from tiny_models import save_tiny_checkpoint
 
 SLIDES = ("SYN000", "SYN001", "SYN002", "SYN003")
 #: The sampling settings of every run here (fp32: the same arithmetic on any CPU).
-PREDICT_FLAGS = ("--samples", "2", "--steps", "2", "--device", "cpu", "--intervals", "", "--precision", "fp32", "--batch-size", "8")
-OPTIONS = {"n_samples": 2, "steps": 2, "device": "cpu", "precision": "fp32", "intervals": None, "embed_batch_size": 8,
-           "sampler": "ancestral", "eta": 0.0, "seed": 0, "encoder_weights": None, "num_workers": 0,
-           "sample_batch_size": None, "quantiles": None, "keep_samples": False}
+PREDICT_FLAGS = (
+    "--samples",
+    "2",
+    "--steps",
+    "2",
+    "--device",
+    "cpu",
+    "--intervals",
+    "",
+    "--precision",
+    "fp32",
+    "--batch-size",
+    "8",
+)
+OPTIONS = {
+    "n_samples": 2,
+    "steps": 2,
+    "device": "cpu",
+    "precision": "fp32",
+    "intervals": None,
+    "embed_batch_size": 8,
+    "sampler": DEFAULT_SAMPLER,
+    "eta": 0.0,
+    "seed": 0,
+    "encoder_weights": None,
+    "num_workers": 0,
+    "sample_batch_size": None,
+    "quantiles": None,
+    "keep_samples": False,
+}
 
 
 def small_hest(source: Path, target: Path, n_spots: int = 6) -> Path:
@@ -52,7 +79,10 @@ def data(tmp_path_factory: pytest.TempPathFactory, synthetic_hest: Path) -> dict
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-equality needs the same thread count (reductions split differently)
     try:
-        assert main(["predict", str(hest), "--checkpoint", str(checkpoint), "--out", str(root / "single"), *PREDICT_FLAGS]) == 0
+        assert (
+            main(["predict", str(hest), "--checkpoint", str(checkpoint), "--out", str(root / "single"), *PREDICT_FLAGS])
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     return {"root": root, "hest": hest, "checkpoint": checkpoint, "single": root / "single"}
@@ -108,7 +138,9 @@ def test_scheduler_strings_are_parsed_and_refused_at_parse_time(capsys: pytest.C
 # ---------------------------------------------------------------------- same numbers, models once
 def test_cohort_gives_the_single_process_numbers_and_loads_models_once_per_worker(data, cluster) -> None:
     out = data["root"] / "cohort"
-    report = predict_cohort(jobs_for(data, out), data["checkpoint"], cluster, options=OPTIONS, progress=False, quiet=True)
+    report = predict_cohort(
+        jobs_for(data, out), data["checkpoint"], cluster, options=OPTIONS, progress=False, quiet=True
+    )
     assert [o.state for o in report.outcomes] == ["done"] * 4 and report.exit_code == 0
     assert_same_predictions(out, data["single"])
     pids = {o.pid for o in report.outcomes}
@@ -118,7 +150,9 @@ def test_cohort_gives_the_single_process_numbers_and_loads_models_once_per_worke
         state = read_state(out / f"{name}.h5ad")
         assert state.state == "done" and state.sha256 == file_sha256(out / f"{name}.h5ad") and state.host and state.pid
         assert state.result == {"n_spots": 6}
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.h5ad" for n in SLIDES] + [f"{n}.h5ad.state.json" for n in SLIDES])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{n}.h5ad" for n in SLIDES] + [f"{n}.h5ad.state.json" for n in SLIDES]
+    )
     assert "4 done, 0 done earlier, 0 failed" in report.table()
     from distributed import Client
 
@@ -128,7 +162,9 @@ def test_cohort_gives_the_single_process_numbers_and_loads_models_once_per_worke
         reported = {message["slide"] for _, message in client.get_events(PROGRESS_TOPIC)}
     assert reported == set(SLIDES)
 
-    again = predict_cohort(jobs_for(data, out), data["checkpoint"], cluster, options=OPTIONS, progress=False, quiet=True)
+    again = predict_cohort(
+        jobs_for(data, out), data["checkpoint"], cluster, options=OPTIONS, progress=False, quiet=True
+    )
     assert [o.state for o in again.outcomes] == ["skipped"] * 4  # a rerun skips done slides
     assert all(read_state(out / f"{name}.h5ad").settings for name in SLIDES)
 
@@ -142,7 +178,17 @@ def test_a_corrupt_slide_fails_alone_and_only_it_is_retried(data, cluster, capsy
     broken.unlink()
     broken.write_bytes(real.read_bytes()[:4096])  # a truncated download
     out = root / "predictions"
-    args = ["predict", str(hest), "--checkpoint", str(data["checkpoint"]), "--out", str(out), *PREDICT_FLAGS, "--scheduler", cluster]
+    args = [
+        "predict",
+        str(hest),
+        "--checkpoint",
+        str(data["checkpoint"]),
+        "--out",
+        str(out),
+        *PREDICT_FLAGS,
+        "--scheduler",
+        cluster,
+    ]
 
     assert main([*args, "--show-workers"]) == 2
     captured = capsys.readouterr()
@@ -173,8 +219,20 @@ def test_prepare_on_the_cluster_writes_the_single_process_embeddings(data, clust
 
     genes = tmp_path / "genes.txt"
     genes.write_text("\n".join(read_genes(data["hest"])[:5]) + "\n")
-    common = [str(data["hest"]), "--gene-list", str(genes), "--no-augment", "--device", "cpu", "--precision", "fp32",
-              "--batch-size", "8", "--held-out", "SYN003"]
+    common = [
+        str(data["hest"]),
+        "--gene-list",
+        str(genes),
+        "--no-augment",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--batch-size",
+        "8",
+        "--held-out",
+        "SYN003",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -183,11 +241,18 @@ def test_prepare_on_the_cluster_writes_the_single_process_embeddings(data, clust
         torch.set_num_threads(threads)
     assert main(["prepare", *common, "--out", str(tmp_path / "cohort"), "--scheduler", cluster]) == 0
     for name in SLIDES:
-        with h5py.File(tmp_path / "single" / "embeddings" / f"{name}.h5") as one, \
-                h5py.File(tmp_path / "cohort" / "embeddings" / f"{name}.h5") as many:
+        with (
+            h5py.File(tmp_path / "single" / "embeddings" / f"{name}.h5") as one,
+            h5py.File(tmp_path / "cohort" / "embeddings" / f"{name}.h5") as many,
+        ):
             np.testing.assert_array_equal(one["embeddings"][:], many["embeddings"][:])
-        assert read_state(tmp_path / "cohort" / "embeddings" / f"{name}.h5").result == {"n_spots": 6, "embedding_dim": 1280}
-    assert (tmp_path / "cohort" / "manifest.json").read_text().count("SYN00") == (tmp_path / "single" / "manifest.json").read_text().count("SYN00")
+        assert read_state(tmp_path / "cohort" / "embeddings" / f"{name}.h5").result == {
+            "n_spots": 6,
+            "embedding_dim": 1280,
+        }
+    assert (tmp_path / "cohort" / "manifest.json").read_text().count("SYN00") == (
+        tmp_path / "single" / "manifest.json"
+    ).read_text().count("SYN00")
 
 
 def read_genes(hest: Path) -> list[str]:
@@ -206,8 +271,10 @@ def test_scheduler_none_runs_the_same_tasks_here_with_state(tmp_path: Path, monk
         path.write_text("ok")
         return {"n_spots": 1}
 
-    tasks = [SlideTask(f"s{i}", tmp_path / f"s{i}.txt", write, {"path": tmp_path / f"s{i}.txt", "fail": i == 1}, n_spots=1)
-             for i in range(3)]
+    tasks = [
+        SlideTask(f"s{i}", tmp_path / f"s{i}.txt", write, {"path": tmp_path / f"s{i}.txt", "fail": i == 1}, n_spots=1)
+        for i in range(3)
+    ]
     import torch
 
     threads = torch.get_num_threads()
@@ -227,7 +294,9 @@ def test_scheduler_none_runs_the_same_tasks_here_with_state(tmp_path: Path, monk
 
     from stem_train.cohort import _lost
 
-    lost = _lost(tasks[0], KilledWorker("stem-slide-s0-x", SimpleNamespace(address="tcp://10.0.0.7:4000"), 3))  # Dask gave up
+    lost = _lost(
+        tasks[0], KilledWorker("stem-slide-s0-x", SimpleNamespace(address="tcp://10.0.0.7:4000"), 3)
+    )  # Dask gave up
     assert lost.state == "failed" and "worker lost" in read_state(tmp_path / "s0.txt").error
     for task in tasks:
         task.settings = "other settings"  # e.g. another checkpoint or seed: done with the old ones is not done
@@ -239,8 +308,11 @@ def test_a_killed_worker_s_slide_is_redone_and_the_cohort_completes(data, cluste
     out = data["root"] / "killed"
     jobs = jobs_for(data, out)[:3]
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(report=predict_cohort(
-        jobs, data["checkpoint"], cluster, options=OPTIONS, progress=False, quiet=True)))
+    thread = threading.Thread(
+        target=lambda: result.update(
+            report=predict_cohort(jobs, data["checkpoint"], cluster, options=OPTIONS, progress=False, quiet=True)
+        )
+    )
     thread.start()
     killed = None
     deadline = time.monotonic() + 120
@@ -266,4 +338,6 @@ def test_a_killed_worker_s_slide_is_redone_and_the_cohort_completes(data, cluste
     assert redone.attempt == 2 and redone.pid != killed.pid  # Dask ran it again in a live worker
     assert_same_predictions(out, data["single"], SLIDES[:3])  # nothing partial under a final name, the same numbers
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
-    assert all(f".{killed.pid}." in name for name in leftovers), leftovers  # only the killed process's, removed by the next writer
+    assert all(f".{killed.pid}." in name for name in leftovers), (
+        leftovers
+    )  # only the killed process's, removed by the next writer

@@ -21,7 +21,9 @@ def demo_cache(tmp_path: Path, demo_slide_file: Path, monkeypatch: pytest.Monkey
     return cache
 
 
-def test_headless_quick_demo_writes_its_outputs(demo_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_headless_quick_demo_writes_its_outputs(
+    demo_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from stem_train.cli import main
     from stem_train.demo import QUICK
 
@@ -36,7 +38,9 @@ def test_headless_quick_demo_writes_its_outputs(demo_cache: Path, tmp_path: Path
     n_genes = QUICK.n_genes_panel
     assert adata.n_vars == n_genes and adata.n_obs > 30
     assert (adata.layers["variance"] > 0).all()
-    assert (adata.layers["lo50"] <= adata.layers["hi50"]).all() and adata.obsm["samples"].shape[1] == QUICK.samples * n_genes
+    assert (adata.layers["lo50"] <= adata.layers["hi50"]).all() and adata.obsm["samples"].shape[
+        1
+    ] == QUICK.samples * n_genes
     report = json.loads((out / "evaluation" / "report.json").read_text())
     assert report["fixed_panel_pcc"]["n_genes"] == n_genes and np.isfinite(report["fixed_panel_pcc"]["mean"])
     # The test slide is tissue no training slide shows, judged against the baselines on the same spots.
@@ -62,8 +66,27 @@ def test_mean_variance_maps_png(tmp_path: Path, demo_cache: Path) -> None:
     from stem_train.demo import QUICK, draw_mean_variance_maps, ensure_demo_model
 
     paths = ensure_demo_model(QUICK, device="cpu")
-    assert main(["predict", str(paths.hest), "--checkpoint", str(paths.checkpoint), "--sample-ids", QUICK.test_id,
-                 "--out", str(tmp_path / "p"), "--samples", "2", "--steps", "3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(paths.hest),
+                "--checkpoint",
+                str(paths.checkpoint),
+                "--sample-ids",
+                QUICK.test_id,
+                "--out",
+                str(tmp_path / "p"),
+                "--samples",
+                "2",
+                "--steps",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     png = draw_mean_variance_maps(tmp_path / "p" / f"{QUICK.test_id}.h5ad", tmp_path / "maps.png")
     image = np.asarray(Image.open(png).convert("RGB"))
     assert image.shape[0] > 600 and image.shape[1] > 600
@@ -71,7 +94,9 @@ def test_mean_variance_maps_png(tmp_path: Path, demo_cache: Path) -> None:
 
 
 @pytest.mark.gui
-def test_interactive_demo_opens_the_ready_plugin(demo_cache: Path, make_napari_viewer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interactive_demo_opens_the_ready_plugin(
+    demo_cache: Path, make_napari_viewer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The demo's napari session: slide, spot grid, widget docked with the demo checkpoint chosen."""
     import napari
 

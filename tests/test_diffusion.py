@@ -107,7 +107,9 @@ def test_vb_is_gaussian_kl_above_zero_and_reference_decoder_nll_at_zero() -> Non
     # the same mean, in bits.
     ratio = (diffusion._tables["posterior_variance"][1] / diffusion._tables["betas"][1]).item()
     expected = 0.5 * (-1 - math.log(ratio) + ratio) / math.log(2)
-    assert _vb_from_constant_output(diffusion, x_start, torch.tensor([1]), 0.0, 1.0).item() == pytest.approx(expected, rel=1e-3)
+    assert _vb_from_constant_output(diffusion, x_start, torch.tensor([1]), 0.0, 1.0).item() == pytest.approx(
+        expected, rel=1e-3
+    )
 
 
 def test_vb_trains_only_the_variance_and_mse_only_the_mean() -> None:
@@ -115,10 +117,11 @@ def test_vb_trains_only_the_variance_and_mse_only_the_mean() -> None:
     var_value = torch.zeros(2, 1, 5, requires_grad=True)
     x_start = torch.randn(2, 1, 5)
     losses = create_diffusion().training_losses(
-        lambda x, t: torch.cat([eps_value, var_value], 1), x_start, torch.tensor([0, 300]))
-    eps_grad, = torch.autograd.grad(losses["vb"].sum(), eps_value, retain_graph=True, allow_unused=True)
+        lambda x, t: torch.cat([eps_value, var_value], 1), x_start, torch.tensor([0, 300])
+    )
+    (eps_grad,) = torch.autograd.grad(losses["vb"].sum(), eps_value, retain_graph=True, allow_unused=True)
     assert eps_grad is None or not eps_grad.any()
-    var_grad, = torch.autograd.grad(losses["mse"].sum(), var_value, allow_unused=True)
+    (var_grad,) = torch.autograd.grad(losses["mse"].sum(), var_value, allow_unused=True)
     assert var_grad is None or not var_grad.any()
     torch.testing.assert_close(losses["loss"], losses["mse"] + losses["vb"])
 
@@ -194,6 +197,7 @@ def test_ancestral_step_adds_learned_variance_noise(reference) -> None:
 
 # -- few-step solvers and x_0 clipping on Gaussian data, where every answer is known -----------
 
+
 def _exact_gaussian_model(mu: torch.Tensor, s2: float):
     """Exact eps for x0 ~ N(mu, s2), and the variance output a perfect model learns: one step of
     the 1000-step chain has variance posterior + coef1^2 Var[x0 | x_t], in the model's [-1, 1]."""
@@ -248,8 +252,16 @@ def test_dpm_solver_2m_is_second_order() -> None:
 
     model = _exact_gaussian_model(MU, S2)
     x_T = torch.randn(200, 1, 3, generator=torch.Generator().manual_seed(0))
-    errors = [(GaussianDiffusion(timesteps=solver_timesteps(n)).sample_loop(model, x_T, sampler="dpm++2m")
-               - _flow_endpoint(x_T, MU, S2, 0)).abs().max().item() for n in (20, 40, 80)]
+    errors = [
+        (
+            GaussianDiffusion(timesteps=solver_timesteps(n)).sample_loop(model, x_T, sampler="dpm++2m")
+            - _flow_endpoint(x_T, MU, S2, 0)
+        )
+        .abs()
+        .max()
+        .item()
+        for n in (20, 40, 80)
+    ]
     assert errors[1] < errors[0] / 3 and errors[2] < errors[1] / 3, errors  # halving h: ~1/4
 
 
@@ -292,7 +304,9 @@ def test_solver_timesteps_and_noise_draws() -> None:
     model = _exact_gaussian_model(MU, S2)
     drawn = []
     x_T = torch.randn(2, 1, 3)
-    diffusion.sample_loop(model, x_T, sampler="ancestral-matched", step_noise=lambda i: drawn.append(i) or torch.randn_like(x_T))
+    diffusion.sample_loop(
+        model, x_T, sampler="ancestral-matched", step_noise=lambda i: drawn.append(i) or torch.randn_like(x_T)
+    )
     assert drawn == [2, 1]  # every step draws, none is taken at t = 0
 
     def no_noise(step_index):
@@ -321,5 +335,9 @@ def test_x0_clipping_bounds_every_prediction_and_none_is_the_reference() -> None
     torch.testing.assert_close(p["mean"], diffusion.q_posterior_mean_variance(p["pred_xstart"], x_T, t)[0])
     unclipped = diffusion.p_mean_variance(model, x_T, t)
     assert (unclipped["pred_xstart"] < 0).any() and (unclipped["pred_xstart"] > 5).any()
-    torch.testing.assert_close(diffusion.sample_loop(model, x_T, sampler="ddim", x0_range=None),
-                               diffusion.sample_loop(model, x_T, sampler="ddim"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        diffusion.sample_loop(model, x_T, sampler="ddim", x0_range=None),
+        diffusion.sample_loop(model, x_T, sampler="ddim"),
+        rtol=0,
+        atol=0,
+    )

@@ -329,7 +329,9 @@ def test_network_error_says_where_to_get_uni(monkeypatch):
 def test_unsafe_or_unreadable_weights_files(tmp_path):
     pickled = tmp_path / "code.pth"
     torch.save({"weight": torch.zeros(1), "hook": Path("x")}, pickled)  # a non-tensor object needs unpickling code
-    with pytest.raises(EncoderError, match=r"weights file for encoder 'resnet18' .*code\.pth.* contains pickled code") as info:
+    with pytest.raises(
+        EncoderError, match=r"weights file for encoder 'resnet18' .*code\.pth.* contains pickled code"
+    ) as info:
         create_encoder("resnet18", weights=pickled, device="cpu")
     assert "Re-running" not in str(info.value)
     garbage = tmp_path / "garbage.safetensors"

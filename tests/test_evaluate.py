@@ -23,20 +23,35 @@ def _truth_adata(n_spots: int = 48, seed: int = 0):
     layout = hex_grid(800, 700, 100, origin_um=(50, 50)).iloc[:n_spots]
     centers = np.stack([layout["x_um"], layout["y_um"]], axis=1) / 0.5  # 0.5 µm/px
     signal = np.sin(centers[:, :1] / 300.0) + np.cos(centers[:, 1:] / 250.0)
-    rates = np.exp(1.5 + np.hstack([signal, -signal, 0.5 * signal, rng.normal(size=(len(layout), 1)), np.zeros((len(layout), 1))]))
+    rates = np.exp(
+        1.5 + np.hstack([signal, -signal, 0.5 * signal, rng.normal(size=(len(layout), 1)), np.zeros((len(layout), 1))])
+    )
     counts = rng.poisson(rates).astype(np.float32)
     counts[:, 4] = 0.0
     obs = pd.DataFrame(index=pd.Index([f"bc{i}" for i in range(len(layout))], name="barcode"))
     adata = anndata.AnnData(X=sparse.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=pd.Index(GENES)))
     adata.obsm["spatial"] = centers
     thumbnail = np.full((200, 200, 3), 230, dtype=np.uint8)
-    adata.uns["spatial"] = {"ST": {"images": {"downscaled_fullres": thumbnail},
-                                   "scalefactors": {"spot_diameter_fullres": 110.0, "tissue_downscaled_fullres_scalef": 0.1}}}
+    adata.uns["spatial"] = {
+        "ST": {
+            "images": {"downscaled_fullres": thumbnail},
+            "scalefactors": {"spot_diameter_fullres": 110.0, "tissue_downscaled_fullres_scalef": 0.1},
+        }
+    }
     return adata
 
 
-def _write_prediction(path: Path, truth, *, n_samples: int = 6, keep_samples: bool = True, point: bool = False, seed: int = 1,
-                      legacy_quantiles: bool = False, interval_levels=(0.5, 0.9)) -> Path:
+def _write_prediction(
+    path: Path,
+    truth,
+    *,
+    n_samples: int = 6,
+    keep_samples: bool = True,
+    point: bool = False,
+    seed: int = 1,
+    legacy_quantiles: bool = False,
+    interval_levels=(0.5, 0.9),
+) -> Path:
     """A prediction file; ``legacy_quantiles`` writes q05/q25/q75/q95 layers as older versions did."""
     import anndata
 
@@ -82,7 +97,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _write_prediction(root / "pred.h5ad", truth), truth_path
 
 
-def test_evaluate_writes_report_table_and_plots(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_writes_report_table_and_plots(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from stem_train.cli import main
 
     prediction, truth = pair
@@ -102,14 +119,25 @@ def test_evaluate_writes_report_table_and_plots(pair: tuple[Path, Path], tmp_pat
     assert reference["rvd_genes_excluded"] == ["FLAT"] and reference["pcc_nan_genes"] == ["FLAT"]
     calibration = report["calibration"]
     assert calibration["source"] == "samples" and calibration["n_samples"] == 6
-    for key in ("coverage_50", "coverage_90", "coverage_rank_50", "coverage_rank_90", "crps", "spread_error_correlation"):
+    for key in (
+        "coverage_50",
+        "coverage_90",
+        "coverage_rank_50",
+        "coverage_rank_90",
+        "crps",
+        "spread_error_correlation",
+    ):
         assert calibration[key] is not None
     assert calibration["coverage_rank_90"] == pytest.approx(0.9, abs=0.06)  # calibrated by construction
     assert calibration["coverage_rank_50"] == pytest.approx(0.5, abs=0.08)
     assert calibration["coverage_90"] < calibration["coverage_rank_90"]  # 6 samples: quantile intervals too narrow
     # 6 samples give one interval for both asks: [min, max], a 5/7 = 71.4 % interval, labelled so
     (written,) = calibration["written_intervals"]
-    assert written["layers"] == ["lo71.4", "hi71.4"] and written["level"] == pytest.approx(5 / 7) and written["n_samples"] == 6
+    assert (
+        written["layers"] == ["lo71.4", "hi71.4"]
+        and written["level"] == pytest.approx(5 / 7)
+        and written["n_samples"] == 6
+    )
     assert written["verdict"] == "as stated" and abs(written["coverage"] - 5 / 7) <= written["tolerance"]
     assert written["tolerance"] == pytest.approx(3 * np.sqrt(5 / 7 * 2 / 7 / 48)) and written["n_spots"] == 48
     assert report["intervals_verdict"].startswith("as stated")
@@ -152,7 +180,9 @@ def test_evaluate_panel_quantiles_and_point_prediction(pair: tuple[Path, Path], 
     assert not (tmp_path / "p" / "calibration.png").exists() and (tmp_path / "p" / "marker_maps.png").exists()
 
 
-def test_evaluate_errors_name_files_and_fix(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_errors_name_files_and_fix(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import anndata
 
     from stem_train.cli import main
@@ -175,9 +205,37 @@ def test_evaluate_errors_name_files_and_fix(pair: tuple[Path, Path], tmp_path: P
 
     panel = tmp_path / "bad_panel.txt"
     panel.write_text("GA\nNOT_A_GENE\n")
-    assert main(["evaluate", str(prediction), "--truth", str(truth), "--genes-panel", str(panel), "--out", str(tmp_path / "e3")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(prediction),
+                "--truth",
+                str(truth),
+                "--genes-panel",
+                str(panel),
+                "--out",
+                str(tmp_path / "e3"),
+            ]
+        )
+        == 2
+    )
     assert "NOT_A_GENE" in capsys.readouterr().err
-    assert main(["evaluate", str(prediction), "--truth", str(truth), "--marker-genes", "GA,NOPE", "--out", str(tmp_path / "e6")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(prediction),
+                "--truth",
+                str(truth),
+                "--marker-genes",
+                "GA,NOPE",
+                "--out",
+                str(tmp_path / "e6"),
+            ]
+        )
+        == 2
+    )
     assert "NOPE" in capsys.readouterr().err and not (tmp_path / "e6").exists()
 
     no_coordinates = tmp_path / "no_coords.h5ad"
@@ -192,10 +250,25 @@ def test_evaluate_errors_name_files_and_fix(pair: tuple[Path, Path], tmp_path: P
     err = capsys.readouterr().err
     assert "obsm['spatial']" in err and "no_coords.h5ad" in err and "--no-plots" in err
     assert not (tmp_path / "e4").exists()  # checked before anything is written
-    assert main(["evaluate", str(bare_prediction), "--truth", str(no_coordinates), "--out", str(tmp_path / "e5"), "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(bare_prediction),
+                "--truth",
+                str(no_coordinates),
+                "--out",
+                str(tmp_path / "e5"),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
 
 
-def test_evaluate_flags_intervals_narrower_than_their_label(pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_evaluate_flags_intervals_narrower_than_their_label(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import anndata
 
     from stem_train.cli import main
@@ -203,7 +276,9 @@ def test_evaluate_flags_intervals_narrower_than_their_label(pair: tuple[Path, Pa
 
     _, truth = pair
     # 19 calibrated samples; the file says lo90/hi90 is the 90 % interval but holds [x(5), x(15)], a 50 % one
-    mislabeled = _write_prediction(tmp_path / "mislabeled.h5ad", anndata.read_h5ad(truth), n_samples=19, keep_samples=False)
+    mislabeled = _write_prediction(
+        tmp_path / "mislabeled.h5ad", anndata.read_h5ad(truth), n_samples=19, keep_samples=False
+    )
     adata = anndata.read_h5ad(mislabeled)
     adata.layers["lo90"], adata.layers["hi90"] = adata.layers["lo50"].copy(), adata.layers["hi50"].copy()
     adata.write_h5ad(mislabeled)
@@ -211,18 +286,32 @@ def test_evaluate_flags_intervals_narrower_than_their_label(pair: tuple[Path, Pa
     checks = {tuple(c["layers"]): c for c in report["calibration"]["written_intervals"]}
     assert checks[("lo50", "hi50")]["verdict"] == "as stated"
     narrow = checks[("lo90", "hi90")]
-    assert narrow["verdict"] == "too narrow" and narrow["coverage"] < 0.9 - narrow["tolerance"] and narrow["level"] == 0.9
-    assert report["calibration"]["source"] == "interval layers" and report["calibration"]["coverage_90"] == narrow["coverage"]
+    assert (
+        narrow["verdict"] == "too narrow" and narrow["coverage"] < 0.9 - narrow["tolerance"] and narrow["level"] == 0.9
+    )
+    assert (
+        report["calibration"]["source"] == "interval layers"
+        and report["calibration"]["coverage_90"] == narrow["coverage"]
+    )
     assert report["intervals_verdict"].startswith("too narrow: lo90/hi90 covers")
     assert any("lo90/hi90" in warning for warning in report["warnings"])
 
     out = tmp_path / "strict"
-    assert main(["evaluate", str(mislabeled), "--truth", str(truth), "--out", str(out), "--no-plots"]) == 0  # a warning ...
+    assert (
+        main(["evaluate", str(mislabeled), "--truth", str(truth), "--out", str(out), "--no-plots"]) == 0
+    )  # a warning ...
     assert "warning: written intervals too narrow: lo90/hi90" in capsys.readouterr().out
-    assert main(["evaluate", str(mislabeled), "--truth", str(truth), "--out", str(out), "--no-plots", "--strict-intervals"]) == 1  # ... or a failure
+    assert (
+        main(
+            ["evaluate", str(mislabeled), "--truth", str(truth), "--out", str(out), "--no-plots", "--strict-intervals"]
+        )
+        == 1
+    )  # ... or a failure
 
     # what older versions wrote: interpolated q05/q95 of 6 samples, read as the 90 % interval they were presented as
-    legacy = _write_prediction(tmp_path / "legacy.h5ad", anndata.read_h5ad(truth), n_samples=6, keep_samples=False, legacy_quantiles=True)
+    legacy = _write_prediction(
+        tmp_path / "legacy.h5ad", anndata.read_h5ad(truth), n_samples=6, keep_samples=False, legacy_quantiles=True
+    )
     report = evaluate_files(legacy, truth, tmp_path / "l", plots=False)
     checks = {c["name"]: c for c in report["calibration"]["written_intervals"]}
     assert set(checks) == {"q05-q95", "q25-q75"} and checks["q05-q95"]["level"] == pytest.approx(0.9)
@@ -255,24 +344,50 @@ def hest_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     target = np.log2(1 + truth.X.toarray())
     rng = np.random.default_rng(11)
     baselines = root / "baselines"
-    for method, mean in (("cv-ridge", target + rng.normal(scale=1.0, size=target.shape)),
-                         ("ridge", target + rng.normal(scale=2.0, size=target.shape)),
-                         ("mean", np.broadcast_to(target.mean(axis=0), target.shape))):
+    for method, mean in (
+        ("cv-ridge", target + rng.normal(scale=1.0, size=target.shape)),
+        ("ridge", target + rng.normal(scale=2.0, size=target.shape)),
+        ("mean", np.broadcast_to(target.mean(axis=0), target.shape)),
+    ):
         (baselines / method).mkdir(parents=True)
-        write_prediction(baselines / method / "SYN9.h5ad",
-                         Prediction(mean=mean.astype(np.float32), variance=np.zeros_like(mean, dtype=np.float32), genes=list(truth.var_names),
-                                    metadata={"baseline": method, "model": method, "target_transform": "log2p1"}),
-                         spots_from_anndata(truth))
+        write_prediction(
+            baselines / method / "SYN9.h5ad",
+            Prediction(
+                mean=mean.astype(np.float32),
+                variance=np.zeros_like(mean, dtype=np.float32),
+                genes=list(truth.var_names),
+                metadata={"baseline": method, "model": method, "target_transform": "log2p1"},
+            ),
+            spots_from_anndata(truth),
+        )
     anndata.read_h5ad(root / "st" / "SYN9.h5ad")  # readable as written
     return {"root": root, "truth": root / "st" / "SYN9.h5ad", "prediction": prediction, "baselines": baselines}
 
 
-def test_verdict_against_the_best_baseline_with_paired_ci(hest_pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_verdict_against_the_best_baseline_with_paired_ci(
+    hest_pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from stem_train.cli import main
 
     out = tmp_path / "eval"
-    assert main(["evaluate", str(hest_pair["prediction"]), "--truth", str(hest_pair["truth"]), "--out", str(out), "--no-plots",
-                 "--baselines", str(hest_pair["baselines"]), "--bootstrap-resamples", "400"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(hest_pair["prediction"]),
+                "--truth",
+                str(hest_pair["truth"]),
+                "--out",
+                str(out),
+                "--no-plots",
+                "--baselines",
+                str(hest_pair["baselines"]),
+                "--bootstrap-resamples",
+                "400",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     fixed = report["fixed_panel_pcc"]
@@ -286,8 +401,10 @@ def test_verdict_against_the_best_baseline_with_paired_ci(hest_pair: dict[str, P
     difference = best["difference"]
     assert difference["estimate"] == pytest.approx(fixed["mean"] - best["fixed_panel_pcc"]["estimate"])
     assert 0 < difference["low"] <= difference["estimate"] <= difference["high"]
-    line = (f"Stem vs best baseline (cv-ridge): {difference['estimate']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] "
-            "fixed-panel PCC (paired bootstrap 95 % CI, 48 spots); Stem ahead")
+    line = (
+        f"Stem vs best baseline (cv-ridge): {difference['estimate']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] "
+        "fixed-panel PCC (paired bootstrap 95 % CI, 48 spots); Stem ahead"
+    )
     assert report["verdict"] == comparison["verdict"] == line and f"verdict: {line}" in printed
 
     kinds = report["pcc_by_gene_kind"]
@@ -300,12 +417,28 @@ def test_verdict_against_the_best_baseline_with_paired_ci(hest_pair: dict[str, P
     assert driven["verdict"] in printed and "image-driven genes (3)" in printed
 
 
-def test_baselines_folder_without_this_slide(hest_pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_baselines_folder_without_this_slide(
+    hest_pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from stem_train.cli import main
 
     (tmp_path / "other" / "ridge").mkdir(parents=True)
-    assert main(["evaluate", str(hest_pair["prediction"]), "--truth", str(hest_pair["truth"]), "--out", str(tmp_path / "e"),
-                 "--no-plots", "--baselines", str(tmp_path / "other")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(hest_pair["prediction"]),
+                "--truth",
+                str(hest_pair["truth"]),
+                "--out",
+                str(tmp_path / "e"),
+                "--no-plots",
+                "--baselines",
+                str(tmp_path / "other"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "<method>/SYN9.h5ad" in err and "stem-train baseline" in err and not (tmp_path / "e").exists()
 
@@ -314,9 +447,19 @@ def _manifest(folder: Path, data_dir: Path, *slides: tuple[str, str, str | None]
     """A prepared folder's manifest whose training slides are (sample id, patient, image sha256)."""
     from stem_train.manifest import PreparedDataset, PreparedSlide
 
-    PreparedDataset(str(data_dir), "efficientnet_lite0", None, 4, {}, list(DRIVEN), {}, slides=[
-        PreparedSlide(sample_id, patient, "train", 10, f"embeddings/{sample_id}.h5", image_sha256=digest)
-        for sample_id, patient, digest in slides]).save(folder)
+    PreparedDataset(
+        str(data_dir),
+        "efficientnet_lite0",
+        None,
+        4,
+        {},
+        list(DRIVEN),
+        {},
+        slides=[
+            PreparedSlide(sample_id, patient, "train", 10, f"embeddings/{sample_id}.h5", image_sha256=digest)
+            for sample_id, patient, digest in slides
+        ],
+    ).save(folder)
     return folder
 
 
@@ -327,11 +470,21 @@ def test_leak_check_against_the_training_slides(hest_pair: dict[str, Path], tmp_
     from stem_train.evaluate import evaluate_files
 
     image_hash = hashlib.sha256((hest_pair["root"] / "wsis" / "SYN9.tif").read_bytes()).hexdigest()
-    training = {"same id": ("SYN9", "PQ", None), "same image": ("T1", "PQ", image_hash),
-                "same patient": ("T2", "PX", "0" * 64), "disjoint": ("T3", "PY", "1" * 64)}[case]
+    training = {
+        "same id": ("SYN9", "PQ", None),
+        "same image": ("T1", "PQ", image_hash),
+        "same patient": ("T2", "PX", "0" * 64),
+        "disjoint": ("T3", "PY", "1" * 64),
+    }[case]
     prepared = _manifest(tmp_path / "prep", hest_pair["root"], training, ("T0", "PZ", "2" * 64))
-    report = evaluate_files(hest_pair["prediction"], hest_pair["truth"], tmp_path / "e", prepared=prepared, plots=False,
-                            bootstrap_resamples=50)
+    report = evaluate_files(
+        hest_pair["prediction"],
+        hest_pair["truth"],
+        tmp_path / "e",
+        prepared=prepared,
+        plots=False,
+        bootstrap_resamples=50,
+    )
     leak = report["leak_check"]
     assert leak["n_training_slides"] == 2 and leak["patient"] == "PX" and leak["sources"][0].startswith("--prepared")
     if case == "disjoint":
@@ -341,15 +494,18 @@ def test_leak_check_against_the_training_slides(hest_pair: dict[str, Path], tmp_
     assert finding in report["warnings"]
     if case == "same patient":
         assert leak["status"] == "same patient" and "LEAK" not in finding
-        assert finding.startswith("same patient as training slides T2 (patient PX): figures measure within-patient generalisation")
+        assert finding.startswith(
+            "same patient as training slides T2 (patient PX): figures measure within-patient generalisation"
+        )
     else:
         assert leak["status"] == "leak" and finding.startswith("LEAK: test slide SYN9")
         assert training[0] in finding and "held-out figures are not valid" in finding
         assert (leak["sha256"] == image_hash) if case == "same image" else True
 
 
-def test_leak_check_follows_the_checkpoint_named_by_the_prediction(hest_pair: dict[str, Path], tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture) -> None:
+def test_leak_check_follows_the_checkpoint_named_by_the_prediction(
+    hest_pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """No --prepared: a Stem prediction names its checkpoint, whose provenance names its training manifest."""
     import anndata
 
@@ -358,18 +514,50 @@ def test_leak_check_follows_the_checkpoint_named_by_the_prediction(hest_pair: di
     prepared = _manifest(tmp_path / "prep", hest_pair["root"], ("SYN9", "PX", None))
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
-    (checkpoint / "config.json").write_text(json.dumps({"provenance": {"manifest": str(prepared / "manifest.json"), "train_slides": ["SYN9"]}}))
+    (checkpoint / "config.json").write_text(
+        json.dumps({"provenance": {"manifest": str(prepared / "manifest.json"), "train_slides": ["SYN9"]}})
+    )
     adata = anndata.read_h5ad(hest_pair["prediction"])
-    adata.uns["napari_stem"]["provenance_json"] = json.dumps({"target_transform": "log2p1", "checkpoint": str(checkpoint)})
+    adata.uns["napari_stem"]["provenance_json"] = json.dumps(
+        {"target_transform": "log2p1", "checkpoint": str(checkpoint)}
+    )
     adata.write_h5ad(tmp_path / "pred.h5ad")
-    assert main(["evaluate", str(tmp_path / "pred.h5ad"), "--truth", str(hest_pair["truth"]), "--out", str(tmp_path / "e"),
-                 "--no-plots", "--bootstrap-resamples", "50"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "pred.h5ad"),
+                "--truth",
+                str(hest_pair["truth"]),
+                "--out",
+                str(tmp_path / "e"),
+                "--no-plots",
+                "--bootstrap-resamples",
+                "50",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "warning: LEAK: test slide SYN9 is also a training slide of the model (checkpoint" in printed
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["leak_check"]["status"] == "leak" and "training manifest" in report["leak_check"]["sources"][0]
     # nothing names the training slides: said, not silently passed
-    assert main(["evaluate", str(hest_pair["prediction"]), "--truth", str(hest_pair["truth"]), "--out", str(tmp_path / "e2"),
-                 "--no-plots", "--bootstrap-resamples", "50"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(hest_pair["prediction"]),
+                "--truth",
+                str(hest_pair["truth"]),
+                "--out",
+                str(tmp_path / "e2"),
+                "--no-plots",
+                "--bootstrap-resamples",
+                "50",
+            ]
+        )
+        == 0
+    )
     assert "leak check (test slide vs training slides)" in capsys.readouterr().out
     assert json.loads((tmp_path / "e2" / "report.json").read_text())["leak_check"]["status"] == "not checked"

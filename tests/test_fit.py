@@ -24,7 +24,22 @@ from stem_train.data import BatchOrder, assemble_training_set, draw_augmentation
 from stem_train.manifest import PreparedDataset, PreparedSlide
 
 #: A model small enough that a few dozen steps take seconds.
-TINY = ("--preset", "stem-small", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--lr", "1e-3", "--ema-decay", "0.9", "--device", "cpu")
+TINY = (
+    "--preset",
+    "stem-small",
+    "--hidden-size",
+    "32",
+    "--depth",
+    "1",
+    "--num-heads",
+    "2",
+    "--lr",
+    "1e-3",
+    "--ema-decay",
+    "0.9",
+    "--device",
+    "cpu",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +70,9 @@ def test_fitted_run_learns_and_its_checkpoint_loads(fitted_synthetic_run: Path, 
     val = _log(fitted_synthetic_run, "val")
     assert [r["step"] for r in val] == [200, 400] and all(np.isfinite(r["val_pcc"]) for r in val)
 
-    checkpoint = load_checkpoint(fitted_synthetic_run / fit.FINAL_CHECKPOINT, expected_genes=manifest.genes, expected_cond_dim=1280)
+    checkpoint = load_checkpoint(
+        fitted_synthetic_run / fit.FINAL_CHECKPOINT, expected_genes=manifest.genes, expected_cond_dim=1280
+    )
     assert checkpoint.embedding == manifest.embedding_spec() and checkpoint.target_transform == "log2p1"
     assert checkpoint.provenance["steps"] == 400 and checkpoint.provenance["held_out_slides"] == ["SYN003"]
     assert checkpoint.provenance["gene_selection"]["method"] == "hmhvg"
@@ -67,7 +84,9 @@ def test_fitted_run_learns_and_its_checkpoint_loads(fitted_synthetic_run: Path, 
     assert state["step"] == 400 and state["spec"]["genes"] == manifest.genes
 
 
-def test_fitted_model_beats_the_per_gene_mean_on_the_held_out_slide(fitted_synthetic_run: Path, prepared_synthetic: Path) -> None:
+def test_fitted_model_beats_the_per_gene_mean_on_the_held_out_slide(
+    fitted_synthetic_run: Path, prepared_synthetic: Path
+) -> None:
     """On SYN003 the sampled mean correlates with the truth (the per-gene mean cannot) and has a
     lower MSE than the training slides' per-gene mean."""
     from napari_stem.sampling import sample_expression
@@ -75,7 +94,9 @@ def test_fitted_model_beats_the_per_gene_mean_on_the_held_out_slide(fitted_synth
 
     manifest = PreparedDataset.load(prepared_synthetic)
     held_out = assemble_held_out(manifest)
-    prediction = sample_expression(fitted_synthetic_run / fit.FINAL_CHECKPOINT, held_out.conditions, n_samples=8, steps=20, device="cpu")
+    prediction = sample_expression(
+        fitted_synthetic_run / fit.FINAL_CHECKPOINT, held_out.conditions, n_samples=8, steps=20, device="cpu"
+    )
     assert np.nanmean(pearson_per_gene(held_out.targets, prediction.mean)) > 0.3
     training = assemble_training_set(manifest, num_aug_ratio=0)
     mean_mse = np.mean((held_out.targets - training.targets.mean(axis=0)) ** 2)
@@ -119,8 +140,16 @@ def test_training_set_drops_empty_spots_like_the_reference(tmp_path: Path) -> No
     with h5py.File(prep / "embeddings" / "S1.h5", "w") as handle:
         handle["embeddings"] = embeddings
         handle["embeddings_aug"] = embeddings[:, None, :] + 1000 * np.arange(1, 8, dtype=np.float32)[None, :, None]
-    manifest = PreparedDataset(str(data_dir), "toy", None, 4, {"mode": "hest"}, ["A", "B"], {"method": "list"},
-                               [PreparedSlide("S1", "P", "train", 5, "embeddings/S1.h5")])
+    manifest = PreparedDataset(
+        str(data_dir),
+        "toy",
+        None,
+        4,
+        {"mode": "hest"},
+        ["A", "B"],
+        {"method": "list"},
+        [PreparedSlide("S1", "P", "train", 5, "embeddings/S1.h5")],
+    )
     manifest.save(prep)
     training = assemble_training_set(PreparedDataset.load(prep), num_aug_ratio=2, seed=0)
     assert training.n_spots == 5 and training.n_dropped == 2 and len(training) == 3 * 3
@@ -136,9 +165,28 @@ def test_training_set_drops_empty_spots_like_the_reference(tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------------- resume
-def test_resume_continues_a_killed_run_exactly(prepared_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    common = ["fit", str(prepared_synthetic), *TINY, "--max-steps", "30", "--global-batch-size", "32", "--log-every", "5",
-              "--ckpt-every", "10", "--val-every", "10", "--val-spots", "16", "--val-sample-steps", "2"]
+def test_resume_continues_a_killed_run_exactly(
+    prepared_synthetic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = [
+        "fit",
+        str(prepared_synthetic),
+        *TINY,
+        "--max-steps",
+        "30",
+        "--global-batch-size",
+        "32",
+        "--log-every",
+        "5",
+        "--ckpt-every",
+        "10",
+        "--val-every",
+        "10",
+        "--val-spots",
+        "16",
+        "--val-sample-steps",
+        "2",
+    ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main([*common, "--out", str(straight)]) == 0
 
@@ -190,15 +238,46 @@ def test_resume_errors(prepared_synthetic: Path, fitted_synthetic_run: Path, tmp
 
 # ---------------------------------------------------------------------- DDP
 def test_torchrun_two_ranks_match_one_process(prepared_synthetic: Path, tmp_path: Path) -> None:
-    options = [*TINY, "--max-steps", "4", "--global-batch-size", "16", "--num-aug-ratio", "3", "--log-every", "1",
-               "--ckpt-every", "4", "--val-every", "0"]
+    options = [
+        *TINY,
+        "--max-steps",
+        "4",
+        "--global-batch-size",
+        "16",
+        "--num-aug-ratio",
+        "3",
+        "--log-every",
+        "1",
+        "--ckpt-every",
+        "4",
+        "--val-every",
+        "0",
+    ]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert main(["fit", str(prepared_synthetic), "--out", str(single), *options]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
-         "-m", "stem_train.cli", "fit", str(prepared_synthetic), "--out", str(ddp), *options],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "stem_train.cli",
+            "fit",
+            str(prepared_synthetic),
+            "--out",
+            str(ddp),
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     draws = dict(re.findall(r"rank (\d)/2: augmentation draw (\w+)", result.stdout))
@@ -210,13 +289,18 @@ def test_torchrun_two_ranks_match_one_process(prepared_synthetic: Path, tmp_path
         ours, theirs = _weights(ddp / name), _weights(single / name)
         assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     config = json.loads((ddp / fit.FINAL_CHECKPOINT / "config.json").read_text())
-    assert config["architecture"] == json.loads((single / fit.FINAL_CHECKPOINT / "config.json").read_text())["architecture"]
+    assert (
+        config["architecture"]
+        == json.loads((single / fit.FINAL_CHECKPOINT / "config.json").read_text())["architecture"]
+    )
     # same global batches and noise: the two-rank losses equal the single process's up to float sums
     for ours, theirs in zip(_log(ddp), _log(single), strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-3)
 
 
-def test_fit_records_the_training_targets_range_for_clipping(fitted_synthetic_run: Path, prepared_synthetic: Path) -> None:
+def test_fit_records_the_training_targets_range_for_clipping(
+    fitted_synthetic_run: Path, prepared_synthetic: Path
+) -> None:
     manifest = PreparedDataset.load(prepared_synthetic)
     targets = assemble_training_set(manifest, num_aug_ratio=0).targets  # views share their spots' targets
     for folder in (fitted_synthetic_run / fit.FINAL_CHECKPOINT, fitted_synthetic_run / "checkpoints" / "step_0000400"):
@@ -238,7 +322,9 @@ def test_training_options_left_unset_come_from_the_preset() -> None:
         fit.apply_preset_defaults(args)
         assert {name: getattr(args, name) for name in expected} == expected
     # An option given on the command line wins over the preset.
-    args = parser.parse_args(["fit", "prep", "--out", "run", "--preset", "stem-small", "--lr", "3e-4", "--num-aug-ratio", "0"])
+    args = parser.parse_args(
+        ["fit", "prep", "--out", "run", "--preset", "stem-small", "--lr", "3e-4", "--num-aug-ratio", "0"]
+    )
     fit.apply_preset_defaults(args)
     assert (args.lr, args.num_aug_ratio, args.ema_decay) == (3e-4, 0, TRAINING_DEFAULTS["stem-small"]["ema_decay"])
     assert TRAINING_DEFAULTS["stem-small"] != TRAINING_DEFAULTS["stem-reference"]

@@ -58,15 +58,26 @@ def _size(folder: Path, *names: str) -> int:
     return sum((folder / name).stat().st_size for name in names)
 
 
-def test_dry_run_selects_by_metadata_and_lists_sizes(hub: HubStandin, hest_repo: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_dry_run_selects_by_metadata_and_lists_sizes(
+    hub: HubStandin, hest_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from stem_train.cli import main
 
     out = tmp_path / "hest_data"
-    assert main(["download", str(out), "--organ", "breast", "--species", "Homo sapiens", "--with", "patches", "--dry-run"]) == 0
+    assert (
+        main(["download", str(out), "--organ", "breast", "--species", "Homo sapiens", "--with", "patches", "--dry-run"])
+        == 0
+    )
     text = capsys.readouterr().out
-    expected = ["wsis/SYN000.tif", "st/SYN000.h5ad", "metadata/SYN000.json", "patches/SYN000.h5",
-                "wsis/SYN001.tif", "st/SYN001.h5ad", "metadata/SYN001.json"]
+    expected = [
+        "wsis/SYN000.tif",
+        "st/SYN000.h5ad",
+        "metadata/SYN000.json",
+        "patches/SYN000.h5",
+        "wsis/SYN001.tif",
+        "st/SYN001.h5ad",
+        "metadata/SYN001.json",
+    ]
     listed = [line.split()[-1] for line in text.splitlines() if line.strip() and line.split()[-1] in expected]
     assert listed == expected  # sample by sample, parts in order
     assert "SYN002" not in text and "SYN003" not in text
@@ -81,8 +92,13 @@ def test_download_writes_the_layout_prepare_reads(hub: HubStandin, hest_repo: Pa
     from napari_stem.hest import download, iter_hest_samples
 
     out = tmp_path / "hest_data"
-    result = download(out, ["SYN002"], filters={"technology": "visium"}, parts=("wsis", "st", "metadata", "cellvit_seg"),
-                      progress=False)
+    result = download(
+        out,
+        ["SYN002"],
+        filters={"technology": "visium"},
+        parts=("wsis", "st", "metadata", "cellvit_seg"),
+        progress=False,
+    )
     assert result.plan.sample_ids == ["SYN002"] and result.plan.missing == {"SYN002": ["cellvit_seg"]}
     for name in ("wsis/SYN002.tif", "st/SYN002.h5ad", "metadata/SYN002.json"):
         assert (out / name).read_bytes() == (hest_repo / name).read_bytes()
@@ -96,8 +112,9 @@ def test_download_writes_the_layout_prepare_reads(hub: HubStandin, hest_repo: Pa
     assert sorted(s.sample_id for s in iter_hest_samples(out)) == ["SYN000", "SYN002"]
 
 
-def test_gated_dataset_without_token_or_terms(hub: HubStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture) -> None:
+def test_gated_dataset_without_token_or_terms(
+    hub: HubStandin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from stem_train.cli import main
 
     monkeypatch.delenv("HF_TOKEN")
@@ -139,7 +156,9 @@ def test_interrupted_download_resumes_without_refetching(hub: HubStandin, hest_r
     before = len(hub.log)
     newer = download(out, ["SYN000", "SYN001"], progress=False)
     assert newer.plan.revision == "f" * 40 and newer.already_present == []  # checked against the new commit...
-    assert not [e for e in hub.log[before:] if e[0] == "GET" and "/resolve/" in e[1] and "/wsis/" in e[1]]  # ...not re-fetched
+    assert not [
+        e for e in hub.log[before:] if e[0] == "GET" and "/resolve/" in e[1] and "/wsis/" in e[1]
+    ]  # ...not re-fetched
 
 
 def test_sizes_are_verified_and_bad_selections_named(hub: HubStandin, tmp_path: Path) -> None:

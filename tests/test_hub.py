@@ -46,13 +46,18 @@ def _model_repo(tmp_path: Path, checkpoint: Path, name: str = "repo", extra: dic
     return folder
 
 
-def test_hub_reference_loads_only_config_and_safetensors(hub: HubStandin, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_hub_reference_loads_only_config_and_safetensors(
+    hub: HubStandin, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     from napari_stem.checkpoint import load_checkpoint, read_metadata
     from napari_stem.hub import parse_hub_reference, resolve_checkpoint
 
     assert parse_hub_reference("hf-hub:lab/stem-prad@v1") == ("lab/stem-prad", "v1")
     assert resolve_checkpoint(tmp_path / "local") == tmp_path / "local"  # paths are left alone
-    hub.add_repo("lab/stem-tiny", _model_repo(tmp_path, tiny_checkpoint, extra={"pytorch_model.bin": b"\x80pickle", "notes.txt": b"x"}))
+    hub.add_repo(
+        "lab/stem-tiny",
+        _model_repo(tmp_path, tiny_checkpoint, extra={"pytorch_model.bin": b"\x80pickle", "notes.txt": b"x"}),
+    )
 
     checkpoint = load_checkpoint("hf-hub:lab/stem-tiny")
     assert checkpoint.genes == GENES and checkpoint.config.cond_dim == 16
@@ -76,8 +81,9 @@ def test_hub_repo_with_pickles_only_is_refused(hub: HubStandin, tiny_checkpoint:
     assert not hub.downloads("pytorch_model.bin")
 
 
-def test_gated_and_missing_repos_say_what_to_do(hub: HubStandin, tiny_checkpoint: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gated_and_missing_repos_say_what_to_do(
+    hub: HubStandin, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from napari_stem.checkpoint import read_metadata
     from napari_stem.hub import HubError
 
@@ -93,8 +99,13 @@ def test_gated_and_missing_repos_say_what_to_do(hub: HubStandin, tiny_checkpoint
         read_metadata("hf-hub:lab/nothing")
 
 
-def test_push_writes_a_model_card_and_round_trips(hub: HubStandin, tiny_checkpoint: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_push_writes_a_model_card_and_round_trips(
+    hub: HubStandin,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     from huggingface_hub import HfApi
 
     from napari_stem.checkpoint import load_checkpoint
@@ -117,18 +128,39 @@ def test_push_writes_a_model_card_and_round_trips(hub: HubStandin, tiny_checkpoi
     shutil.copytree(tiny_checkpoint, ckpt)
     (ckpt / "training_state.pt").write_bytes(b"\x80optimiser pickle")
     report = tmp_path / "report.json"
-    report.write_text(json.dumps({"truth": "/data/st/SYN003.h5ad", "n_spots": 73, "n_genes": 3,
-                                  "fixed_panel_pcc": {"mean": 0.5812}, "reference_metrics": {"pcc_10": 0.61, "mse": 1.2},
-                                  "calibration": {"crps": 0.33, "applicable": True}, "intervals_verdict": "as stated"}))
+    report.write_text(
+        json.dumps(
+            {
+                "truth": "/data/st/SYN003.h5ad",
+                "n_spots": 73,
+                "n_genes": 3,
+                "fixed_panel_pcc": {"mean": 0.5812},
+                "reference_metrics": {"pcc_10": 0.61, "mse": 1.2},
+                "calibration": {"crps": 0.33, "applicable": True},
+                "intervals_verdict": "as stated",
+            }
+        )
+    )
 
     assert main(["push", str(ckpt), "me/stem-tiny", "--report", str(report)]) == 0
     assert "hf-hub:me/stem-tiny" in capsys.readouterr().out
     assert uploads[0] == ("create", "me/stem-tiny", False)
     assert uploads[1][2] == ["README.md", "config.json", "weights.safetensors"]  # no training_state.pt pickle
     card = (tmp_path / "hub_repos" / "me__stem-tiny" / "README.md").read_text()
-    for expected in ("library_name: \"napari-stem\"", "3 (EPCAM, KRT8, VIM)", "efficientnet_lite0", "hest mode",
-                     "fixed-panel mean PCC: 0.581", "pcc 10: 0.610", "crps: 0.330", "SYN003.h5ad` (73 spots",
-                     "steps: 0", "data: untrained test model", "Intended use", "--checkpoint hf-hub:me/stem-tiny"):
+    for expected in (
+        'library_name: "napari-stem"',
+        "3 (EPCAM, KRT8, VIM)",
+        "efficientnet_lite0",
+        "hest mode",
+        "fixed-panel mean PCC: 0.581",
+        "pcc 10: 0.610",
+        "crps: 0.330",
+        "SYN003.h5ad` (73 spots",
+        "steps: 0",
+        "data: untrained test model",
+        "Intended use",
+        "--checkpoint hf-hub:me/stem-tiny",
+    ):
         assert expected in card, expected
     assert load_checkpoint("hf-hub:me/stem-tiny").genes == GENES  # what was pushed loads back
 
@@ -159,9 +191,12 @@ def test_encoder_weights_from_the_hub(hub: HubStandin, tmp_path: Path) -> None:
     default = resolve_weights_file("hf-hub:lab/effnet")  # model.safetensors absent: pytorch_model.bin
     assert default.name == "pytorch_model.bin" and default.read_bytes() == local.read_bytes()
     assert resolve_weights_file("hf-hub:lab/effnet@main/weights/lite0.pth").name == "lite0.pth"
-    assert encoder_weights_id("efficientnet_lite0", "hf-hub:lab/effnet") == encoder_weights_id("efficientnet_lite0", local).replace(
-        local.name, "pytorch_model.bin")
-    encoder = create_encoder("efficientnet_lite0", "hf-hub:lab/effnet/weights/lite0.pth", device="cpu", precision="fp32")
+    assert encoder_weights_id("efficientnet_lite0", "hf-hub:lab/effnet") == encoder_weights_id(
+        "efficientnet_lite0", local
+    ).replace(local.name, "pytorch_model.bin")
+    encoder = create_encoder(
+        "efficientnet_lite0", "hf-hub:lab/effnet/weights/lite0.pth", device="cpu", precision="fp32"
+    )
     assert encoder.dim == 1280
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "README.md").write_text("no weights")

@@ -16,25 +16,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"napari_stem": ROOT / "src" / "napari_stem", "stem_train": ROOT / "training" / "stem_train"}
 #: Modules the widget, the CLI's argument parsing and the writers import without paying for torch.
-TORCH_FREE = ("napari_stem.predict", "napari_stem.values", "napari_stem.validate", "napari_stem.model_config",
-              "napari_stem.intervals", "napari_stem.metrics", "napari_stem.errors", "napari_stem.devices")
+TORCH_FREE = (
+    "napari_stem.predict",
+    "napari_stem.values",
+    "napari_stem.validate",
+    "napari_stem.model_config",
+    "napari_stem.intervals",
+    "napari_stem.metrics",
+    "napari_stem.errors",
+    "napari_stem.devices",
+)
 
 
 def _modules() -> dict[str, Path]:
-    return {f"{package}.{path.relative_to(folder).with_suffix('').as_posix().replace('/', '.')}".removesuffix(".__init__"): path
-            for package, folder in PACKAGES.items() for path in sorted(folder.rglob("*.py"))}
+    return {
+        f"{package}.{path.relative_to(folder).with_suffix('').as_posix().replace('/', '.')}".removesuffix(
+            ".__init__"
+        ): path
+        for package, folder in PACKAGES.items()
+        for path in sorted(folder.rglob("*.py"))
+    }
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path], module_level_only: bool = False) -> set[str]:
     """The package modules ``name`` imports (``TYPE_CHECKING`` blocks excluded): at module level, or anywhere."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    skipped = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-               and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
-               for node in ast.walk(block)}
+    skipped = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for node in ast.walk(block)
+    }
     if module_level_only:
-        skipped |= {id(node) for block in ast.walk(tree)
-                    if isinstance(block, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-                    for node in ast.walk(block)}
+        skipped |= {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            for node in ast.walk(block)
+        }
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
@@ -45,7 +64,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path], module_level_only:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
@@ -128,9 +149,12 @@ def test_no_import_cycles_but_the_known_function_local_ones() -> None:
 
 
 def test_the_core_values_and_checks_import_without_torch() -> None:
-    code = ("import sys\n" + "".join(f"import {name}\n" for name in TORCH_FREE)
-            + "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'napari', 'qtpy') if m in sys.modules)\n"
-            + "print(','.join(heavy))")
+    code = (
+        "import sys\n"
+        + "".join(f"import {name}\n" for name in TORCH_FREE)
+        + "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'napari', 'qtpy') if m in sys.modules)\n"
+        + "print(','.join(heavy))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "", f"importing {', '.join(TORCH_FREE)} imported {result.stdout.strip()}"
@@ -141,15 +165,23 @@ def test_auto_is_resolved_in_one_place() -> None:
     from napari_stem.devices import resolve_device_name
 
     assert resolve_device_name("auto", lambda: True) == "cuda" and resolve_device_name("auto", lambda: False) == "cpu"
-    assert resolve_device_name("cuda:1", lambda: False) == "cuda:1" and resolve_device_name("cpu", lambda: True) == "cpu"
-    inline = [f"{path.relative_to(ROOT)}:{number}" for path in _modules().values()
-              for number, line in enumerate(path.read_text().splitlines(), 1)
-              if '"cuda" if torch.cuda.is_available() else "cpu"' in line]
+    assert (
+        resolve_device_name("cuda:1", lambda: False) == "cuda:1" and resolve_device_name("cpu", lambda: True) == "cpu"
+    )
+    inline = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in _modules().values()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if '"cuda" if torch.cuda.is_available() else "cpu"' in line
+    ]
     assert inline == [], f"resolve 'auto' with napari_stem.devices.resolve_device_name, not inline: {inline}"
 
 
 def test_the_trained_chain_length_is_one_constant() -> None:
     from napari_stem import diffusion, model_config, validate
 
-    assert diffusion.N_TRAIN_STEPS is model_config.N_TRAIN_STEPS and validate.MAX_DIFFUSION_STEPS == model_config.N_TRAIN_STEPS
+    assert (
+        diffusion.N_TRAIN_STEPS is model_config.N_TRAIN_STEPS
+        and validate.MAX_DIFFUSION_STEPS == model_config.N_TRAIN_STEPS
+    )
     assert len(diffusion.linear_betas()) == model_config.N_TRAIN_STEPS

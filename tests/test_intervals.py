@@ -40,7 +40,10 @@ def test_levels_few_samples_can_deliver_are_labelled_honestly() -> None:
     assert "no separate 50 % interval" in intervals.describe([0.5, 0.9], 4)
 
     nineteen = intervals.plan_intervals([0.9, 0.5], 19)
-    assert [(s.lower_layer, s.upper_layer, s.rank, s.exact) for s in nineteen] == [("lo50", "hi50", 5, True), ("lo90", "hi90", 1, True)]
+    assert [(s.lower_layer, s.upper_layer, s.rank, s.exact) for s in nineteen] == [
+        ("lo50", "hi50", 5, True),
+        ("lo90", "hi90", 1, True),
+    ]
     assert nineteen[1].to_dict()["level_fraction"] == "9/10" and nineteen[1].to_dict()["n_samples"] == 19
     assert intervals.IntervalSpec.from_dict(nineteen[0].to_dict()) == nineteen[0]
     assert intervals.describe([0.5, 0.9], 19).startswith("exact: 50 % interval from 19 samples")
@@ -95,8 +98,11 @@ def _prediction(n_spots: int = 12, n_samples: int = 19, levels=(0.5, 0.9)):
     samples = rng.normal(size=(n_spots, n_samples, 3)).astype(np.float32)
     specs = intervals.plan_intervals(levels, n_samples)
     prediction = Prediction(
-        mean=samples.mean(axis=1), variance=samples.var(axis=1, ddof=1), genes=["GA", "GB", "GC"],
-        interval_specs=specs, intervals=np.stack([np.stack(spec.bounds(samples)) for spec in specs]),
+        mean=samples.mean(axis=1),
+        variance=samples.var(axis=1, ddof=1),
+        genes=["GA", "GB", "GC"],
+        interval_specs=specs,
+        intervals=np.stack([np.stack(spec.bounds(samples)) for spec in specs]),
         metadata={"n_samples": n_samples},
     )
     return prediction
@@ -121,7 +127,9 @@ def test_intervals_survive_h5ad_and_csv(tmp_path: Path) -> None:
     assert not any(name.startswith("q") for name in adata.layers)
     declared = json.loads(adata.uns["napari_stem"]["intervals_json"])
     assert [(d["lower_layer"], d["level"], d["n_samples"], d["exact"]) for d in declared] == [
-        ("lo50", 0.5, 19, True), ("lo90", 0.9, 19, True)]
+        ("lo50", 0.5, 19, True),
+        ("lo90", 0.9, 19, True),
+    ]
     np.testing.assert_array_equal(adata.layers["hi90"], prediction.intervals[1, 1])
 
     again, _ = read_prediction(path)

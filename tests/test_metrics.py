@@ -83,9 +83,13 @@ def test_crps_identities() -> None:
     # many samples of N(0, 1) → the closed-form normal CRPS
     many = rng.normal(size=(4, 4000, 1))
     y = np.array([[0.0], [0.5], [-1.0], [2.0]])
-    np.testing.assert_allclose(metrics.crps_samples(y, many), metrics.crps_gaussian(y, np.zeros_like(y), np.ones_like(y)), atol=0.03)
+    np.testing.assert_allclose(
+        metrics.crps_samples(y, many), metrics.crps_gaussian(y, np.zeros_like(y), np.ones_like(y)), atol=0.03
+    )
     # CRPS of N(0,1) at y = 0 is (√2 − 1)/√π
-    assert metrics.crps_gaussian(np.zeros((1, 1)), np.zeros((1, 1)), np.ones((1, 1)))[0, 0] == pytest.approx((math.sqrt(2) - 1) / math.sqrt(math.pi), abs=1e-6)
+    assert metrics.crps_gaussian(np.zeros((1, 1)), np.zeros((1, 1)), np.ones((1, 1)))[0, 0] == pytest.approx(
+        (math.sqrt(2) - 1) / math.sqrt(math.pi), abs=1e-6
+    )
     assert metrics.crps_gaussian(np.ones((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)))[0, 0] == 1.0
 
 
@@ -120,7 +124,9 @@ def test_interval_coverage_hand_computed() -> None:
     truth = np.array([[0.0, 1.0], [2.0, 3.0]])
     assert metrics.interval_coverage(truth, truth - 1, truth + 1) == 1.0
     assert metrics.interval_coverage(truth, np.full((2, 2), 0.5), np.full((2, 2), 2.5)) == 0.5
-    np.testing.assert_allclose(metrics.interval_coverage(truth, np.full((2, 2), 0.5), np.full((2, 2), 2.5), axis=0), [0.5, 0.5])
+    np.testing.assert_allclose(
+        metrics.interval_coverage(truth, np.full((2, 2), 0.5), np.full((2, 2), 2.5), axis=0), [0.5, 0.5]
+    )
     assert metrics.central_interval_levels(0.9) == (0.05, 0.95)
 
 
@@ -141,8 +147,9 @@ def test_score_blocks_and_point_predictions() -> None:
     assert set(report["per_gene"]) >= {"gene", "pcc", "crps", "coverage_rank_90"}
     assert all(len(column) == 6 for column in report["per_gene"].values())
 
-    quantile_report = metrics.score(truth, mean, genes, variance=np.ones_like(mean),
-                                    quantiles={0.05: mean - 1.645, 0.95: mean + 1.645})
+    quantile_report = metrics.score(
+        truth, mean, genes, variance=np.ones_like(mean), quantiles={0.05: mean - 1.645, 0.95: mean + 1.645}
+    )
     assert quantile_report["calibration"]["source"] == "quantile layers"
     assert "coverage_90" in quantile_report["calibration"] and "coverage_50" not in quantile_report["calibration"]
     assert "crps_gaussian" in quantile_report["calibration"]
@@ -193,10 +200,15 @@ def test_bootstrap_ci_contains_the_estimate_and_narrows_with_more_spots() -> Non
     large = metrics.bootstrap_panel_pcc(truth, prediction, n_resamples=400, seed=3)
     for ci in (small, large):
         assert ci.low < ci.estimate < ci.high and ci.unit == "spots" and ci.n_resamples == 400 and ci.level == 0.95
-    assert small.estimate == pytest.approx(metrics.fixed_panel_pcc(metrics.pearson_per_gene(truth[:100], prediction[:100]),
-                                                                   list("abcdef"), list("abcdef"))["mean"])
+    assert small.estimate == pytest.approx(
+        metrics.fixed_panel_pcc(
+            metrics.pearson_per_gene(truth[:100], prediction[:100]), list("abcdef"), list("abcdef")
+        )["mean"]
+    )
     assert (large.high - large.low) < 0.5 * (small.high - small.low)  # 16x the spots: ~1/4 the width
-    assert metrics.bootstrap_panel_pcc(truth[:100], prediction[:100], n_resamples=400, seed=3) == small  # seeded, deterministic
+    assert (
+        metrics.bootstrap_panel_pcc(truth[:100], prediction[:100], n_resamples=400, seed=3) == small
+    )  # seeded, deterministic
 
 
 def test_resampled_panel_pcc_is_the_pcc_of_the_resampled_spots() -> None:
@@ -228,8 +240,10 @@ def test_bootstrap_resamples_slides_when_there_are_three() -> None:
     two = metrics.bootstrap_panel_pcc(truth[:200], prediction[:200], groups=["a"] * 100 + ["b"] * 100, n_resamples=200)
     three = metrics.bootstrap_panel_pcc(truth, prediction, groups=np.repeat(["a", "b", "c"], 100), n_resamples=200)
     assert (two.unit, two.n_units) == ("spots", 200) and (three.unit, three.n_units) == ("slides", 3)
-    per_slide = [np.mean(metrics.pearson_per_gene(truth[i:i + 100], prediction[i:i + 100])) for i in (0, 100, 200)]
-    assert three.estimate == pytest.approx(np.mean(per_slide)) and min(per_slide) <= three.low <= three.high <= max(per_slide)
+    per_slide = [np.mean(metrics.pearson_per_gene(truth[i : i + 100], prediction[i : i + 100])) for i in (0, 100, 200)]
+    assert three.estimate == pytest.approx(np.mean(per_slide)) and min(per_slide) <= three.low <= three.high <= max(
+        per_slide
+    )
 
 
 def test_bootstrap_of_an_undefined_pcc_is_undefined() -> None:

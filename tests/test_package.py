@@ -55,7 +55,18 @@ def test_npe2_validate() -> None:
 
 def test_wheel_ships_manifest_and_both_packages(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT), "-w", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(ROOT),
+            "-w",
+            str(tmp_path),
+        ],
         check=True,
         capture_output=True,
     )
@@ -73,14 +84,26 @@ def test_wheel_ships_manifest_and_both_packages(tmp_path: Path) -> None:
 def test_stem_train_help_explains_itself() -> None:
     result = subprocess.run([str(BIN / "stem-train"), "--help"], capture_output=True, text=True, check=True)
     assert "make-demo-data" in result.stdout
-    sub = subprocess.run([str(BIN / "stem-train"), "make-demo-data", "--help"], capture_output=True, text=True, check=True)
+    sub = subprocess.run(
+        [str(BIN / "stem-train"), "make-demo-data", "--help"], capture_output=True, text=True, check=True
+    )
     for option in ("--slides", "--genes", "--seed", "--source"):
         assert option in sub.stdout
 
 
 def test_stem_train_make_demo_data(tmp_path: Path) -> None:
     result = subprocess.run(
-        [str(BIN / "stem-train"), "make-demo-data", str(tmp_path / "d"), "--slides", "1", "--genes", "8", "--size-um", "500"],
+        [
+            str(BIN / "stem-train"),
+            "make-demo-data",
+            str(tmp_path / "d"),
+            "--slides",
+            "1",
+            "--genes",
+            "8",
+            "--size-um",
+            "500",
+        ],
         capture_output=True,
         text=True,
     )

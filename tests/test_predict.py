@@ -29,8 +29,19 @@ def test_iter_predict_stages_and_shapes(tiny_checkpoint: Path, demo_slide_file: 
     from napari_stem.predict import iter_predict
 
     events = list(
-        iter_predict(demo_slide_file, demo_spots, tiny_checkpoint, n_samples=3, steps=4, seed=1, device="cpu",
-                     embed_batch_size=4, sample_batch_size=4, quantiles=(0.05, 0.95), intervals=(0.5,))
+        iter_predict(
+            demo_slide_file,
+            demo_spots,
+            tiny_checkpoint,
+            n_samples=3,
+            steps=4,
+            seed=1,
+            device="cpu",
+            embed_batch_size=4,
+            sample_batch_size=4,
+            quantiles=(0.05, 0.95),
+            intervals=(0.5,),
+        )
     )
     stages = [e.stage for e in events]
     assert stages == ["embed", "embed", "sample", "sample", "done"]
@@ -43,26 +54,40 @@ def test_iter_predict_stages_and_shapes(tiny_checkpoint: Path, demo_slide_file: 
     (spec,) = prediction.interval_specs  # 3 samples: [min, max] is exactly a 50 % interval
     assert spec.exact and spec.rank == 1 and prediction.intervals.shape == (1, 2, 6, 5)
     np.testing.assert_allclose(prediction.intervals[0, :, :4], events[2].batch.intervals[0])
-    assert (prediction.intervals[0, 0] <= prediction.mean).all() and (prediction.mean <= prediction.intervals[0, 1]).all()
+    assert (prediction.intervals[0, 0] <= prediction.mean).all() and (
+        prediction.mean <= prediction.intervals[0, 1]
+    ).all()
     np.testing.assert_allclose(events[2].batch.mean, prediction.mean[:4])
     assert prediction.metadata["encoder"] == "efficientnet_lite0"
     assert prediction.metadata["n_samples"] == 3 and prediction.metadata["steps"] == 4
 
 
-def test_default_sample_count_makes_requested_intervals_exact(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots) -> None:
+def test_default_sample_count_makes_requested_intervals_exact(
+    tiny_checkpoint: Path, demo_slide_file: Path, demo_spots
+) -> None:
     from napari_stem.predict import predict
 
-    prediction = predict(demo_slide_file, demo_spots.subset(np.arange(2)), tiny_checkpoint, steps=2, device="cpu",
-                         intervals=(0.5, 0.9))
+    prediction = predict(
+        demo_slide_file, demo_spots.subset(np.arange(2)), tiny_checkpoint, steps=2, device="cpu", intervals=(0.5, 0.9)
+    )
     assert prediction.metadata["n_samples"] == 19  # the CPU default of 4 raised to the first exact count
     assert [(spec.rank, spec.exact) for spec in prediction.interval_specs] == [(5, True), (1, True)]
-    eight = predict(demo_slide_file, demo_spots.subset(np.arange(2)), tiny_checkpoint, n_samples=8, steps=2, device="cpu",
-                    intervals=(0.9,))
+    eight = predict(
+        demo_slide_file,
+        demo_spots.subset(np.arange(2)),
+        tiny_checkpoint,
+        n_samples=8,
+        steps=2,
+        device="cpu",
+        intervals=(0.9,),
+    )
     (spec,) = eight.interval_specs  # an explicit count is kept, its interval labelled with the level it has
     assert eight.metadata["n_samples"] == 8 and not spec.exact and spec.name == "77.8"
 
 
-def test_predict_is_deterministic_and_cache_reused(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:
+def test_predict_is_deterministic_and_cache_reused(
+    tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path
+) -> None:
     from napari_stem.predict import iter_predict, predict
 
     options = {"n_samples": 2, "steps": 3, "seed": 5, "device": "cpu"}
@@ -82,8 +107,13 @@ def test_encoder_dimension_mismatch_is_named(tmp_path: Path, demo_slide_file: Pa
     from napari_stem.predict import predict
 
     config = StemConfig(n_genes=2, cond_dim=64, hidden_size=16, depth=1, num_heads=2)
-    path = save_checkpoint(tmp_path / "c64", config=config, genes=["A", "B"], ema=StemModel(config),
-                           embedding={"encoder": "efficientnet_lite0", "patch": {"mode": "hest"}})
+    path = save_checkpoint(
+        tmp_path / "c64",
+        config=config,
+        genes=["A", "B"],
+        ema=StemModel(config),
+        embedding={"encoder": "efficientnet_lite0", "patch": {"mode": "hest"}},
+    )
     with pytest.raises(CheckpointError, match=r"1280-d.*c64.*64-d"):
         predict(demo_slide_file, demo_spots, path, n_samples=2, steps=2, device="cpu")
     bare = save_checkpoint(tmp_path / "noenc", config=config, genes=["A", "B"], ema=StemModel(config))
@@ -91,7 +121,9 @@ def test_encoder_dimension_mismatch_is_named(tmp_path: Path, demo_slide_file: Pa
         predict(demo_slide_file, demo_spots, bare, n_samples=2, steps=2, device="cpu")
 
 
-def test_export_h5ad_is_scanpy_ready_and_reopens(tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path) -> None:
+def test_export_h5ad_is_scanpy_ready_and_reopens(
+    tiny_checkpoint: Path, demo_slide_file: Path, demo_spots, tmp_path: Path
+) -> None:
     import anndata
     import matplotlib
 
@@ -102,8 +134,16 @@ def test_export_h5ad_is_scanpy_ready_and_reopens(tiny_checkpoint: Path, demo_sli
     from napari_stem.predict import predict
     from napari_stem.slide import open_slide
 
-    prediction = predict(demo_slide_file, demo_spots, tiny_checkpoint, n_samples=3, steps=3, device="cpu", quantiles=(0.5,),
-                         intervals=(0.5,))
+    prediction = predict(
+        demo_slide_file,
+        demo_spots,
+        tiny_checkpoint,
+        n_samples=3,
+        steps=3,
+        device="cpu",
+        quantiles=(0.5,),
+        intervals=(0.5,),
+    )
     slide = open_slide(demo_slide_file)
     out = write_prediction(tmp_path / "pred.h5ad", prediction, demo_spots, slide)
     assert [p.name for p in tmp_path.iterdir()] == ["pred.h5ad"]  # no partial file left behind

@@ -32,7 +32,10 @@ def test_prepared_folder_contract(prepared_synthetic: Path) -> None:
     for slide in manifest.slides:  # the slide files' identity, for evaluate's leak check
         image = Path(slide.image)
         assert image.parent == Path(manifest.data_dir) / "wsis" and image.stem == slide.sample_id
-        assert slide.image_sha256 == hashlib.sha256(image.read_bytes()).hexdigest() and slide.image_bytes == image.stat().st_size
+        assert (
+            slide.image_sha256 == hashlib.sha256(image.read_bytes()).hexdigest()
+            and slide.image_bytes == image.stat().st_size
+        )
         with h5py.File(manifest.embeddings_path(slide)) as handle:
             assert handle["embeddings"].shape == (slide.n_spots, 1280)
             assert handle["embeddings_aug"].shape == (slide.n_spots, 7, 1280)
@@ -43,8 +46,9 @@ def _copy_embeddings(prepared: Path, out: Path) -> None:
     shutil.copytree(prepared / "embeddings", out / "embeddings")
 
 
-def test_rerun_reuses_cache_and_options_reach_the_manifest(synthetic_hest: Path, prepared_synthetic: Path, tmp_path: Path, capsys,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_reuses_cache_and_options_reach_the_manifest(
+    synthetic_hest: Path, prepared_synthetic: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import napari_stem.encoders
 
     def no_model(*args, **kwargs):
@@ -56,7 +60,18 @@ def test_rerun_reuses_cache_and_options_reach_the_manifest(synthetic_hest: Path,
     before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
     panel = tmp_path / "panel.txt"
     panel.write_text("SG0010\nSG0003\nMT-CO1\n")
-    args = ["prepare", str(synthetic_hest), "--out", str(out), "--held-out", "SYN000,SYN003", "--gene-list", str(panel), "--device", "cpu"]
+    args = [
+        "prepare",
+        str(synthetic_hest),
+        "--out",
+        str(out),
+        "--held-out",
+        "SYN000,SYN003",
+        "--gene-list",
+        str(panel),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert capsys.readouterr().err.count("cached") >= 4
     assert {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()} == before
@@ -65,8 +80,26 @@ def test_rerun_reuses_cache_and_options_reach_the_manifest(synthetic_hest: Path,
     assert manifest.gene_selection["method"] == "list"
     assert [s.sample_id for s in manifest.split("test")] == ["SYN000", "SYN003"]
 
-    assert main(["prepare", str(synthetic_hest), "--out", str(out), "--held-out", "SYN003", "--n-genes", "5",
-                 "--include-held-out-in-gene-selection", "--genes-method", "hvg", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(synthetic_hest),
+                "--out",
+                str(out),
+                "--held-out",
+                "SYN003",
+                "--n-genes",
+                "5",
+                "--include-held-out-in-gene-selection",
+                "--genes-method",
+                "hvg",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     manifest = PreparedDataset.load(out)
     assert manifest.gene_selection["slides"] == ["SYN000", "SYN001", "SYN002", "SYN003"]
     assert manifest.gene_selection["includes_held_out"] is True and len(manifest.genes) == 5
@@ -82,7 +115,9 @@ def test_rerun_reuses_cache_and_options_reach_the_manifest(synthetic_hest: Path,
         (["--encoder", "no_such_encoder"], "unknown encoder 'no_such_encoder'"),
     ],
 )
-def test_bad_options_fail_before_writing(synthetic_hest: Path, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+def test_bad_options_fail_before_writing(
+    synthetic_hest: Path, tmp_path: Path, capsys, extra: list[str], message: str
+) -> None:
     out = tmp_path / "prep"
     assert main(["prepare", str(synthetic_hest), "--out", str(out), "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err
@@ -105,7 +140,9 @@ def test_missing_data_folder(tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_image_hash_is_streamed_and_reused_only_for_an_unchanged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_image_hash_is_streamed_and_reused_only_for_an_unchanged_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stem_train import manifest as manifest_module
 
     slide = tmp_path / "S1.tif"
@@ -114,7 +151,9 @@ def test_image_hash_is_streamed_and_reused_only_for_an_unchanged_file(tmp_path: 
     record = manifest_module.image_record(slide)
     previous = manifest_module.PreparedSlide("S1", "P", "train", 1, "embeddings/S1.h5", **record)
     monkeypatch.setattr(manifest_module, "sha256_file", lambda path: "rehashed")
-    assert manifest_module.image_record(slide, previous)["image_sha256"] == record["image_sha256"]  # unchanged: not reread
+    assert (
+        manifest_module.image_record(slide, previous)["image_sha256"] == record["image_sha256"]
+    )  # unchanged: not reread
     slide.write_bytes(b"abd" * 5000)  # same size, new content and time
     os.utime(slide, ns=(record["image_mtime_ns"] + 10**9, record["image_mtime_ns"] + 10**9))
     assert manifest_module.image_record(slide, previous)["image_sha256"] == "rehashed"

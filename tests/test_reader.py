@@ -72,7 +72,9 @@ def test_sample_data_demo_slide(make_napari_viewer) -> None:
 
 
 @pytest.mark.gui
-def test_sample_data_demo_prediction_does_not_block_napari(make_napari_viewer, qtbot, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_sample_data_demo_prediction_does_not_block_napari(
+    make_napari_viewer, qtbot, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """File > Open Sample > Demo prediction: the slide at once, the prediction from a worker while
     napari keeps running (the real first use builds the model and embeds ~70 spots: 30 s and more)."""
     import threading
@@ -125,9 +127,13 @@ def test_sample_data_demo_prediction_does_not_block_napari(make_napari_viewer, q
     assert len(mean.data) == 5 and mean.face_colorbar.visible and viewer.layers.selection.active is mean
     busy = [t for t in ticks if returned <= t <= first_progress[0]]  # the worker working, the GUI free
     gaps = np.diff([returned, *busy])
-    print(f"demo prediction sample: while the worker ran {first_progress[0] - returned:.1f} s, the GUI timer ticked "
-          f"{len(busy)} times, longest gap {gaps.max():.2f} s")
-    assert len(busy) > 10 and gaps.max() < 2.0  # ~1 s at most: loading torch in the worker holds the GIL (once per process)
+    print(
+        f"demo prediction sample: while the worker ran {first_progress[0] - returned:.1f} s, the GUI timer ticked "
+        f"{len(busy)} times, longest gap {gaps.max():.2f} s"
+    )
+    assert (
+        len(busy) > 10 and gaps.max() < 2.0
+    )  # ~1 s at most: loading torch in the worker holds the GIL (once per process)
 
 
 @pytest.mark.gui

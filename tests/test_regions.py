@@ -63,7 +63,11 @@ def test_select_in_shapes_union_and_whole_slide() -> None:
     square = np.array([[-1, -1], [-1, 1], [1, 1], [1, -1]], dtype=float)
     circle = np.array([[20, 20], [2, 2]], dtype=float)  # (centre, radii)
     line = np.array([[40, 40], [60, 60]], dtype=float)
-    assert select_in_shapes(spots, [("rectangle", square), ("ellipse", circle), ("line", line)]).tolist() == [True, True, False]
+    assert select_in_shapes(spots, [("rectangle", square), ("ellipse", circle), ("line", line)]).tolist() == [
+        True,
+        True,
+        False,
+    ]
     assert select_in_shapes(spots, []) is None  # no region: every spot
     assert select_in_shapes(spots, [("path", line)]) is None  # no area: nothing to select by
     assert points_in_shape(spots, "line", line).tolist() == [False, False, False]

@@ -38,8 +38,16 @@ def embeddings() -> np.ndarray:
 
 
 def test_prediction_shapes_and_statistics(model, embeddings) -> None:
-    pred = sample_expression(model, embeddings, n_samples=4, steps=5, keep_samples=True,
-                             quantiles=[0.9, 0.1, 0.5], intervals=[0.9], genes=GENES)
+    pred = sample_expression(
+        model,
+        embeddings,
+        n_samples=4,
+        steps=5,
+        keep_samples=True,
+        quantiles=[0.9, 0.1, 0.5],
+        intervals=[0.9],
+        genes=GENES,
+    )
     assert isinstance(pred, Prediction) and pred.genes == GENES
     assert pred.mean.shape == pred.variance.shape == (7, 10) and pred.samples.shape == (7, 4, 10)
     assert pred.mean.dtype == np.float32
@@ -52,7 +60,11 @@ def test_prediction_shapes_and_statistics(model, embeddings) -> None:
     np.testing.assert_array_equal(pred.intervals[0, 0], pred.samples.min(axis=1))
     np.testing.assert_array_equal(pred.intervals[0, 1], pred.samples.max(axis=1))
     assert (pred.variance > 0).all()  # samples of one spot differ
-    assert pred.metadata["steps"] == 5 and pred.metadata["sampler"] == DEFAULT_SAMPLER and pred.metadata["variance_ddof"] == 1
+    assert (
+        pred.metadata["steps"] == 5
+        and pred.metadata["sampler"] == DEFAULT_SAMPLER
+        and pred.metadata["variance_ddof"] == 1
+    )
 
     # a selection keeps every per-spot array aligned, whether given as a mask or as indices
     mask = np.array([True, False, True, False, False, True, False])
@@ -68,18 +80,25 @@ def test_prediction_shapes_and_statistics(model, embeddings) -> None:
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.5), ("ancestral", 0.0)])
 def test_same_seed_same_result_whatever_the_batch_size(model, embeddings, sampler, eta) -> None:
-    runs = [sample_expression(model, embeddings, n_samples=3, steps=4, sampler=sampler, eta=eta,
-                              seed=11, batch_size=b, keep_samples=True).samples for b in (1, 3, 7)]
+    runs = [
+        sample_expression(
+            model, embeddings, n_samples=3, steps=4, sampler=sampler, eta=eta, seed=11, batch_size=b, keep_samples=True
+        ).samples
+        for b in (1, 3, 7)
+    ]
     for other in runs[1:]:
         np.testing.assert_allclose(other, runs[0], rtol=1e-5, atol=1e-5)
-    different_seed = sample_expression(model, embeddings, n_samples=3, steps=4, sampler=sampler,
-                                       eta=eta, seed=12, keep_samples=True).samples
+    different_seed = sample_expression(
+        model, embeddings, n_samples=3, steps=4, sampler=sampler, eta=eta, seed=12, keep_samples=True
+    ).samples
     assert np.abs(different_seed - runs[0]).max() > 1e-2
 
 
 def test_ddim_eta_and_ancestral_give_different_draws_from_the_same_start(model, embeddings) -> None:
     def run(**kwargs):
-        return sample_expression(model, embeddings[:2], n_samples=2, steps=6, seed=3, keep_samples=True, **kwargs).samples
+        return sample_expression(
+            model, embeddings[:2], n_samples=2, steps=6, seed=3, keep_samples=True, **kwargs
+        ).samples
 
     deterministic = run(sampler="ddim")
     np.testing.assert_array_equal(deterministic, run(sampler="ddim"))
@@ -100,8 +119,9 @@ def test_iter_sample_reports_progress_and_can_be_cancelled(model, embeddings) ->
 
 
 def test_checkpoint_path_gives_gene_names_and_checks_the_embedding_dim(model, embeddings, tmp_path) -> None:
-    path = save_checkpoint(tmp_path / "ckpt", config=CONFIG, genes=GENES, ema=model,
-                           embedding={"encoder": "toy", "dim": 8})
+    path = save_checkpoint(
+        tmp_path / "ckpt", config=CONFIG, genes=GENES, ema=model, embedding={"encoder": "toy", "dim": 8}
+    )
     pred = sample_expression(path, embeddings, n_samples=2, steps=3)
     assert pred.genes == GENES and pred.metadata["checkpoint"] == str(path)
     assert pred.metadata["target_transform"] == "log2p1"
@@ -138,8 +158,11 @@ def test_importing_the_package_does_not_import_torch() -> None:
 
 @pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++2m-sde", "ancestral-matched"])
 def test_solvers_count_evaluations_as_steps_and_ignore_the_batch_size(model, embeddings, sampler) -> None:
-    events = list(iter_sample(model, embeddings, n_samples=2, steps=3, sampler=sampler, batch_size=4,
-                              step_events=True, keep_samples=True))
+    events = list(
+        iter_sample(
+            model, embeddings, n_samples=2, steps=3, sampler=sampler, batch_size=4, step_events=True, keep_samples=True
+        )
+    )
     assert [(e.step, e.n_steps) for e in events if isinstance(e, SampleStep)][:3] == [(1, 3), (2, 3), (3, 3)]
     calls = []
     original = model.forward_embedded
@@ -158,9 +181,17 @@ def test_clipping_to_the_recorded_range_and_the_reference_without_it(model, embe
     """A checkpoint's training range bounds every sample; clip_x0=False is the unclipped reference,
     bit for bit, as is a checkpoint that records no range."""
     low, high = [-0.05] * 10, [0.05] * 10
-    ranged = save_checkpoint(tmp_path / "ranged", config=CONFIG, genes=GENES, ema=model,
-                             embedding={"encoder": "toy", "dim": 8}, target_range={"min": low, "max": high})
-    plain = save_checkpoint(tmp_path / "plain", config=CONFIG, genes=GENES, ema=model, embedding={"encoder": "toy", "dim": 8})
+    ranged = save_checkpoint(
+        tmp_path / "ranged",
+        config=CONFIG,
+        genes=GENES,
+        ema=model,
+        embedding={"encoder": "toy", "dim": 8},
+        target_range={"min": low, "max": high},
+    )
+    plain = save_checkpoint(
+        tmp_path / "plain", config=CONFIG, genes=GENES, ema=model, embedding={"encoder": "toy", "dim": 8}
+    )
     for sampler in ("ancestral", "ancestral-matched"):  # the reference's loop and the solvers'
         run = {"n_samples": 3, "steps": 4, "sampler": sampler, "keep_samples": True, "seed": 5}
         reference = sample_expression(model, embeddings, **run).samples

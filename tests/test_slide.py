@@ -84,8 +84,11 @@ def test_tile_reader_reads_what_zarr_reads(tmp_path: Path, compression: str, til
     with tifffile.TiffWriter(path) as writer:  # edges not multiples of the tile; a reduced level too
         for level_image in (image, image[::3, ::3]):
             writer.write(
-                np.ascontiguousarray(level_image), tile=(tile, tile), photometric="rgb",
-                extrasamples=[2] if alpha else None, compression=compression,
+                np.ascontiguousarray(level_image),
+                tile=(tile, tile),
+                photometric="rgb",
+                extrasamples=[2] if alpha else None,
+                compression=compression,
                 subfiletype=0 if level_image is image else 1,
             )
     slide = open_slide(path, mpp=0.5)

@@ -28,17 +28,25 @@ def marked(tmp_path_factory: pytest.TempPathFactory):
     centers = np.column_stack([rng.uniform(100, WIDTH - 100, 14), rng.uniform(100, HEIGHT - 100, 14)]).round(1)
     image = np.full((HEIGHT, WIDTH, 3), 245, np.uint8)
     for x, y in centers:
-        image[int(y) - 30:int(y) + 30, int(x) - 30:int(x) + 30] = RED
+        image[int(y) - 30 : int(y) + 30, int(x) - 30 : int(x) + 30] = RED
     slide_path = tmp_path_factory.mktemp("slide") / "marked.tif"
     write_pyramidal_tiff(slide_path, image, MPP, compression="zlib")
     barcodes = np.array([f"AAAC{i:03d}-1" for i in range(len(centers))], dtype=object)
-    spots = Spots(centers_px=centers, diameter_px=55 / MPP, mpp=MPP, barcodes=barcodes,
-                  obs=pd.DataFrame({"array_row": np.arange(len(centers))}, index=barcodes.astype(str)))
+    spots = Spots(
+        centers_px=centers,
+        diameter_px=55 / MPP,
+        mpp=MPP,
+        barcodes=barcodes,
+        obs=pd.DataFrame({"array_row": np.arange(len(centers))}, index=barcodes.astype(str)),
+    )
     samples = rng.normal(size=(len(centers), 19, 3)).astype(np.float32)
     specs = intervals.plan_intervals((0.5, 0.9), 19)
     prediction = Prediction(
-        mean=samples.mean(axis=1), variance=samples.var(axis=1, ddof=1), genes=["EPCAM", "KRT8", "VIM"],
-        interval_specs=specs, intervals=np.stack([np.stack(spec.bounds(samples)) for spec in specs]),
+        mean=samples.mean(axis=1),
+        variance=samples.var(axis=1, ddof=1),
+        genes=["EPCAM", "KRT8", "VIM"],
+        interval_specs=specs,
+        intervals=np.stack([np.stack(spec.bounds(samples)) for spec in specs]),
         metadata={"checkpoint": "ckpt", "encoder": "efficientnet_lite0", "n_samples": 19, "steps": 3},
     )
     return slide_path, spots, prediction
@@ -62,7 +70,9 @@ def test_spatialdata_prediction_opens_and_table_joins_shapes(written: Path, mark
 
     _, spots, prediction = marked
     sdata = sd.read_zarr(written)
-    assert set(sdata.images) == {"marked_hne"} and set(sdata.shapes) == {"marked_spots"} and set(sdata.tables) == {"table"}
+    assert (
+        set(sdata.images) == {"marked_hne"} and set(sdata.shapes) == {"marked_spots"} and set(sdata.tables) == {"table"}
+    )
     assert set(sdata.coordinate_systems) == {"marked"}
     table = sdata.tables["table"]
     attrs = table.uns["spatialdata_attrs"]
@@ -74,13 +84,17 @@ def test_spatialdata_prediction_opens_and_table_joins_shapes(written: Path, mark
         np.testing.assert_allclose(table.layers[spec.upper_layer], upper)
     assert {"lo50", "hi50", "lo90", "hi90"} <= set(table.layers)
 
-    shapes, joined = join_spatialelement_table(sdata, spatial_element_names="marked_spots", table_name="table", how="inner")
+    shapes, joined = join_spatialelement_table(
+        sdata, spatial_element_names="marked_spots", table_name="table", how="inner"
+    )
     joined_shapes = shapes["marked_spots"]
     assert len(joined_shapes) == len(spots) == joined.n_obs
     np.testing.assert_allclose(joined_shapes["radius"], 55 / MPP / 2)
     order = joined.obs["spot_id"].to_numpy()
-    np.testing.assert_allclose(np.column_stack([joined_shapes.loc[order].geometry.x, joined_shapes.loc[order].geometry.y]),
-                               spots.centers_px[order])
+    np.testing.assert_allclose(
+        np.column_stack([joined_shapes.loc[order].geometry.x, joined_shapes.loc[order].geometry.y]),
+        spots.centers_px[order],
+    )
     assert list(joined.obs_names) == [str(b) for b in spots.barcodes[order]]
 
 
@@ -146,8 +160,10 @@ def test_spots_in_another_coordinate_system(tmp_path: Path) -> None:
     from napari_stem.spatialdata_io import spots_from_spatialdata
 
     circles = geopandas.GeoDataFrame({"radius": [5.0, 5.0]}, geometry=[Point(10, 20), Point(30, 40)])
-    shapes = ShapesModel.parse(circles, transformations={"fullres": Scale([4.0, 4.0], axes=("x", "y")),
-                                                         "lowres": Scale([0.5, 0.5], axes=("x", "y"))})
+    shapes = ShapesModel.parse(
+        circles,
+        transformations={"fullres": Scale([4.0, 4.0], axes=("x", "y")), "lowres": Scale([0.5, 0.5], axes=("x", "y"))},
+    )
     sdata = sd.SpatialData(shapes={"bins": shapes})
     spots = spots_from_spatialdata(sdata, coordinate_system="fullres")
     np.testing.assert_allclose(spots.centers_px, [[40, 80], [120, 160]])
@@ -160,8 +176,9 @@ def test_spots_in_another_coordinate_system(tmp_path: Path) -> None:
     from shapely.geometry import box
 
     squares = geopandas.GeoDataFrame(geometry=[box(0, 0, 16, 16), box(16, 0, 32, 16), box(0, 16, 16, 32)])
-    bins = sd.SpatialData(shapes={"hd_square_016um": ShapesModel.parse(squares, transformations={"hd": Identity()}),
-                                  "bins": shapes})
+    bins = sd.SpatialData(
+        shapes={"hd_square_016um": ShapesModel.parse(squares, transformations={"hd": Identity()}), "bins": shapes}
+    )
     binned = spots_from_spatialdata(bins, "hd_square_016um")  # Visium HD-like square bins
     np.testing.assert_allclose(binned.centers_px, [[8, 8], [24, 8], [8, 24]])
     assert binned.diameter_px == pytest.approx(16)
@@ -212,7 +229,8 @@ def test_zarr_output_never_replaces_foreign_folders(written: Path, marked, tmp_p
 
 
 def test_cli_predicts_spatialdata_with_spots_from_spatialdata_and_a_hub_checkpoint(
-        written: Path, marked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written: Path, marked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """stem-train predict SLIDE --spots X.zarr --checkpoint hf-hub:... --format spatialdata --out OUT.zarr."""
     import shutil
 
@@ -230,9 +248,30 @@ def test_cli_predicts_spatialdata_with_spots_from_spatialdata_and_a_hub_checkpoi
     with HubStandin() as hub:
         hub.add_repo("lab/tiny", repo)
         point_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf_cache")
-        args = ["predict", str(slide_path), "--spots", str(written), "--checkpoint", "hf-hub:lab/tiny", "--format", "spatialdata",
-                "--out", str(out), "--samples", "4", "--intervals", "", "--steps", "2", "--device", "cpu", "--precision", "fp32",
-                "--mpp", str(MPP)]
+        args = [
+            "predict",
+            str(slide_path),
+            "--spots",
+            str(written),
+            "--checkpoint",
+            "hf-hub:lab/tiny",
+            "--format",
+            "spatialdata",
+            "--out",
+            str(out),
+            "--samples",
+            "4",
+            "--intervals",
+            "",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--mpp",
+            str(MPP),
+        ]
         assert main(args) == 0
         sdata = sd.read_zarr(out)
         table = sdata.tables["table"]
@@ -242,15 +281,34 @@ def test_cli_predicts_spatialdata_with_spots_from_spatialdata_and_a_hub_checkpoi
         assert main(args) == 0  # its own earlier output is replaced
         foreign = tmp_path / "foreign.zarr"
         foreign.mkdir()
-        assert main([str(foreign) if a == str(out) else a for a in args]) == 2  # never a folder napari-stem did not write
-        assert (foreign.exists() and not any(foreign.iterdir()))
-        assert main(["predict", str(slide_path), "--spots", str(written), "--checkpoint", "hf-hub:lab/tiny",
-                     "--format", "spatialdata", "--out", str(written)]) == 2  # the output is an input
+        assert (
+            main([str(foreign) if a == str(out) else a for a in args]) == 2
+        )  # never a folder napari-stem did not write
+        assert foreign.exists() and not any(foreign.iterdir())
+        assert (
+            main(
+                [
+                    "predict",
+                    str(slide_path),
+                    "--spots",
+                    str(written),
+                    "--checkpoint",
+                    "hf-hub:lab/tiny",
+                    "--format",
+                    "spatialdata",
+                    "--out",
+                    str(written),
+                ]
+            )
+            == 2
+        )  # the output is an input
     shutil.rmtree(out)
 
 
 @pytest.mark.gui
-def test_napari_opens_it_with_our_reader_and_napari_spatialdata(make_napari_viewer, qtbot, written: Path, marked) -> None:
+def test_napari_opens_it_with_our_reader_and_napari_spatialdata(
+    make_napari_viewer, qtbot, written: Path, marked
+) -> None:
     """napari's own reader dispatch picks napari-stem's reader; napari-spatialdata reads the same folder as is."""
     napari_spatialdata = pytest.importorskip("napari_spatialdata")
     import spatialdata as sd

@@ -60,7 +60,9 @@ def test_same_seed_same_data(tmp_path: Path) -> None:
     b = anndata.read_h5ad(tmp_path / "b" / "st" / "SYN000.h5ad")
     c = anndata.read_h5ad(tmp_path / "c" / "st" / "SYN000.h5ad")
     np.testing.assert_array_equal(a.X.toarray(), b.X.toarray())
-    assert (tmp_path / "a" / "wsis" / "SYN000.tif").read_bytes() == (tmp_path / "b" / "wsis" / "SYN000.tif").read_bytes()
+    assert (tmp_path / "a" / "wsis" / "SYN000.tif").read_bytes() == (
+        tmp_path / "b" / "wsis" / "SYN000.tif"
+    ).read_bytes()
     assert a.X.shape != c.X.shape or not np.array_equal(a.X.toarray(), c.X.toarray())
 
 

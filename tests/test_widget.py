@@ -82,7 +82,9 @@ def _wait_until_idle(qtbot, widget) -> None:
 
 
 @gui
-def test_predict_in_a_worker_then_switch_genes_rerun_and_export(open_widget, qtbot, demo_slide_file: Path, tmp_path: Path, errors) -> None:
+def test_predict_in_a_worker_then_switch_genes_rerun_and_export(
+    open_widget, qtbot, demo_slide_file: Path, tmp_path: Path, errors
+) -> None:
     import anndata
     import pandas as pd
 
@@ -121,7 +123,9 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(open_widget, qtb
     assert not np.allclose(before, mean.face_color)
     assert widget.controller.result.prediction is prediction  # nothing was recomputed
     widget.gene_filter.value = "gd"  # searchable: narrows the list, recolours to the match
-    assert list(widget.gene.choices) == ["GD"] and mean.face_contrast_limits == pytest.approx(gene_contrast_limits(mean.features["GD mean"], lower_bound=0.0))
+    assert list(widget.gene.choices) == ["GD"] and mean.face_contrast_limits == pytest.approx(
+        gene_contrast_limits(mean.features["GD mean"], lower_bound=0.0)
+    )
     widget.gene_filter.value = ""
     assert list(widget.gene.choices) == GENES
 
@@ -143,7 +147,9 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(open_widget, qtb
     np.testing.assert_allclose(anndata.read_h5ad(tmp_path / "saved.h5ad").X, adata.X)
     # and the exported file re-opens as mean and sd layers of the shown gene (the picker drives them too)
     viewer.open(str(tmp_path / "pred.h5ad"), plugin="napari-stem")
-    np.testing.assert_allclose(viewer.layers["pred GA sd"].features["GA sd"], sd.metadata["prediction"].variance[:, 0] ** 0.5, rtol=1e-5)
+    np.testing.assert_allclose(
+        viewer.layers["pred GA sd"].features["GA sd"], sd.metadata["prediction"].variance[:, 0] ** 0.5, rtol=1e-5
+    )
     widget.gene.value = "GB"
     assert viewer.layers["pred GB mean"].visible and not viewer.layers["pred GB sd"].visible
     assert errors == []
@@ -181,7 +187,11 @@ def test_cancel_keeps_only_finished_spots(open_widget, qtbot, errors, tmp_path: 
     assert "GA mean" not in names and "GA sd" not in names
     partial = viewer.layers["GA mean (partial 2/5)"], viewer.layers["GA sd (partial 2/5)"]
     for layer in partial:
-        assert len(layer.data) == 2 and layer.shown.all() and np.isfinite(layer.features[["GA mean", "GA sd"]].to_numpy()).all()
+        assert (
+            len(layer.data) == 2
+            and layer.shown.all()
+            and np.isfinite(layer.features[["GA mean", "GA sd"]].to_numpy()).all()
+        )
     provenance = partial[0].metadata["prediction"].metadata  # a partial result says how it was made, like a full one
     assert {"target_transform", "patch", "device", "precision", "encoder", "slide"} <= set(provenance)
     assert widget.run_button.enabled and not widget.cancel_button.enabled
@@ -197,15 +207,26 @@ def test_cancel_keeps_only_finished_spots(open_widget, qtbot, errors, tmp_path: 
     widget.cancel_button.clicked()
     _wait_until_idle(qtbot, widget)
     result = widget.controller.result
-    kept = [layer for layer in viewer.layers if layer.metadata.get("napari_stem") == "prediction" and layer.metadata["prediction"] is result.prediction]
+    kept = [
+        layer
+        for layer in viewer.layers
+        if layer.metadata.get("napari_stem") == "prediction" and layer.metadata["prediction"] is result.prediction
+    ]
     assert len(kept) == 2 and all(len(layer.data) == result.done for layer in kept)
     for layer in kept:
         assert np.isfinite(layer.features[["GA mean", "GA sd"]].to_numpy()).all()
-        assert layer.name in (f"GA mean (partial {result.done}/5)", f"GA sd (partial {result.done}/5)", "GA mean", "GA sd")
+        assert layer.name in (
+            f"GA mean (partial {result.done}/5)",
+            f"GA sd (partial {result.done}/5)",
+            "GA mean",
+            "GA sd",
+        )
 
 
 @gui
-def test_bad_inputs_give_notifications_naming_the_fix(open_widget, errors, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_inputs_give_notifications_naming_the_fix(
+    open_widget, errors, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tifffile
 
     viewer, widget = open_widget(threads=False)
@@ -214,7 +235,9 @@ def test_bad_inputs_give_notifications_naming_the_fix(open_widget, errors, tmp_p
         count = len(errors)
         widget.run_button.clicked()
         assert len(errors) == count + 1, widget.status.value
-        assert not any(layer.metadata.get("napari_stem") == "prediction" for layer in viewer.layers)  # nothing half-drawn
+        assert not any(
+            layer.metadata.get("napari_stem") == "prediction" for layer in viewer.layers
+        )  # nothing half-drawn
         return errors[-1]
 
     widget.checkpoint.value = None
@@ -235,7 +258,12 @@ def test_bad_inputs_give_notifications_naming_the_fix(open_widget, errors, tmp_p
         assert "no CUDA GPU" in run_and_get_error()
         widget.device.value = "cpu"
 
-    far_away = viewer.add_shapes([np.array([[0.0, 0.0], [0.0, 50.0], [50.0, 50.0], [50.0, 0.0]])], shape_type="ellipse", name="glass", units=("um", "um"))
+    far_away = viewer.add_shapes(
+        [np.array([[0.0, 0.0], [0.0, 50.0], [50.0, 50.0], [50.0, 0.0]])],
+        shape_type="ellipse",
+        name="glass",
+        units=("um", "um"),
+    )
     widget.region.value = far_away
     message = run_and_get_error()
     assert "no spots lie inside the region 'glass'" in message and "whole slide" in message
@@ -314,7 +342,9 @@ def _fake_job(controller, n_spots: int = 5):
     from napari_stem.spots import Spots
 
     controller._job_counter += 1
-    spots = Spots(centers_px=np.column_stack([np.arange(n_spots) * 100.0, np.zeros(n_spots)]), diameter_px=110.0, mpp=0.5)
+    spots = Spots(
+        centers_px=np.column_stack([np.arange(n_spots) * 100.0, np.zeros(n_spots)]), diameter_px=110.0, mpp=0.5
+    )
     return PredictJob(
         job_id=controller._job_counter, slide_path=Path("slide.svs"), slide_name="slide", mpp=0.5,
         frame=SlideFrame.microns(0.5), spots=spots, checkpoint=Path("ckpt"), genes=GENES[:2], encoder="efficientnet_lite0",
@@ -326,7 +356,12 @@ def _sample_event(start: int, stop: int, n_spots: int = 5):
     from types import SimpleNamespace
 
     values = np.full((stop - start, 2), float(stop))
-    return SimpleNamespace(stage="sample", done=stop, total=n_spots, batch=SimpleNamespace(start=start, stop=stop, mean=values, variance=values / 10))
+    return SimpleNamespace(
+        stage="sample",
+        done=stop,
+        total=n_spots,
+        batch=SimpleNamespace(start=start, stop=stop, mean=values, variance=values / 10),
+    )
 
 
 def test_controller_folds_batches_and_cancels_consistently() -> None:
@@ -337,7 +372,9 @@ def test_controller_folds_batches_and_cancels_consistently() -> None:
     controller = PredictController()
     job = _fake_job(controller)
     controller.start(job)
-    assert controller.apply(job.job_id, SimpleNamespace(stage="embed", done=5, total=5, from_cache=True)).stage == "embed"
+    assert (
+        controller.apply(job.job_id, SimpleNamespace(stage="embed", done=5, total=5, from_cache=True)).stage == "embed"
+    )
     assert controller.result is None and "cache" in controller.message  # nothing to draw while embedding
     assert controller.apply(job.job_id, _sample_event(0, 2)).values_changed
     assert controller.apply(job.job_id - 1, _sample_event(2, 4)) is None  # an older job's event is ignored
@@ -353,7 +390,9 @@ def test_controller_folds_batches_and_cancels_consistently() -> None:
     job = _fake_job(controller)
     controller.start(job)
     controller.request_cancel()
-    assert controller.finish(job.job_id, "cancelled") == "cancelled" and controller.result is None  # nothing sampled: nothing kept
+    assert (
+        controller.finish(job.job_id, "cancelled") == "cancelled" and controller.result is None
+    )  # nothing sampled: nothing kept
 
     job = _fake_job(controller)
     controller.start(job)
@@ -381,14 +420,21 @@ def test_controller_validates_inputs(demo_slide_file: Path, tiny_checkpoint: Pat
     # a points layer in world µm → spots in level-0 pixels, with its features as annotations
     import pandas as pd
 
-    points = PointsInput("mine", np.array([[600.0, 959.3], [700.0, 959.3]]), 55.0, pd.DataFrame({"barcode": ["a", "b"], "kind": ["x", "y"]}))
+    points = PointsInput(
+        "mine",
+        np.array([[600.0, 959.3], [700.0, 959.3]]),
+        55.0,
+        pd.DataFrame({"barcode": ["a", "b"], "kind": ["x", "y"]}),
+    )
     job = controller.prepare(slide, points, None, settings)
     np.testing.assert_allclose(job.spots.centers_px, [[959.3 / 0.499, 600 / 0.499], [959.3 / 0.499, 700 / 0.499]])
     assert job.spots.diameter_px == pytest.approx(55 / 0.499) and list(job.spots.barcodes) == ["a", "b"]
     assert job.spots.obs["kind"].tolist() == ["x", "y"] and job.genes == GENES
     assert job.cache_path.parent == tmp_path
     # same slide and spots → same embedding cache, whatever the sampling settings
-    other = controller.prepare(slide, points, None, PredictSettings(checkpoint=tiny_checkpoint, n_samples=7, steps=9, device="cpu"))
+    other = controller.prepare(
+        slide, points, None, PredictSettings(checkpoint=tiny_checkpoint, n_samples=7, steps=9, device="cpu")
+    )
     assert other.cache_path == job.cache_path and other.job_id == job.job_id + 1
 
 
@@ -442,7 +488,12 @@ def test_preview_tissue_from_the_stored_thumbnail_matches_the_decoded_level(demo
         overview, scale = mask_overview(slide)
         assert overview.shape == (768, 574, 3) and scale == pytest.approx(574 / 2220)  # the thumbnail, not level 0
         full = tissue_mask(slide)
-        for pitch, diameter, fraction in ((100.0, 55.0, 0.5), (150.0, 80.0, 0.9), (100.0, 55.0, 0.1), (50.0, 30.0, 0.5)):
+        for pitch, diameter, fraction in (
+            (100.0, 55.0, 0.5),
+            (150.0, 80.0, 0.9),
+            (100.0, 55.0, 0.1),
+            (50.0, 30.0, 0.5),
+        ):
             exact = spots_over_tissue(slide, pitch, diameter, fraction, tissue=full)
             quick = preview.grid_over_tissue(demo_slide_file, slide.mpp, pitch, diameter, fraction)
             assert abs(len(quick) - len(exact)) <= max(1, 0.05 * len(exact)), (pitch, diameter, fraction)
@@ -453,7 +504,9 @@ def test_preview_tissue_from_the_stored_thumbnail_matches_the_decoded_level(demo
 
 
 @gui
-def test_hub_checkpoint_is_fetched_off_the_gui_thread(open_widget, qtbot, errors, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_checkpoint_is_fetched_off_the_gui_thread(
+    open_widget, qtbot, errors, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Typing a hf-hub: reference returns at once: the download runs in a worker, and Predict
     pressed meanwhile starts when it is done."""
     import threading
@@ -479,7 +532,10 @@ def test_hub_checkpoint_is_fetched_off_the_gui_thread(open_widget, qtbot, errors
     widget.checkpoint.value = "hf-hub:lab/stem-tiny@v1"
     widget.run_button.clicked()  # pressed before the download is done: runs once it is
     assert time.perf_counter() - started < 0.5
-    assert widget.checkpoint_info.value.startswith("fetching hf-hub:lab/stem-tiny@v1") and "fetching" in widget.status.value
+    assert (
+        widget.checkpoint_info.value.startswith("fetching hf-hub:lab/stem-tiny@v1")
+        and "fetching" in widget.status.value
+    )
     qtbot.waitUntil(lambda: widget.checkpoint_info.value.startswith("5 genes"), timeout=30_000)
     assert downloads and downloads[0] != threading.get_ident()  # not on the GUI thread
     qtbot.waitUntil(lambda: widget.controller.status == "done" and widget.worker is None, timeout=120_000)
@@ -494,9 +550,11 @@ def test_preview_cost_estimate_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    script = ("import sys\nfrom napari_stem.preview import describe_cost, estimate_seconds\n"
-              "print(describe_cost(70, estimate_seconds(70, 19, 25, 'auto', 'efficientnet_lite0'), 'auto'))\n"
-              "assert 'torch' not in sys.modules")
+    script = (
+        "import sys\nfrom napari_stem.preview import describe_cost, estimate_seconds\n"
+        "print(describe_cost(70, estimate_seconds(70, 19, 25, 'auto', 'efficientnet_lite0'), 'auto'))\n"
+        "assert 'torch' not in sys.modules"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("~70 spots · ~")

@@ -27,13 +27,22 @@ def prediction_and_spots():
         diameter_px=110.0,
         mpp=0.5,
         barcodes=np.array([f"b{i}" for i in range(n)], dtype=object),
-        obs=pd.DataFrame({"array_row": np.zeros(n, int), "array_col": np.arange(n) * 2}, index=[f"b{i}" for i in range(n)]),
+        obs=pd.DataFrame(
+            {"array_row": np.zeros(n, int), "array_col": np.arange(n) * 2}, index=[f"b{i}" for i in range(n)]
+        ),
     )
     prediction = Prediction(
         mean=rng.normal(size=(n, 3)).astype(np.float32),
         variance=rng.uniform(0.1, 1, size=(n, 3)).astype(np.float32),
         genes=list(GENES),
-        metadata={"checkpoint": "ckpt", "encoder": "efficientnet_lite0", "n_samples": 4, "steps": 3, "sampler": "ddim", "seed": 0},
+        metadata={
+            "checkpoint": "ckpt",
+            "encoder": "efficientnet_lite0",
+            "n_samples": 4,
+            "steps": 3,
+            "sampler": "ddim",
+            "seed": 0,
+        },
     )
     return prediction, spots
 
@@ -154,7 +163,9 @@ def test_prediction_h5ad_reopens_as_mean_and_variance(tmp_path: Path, prediction
     prediction, spots = prediction_and_spots
     out = tmp_path / "run1.h5ad"
     write_h5ad(str(out), _layers(prediction, spots))
-    (var_coords, var_kwargs, _), (mean_coords, mean_kwargs, mean_type) = get_reader(str(out))(str(out))  # no slide, no thumbnail
+    (var_coords, var_kwargs, _), (mean_coords, mean_kwargs, mean_type) = get_reader(str(out))(
+        str(out)
+    )  # no slide, no thumbnail
     assert mean_type == "points" and (mean_kwargs["name"], var_kwargs["name"]) == ("run1 GA mean", "run1 GA sd")
     assert mean_kwargs["visible"] and not var_kwargs["visible"]  # the mean on top, shown; the sd one click away
     np.testing.assert_allclose(mean_coords, spots.napari_coords_um)
@@ -170,7 +181,9 @@ def test_prediction_h5ad_reopens_as_mean_and_variance(tmp_path: Path, prediction
     np.testing.assert_allclose(anndata.read_h5ad(again).layers["variance"], prediction.variance)
 
 
-def test_prediction_h5ad_reopens_over_its_thumbnail_when_the_slide_is_gone(tmp_path: Path, prediction_and_spots, demo_slide_file: Path) -> None:
+def test_prediction_h5ad_reopens_over_its_thumbnail_when_the_slide_is_gone(
+    tmp_path: Path, prediction_and_spots, demo_slide_file: Path
+) -> None:
     import shutil
 
     from napari_stem._reader import get_reader

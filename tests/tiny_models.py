@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def save_tiny_checkpoint(path: Path, genes: Sequence[str], *, encoder: str = "efficientnet_lite0", cond_dim: int = 1280) -> Path:
+def save_tiny_checkpoint(
+    path: Path, genes: Sequence[str], *, encoder: str = "efficientnet_lite0", cond_dim: int = 1280
+) -> Path:
     """One block, hidden 32; weights nudged off the zero-init so the output depends on the condition."""
     import torch
 
@@ -21,5 +23,11 @@ def save_tiny_checkpoint(path: Path, genes: Sequence[str], *, encoder: str = "ef
         for parameter in model.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
     embedding = {"encoder": encoder, "dim": cond_dim, "patch": PatchSpec().to_dict()}
-    return save_checkpoint(path, config=config, genes=list(genes), ema=model, embedding=embedding,
-                           provenance={"steps": 0, "data": "untrained test model"})
+    return save_checkpoint(
+        path,
+        config=config,
+        genes=list(genes),
+        ema=model,
+        embedding=embedding,
+        provenance={"steps": 0, "data": "untrained test model"},
+    )

@@ -218,7 +218,9 @@ class PredictController:
         if self.running:
             raise StemError("a prediction is already running; wait for it or press Cancel.")
         if slide is None:
-            raise SlideError("no slide chosen: open a slide (File > Open, or a HEST folder) and pick its layer under 'slide'.")
+            raise SlideError(
+                "no slide chosen: open a slide (File > Open, or a HEST folder) and pick its layer under 'slide'."
+            )
         if slide.path is None or not Path(slide.path).is_file():
             raise SlideError(
                 f"the layer '{slide.name}' has no slide file behind it"
@@ -268,7 +270,9 @@ class PredictController:
                 )
         if len(selected) == 0:
             raise SpotsError("there are no spots to predict; choose a spots layer with points, or a grid over tissue.")
-        selected, _ = check_spots(selected, _slide_shape(Path(slide.path)), f"the spots '{getattr(spots, 'name', spots)}'")
+        selected, _ = check_spots(
+            selected, _slide_shape(Path(slide.path)), f"the spots '{getattr(spots, 'name', spots)}'"
+        )
 
         self._job_counter += 1
         return PredictJob(
@@ -286,7 +290,9 @@ class PredictController:
             region_name=region_name,
         )
 
-    def _spots(self, slide: SlideInput, mpp: float, spots: PointsInput | str | None, settings: PredictSettings) -> Spots:
+    def _spots(
+        self, slide: SlideInput, mpp: float, spots: PointsInput | str | None, settings: PredictSettings
+    ) -> Spots:
         if spots is None:
             raise SpotsError(f"no spots chosen: pick a Points layer or '{GRID}'.")
         if isinstance(spots, str):
@@ -296,7 +302,9 @@ class PredictController:
 
             check_grid(settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
             # the preview's grid: the tissue mask (seconds) is kept per slide, grids per settings
-            grid = grid_over_tissue(slide.path, mpp, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
+            grid = grid_over_tissue(
+                slide.path, mpp, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction
+            )
             if len(grid) == 0:
                 raise SpotsError(
                     f"no tissue found on {describe_path(slide.path)} for a {settings.pitch_um:g} µm grid; "
@@ -310,7 +318,13 @@ class PredictController:
         from napari_stem.embed import spots_fingerprint
 
         key = json.dumps(
-            [str(slide_path.resolve()), spots_fingerprint(spots), embedding.get("encoder"), embedding.get("patch"), str(weights or "")],
+            [
+                str(slide_path.resolve()),
+                spots_fingerprint(spots),
+                embedding.get("encoder"),
+                embedding.get("patch"),
+                str(weights or ""),
+            ],
             sort_keys=True,
             default=str,
         )
@@ -405,7 +419,8 @@ class PredictController:
             self.stage, self.stage_done, self.stage_total = "embed", event.done, n_spots
             self._from_cache = bool(event.from_cache)
             self.message = (
-                "embeddings from the cache" if event.from_cache
+                "embeddings from the cache"
+                if event.from_cache
                 else f"embedding patches: {event.done}/{n_spots} spots{self._time_left(event.done / max(n_spots, 1))}"
             )
             return Update("embed")
@@ -431,7 +446,9 @@ class PredictController:
                 result.prediction.intervals[:, :, batch.start : batch.stop] = batch.intervals
             result.done = max(result.done, batch.stop)
             self.stage_done = result.done
-            self.message = f"sampling: {result.done}/{n_spots} spots done{self._time_left(result.done / max(n_spots, 1))}"
+            self.message = (
+                f"sampling: {result.done}/{n_spots} spots done{self._time_left(result.done / max(n_spots, 1))}"
+            )
             return Update("sample", values_changed=True)
         if event.stage == "done":
             result = self._ensure_result()
@@ -454,10 +471,18 @@ class PredictController:
 
         settings, now = self.job.settings, time.perf_counter()
         metadata = self.result.prediction.metadata
-        rows_steps = n_spots * int(metadata.get("n_samples", settings.n_samples)) * int(str(metadata.get("steps", settings.steps)).removeprefix("ddim") or 1)
+        rows_steps = (
+            n_spots
+            * int(metadata.get("n_samples", settings.n_samples))
+            * int(str(metadata.get("steps", settings.steps)).removeprefix("ddim") or 1)
+        )
         embed = None if self._from_cache else (self._stage_started_at - self._started_at) / max(n_spots, 1)
-        record_pace(str(metadata.get("device", settings.device)), self.job.encoder,
-                    embed_seconds_per_spot=embed, sample_seconds_per_row_step=(now - self._stage_started_at) / max(rows_steps, 1))
+        record_pace(
+            str(metadata.get("device", settings.device)),
+            self.job.encoder,
+            embed_seconds_per_spot=embed,
+            sample_seconds_per_row_step=(now - self._stage_started_at) / max(rows_steps, 1),
+        )
 
     def _enter_sampling(self) -> None:
         if self.stage != "sample":
@@ -465,7 +490,7 @@ class PredictController:
             self._stage_started_at = time.perf_counter()
 
     def _time_left(self, fraction: float) -> str:
-        """" · ~T left" for the current stage, from its pace so far (empty until there is one)."""
+        """ " · ~T left" for the current stage, from its pace so far (empty until there is one)."""
         elapsed = time.perf_counter() - self._stage_started_at
         if not 0.02 <= fraction < 1 or elapsed < 1.0:
             return ""
@@ -497,7 +522,9 @@ class PredictController:
                 genes=list(job.genes),
                 samples=samples,
                 interval_specs=(specs := plan_intervals(settings.intervals, settings.n_samples)),
-                intervals=np.full((len(specs), 2, len(job.spots), n_genes), np.nan, dtype=np.float32) if specs else None,
+                intervals=np.full((len(specs), 2, len(job.spots), n_genes), np.nan, dtype=np.float32)
+                if specs
+                else None,
                 metadata={**provenance, "slide": str(job.slide_path), "mpp": job.mpp, "status": "running"},
             )
             self.result = PredictionResult(job=job, prediction=prediction, from_cache=self._from_cache)
@@ -516,9 +543,14 @@ class PredictController:
                 self.message = "cancelled before any spot was sampled; nothing kept."
             else:
                 prediction, spots = self.result.finished()
-                prediction.metadata = {**prediction.metadata, "status": f"cancelled after {self.result.done}/{n_spots} spots"}
+                prediction.metadata = {
+                    **prediction.metadata,
+                    "status": f"cancelled after {self.result.done}/{n_spots} spots",
+                }
                 kept = self.result.done
-                self.result = PredictionResult(job=_with_spots(self.job, spots), prediction=prediction, done=kept, status="cancelled")
+                self.result = PredictionResult(
+                    job=_with_spots(self.job, spots), prediction=prediction, done=kept, status="cancelled"
+                )
                 self.message = f"cancelled: kept the {kept} of {n_spots} spots already sampled."
             return self.status
         if self.result is None:  # no sample event at all (cannot happen with ≥ 1 spot)
@@ -529,9 +561,8 @@ class PredictController:
         self.result.status = "done"
         self.result.prediction.metadata.pop("status", None)
         self._record_pace(n_spots)
-        self.message = (
-            f"done: {n_spots} spots × {len(self.result.genes)} genes in {seconds:.1f} s"
-            + (" (embeddings from the cache)" if self.result.from_cache else "")
+        self.message = f"done: {n_spots} spots × {len(self.result.genes)} genes in {seconds:.1f} s" + (
+            " (embeddings from the cache)" if self.result.from_cache else ""
         )
         return self.status
 
@@ -569,7 +600,7 @@ class PredictController:
 
 # ---------------------------------------------------------------------- helpers
 def describe_checkpoint(metadata: dict) -> str:
-    """"24 genes · encoder efficientnet_lite0 · hest patches", from a checkpoint's config."""
+    """ "24 genes · encoder efficientnet_lite0 · hest patches", from a checkpoint's config."""
     embedding = metadata.get("embedding") or {}
     patch = (embedding.get("patch") or {}).get("mode", "hest")
     genes = metadata.get("genes") or []
@@ -617,7 +648,9 @@ def error_message(error: BaseException) -> str:
 
 def _checkpoint_metadata(path: str | Path | None) -> dict:
     if path is None or str(path) in ("", "."):
-        raise CheckpointError("no checkpoint chosen: pick a napari-stem checkpoint folder (from stem-train fit) under 'checkpoint'.")
+        raise CheckpointError(
+            "no checkpoint chosen: pick a napari-stem checkpoint folder (from stem-train fit) under 'checkpoint'."
+        )
     from napari_stem.checkpoint import read_metadata
 
     return read_metadata(path)
@@ -645,7 +678,7 @@ def _check_sampling(settings: PredictSettings) -> None:
 
 
 def _duration(seconds: float) -> str:
-    """"45 s", "3 min", "2.5 h": rounded the way a person reads a countdown."""
+    """ "45 s", "3 min", "2.5 h": rounded the way a person reads a countdown."""
     if seconds < 90:
         return f"{max(1, round(seconds))} s"
     if seconds < 90 * 60:

@@ -68,7 +68,11 @@ class SampleHistogram(QWidget):
             scale = (bars_bottom - top) / counts.max()
             for count, start, stop in zip(counts, edges[:-1], edges[1:], strict=True):
                 if count:
-                    painter.drawRect(QRectF(x_of(start) + 0.5, bars_bottom - count * scale, x_of(stop) - x_of(start) - 1, count * scale))
+                    painter.drawRect(
+                        QRectF(
+                            x_of(start) + 0.5, bars_bottom - count * scale, x_of(stop) - x_of(start) - 1, count * scale
+                        )
+                    )
         for i, interval in enumerate(sorted(self.report.intervals, key=lambda item: -item.level)):
             y = axis_y - 6 - 8 * i
             painter.setPen(QPen(QColor(INTERVAL_COLOURS[min(i, len(INTERVAL_COLOURS) - 1)]), 5))

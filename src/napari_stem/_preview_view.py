@@ -108,7 +108,9 @@ class SpotPreview:
         choice = widget.spots_input()
         tissue = cached_tissue(slide.path, mpp)
         if choice == _grid():
-            spots = grid_over_tissue(slide.path, mpp, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
+            spots = grid_over_tissue(
+                slide.path, mpp, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction
+            )
         elif choice is None or isinstance(choice, str):
             raise StemError("choose spots: a Points layer or the grid over tissue")
         else:
@@ -124,7 +126,7 @@ class SpotPreview:
         return preview
 
     def _describe(self, preview: Any, slide: Any, settings: Any) -> str:
-        """"~N spots · ~T on cpu (estimate)", or why there are none."""
+        """ "~N spots · ~T on cpu (estimate)", or why there are none."""
         from napari_stem.preview import describe_cost, estimate_seconds
 
         n = preview.n_selected
@@ -147,7 +149,9 @@ class SpotPreview:
 
         try:
             selected = preview.spots.subset(preview.selected)
-            return self.widget.controller._cache_path(Path(slide.path), selected, embedding, settings.encoder_weights).exists()
+            return self.widget.controller._cache_path(
+                Path(slide.path), selected, embedding, settings.encoder_weights
+            ).exists()
         except Exception:  # an estimate only
             return False
 
@@ -174,7 +178,9 @@ class SpotPreview:
             self._worker = None
             self.widget.preview_info.value = f"no preview: {error}"
 
-        self._worker = create_worker(slide_tissue, path, mpp, _start_thread=False, _connect={"returned": done, "errored": failed})
+        self._worker = create_worker(
+            slide_tissue, path, mpp, _start_thread=False, _connect={"returned": done, "errored": failed}
+        )
         self._worker.start()
         return None
 
@@ -186,8 +192,14 @@ class SpotPreview:
         layer = _find(self.viewer, SPOTS_LAYER)
         if layer is None:
             self.viewer.add_points(
-                coords, name=SPOTS_LAYER, size=size, face_color="transparent", border_color=colours, border_width=0.08,
-                border_width_is_relative=True, units=slide.frame.units or ("pixel", "pixel"),
+                coords,
+                name=SPOTS_LAYER,
+                size=size,
+                face_color="transparent",
+                border_color=colours,
+                border_width=0.08,
+                border_width_is_relative=True,
+                units=slide.frame.units or ("pixel", "pixel"),
                 metadata={"napari_stem": "preview"},
             )
         else:
@@ -211,8 +223,15 @@ class SpotPreview:
         translate = np.asarray(frame.translate) + np.asarray(frame.scale) * (0.5 / scale - 0.5)
         if layer is None:
             layer = self.viewer.add_image(
-                mask.astype(np.uint8), name=MASK_LAYER, colormap="green", contrast_limits=(0, 1), opacity=0.35,
-                blending="additive", scale=tuple(pixel), translate=tuple(translate), units=frame.units or ("pixel", "pixel"),
+                mask.astype(np.uint8),
+                name=MASK_LAYER,
+                colormap="green",
+                contrast_limits=(0, 1),
+                opacity=0.35,
+                blending="additive",
+                scale=tuple(pixel),
+                translate=tuple(translate),
+                units=frame.units or ("pixel", "pixel"),
                 metadata={"napari_stem": "preview"},
             )
             index = self.viewer.layers.index(layer)  # just above the slide, under every spot layer

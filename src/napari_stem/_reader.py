@@ -64,8 +64,10 @@ def read_slide(path: str | list[str]) -> list:
 def unknown_pixel_size_notice(slide) -> str:
     """What the user sees when a slide opens in pixels, not µm."""
     problem = slide.mpp_problem or "records no pixel size"
-    return (f"{slide.path.name} {problem}: it is shown in pixels, not µm. Enter its µm/px in the napari-stem widget "
-            "before predicting (e.g. 0.25 for a 40× scan, 0.5 for 20×).")
+    return (
+        f"{slide.path.name} {problem}: it is shown in pixels, not µm. Enter its µm/px in the napari-stem widget "
+        "before predicting (e.g. 0.25 for a 40× scan, 0.5 for 20×)."
+    )
 
 
 def read_h5ad(path: str | list[str]) -> list:
@@ -91,7 +93,9 @@ def read_prediction_h5ad(path: str | list[str]) -> list:
     slide_path = prediction.metadata.get("slide")
     layers = [_prediction_slide_layer(path, slide_path, spots)]
     layers += [
-        prediction_layer_data(prediction, spots, kind, prefix=f"{path.stem} ", slide_path=slide_path, visible=kind == "mean")
+        prediction_layer_data(
+            prediction, spots, kind, prefix=f"{path.stem} ", slide_path=slide_path, visible=kind == "mean"
+        )
         for kind in ("sd", "mean")
     ]
     from napari_stem._result_layers import label_colorbars_when_added
@@ -129,7 +133,9 @@ def _image_layer_in_spot_frame(image: np.ndarray, image_per_fullres: float, spot
     unit = spots.mpp or 1.0
     image = image[..., :3] if image.ndim == 3 else image
     if image.dtype != np.uint8:  # spaceranger PNGs read as float 0..1 by some readers
-        image = np.clip(np.asarray(image, dtype=np.float64) * (255 if image.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
+        image = np.clip(np.asarray(image, dtype=np.float64) * (255 if image.max() <= 1.0 else 1), 0, 255).astype(
+            np.uint8
+        )
     kwargs = {
         "name": name,
         "rgb": image.ndim == 3,

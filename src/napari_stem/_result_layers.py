@@ -59,7 +59,9 @@ def show(layer: Any, gene: str | None = None, kind: str | None = None, all_genes
         layer.face_colormap = PREDICTION_COLORMAPS[kind]
         layer.face_color = column
         layer.refresh_colors(update_color_mapping=False)  # napari keeps the old limits on a switch
-        layer.face_contrast_limits = gene_contrast_limits(features[column], lower_bound=kind_lower_bound(prediction, kind))
+        layer.face_contrast_limits = gene_contrast_limits(
+            features[column], lower_bound=kind_lower_bound(prediction, kind)
+        )
     if not renamed:
         layer.name = expected_name(layer)
     label_colorbar(layer)

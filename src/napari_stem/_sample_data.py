@@ -66,8 +66,12 @@ def demo_prediction() -> list:
 def _prediction_layers(prediction: Any, spots: Any, slide_path: Any) -> list:
     from napari_stem.layers import prediction_layer_data
 
-    return [prediction_layer_data(prediction, spots, kind, prefix="demo ", slide_path=str(slide_path), visible=kind == "mean")
-            for kind in ("sd", "mean")]
+    return [
+        prediction_layer_data(
+            prediction, spots, kind, prefix="demo ", slide_path=str(slide_path), visible=kind == "mean"
+        )
+        for kind in ("sd", "mean")
+    ]
 
 
 def open_demo_prediction() -> list:
@@ -114,7 +118,10 @@ def _demo_prediction_events(slide_path: Path) -> Any:
             yield "embed", 0.5 * event.done / n_spots
         elif event.stage == "step":
             step = event.batch
-            yield "sample", 0.5 + 0.5 * (step.start + (step.stop - step.start) * step.step / max(step.n_steps, 1)) / n_spots
+            yield (
+                "sample",
+                0.5 + 0.5 * (step.start + (step.stop - step.start) * step.step / max(step.n_steps, 1)) / n_spots,
+            )
         elif event.stage == "done":
             prediction = event.prediction
     return prediction, spots
@@ -130,8 +137,10 @@ def start_demo_prediction(viewer: Any, slide_path: Path) -> Any:
     from napari.utils import progress
     from napari.utils.notifications import show_error, show_info
 
-    show_info("napari-stem: predicting the demo slide in the background; the mean and sd layers appear when "
-              "it is done (the first time the demo model is built and every spot embedded: a minute or more).")
+    show_info(
+        "napari-stem: predicting the demo slide in the background; the mean and sd layers appear when "
+        "it is done (the first time the demo model is built and every spot embedded: a minute or more)."
+    )
     bar = progress(total=100, desc="napari-stem demo prediction")
     shown = {"stage": "", "percent": 0}
 
@@ -169,7 +178,11 @@ def start_demo_prediction(viewer: Any, slide_path: Path) -> Any:
         bar.close()
         show_error(f"napari-stem: the demo prediction failed: {error}")
 
-    worker = create_worker(_demo_prediction_events, slide_path, _start_thread=False,
-                           _connect={"yielded": on_progress, "returned": on_done, "errored": on_error})
+    worker = create_worker(
+        _demo_prediction_events,
+        slide_path,
+        _start_thread=False,
+        _connect={"yielded": on_progress, "returned": on_done, "errored": on_error},
+    )
     worker.start()
     return worker

@@ -40,13 +40,20 @@ def _image_layer(sdata, spots, name: str) -> tuple | None:
     element = next(iter(sdata.images.values()))
     arrays = [element[key]["image"] for key in element] if hasattr(element, "keys") else [element]
     system = next(iter(get_transformation(arrays[0], get_all=True)))
-    affine = np.asarray(get_transformation(arrays[0], to_coordinate_system=system)
-                        .to_affine_matrix(input_axes=("y", "x"), output_axes=("y", "x")))
+    affine = np.asarray(
+        get_transformation(arrays[0], to_coordinate_system=system).to_affine_matrix(
+            input_axes=("y", "x"), output_axes=("y", "x")
+        )
+    )
     unit = spots.mpp or 1.0
     data = [array.data.transpose(1, 2, 0) for array in arrays]  # (c, y, x) -> (y, x, c), lazy
     kwargs = {
-        "name": name, "rgb": True, "multiscale": len(data) > 1, "contrast_limits": (0, 255),
-        "scale": (affine[0, 0] * unit, affine[1, 1] * unit), "translate": (affine[0, 2] * unit, affine[1, 2] * unit),
+        "name": name,
+        "rgb": True,
+        "multiscale": len(data) > 1,
+        "contrast_limits": (0, 255),
+        "scale": (affine[0, 0] * unit, affine[1, 1] * unit),
+        "translate": (affine[0, 2] * unit, affine[1, 2] * unit),
         "metadata": {"napari_stem": "slide_image", "mpp": spots.mpp},
     }
     if spots.mpp:

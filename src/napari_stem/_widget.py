@@ -92,34 +92,96 @@ class PredictWidget(Container):
         defaults = DEFAULT_SETTINGS["cpu"]
 
         # inputs
-        self.slide = ComboBox(label="slide", choices=self._slide_choices, tooltip="An opened slide (napari-stem reader or any image layer with a file)")
-        self.spots = ComboBox(label="spots", choices=self._spots_choices, tooltip="A Points layer of spots, or a Visium-like grid over the detected tissue")
-        self.pitch_um = FloatSpinBox(label="grid pitch (µm)", value=100.0, min=10.0, max=2000.0, step=10.0, tooltip="Visium 100, legacy ST 200")
-        self.diameter_um = FloatSpinBox(label="spot diameter (µm)", value=55.0, min=5.0, max=2000.0, step=5.0, tooltip="Visium 55, legacy ST 100")
-        self.region = ComboBox(label="region", choices=self._region_choices, tooltip="A Shapes layer (polygon, rectangle, ellipse); empty = whole slide")
-        self.min_tissue = FloatSpinBox(label="min tissue fraction", value=0.5, min=0.0, max=1.0, step=0.05,
-                                       tooltip="Grid spots whose disc is less tissue than this are left out")
-        self.show_mask = CheckBox(label="show tissue mask", value=False, tooltip="The detected tissue the grid is laid on")
+        self.slide = ComboBox(
+            label="slide",
+            choices=self._slide_choices,
+            tooltip="An opened slide (napari-stem reader or any image layer with a file)",
+        )
+        self.spots = ComboBox(
+            label="spots",
+            choices=self._spots_choices,
+            tooltip="A Points layer of spots, or a Visium-like grid over the detected tissue",
+        )
+        self.pitch_um = FloatSpinBox(
+            label="grid pitch (µm)", value=100.0, min=10.0, max=2000.0, step=10.0, tooltip="Visium 100, legacy ST 200"
+        )
+        self.diameter_um = FloatSpinBox(
+            label="spot diameter (µm)", value=55.0, min=5.0, max=2000.0, step=5.0, tooltip="Visium 55, legacy ST 100"
+        )
+        self.region = ComboBox(
+            label="region",
+            choices=self._region_choices,
+            tooltip="A Shapes layer (polygon, rectangle, ellipse); empty = whole slide",
+        )
+        self.min_tissue = FloatSpinBox(
+            label="min tissue fraction",
+            value=0.5,
+            min=0.0,
+            max=1.0,
+            step=0.05,
+            tooltip="Grid spots whose disc is less tissue than this are left out",
+        )
+        self.show_mask = CheckBox(
+            label="show tissue mask", value=False, tooltip="The detected tissue the grid is laid on"
+        )
         self.preview_info = Label(label="preview", value="")
-        self.known_models = ComboBox(label="known models", choices=self._model_choices,
-                                     tooltip="The demo model and recently used checkpoints; picking one fills 'checkpoint'")
+        self.known_models = ComboBox(
+            label="known models",
+            choices=self._model_choices,
+            tooltip="The demo model and recently used checkpoints; picking one fills 'checkpoint'",
+        )
         # Long entries (the demo's build note, deep checkpoint paths) must not widen the dock and
         # squeeze the canvas: the box keeps a modest width and the list shows them in full.
         self.known_models.native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.known_models.native.setMinimumContentsLength(18)
-        self.checkpoint = FileEdit(label="checkpoint", mode="d", nullable=True, tooltip="A napari-stem checkpoint folder, or type hf-hub:owner/name[@revision] for one on the Hugging Face Hub; its config decides genes, encoder and patches")
+        self.checkpoint = FileEdit(
+            label="checkpoint",
+            mode="d",
+            nullable=True,
+            tooltip="A napari-stem checkpoint folder, or type hf-hub:owner/name[@revision] for one on the Hugging Face Hub; its config decides genes, encoder and patches",
+        )
         self.checkpoint_info = Label(label="model", value="(choose a checkpoint)")
-        self.intervals = ComboBox(label="intervals", choices=list(INTERVAL_CHOICES), value=DEFAULT_INTERVALS,
-                                  tooltip="Central prediction intervals written with the prediction (lo90/hi90 ...), from order statistics of the samples")
-        self.n_samples = SpinBox(label="samples per spot", value=samples_for_levels(INTERVAL_CHOICES[DEFAULT_INTERVALS], defaults["n_samples"]),
-                                 min=2, max=1000, tooltip="More samples: steadier mean and variance; exact 50 % and 90 % intervals need 19, 39, ... (K + 1 a multiple of 20)")
+        self.intervals = ComboBox(
+            label="intervals",
+            choices=list(INTERVAL_CHOICES),
+            value=DEFAULT_INTERVALS,
+            tooltip="Central prediction intervals written with the prediction (lo90/hi90 ...), from order statistics of the samples",
+        )
+        self.n_samples = SpinBox(
+            label="samples per spot",
+            value=samples_for_levels(INTERVAL_CHOICES[DEFAULT_INTERVALS], defaults["n_samples"]),
+            min=2,
+            max=1000,
+            tooltip="More samples: steadier mean and variance; exact 50 % and 90 % intervals need 19, 39, ... (K + 1 a multiple of 20)",
+        )
         self.intervals_info = Label(label="", value="")
-        self.steps = SpinBox(label="denoising steps", value=defaults["steps"], min=1, max=MAX_DIFFUSION_STEPS, tooltip=f"Network evaluations per sample: more is closer to the trained chain, slower (GPU default {DEFAULT_SETTINGS['cuda']['steps']})")
+        self.steps = SpinBox(
+            label="denoising steps",
+            value=defaults["steps"],
+            min=1,
+            max=MAX_DIFFUSION_STEPS,
+            tooltip=f"Network evaluations per sample: more is closer to the trained chain, slower (GPU default {DEFAULT_SETTINGS['cuda']['steps']})",
+        )
         self.sampler = ComboBox(label="sampler", choices=list(SAMPLERS), value=DEFAULT_SAMPLER)
-        self.device = ComboBox(label="device", choices=list(DEVICES), value="auto", tooltip="auto = CUDA when available")
+        self.device = ComboBox(
+            label="device", choices=list(DEVICES), value="auto", tooltip="auto = CUDA when available"
+        )
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
-        self.encoder_weights = FileEdit(label="encoder weights", mode="r", nullable=True, filter="*.safetensors *.pth *.pt *.bin", tooltip="Optional local weights (e.g. UNI); empty = the encoder's default source")
-        self.mpp = FloatSpinBox(label="µm/px (0 = from slide)", value=0.0, min=0.0, max=100.0, step=0.01, tooltip="Only for slides that do not record their pixel size")
+        self.encoder_weights = FileEdit(
+            label="encoder weights",
+            mode="r",
+            nullable=True,
+            filter="*.safetensors *.pth *.pt *.bin",
+            tooltip="Optional local weights (e.g. UNI); empty = the encoder's default source",
+        )
+        self.mpp = FloatSpinBox(
+            label="µm/px (0 = from slide)",
+            value=0.0,
+            min=0.0,
+            max=100.0,
+            step=0.01,
+            tooltip="Only for slides that do not record their pixel size",
+        )
         # run
         self.run_button = PushButton(text="Predict")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -128,12 +190,25 @@ class PredictWidget(Container):
         # results
         self.gene_filter = LineEdit(label="find gene", tooltip="Type part of a gene name to narrow the list")
         self.gene = ComboBox(label="gene", choices=[], tooltip="Recolours and renames the prediction layers")
-        self.uncertainty = ComboBox(label="uncertainty as", choices=list(UNCERTAINTY_KINDS), value="sd",
-                                    tooltip="What the uncertainty layer shows: standard deviation (same unit as the mean), variance, or the width of the widest interval")
-        self.opacity = FloatSlider(label="spot opacity", value=SPOT_OPACITY, min=0.1, max=1.0, step=0.05,
-                                   tooltip="Lower lets the tissue show through the spots")
-        self.hover_all_genes = CheckBox(label="hover: all genes", value=False,
-                                        tooltip="Hovering a spot shows the displayed gene; tick to list every gene's mean too")
+        self.uncertainty = ComboBox(
+            label="uncertainty as",
+            choices=list(UNCERTAINTY_KINDS),
+            value="sd",
+            tooltip="What the uncertainty layer shows: standard deviation (same unit as the mean), variance, or the width of the widest interval",
+        )
+        self.opacity = FloatSlider(
+            label="spot opacity",
+            value=SPOT_OPACITY,
+            min=0.1,
+            max=1.0,
+            step=0.05,
+            tooltip="Lower lets the tissue show through the spots",
+        )
+        self.hover_all_genes = CheckBox(
+            label="hover: all genes",
+            value=False,
+            tooltip="Hovering a spot shows the displayed gene; tick to list every gene's mean too",
+        )
         self.export_path = FileEdit(label="export to", mode="w", nullable=True, filter="*.h5ad *.csv")
         self.export_button = PushButton(text="Export")
 
@@ -148,7 +223,12 @@ class PredictWidget(Container):
                 self.export_path, self.export_button,
             ]
         )  # fmt: skip
-        for label in (self.status, self.checkpoint_info, self.intervals_info, self.preview_info):  # long messages wrap instead of widening the dock
+        for label in (
+            self.status,
+            self.checkpoint_info,
+            self.intervals_info,
+            self.preview_info,
+        ):  # long messages wrap instead of widening the dock
             label.native.setWordWrap(True)
         self.spots.changed.connect(self._update_grid_fields)
         self.region.changed.connect(self._adopt_slide_units)
@@ -171,8 +251,20 @@ class PredictWidget(Container):
         from napari_stem._preview_view import SpotPreview
 
         self.preview = SpotPreview(self)  # spots (and tissue) drawn as soon as their settings change
-        for control in (self.slide, self.spots, self.pitch_um, self.diameter_um, self.min_tissue, self.region,
-                        self.show_mask, self.mpp, self.checkpoint, self.n_samples, self.steps, self.device):
+        for control in (
+            self.slide,
+            self.spots,
+            self.pitch_um,
+            self.diameter_um,
+            self.min_tissue,
+            self.region,
+            self.show_mask,
+            self.mpp,
+            self.checkpoint,
+            self.n_samples,
+            self.steps,
+            self.device,
+        ):
             control.changed.connect(self.preview.schedule)
         self.preview.schedule()
         self.inspector: Any = None  # the "Spot inspector" dock, made at the first click on a spot
@@ -213,7 +305,11 @@ class PredictWidget(Container):
         """Spots opened with the slide (a HEST folder, an .h5ad) are what the user means, not a grid:
         a newly opened napari-stem spots layer becomes the choice while the grid is chosen."""
         seen = getattr(self, "_seen_spots", set())
-        opened = [layer for _, layer in self._spots_choices() if not isinstance(layer, str) and layer.metadata.get("napari_stem") == "spots"]
+        opened = [
+            layer
+            for _, layer in self._spots_choices()
+            if not isinstance(layer, str) and layer.metadata.get("napari_stem") == "spots"
+        ]
         new = [layer for layer in opened if id(layer) not in seen]
         self._seen_spots = {id(layer) for layer in opened}
         if new and self.spots.value == GRID:
@@ -228,7 +324,9 @@ class PredictWidget(Container):
 
     def _update_intervals_info(self, *_: Any) -> None:
         """Say which intervals the current sample count gives, with their actual level."""
-        self.intervals_info.value = describe_intervals(INTERVAL_CHOICES[self.intervals.value], int(self.n_samples.value))
+        self.intervals_info.value = describe_intervals(
+            INTERVAL_CHOICES[self.intervals.value], int(self.n_samples.value)
+        )
 
     def _model_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
         from napari_stem import known_models
@@ -261,9 +359,12 @@ class PredictWidget(Container):
         started = time.perf_counter()
         ticker = QTimer(self.native)  # the status counts the seconds: the build is alive
         ticker.setInterval(1000)
-        ticker.timeout.connect(lambda: self._set_status(
-            f"building the demo model once: {_duration(time.perf_counter() - started)} so far "
-            f"({known_models.DEMO_BUILD_TIME}); it is kept for next time…"))
+        ticker.timeout.connect(
+            lambda: self._set_status(
+                f"building the demo model once: {_duration(time.perf_counter() - started)} so far "
+                f"({known_models.DEMO_BUILD_TIME}); it is kept for next time…"
+            )
+        )
         ticker.start()
 
         def built(checkpoint: Path) -> None:
@@ -289,7 +390,9 @@ class PredictWidget(Container):
             return
         from napari.qt.threading import create_worker
 
-        self._demo_worker = create_worker(build_demo_model, _start_thread=False, _connect={"returned": built, "errored": failed})
+        self._demo_worker = create_worker(
+            build_demo_model, _start_thread=False, _connect={"returned": built, "errored": failed}
+        )
         self._demo_worker.start()
 
     def checkpoint_value(self) -> Path | None:
@@ -350,8 +453,12 @@ class PredictWidget(Container):
             return fetched(metadata)
         from napari.qt.threading import create_worker
 
-        worker = create_worker(self.controller.fetch_checkpoint, reference, _start_thread=False,
-                               _connect={"returned": fetched, "errored": failed})
+        worker = create_worker(
+            self.controller.fetch_checkpoint,
+            reference,
+            _start_thread=False,
+            _connect={"returned": fetched, "errored": failed},
+        )
         worker.start()
         return None
 
@@ -406,7 +513,10 @@ class PredictWidget(Container):
         self._adopt_slide_units(value)
         return RegionInput(
             name=value.name,
-            shapes=[(shape_type, _to_world(value, vertices)) for shape_type, vertices in zip(value.shape_type, value.data, strict=True)],
+            shapes=[
+                (shape_type, _to_world(value, vertices))
+                for shape_type, vertices in zip(value.shape_type, value.data, strict=True)
+            ],
         )
 
     def _adopt_slide_units(self, layer: Any) -> None:
@@ -464,7 +574,11 @@ class PredictWidget(Container):
         self.worker = create_worker(
             work,
             _start_thread=False,
-            _connect={**handlers, "aborted": partial(self._on_aborted, job.job_id, events), "finished": self._on_worker_finished},
+            _connect={
+                **handlers,
+                "aborted": partial(self._on_aborted, job.job_id, events),
+                "finished": self._on_worker_finished,
+            },
         )
         self.worker.start()
 
@@ -728,7 +842,11 @@ class PredictWidget(Container):
     def _on_export(self, *_: Any) -> None:
         try:
             layer = self._export_layer()
-            path = self.controller.export(self.export_path.value) if layer is None else _export_layer(layer, self.export_path.value)
+            path = (
+                self.controller.export(self.export_path.value)
+                if layer is None
+                else _export_layer(layer, self.export_path.value)
+            )
         except StemError as exc:
             self._set_status(str(exc))
             show_error(str(exc))

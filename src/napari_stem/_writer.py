@@ -74,7 +74,9 @@ def write_prediction_csv(path: str | Path, prediction: Any, spots: Any) -> Path:
     return replace_atomically(path, lambda partial: table.to_csv(partial, index=False))
 
 
-def prediction_from_layers(layer_data: list[tuple[Any, dict, str]], path: str | Path = "") -> tuple[Any, Any, str | None]:
+def prediction_from_layers(
+    layer_data: list[tuple[Any, dict, str]], path: str | Path = ""
+) -> tuple[Any, Any, str | None]:
     """``(Prediction, Spots, slide path)`` for the spots shown in napari-stem prediction layers.
 
     Spots removed from the first prediction layer, and spots not predicted yet, are left out.

@@ -46,7 +46,7 @@ def _quantile_layers(layers: Any) -> dict[float, str]:
         if name == "median":
             found[0.5] = name
         for prefix in ("interpolated_q", "q"):
-            digits = name[len(prefix):]
+            digits = name[len(prefix) :]
             if name.startswith(prefix) and digits.isdigit():
                 found[int(digits) / 100] = name
     return found
@@ -159,8 +159,11 @@ def prediction_from_anndata(adata: Any) -> Any:
         quantile_levels=tuple(levels) or None,
         quantiles=np.stack([adata.layers[quantile_layers[q]] for q in levels]) if levels else None,
         interval_specs=specs,
-        intervals=np.stack([[adata.layers[s.lower_layer], adata.layers[s.upper_layer]] for s in specs]).astype(np.float32)
-        if specs else None,
+        intervals=np.stack([[adata.layers[s.lower_layer], adata.layers[s.upper_layer]] for s in specs]).astype(
+            np.float32
+        )
+        if specs
+        else None,
         samples=_kept_samples(adata),
         metadata=provenance,
     )

@@ -77,16 +77,26 @@ def ours_to_reference(state_dict: dict) -> dict:
 def _rename(key: str, prefixes: dict[str, str]) -> str:
     for old, new in prefixes.items():
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
 # -- saving ---------------------------------------------------------------------------------
 
-def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
-                    target_transform: str = "log2p1", embedding: dict | None = None,
-                    provenance: dict | None = None, overwrite: bool = False,
-                    target_range: dict | None = None) -> Path:
+
+def save_checkpoint(
+    path,
+    *,
+    config: StemConfig,
+    genes,
+    ema,
+    model=None,
+    target_transform: str = "log2p1",
+    embedding: dict | None = None,
+    provenance: dict | None = None,
+    overwrite: bool = False,
+    target_range: dict | None = None,
+) -> Path:
     """Write a checkpoint folder atomically; returns its path.
 
     ``ema`` (the weights used for sampling) and the optional ``model`` (raw training weights) are
@@ -101,8 +111,8 @@ def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
     genes = [str(g) for g in genes]
     if len(genes) != config.n_genes:
         raise CheckpointError(
-            f"cannot save {describe_path(path)}: {len(genes)} gene names for a model of "
-            f"{config.n_genes} genes")
+            f"cannot save {describe_path(path)}: {len(genes)} gene names for a model of {config.n_genes} genes"
+        )
     if len(set(genes)) != len(genes):
         raise CheckpointError(f"cannot save {describe_path(path)}: the gene list has duplicates")
     if target_range is not None:
@@ -114,8 +124,7 @@ def save_checkpoint(path, *, config: StemConfig, genes, ema, model=None,
         if weights is None:
             continue
         state = _validated_state_dict(weights, config, f"{describe_path(path)} ({prefix[:-1]})")
-        tensors.update({prefix + k: v.detach().to("cpu", torch.float32).contiguous().clone()
-                        for k, v in state.items()})
+        tensors.update({prefix + k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()})
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -169,8 +178,10 @@ OWN_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, "training_state.pt"})
 def check_replaceable(path: Path, overwrite: bool) -> None:
     """Only a checkpoint napari-stem wrote, holding nothing else, is ever replaced."""
     if not overwrite:
-        raise CheckpointError(f"{describe_path(path)} already exists; choose another output, or allow replacing an "
-                              "earlier checkpoint (--overwrite / overwrite=True).")
+        raise CheckpointError(
+            f"{describe_path(path)} already exists; choose another output, or allow replacing an "
+            "earlier checkpoint (--overwrite / overwrite=True)."
+        )
     foreign = "it is a file" if not path.is_dir() else ""
     if not foreign:
         others = sorted(entry.name for entry in path.iterdir() if entry.name not in OWN_FILES)
@@ -182,8 +193,10 @@ def check_replaceable(path: Path, overwrite: bool) -> None:
             except CheckpointError:
                 foreign = "it is not a napari-stem checkpoint"
     if foreign:
-        raise CheckpointError(f"refusing to replace {describe_path(path)}: {foreign}. napari-stem only replaces checkpoints "
-                              "it wrote; choose another output folder.")
+        raise CheckpointError(
+            f"refusing to replace {describe_path(path)}: {foreign}. napari-stem only replaces checkpoints "
+            "it wrote; choose another output folder."
+        )
 
 
 def _json_value(value):
@@ -232,16 +245,17 @@ def _validated_state_dict(weights, config: StemConfig, where: str, template: Ste
     expected = {k: tuple(v.shape) for k, v in template.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state)
-                         if tuple(state[k].shape) != expected[k])
+    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
     if missing or unexpected or wrong_shape:
         raise CheckpointError(
             f"weights for {where} do not fit the architecture {config.to_dict()}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}")
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}"
+        )
     return state
 
 
 # -- loading --------------------------------------------------------------------------------
+
 
 def _checkpoint_dir(path) -> Path:
     from napari_stem.hub import resolve_checkpoint  # hf-hub:owner/name[@rev] -> cached folder; paths unchanged
@@ -252,11 +266,15 @@ def _checkpoint_dir(path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {describe_path(path)} does not exist")
     if path.is_file():
-        hint = (" It looks like a reference PyTorch checkpoint: convert it with "
-                "import_reference_checkpoint()." if path.suffix in (".pt", ".pth", ".ckpt") else "")
+        hint = (
+            " It looks like a reference PyTorch checkpoint: convert it with import_reference_checkpoint()."
+            if path.suffix in (".pt", ".pth", ".ckpt")
+            else ""
+        )
         raise CheckpointError(
             f"{describe_path(path)} is a file, but a napari-stem checkpoint is a folder holding "
-            f"{CONFIG_FILE} and {WEIGHTS_FILE}.{hint}")
+            f"{CONFIG_FILE} and {WEIGHTS_FILE}.{hint}"
+        )
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {describe_path(path)} has no {name}")
@@ -275,18 +293,25 @@ def read_metadata(path) -> dict:
     if metadata.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{describe_path(folder)} has format version {metadata['format_version']}; this "
-            f"napari-stem reads up to {FORMAT_VERSION}. Update napari-stem.")
+            f"napari-stem reads up to {FORMAT_VERSION}. Update napari-stem."
+        )
     architecture, genes = metadata.get("architecture"), metadata.get("genes")
-    if isinstance(architecture, dict) and isinstance(genes, list) and architecture.get("n_genes") not in (None, len(genes)):
+    if (
+        isinstance(architecture, dict)
+        and isinstance(genes, list)
+        and architecture.get("n_genes") not in (None, len(genes))
+    ):
         raise CheckpointError(
             f"{describe_path(folder / CONFIG_FILE)} lists {len(genes)} genes but its model predicts "
             f"{architecture['n_genes']}; the file was edited or mixed with another checkpoint's. Restore the config "
-            "written with these weights.")
+            "written with these weights."
+        )
     return metadata
 
 
-def load_checkpoint(path, *, expected_genes=None, expected_cond_dim: int | None = None,
-                    map_location="cpu", weights: str = "ema") -> StemCheckpoint:
+def load_checkpoint(
+    path, *, expected_genes=None, expected_cond_dim: int | None = None, map_location="cpu", weights: str = "ema"
+) -> StemCheckpoint:
     """Load a checkpoint folder; the model gets the EMA weights (or ``weights="model"``), eval mode.
 
     ``expected_genes`` (ordered) and ``expected_cond_dim`` are what the caller will use the model
@@ -309,11 +334,14 @@ def load_checkpoint(path, *, expected_genes=None, expected_cond_dim: int | None 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     state = _read_weights(folder / WEIGHTS_FILE, EMA_PREFIX if weights == "ema" else MODEL_PREFIX)
-    damaged = [name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    damaged = [
+        name for name, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
     if damaged:
         raise CheckpointError(
             f"checkpoint {describe_path(folder)} holds non-finite weights (NaN or infinity) in {len(damaged)} tensors, "
-            f"e.g. '{damaged[0]}': the file is damaged or its training diverged. Use an earlier checkpoint of the run.")
+            f"e.g. '{damaged[0]}': the file is damaged or its training diverged. Use an earlier checkpoint of the run."
+        )
     model = StemModel(config)
     _validated_state_dict(state, config, describe_path(folder), template=model)
     map_location = resolve_device_name(map_location, torch.cuda.is_available)
@@ -322,10 +350,16 @@ def load_checkpoint(path, *, expected_genes=None, expected_cond_dim: int | None 
     target_range = metadata.get("target_range")
     if target_range is not None:
         target_range = checked_target_range(target_range, config.n_genes, describe_path(folder / CONFIG_FILE))
-    return StemCheckpoint(path=folder, config=config, genes=genes,
-                          target_transform=metadata.get("target_transform", "log2p1"), model=model,
-                          embedding=embedding, provenance=metadata.get("provenance", {}),
-                          target_range=target_range)
+    return StemCheckpoint(
+        path=folder,
+        config=config,
+        genes=genes,
+        target_transform=metadata.get("target_transform", "log2p1"),
+        model=model,
+        embedding=embedding,
+        provenance=metadata.get("provenance", {}),
+        target_range=target_range,
+    )
 
 
 def _read_weights(file: Path, prefix: str) -> dict:
@@ -334,7 +368,7 @@ def _read_weights(file: Path, prefix: str) -> dict:
 
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read weights {describe_path(file)}: {exc}") from exc
     if not state:
@@ -342,8 +376,7 @@ def _read_weights(file: Path, prefix: str) -> dict:
     return state
 
 
-def check_compatible(path, genes, cond_dim, embedding, expected_genes=None,
-                     expected_cond_dim=None) -> None:
+def check_compatible(path, genes, cond_dim, embedding, expected_genes=None, expected_cond_dim=None) -> None:
     """Raise CheckpointError when the checkpoint's genes or condition dim differ from the caller's."""
     if expected_cond_dim is not None and int(expected_cond_dim) != cond_dim:
         encoder = embedding.get("encoder")
@@ -351,14 +384,16 @@ def check_compatible(path, genes, cond_dim, embedding, expected_genes=None,
         raise CheckpointError(
             f"checkpoint {describe_path(path)} expects {cond_dim}-dim embeddings{made_with}, "
             f"but the embeddings given are {expected_cond_dim}-dim. Extract embeddings with the "
-            f"checkpoint's encoder.")
+            f"checkpoint's encoder."
+        )
     if expected_genes is not None:
         expected = [str(g) for g in expected_genes]
         if expected != list(genes):
             raise CheckpointError(
                 f"checkpoint {describe_path(path)} predicts {len(genes)} genes "
                 f"{_preview(genes)}, but {len(expected)} genes {_preview(expected)} were expected: "
-                f"{_gene_difference(list(genes), expected)}")
+                f"{_gene_difference(list(genes), expected)}"
+            )
 
 
 def _preview(genes, n: int = 4) -> str:
@@ -371,18 +406,31 @@ def _gene_difference(in_checkpoint: list[str], expected: list[str]) -> str:
     only_expected = [g for g in expected if g not in set(in_checkpoint)]
     if not only_checkpoint and not only_expected:
         first = next(i for i, (a, b) in enumerate(zip(in_checkpoint, expected, strict=False)) if a != b)
-        return (f"same genes in a different order (position {first}: '{in_checkpoint[first]}' "
-                f"in the checkpoint, '{expected[first]}' expected)")
-    return (f"{len(only_expected)} expected genes are not in the checkpoint {_preview(only_expected)}; "
-            f"{len(only_checkpoint)} checkpoint genes were not expected {_preview(only_checkpoint)}")
+        return (
+            f"same genes in a different order (position {first}: '{in_checkpoint[first]}' "
+            f"in the checkpoint, '{expected[first]}' expected)"
+        )
+    return (
+        f"{len(only_expected)} expected genes are not in the checkpoint {_preview(only_expected)}; "
+        f"{len(only_checkpoint)} checkpoint genes were not expected {_preview(only_checkpoint)}"
+    )
 
 
 # -- reference import -----------------------------------------------------------------------
 
-def import_reference_checkpoint(pt_path, gene_list_file, *, num_heads: int | None = None,
-                                out_path=None, target_transform: str = "log2p1",
-                                embedding: dict | None = None, provenance: dict | None = None,
-                                overwrite: bool = False, map_location="cpu") -> StemCheckpoint:
+
+def import_reference_checkpoint(
+    pt_path,
+    gene_list_file,
+    *,
+    num_heads: int | None = None,
+    out_path=None,
+    target_transform: str = "log2p1",
+    embedding: dict | None = None,
+    provenance: dict | None = None,
+    overwrite: bool = False,
+    map_location="cpu",
+) -> StemCheckpoint:
     """Load a reference trainer checkpoint ({"model", "ema", "opt"} or {"ema"}) safely.
 
     The architecture comes from the tensor shapes; the head count cannot, so ``num_heads`` is
@@ -400,25 +448,42 @@ def import_reference_checkpoint(pt_path, gene_list_file, *, num_heads: int | Non
     if len(genes) != config.n_genes:
         raise CheckpointError(
             f"gene list {describe_path(gene_list_file)} has {len(genes)} genes, but checkpoint "
-            f"{describe_path(pt_path)} was trained on {config.n_genes}")
+            f"{describe_path(pt_path)} was trained on {config.n_genes}"
+        )
     model = StemModel(config)
-    model.load_state_dict(_validated_state_dict(reference_to_ours(ema_state), config,
-                                                describe_path(pt_path)))
+    model.load_state_dict(_validated_state_dict(reference_to_ours(ema_state), config, describe_path(pt_path)))
     step = int(pt_path.stem) if pt_path.stem.isdigit() else None
-    provenance = {"source": "reference-import", "reference_file": pt_path.name,
-                  "steps": step, "gene_list_file": Path(gene_list_file).name,
-                  "weights": "ema" if "ema" in raw else "model" if "model" in raw else "state_dict",
-                  **(provenance or {})}
+    provenance = {
+        "source": "reference-import",
+        "reference_file": pt_path.name,
+        "steps": step,
+        "gene_list_file": Path(gene_list_file).name,
+        "weights": "ema" if "ema" in raw else "model" if "model" in raw else "state_dict",
+        **(provenance or {}),
+    }
     embedding = dict(embedding or {})
     if out_path is not None:
-        save_checkpoint(out_path, config=config, genes=genes, ema=model,
-                        model=reference_to_ours(model_state) if model_state is not None else None,
-                        target_transform=target_transform, embedding=embedding,
-                        provenance=provenance, overwrite=overwrite)
+        save_checkpoint(
+            out_path,
+            config=config,
+            genes=genes,
+            ema=model,
+            model=reference_to_ours(model_state) if model_state is not None else None,
+            target_transform=target_transform,
+            embedding=embedding,
+            provenance=provenance,
+            overwrite=overwrite,
+        )
     model.to(map_location).eval()
-    return StemCheckpoint(path=Path(out_path) if out_path is not None else pt_path, config=config,
-                          genes=genes, target_transform=target_transform, model=model,
-                          embedding=embedding, provenance=provenance)
+    return StemCheckpoint(
+        path=Path(out_path) if out_path is not None else pt_path,
+        config=config,
+        genes=genes,
+        target_transform=target_transform,
+        model=model,
+        embedding=embedding,
+        provenance=provenance,
+    )
 
 
 def _torch_load_weights_only(pt_path: Path):
@@ -437,12 +502,11 @@ def _reference_state_dicts(raw, pt_path: Path) -> tuple[dict, dict | None]:
     if "gene_joint_embed.gene_name_ebd" in raw:  # a bare state dict, as find_model() accepts
         return raw, None
     raise CheckpointError(
-        f"{describe_path(pt_path)} holds neither 'ema'/'model' state dicts nor Stem weights "
-        f"(keys: {sorted(raw)[:5]})")
+        f"{describe_path(pt_path)} holds neither 'ema'/'model' state dicts nor Stem weights (keys: {sorted(raw)[:5]})"
+    )
 
 
-def infer_reference_config(state_dict: dict, *, num_heads: int | None = None,
-                           source="checkpoint") -> StemConfig:
+def infer_reference_config(state_dict: dict, *, num_heads: int | None = None, source="checkpoint") -> StemConfig:
     """Architecture from reference tensor shapes (genes, condition dim, hidden, depth, MLP ratio)."""
     from napari_stem.model import StemConfig
 
@@ -457,11 +521,18 @@ def infer_reference_config(state_dict: dict, *, num_heads: int | None = None,
         if hidden != 384:
             raise CheckpointError(
                 f"{describe_path(source)} has hidden size {hidden}; the number of attention heads "
-                f"is not stored in the weights, pass num_heads (the --num_heads used in training)")
+                f"is not stored in the weights, pass num_heads (the --num_heads used in training)"
+            )
         num_heads = REFERENCE_HEADS
     try:
-        return StemConfig(n_genes=int(n_genes), cond_dim=int(cond_dim), hidden_size=int(hidden),
-                          depth=depth, num_heads=int(num_heads), mlp_ratio=mlp_hidden / hidden)
+        return StemConfig(
+            n_genes=int(n_genes),
+            cond_dim=int(cond_dim),
+            hidden_size=int(hidden),
+            depth=depth,
+            num_heads=int(num_heads),
+            mlp_ratio=mlp_hidden / hidden,
+        )
     except ValueError as exc:
         raise CheckpointError(f"{describe_path(source)}: {exc}") from exc
 

@@ -59,7 +59,7 @@ def space_timesteps(n_steps: int, section_counts: str | int | Iterable[int]) -> 
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for stride in range(1, n_steps):
                 if len(range(0, n_steps, stride)) == desired:
                     return list(range(0, n_steps, stride))
@@ -119,10 +119,7 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -142,9 +139,7 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales) -> torch.Tensor
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(
-        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
-    )
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
 class GaussianDiffusion:
@@ -154,8 +149,13 @@ class GaussianDiffusion:
     called with the original timestep ``timestep_map[t]``.
     """
 
-    def __init__(self, respacing: str | int | Iterable[int] | None = None,
-                 n_train_steps: int = N_TRAIN_STEPS, *, timesteps: Iterable[int] | None = None):
+    def __init__(
+        self,
+        respacing: str | int | Iterable[int] | None = None,
+        n_train_steps: int = N_TRAIN_STEPS,
+        *,
+        timesteps: Iterable[int] | None = None,
+    ):
         """``timesteps``: the original timesteps to keep, given outright (instead of ``respacing``)."""
         base_alphas_cumprod = np.cumprod(1.0 - linear_betas(n_train_steps))
         if timesteps is not None:
@@ -175,8 +175,7 @@ class GaussianDiffusion:
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # The posterior variance is 0 at t = 0; its log is clipped to the t = 1 value.
-        clipped = np.append(posterior_variance[1], posterior_variance[1:]) if self.n_steps > 1 \
-            else betas
+        clipped = np.append(posterior_variance[1], posterior_variance[1:]) if self.n_steps > 1 else betas
         tables64 = {
             "betas": betas,
             "log_betas": np.log(betas),
@@ -189,8 +188,7 @@ class GaussianDiffusion:
             "posterior_variance": posterior_variance,
             "posterior_log_variance_clipped": np.log(clipped),
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas)
-            / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
         }
         # Solver coefficients per kept step (float64 scalars; the solvers use no table lookups).
         self._alpha64 = np.sqrt(alphas_cumprod)
@@ -238,24 +236,26 @@ class GaussianDiffusion:
         """Sample x_t ~ q(x_t | x_0)."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return (self._at("sqrt_alphas_cumprod", t, x_start) * x_start
-                + self._at("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
+        return (
+            self._at("sqrt_alphas_cumprod", t, x_start) * x_start
+            + self._at("sqrt_one_minus_alphas_cumprod", t, x_start) * noise
+        )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (self._at("posterior_mean_coef1", t, x_t) * x_start
-                + self._at("posterior_mean_coef2", t, x_t) * x_t)
-        return (mean, self._at("posterior_variance", t, x_t),
-                self._at("posterior_log_variance_clipped", t, x_t))
+        mean = self._at("posterior_mean_coef1", t, x_t) * x_start + self._at("posterior_mean_coef2", t, x_t) * x_t
+        return (mean, self._at("posterior_variance", t, x_t), self._at("posterior_log_variance_clipped", t, x_t))
 
     # -- reverse process --------------------------------------------------------------------
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return (self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-                - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+        return (
+            self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart)
-                / self._at("sqrt_recipm1_alphas_cumprod", t, x_t))
+        return (self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._at(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
 
     @staticmethod
     def _clip(pred_xstart: torch.Tensor, x0_range) -> torch.Tensor:
@@ -274,11 +274,14 @@ class GaussianDiffusion:
         log_variance = self._learned_log_variance(var_values, x, t)
         pred_xstart = self._clip(self._predict_xstart_from_eps(x, t, eps), x0_range)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
-                "pred_xstart": pred_xstart}
+        return {
+            "mean": mean,
+            "variance": torch.exp(log_variance),
+            "log_variance": log_variance,
+            "pred_xstart": pred_xstart,
+        }
 
-    def p_mean_variance(self, model: Denoiser, x, t, model_kwargs=None,
-                        x0_range=None) -> dict[str, torch.Tensor]:
+    def p_mean_variance(self, model: Denoiser, x, t, model_kwargs=None, x0_range=None) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t): mean, variance, log_variance and the implied x_0 (clipped to
         ``x0_range`` when given, the mean then following the clipped x_0)."""
         eps, var_values = self._call_model(model, x, t, model_kwargs)
@@ -290,8 +293,7 @@ class GaussianDiffusion:
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         p = self._p_from_output(eps, var_values, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"]))
-        decoder_nll = -discretized_gaussian_log_likelihood(
-            x_start, means=p["mean"], log_scales=0.5 * p["log_variance"])
+        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=p["mean"], log_scales=0.5 * p["log_variance"])
         return torch.where(t == 0, mean_flat(decoder_nll), kl) / math.log(2.0)
 
     def training_losses(self, model: Denoiser, x_start, t, model_kwargs=None, noise=None):
@@ -308,8 +310,7 @@ class GaussianDiffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     # -- sampling ---------------------------------------------------------------------------
-    def ancestral_step(self, model: Denoiser, x, t, noise, model_kwargs=None,
-                       x0_range=None) -> torch.Tensor:
+    def ancestral_step(self, model: Denoiser, x, t, noise, model_kwargs=None, x0_range=None) -> torch.Tensor:
         """x_{t-1} ~ p(x_{t-1} | x_t) with the learned variance (the reference's p_sample)."""
         p = self.p_mean_variance(model, x, t, model_kwargs, x0_range)
         if noise is None:  # only allowed at t = 0, where no noise is added
@@ -317,25 +318,36 @@ class GaussianDiffusion:
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         return p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * noise
 
-    def ddim_step(self, model: Denoiser, x, t, noise, eta: float = 0.0,
-                  model_kwargs=None, x0_range=None) -> torch.Tensor:
+    def ddim_step(
+        self, model: Denoiser, x, t, noise, eta: float = 0.0, model_kwargs=None, x0_range=None
+    ) -> torch.Tensor:
         """DDIM update (Song et al. eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like."""
         eps, _ = self._call_model(model, x, t, model_kwargs)
         pred_xstart = self._clip(self._predict_xstart_from_eps(x, t, eps), x0_range)
         eps = self._predict_eps_from_xstart(x, t, pred_xstart)  # as the reference re-derives it
         alpha_bar = self._at("alphas_cumprod", t, x)
         alpha_bar_prev = self._at("alphas_cumprod_prev", t, x)
-        sigma = (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-                 * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         mean = pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         if noise is None:
             return mean
         nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         return mean + nonzero * sigma * noise
 
-    def dpm_step(self, model: Denoiser, x, i: int, history, noise=None, *, stochastic: bool = False,
-                 variance: str = "matched", second_order: bool = True, model_kwargs=None,
-                 x0_range=None):
+    def dpm_step(
+        self,
+        model: Denoiser,
+        x,
+        i: int,
+        history,
+        noise=None,
+        *,
+        stochastic: bool = False,
+        variance: str = "matched",
+        second_order: bool = True,
+        model_kwargs=None,
+        x0_range=None,
+    ):
         """One DPM-Solver++(2M) step from kept step i to i - 1; returns (x, history for the next).
 
         Data prediction in half-log-SNR lambda (h = lambda_{i-1} - lambda_i): x_0 is taken linear
@@ -386,7 +398,9 @@ class GaussianDiffusion:
             one = self._one_step64
             frac = (var_values + 1) / 2
             # (one-step variance - its posterior variance) / coef1^2, without cancellation
-            x0_variance = float(one["posterior_variance"][i] / one["coef1_sq"][i]) * torch.expm1(frac * float(one["log_ratio"][i]))
+            x0_variance = float(one["posterior_variance"][i] / one["coef1_sq"][i]) * torch.expm1(
+                frac * float(one["log_ratio"][i])
+            )
             return float(self._posterior_variance64[i]) + float(self._coef1_sq64[i]) * x0_variance.clamp(min=0)
         raise ValueError(f"variance must be 'posterior', 'learned' or 'matched', got {variance!r}")
 
@@ -400,10 +414,18 @@ class GaussianDiffusion:
         stochastic = sampler == "ancestral" or SOLVER_STEPS.get(sampler, {}).get("stochastic", False)
         return step_index > 0 and (stochastic or (sampler == "ddim" and eta > 0))
 
-    def sample_loop(self, model: Denoiser, x_T: torch.Tensor, *, sampler: str = "ddim",
-                    eta: float = 0.0, model_kwargs=None,
-                    step_noise: Callable[[int], torch.Tensor] | None = None,
-                    x0_range=None, **solver_options) -> torch.Tensor:
+    def sample_loop(
+        self,
+        model: Denoiser,
+        x_T: torch.Tensor,
+        *,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        model_kwargs=None,
+        step_noise: Callable[[int], torch.Tensor] | None = None,
+        x0_range=None,
+        **solver_options,
+    ) -> torch.Tensor:
         """Run the reverse process from x_T over all kept steps; returns x_0.
 
         ``step_noise(step_index)`` supplies the noise of a step (shape of x_T); by default
@@ -411,19 +433,34 @@ class GaussianDiffusion:
         ``x0_range``: clip the predicted x_0 to (lo, hi); None (the default) is the reference.
         The solvers (:data:`SOLVERS`) need two kept steps or more and return x at the first.
         """
-        steps = self.iter_sample_loop(model, x_T, sampler=sampler, eta=eta, model_kwargs=model_kwargs,
-                                      step_noise=step_noise, x0_range=x0_range, **solver_options)
+        steps = self.iter_sample_loop(
+            model,
+            x_T,
+            sampler=sampler,
+            eta=eta,
+            model_kwargs=model_kwargs,
+            step_noise=step_noise,
+            x0_range=x0_range,
+            **solver_options,
+        )
         while True:
             try:
                 next(steps)
             except StopIteration as stop:
                 return stop.value
 
-    def iter_sample_loop(self, model: Denoiser, x_T: torch.Tensor, *, sampler: str = "ddim",
-                         eta: float = 0.0, model_kwargs=None,
-                         step_noise: Callable[[int], torch.Tensor] | None = None,
-                         x0_range=None, **solver_options,
-                         ) -> Generator[int, None, torch.Tensor]:
+    def iter_sample_loop(
+        self,
+        model: Denoiser,
+        x_T: torch.Tensor,
+        *,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        model_kwargs=None,
+        step_noise: Callable[[int], torch.Tensor] | None = None,
+        x0_range=None,
+        **solver_options,
+    ) -> Generator[int, None, torch.Tensor]:
         """:meth:`sample_loop` as a generator: yields the number of steps done after each step
         (so a GUI can show progress and stop between steps) and returns x_0."""
         if sampler not in REFERENCE_SAMPLERS + SOLVERS:
@@ -438,8 +475,16 @@ class GaussianDiffusion:
             if self.step_needs_noise(i, sampler, eta):
                 noise = step_noise(i) if step_noise is not None else torch.randn_like(x)
             if sampler in SOLVERS:
-                x, history = self.dpm_step(model, x, i, history, noise, model_kwargs=model_kwargs,
-                                           x0_range=x0_range, **{**SOLVER_STEPS[sampler], **solver_options})
+                x, history = self.dpm_step(
+                    model,
+                    x,
+                    i,
+                    history,
+                    noise,
+                    model_kwargs=model_kwargs,
+                    x0_range=x0_range,
+                    **{**SOLVER_STEPS[sampler], **solver_options},
+                )
             else:
                 t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
                 if sampler == "ancestral":

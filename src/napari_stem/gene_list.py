@@ -26,5 +26,7 @@ def read_gene_list(path: str | Path, error: type[StemError] = StemError) -> list
         raise error(f"gene list {describe_path(path)} is empty; give one gene symbol per line.")
     duplicates = sorted({gene for gene in genes if genes.count(gene) > 1})
     if duplicates:
-        raise error(f"gene list {describe_path(path)} names {', '.join(duplicates[:10])} more than once; list each gene once.")
+        raise error(
+            f"gene list {describe_path(path)} names {', '.join(duplicates[:10])} more than once; list each gene once."
+        )
     return genes

@@ -45,7 +45,9 @@ def spots_over_tissue(
     fraction = tissue_fraction_at(mask, scale, centers_px, radius_px)
     keep = fraction >= min_tissue_fraction
     layout = layout[keep].reset_index(drop=True)
-    barcodes = np.array([f"{r}x{c}" for r, c in zip(layout["array_row"], layout["array_col"], strict=True)], dtype=object)
+    barcodes = np.array(
+        [f"{r}x{c}" for r, c in zip(layout["array_row"], layout["array_col"], strict=True)], dtype=object
+    )
     obs = pd.DataFrame(
         {
             "in_tissue": np.ones(len(layout), dtype=np.int64),

@@ -58,7 +58,9 @@ def iter_hest_samples(root: str | Path, sample_ids: Sequence[str] | None = None)
     """Yield the samples of a HEST folder, all of them or ``sample_ids`` in the given order."""
     root = _check_root(Path(root))
     if sample_ids is None:
-        sample_ids = sorted({path.stem for sub in ("st", "wsis") for path in (root / sub).iterdir() if not path.name.startswith(".")})
+        sample_ids = sorted(
+            {path.stem for sub in ("st", "wsis") for path in (root / sub).iterdir() if not path.name.startswith(".")}
+        )
     for sample_id in sample_ids:
         yield hest_sample(root, sample_id)
 

@@ -32,11 +32,30 @@ HEST_REPO = "MahmoodLab/hest"
 #: What ``prepare`` needs.
 REQUIRED_PARTS = ("wsis", "st", "metadata")
 #: Folders of the HEST-1k repo that hold per-sample files.
-KNOWN_PARTS = ("wsis", "st", "metadata", "patches", "patches_vis", "tissue_seg", "cellvit_seg", "xenium_seg",
-               "transcripts", "thumbnails", "spatial_plots", "pixel_size_vis")
+KNOWN_PARTS = (
+    "wsis",
+    "st",
+    "metadata",
+    "patches",
+    "patches_vis",
+    "tissue_seg",
+    "cellvit_seg",
+    "xenium_seg",
+    "transcripts",
+    "thumbnails",
+    "spatial_plots",
+    "pixel_size_vis",
+)
 #: Metadata filters: option name → column of the HEST table.
-FILTER_COLUMNS = {"organ": "organ", "species": "species", "technology": "st_technology", "patient": "patient",
-                  "dataset": "dataset_title", "oncotree": "oncotree_code", "disease": "disease_state"}
+FILTER_COLUMNS = {
+    "organ": "organ",
+    "species": "species",
+    "technology": "st_technology",
+    "patient": "patient",
+    "dataset": "dataset_title",
+    "oncotree": "oncotree_code",
+    "disease": "disease_state",
+}
 _TABLE = re.compile(r"HEST_v(\d+)_(\d+)_(\d+)\.csv")
 
 
@@ -65,8 +84,10 @@ class DownloadPlan:
 
     def describe(self) -> str:
         lines = [f"{f.size:>15,d}  {f.path}" for f in self.files]
-        lines.append(f"{len(self.files)} files, {format_bytes(self.total_bytes)}, {len(self.sample_ids)} samples "
-                     f"({', '.join(self.parts)}) from {self.repo_id}@{self.revision[:10]} ({self.table})")
+        lines.append(
+            f"{len(self.files)} files, {format_bytes(self.total_bytes)}, {len(self.sample_ids)} samples "
+            f"({', '.join(self.parts)}) from {self.repo_id}@{self.revision[:10]} ({self.table})"
+        )
         for sample_id, parts in self.missing.items():
             lines.append(f"note: {sample_id} has no {', '.join(parts)} in the repo")
         return "\n".join(lines)
@@ -112,11 +133,12 @@ def _call(fn: Callable[[], Any], repo_id: str, what: str) -> Any:
 
 def belongs_to(file_name: str, sample_id: str) -> bool:
     """HEST names a sample's files ``<id>.<ext>`` or ``<id>_<suffix>`` (``TENX9`` is not ``TENX95``)."""
-    return file_name.startswith(sample_id) and file_name[len(sample_id):len(sample_id) + 1] in (".", "_")
+    return file_name.startswith(sample_id) and file_name[len(sample_id) : len(sample_id) + 1] in (".", "_")
 
 
-def select_samples(table: Any, sample_ids: Sequence[str] | None = None,
-                   filters: Mapping[str, str | Sequence[str]] | None = None) -> list[str]:
+def select_samples(
+    table: Any, sample_ids: Sequence[str] | None = None, filters: Mapping[str, str | Sequence[str]] | None = None
+) -> list[str]:
     """Sample ids of the metadata ``table`` (a DataFrame) matching ids and every filter.
 
     Filters are option names of :data:`FILTER_COLUMNS` (or column names) → one value or several
@@ -130,13 +152,17 @@ def select_samples(table: Any, sample_ids: Sequence[str] | None = None,
             continue
         column = FILTER_COLUMNS.get(name, name)
         if column not in table.columns:
-            raise DatasetError(f"the HEST metadata table has no column '{column}' (filter {name}); columns: {', '.join(map(str, table.columns))}.")
+            raise DatasetError(
+                f"the HEST metadata table has no column '{column}' (filter {name}); columns: {', '.join(map(str, table.columns))}."
+            )
         wanted = {str(v).strip().lower() for v in ([values] if isinstance(values, str) else values)}
         matches = selected[column].astype(str).str.strip().str.lower().isin(wanted)
         if not matches.any():
             known = sorted(table[column].dropna().astype(str).unique())
-            raise DatasetError(f"no HEST sample has {column} = {', '.join(sorted(wanted))}; values in the table: "
-                               f"{', '.join(known[:25])}{' ...' if len(known) > 25 else ''}.")
+            raise DatasetError(
+                f"no HEST sample has {column} = {', '.join(sorted(wanted))}; values in the table: "
+                f"{', '.join(known[:25])}{' ...' if len(known) > 25 else ''}."
+            )
         selected = selected[matches]
     ids = [str(i) for i in selected["id"]]
     if sample_ids:
@@ -168,31 +194,51 @@ def plan_download(
     if unknown_parts:
         raise DatasetError(f"unknown HEST parts {', '.join(unknown_parts)}; known: {', '.join(KNOWN_PARTS)}.")
     if not sample_ids and not any(v not in (None, "", [], ()) for v in (filters or {}).values()):
-        raise DatasetError("choose samples: give ids (--ids) or metadata filters (--organ, --species, --technology, "
-                           "--patient, --dataset ...); HEST-1k as a whole is over 1 TB.")
+        raise DatasetError(
+            "choose samples: give ids (--ids) or metadata filters (--organ, --species, --technology, "
+            "--patient, --dataset ...); HEST-1k as a whole is over 1 TB."
+        )
     hub = _hub()
     api = hub.HfApi()
     info = _call(lambda: api.dataset_info(repo_id, revision=revision), repo_id, f"HEST-1k ({repo_id})")
     commit = str(info.sha)
-    root_files = [f.path for f in _call(lambda: list(api.list_repo_tree(repo_id, repo_type="dataset", revision=commit)),
-                                        repo_id, "listing HEST-1k") if hasattr(f, "size")]
+    root_files = [
+        f.path
+        for f in _call(
+            lambda: list(api.list_repo_tree(repo_id, repo_type="dataset", revision=commit)), repo_id, "listing HEST-1k"
+        )
+        if hasattr(f, "size")
+    ]
     if table is None:
-        tables = sorted((tuple(int(x) for x in m.groups()), name) for name in root_files if (m := _TABLE.fullmatch(name)))
+        tables = sorted(
+            (tuple(int(x) for x in m.groups()), name) for name in root_files if (m := _TABLE.fullmatch(name))
+        )
         if not tables:
-            raise DatasetError(f"{repo_id} holds no HEST_v*.csv metadata table at its root (found {', '.join(root_files[:8])}).")
+            raise DatasetError(
+                f"{repo_id} holds no HEST_v*.csv metadata table at its root (found {', '.join(root_files[:8])})."
+            )
         table = tables[-1][1]
     elif table not in root_files:
-        raise DatasetError(f"{repo_id} has no metadata table {table} (tables: {', '.join(f for f in root_files if _TABLE.fullmatch(f))}).")
-    table_path = _call(lambda: hub.hf_hub_download(repo_id, table, repo_type="dataset", revision=commit, cache_dir=cache_dir),
-                       repo_id, f"metadata table {table}")
+        raise DatasetError(
+            f"{repo_id} has no metadata table {table} (tables: {', '.join(f for f in root_files if _TABLE.fullmatch(f))})."
+        )
+    table_path = _call(
+        lambda: hub.hf_hub_download(repo_id, table, repo_type="dataset", revision=commit, cache_dir=cache_dir),
+        repo_id,
+        f"metadata table {table}",
+    )
     ids = select_samples(pd.read_csv(table_path), sample_ids, filters)
 
     files: list[RemoteFile] = []
     have: dict[str, set[str]] = {i: set() for i in ids}
     for part in parts:
-        entries = _call(lambda part=part: list(api.list_repo_tree(repo_id, path_in_repo=part, recursive=True,
-                                                                   repo_type="dataset", revision=commit)),
-                        repo_id, f"listing {part}/")
+        entries = _call(
+            lambda part=part: list(
+                api.list_repo_tree(repo_id, path_in_repo=part, recursive=True, repo_type="dataset", revision=commit)
+            ),
+            repo_id,
+            f"listing {part}/",
+        )
         for entry in entries:
             if not hasattr(entry, "size") or entry.size is None:
                 continue  # a folder
@@ -204,7 +250,9 @@ def plan_download(
     order = {sample_id: index for index, sample_id in enumerate(ids)}
     files.sort(key=lambda f: (order[f.sample_id], parts.index(f.path.split("/", 1)[0]), f.path))
     missing = {i: [p for p in parts if p not in have[i]] for i in ids if len(have[i]) < len(parts)}
-    return DownloadPlan(repo_id=repo_id, revision=commit, table=table, sample_ids=ids, parts=parts, files=files, missing=missing)
+    return DownloadPlan(
+        repo_id=repo_id, revision=commit, table=table, sample_ids=ids, parts=parts, files=files, missing=missing
+    )
 
 
 def download(
@@ -241,27 +289,41 @@ def download(
     needed = sum(f.size for f in plan.files) - sum(f.size for f in present)
     free = shutil.disk_usage(out_dir).free
     if needed > free:
-        raise DatasetError(f"{format_bytes(needed)} still to download but only {format_bytes(free)} free on "
-                           f"{describe_path(out_dir)}; free some space or choose another folder.")
+        raise DatasetError(
+            f"{format_bytes(needed)} still to download but only {format_bytes(free)} free on "
+            f"{describe_path(out_dir)}; free some space or choose another folder."
+        )
     hub = _hub()
     from tqdm.auto import tqdm
 
     fetched, already = [], [f.path for f in present]
-    bar = tqdm(total=plan.total_bytes, initial=sum(f.size for f in present), unit="B", unit_scale=True,
-               desc="HEST-1k", disable=not progress)
+    bar = tqdm(
+        total=plan.total_bytes,
+        initial=sum(f.size for f in present),
+        unit="B",
+        unit_scale=True,
+        desc="HEST-1k",
+        disable=not progress,
+    )
     try:
         for remote in plan.files:
             if remote.path in already:
                 continue
             bar.set_postfix_str(remote.path, refresh=False)
-            local = _call(lambda remote=remote: hub.hf_hub_download(plan.repo_id, remote.path, repo_type="dataset",
-                                                                    revision=plan.revision, local_dir=out_dir),
-                          plan.repo_id, f"downloading {remote.path}")
+            local = _call(
+                lambda remote=remote: hub.hf_hub_download(
+                    plan.repo_id, remote.path, repo_type="dataset", revision=plan.revision, local_dir=out_dir
+                ),
+                plan.repo_id,
+                f"downloading {remote.path}",
+            )
             size = Path(local).stat().st_size
             if size != remote.size:
                 Path(local).unlink(missing_ok=True)
-                raise DatasetError(f"{remote.path} arrived with {size:,d} bytes, the Hub lists {remote.size:,d}; it was "
-                                   "removed. Run the download again.")
+                raise DatasetError(
+                    f"{remote.path} arrived with {size:,d} bytes, the Hub lists {remote.size:,d}; it was "
+                    "removed. Run the download again."
+                )
             fetched.append(remote.path)
             bar.update(remote.size)
     finally:
@@ -297,6 +359,8 @@ def _unzip_segmentations(out_dir: Path, plan: DownloadPlan) -> None:
                 for member in zipped.infolist():
                     target = (archive.parent / member.filename).resolve()
                     if archive.parent.resolve() not in target.parents:
-                        raise DatasetError(f"{remote.path} holds a path outside its folder ({member.filename}); not unpacked.")
+                        raise DatasetError(
+                            f"{remote.path} holds a path outside its folder ({member.filename}); not unpacked."
+                        )
                     if not target.exists():
                         zipped.extract(member, archive.parent)

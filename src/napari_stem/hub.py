@@ -48,10 +48,12 @@ def is_hub_reference(value: Any) -> bool:
 
 def parse_hub_reference(value: str | Path) -> tuple[str, str | None]:
     """``hf-hub:owner/name@rev`` → ``("owner/name", "rev")`` (revision None: the default branch)."""
-    text = str(value)[len(HUB_PREFIX):] if is_hub_reference(value) else str(value)
+    text = str(value)[len(HUB_PREFIX) :] if is_hub_reference(value) else str(value)
     repo_id, _, revision = text.partition("@")
     if not _REPO_ID.fullmatch(repo_id):
-        raise CheckpointError(f"'{value}' is not a Hub reference: write hf-hub:owner/name or hf-hub:owner/name@revision.")
+        raise CheckpointError(
+            f"'{value}' is not a Hub reference: write hf-hub:owner/name or hf-hub:owner/name@revision."
+        )
     return repo_id, revision or None
 
 
@@ -59,8 +61,10 @@ def _hub():
     try:
         import huggingface_hub
     except ImportError as exc:
-        raise HubError('the Hugging Face Hub client is not installed: pip install "napari-stem[hub]" '
-                       "(or pip install huggingface_hub).") from exc
+        raise HubError(
+            'the Hugging Face Hub client is not installed: pip install "napari-stem[hub]" '
+            "(or pip install huggingface_hub)."
+        ) from exc
     return huggingface_hub
 
 
@@ -98,7 +102,7 @@ def resolve_weights_file(value: str | Path) -> Path:
     downloaded to the Hub cache (default file: ``model.safetensors``, else ``pytorch_model.bin``)."""
     if not is_hub_reference(value):
         return Path(value)
-    text = str(value)[len(HUB_PREFIX):]
+    text = str(value)[len(HUB_PREFIX) :]
     owner, _, rest = text.partition("/")
     name, _, filename = rest.partition("/")
     repo_id, revision = parse_hub_reference(f"{owner}/{name}")
@@ -124,15 +128,19 @@ def _not_a_checkpoint_message(value: Any, repo_id: str, revision: str | None, mi
         files = _hub().HfApi().list_repo_files(repo_id, revision=revision)
         pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
         if pickles:
-            holds = (f" It holds pickled weights ({', '.join(pickles[:3])}), which napari-stem never loads from the Hub: "
-                     "they can run code. Ask its owner for a napari-stem checkpoint (stem-train push), or convert "
-                     "a reference checkpoint you trust locally with stem-train import-reference.")
+            holds = (
+                f" It holds pickled weights ({', '.join(pickles[:3])}), which napari-stem never loads from the Hub: "
+                "they can run code. Ask its owner for a napari-stem checkpoint (stem-train push), or convert "
+                "a reference checkpoint you trust locally with stem-train import-reference."
+            )
         else:
             holds = f" It holds {', '.join(files[:5]) or 'no files'}."
     except Exception:  # the listing only improves the message
         pass
-    return (f"Hub repo '{repo_id}' ({value}) is not a napari-stem checkpoint: no {' or '.join(missing)}; a napari-stem "
-            f"checkpoint on the Hub is {CONFIG_FILE} + {WEIGHTS_FILE}.{holds}")
+    return (
+        f"Hub repo '{repo_id}' ({value}) is not a napari-stem checkpoint: no {' or '.join(missing)}; a napari-stem "
+        f"checkpoint on the Hub is {CONFIG_FILE} + {WEIGHTS_FILE}.{holds}"
+    )
 
 
 def hub_error(exc: BaseException, repo_id: str, repo_type: str = "model", *, what: str | None = None) -> StemError:
@@ -143,19 +151,27 @@ def hub_error(exc: BaseException, repo_id: str, repo_type: str = "model", *, wha
     page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
     if isinstance(exc, errors.GatedRepoError):
         if hub.get_token() is None:
-            return HubError(f"{what}: '{repo_id}' is gated and no Hugging Face token is set. Accept its terms at {page}, "
-                            "create a read token (Settings → Access tokens), then run 'hf auth login' or set HF_TOKEN.")
-        return HubError(f"{what}: your Hugging Face token has no access to the gated repo '{repo_id}'. Accept its terms "
-                        f"at {page} with the account of that token (access can take a moment), or log in with another "
-                        "token ('hf auth login' / HF_TOKEN).")
+            return HubError(
+                f"{what}: '{repo_id}' is gated and no Hugging Face token is set. Accept its terms at {page}, "
+                "create a read token (Settings → Access tokens), then run 'hf auth login' or set HF_TOKEN."
+            )
+        return HubError(
+            f"{what}: your Hugging Face token has no access to the gated repo '{repo_id}'. Accept its terms "
+            f"at {page} with the account of that token (access can take a moment), or log in with another "
+            "token ('hf auth login' / HF_TOKEN)."
+        )
     if isinstance(exc, errors.RevisionNotFoundError):
-        return HubError(f"{what}: revision not found in '{repo_id}'; check the name after '@' ({page}/tree/main lists branches).")
+        return HubError(
+            f"{what}: revision not found in '{repo_id}'; check the name after '@' ({page}/tree/main lists branches)."
+        )
     if isinstance(exc, errors.RepositoryNotFoundError):
         token_hint = "" if hub.get_token() else " If it is private, log in first ('hf auth login' or HF_TOKEN)."
         return HubError(f"{what}: no {repo_type} repo '{repo_id}' on the Hub (or it is private).{token_hint}")
     if isinstance(exc, errors.LocalEntryNotFoundError):
-        return HubError(f"{what}: the Hub cannot be reached and nothing is cached for '{repo_id}'; connect once "
-                        "(or copy the checkpoint folder here and give its path).")
+        return HubError(
+            f"{what}: the Hub cannot be reached and nothing is cached for '{repo_id}'; connect once "
+            "(or copy the checkpoint folder here and give its path)."
+        )
     if isinstance(exc, errors.EntryNotFoundError):
         return HubError(f"{what}: a file is missing in '{repo_id}': {exc}")
     if isinstance(exc, errors.HfHubHTTPError):
@@ -170,6 +186,7 @@ def hub_error(exc: BaseException, repo_id: str, repo_type: str = "model", *, wha
 
 # -- publishing -----------------------------------------------------------------------------
 
+
 def model_card(metadata: dict, repo_id: str, report: dict | None = None) -> str:
     """A Hub model card (``README.md``) for a checkpoint's config, with metrics from ``report``.
 
@@ -182,26 +199,55 @@ def model_card(metadata: dict, repo_id: str, report: dict | None = None) -> str:
     provenance = metadata.get("provenance", {})
     patch = embedding.get("patch", {}) if isinstance(embedding.get("patch"), dict) else {}
     encoder = embedding.get("encoder", "unknown")
-    front = {"library_name": "napari-stem", "tags": ["napari-stem", "spatial-transcriptomics", "histology", "diffusion"]}
-    lines = ["---", *(f"{key}: {json.dumps(value)}" for key, value in front.items()), "---", "",
-             f"# {repo_id.split('/')[-1]}", "",
-             "A [napari-stem](https://github.com/napari-stem/napari-stem) checkpoint of **Stem** (Zhu et al., ICLR 2025): a "
-             "conditional diffusion model that predicts Visium-style spot expression, with its uncertainty, from H&E "
-             "patch embeddings.", "",
-             "## Use", "", "```bash", 'pip install "napari-stem[hub]"',
-             f"stem-train predict my_slide.svs --checkpoint hf-hub:{repo_id} --out my_slide.h5ad", "```", "",
-             f"or type `hf-hub:{repo_id}` into the *checkpoint* field of the napari widget. Only `{CONFIG_FILE}` and "
-             f"`{WEIGHTS_FILE}` are downloaded; nothing is unpickled.", "",
-             "## Model", "",
-             f"- genes: {len(genes)} ({', '.join(genes[:20])}{', ...' if len(genes) > 20 else ''}); full ordered list in `{CONFIG_FILE}`",
-             f"- target: {metadata.get('target_transform', 'log2p1')} of counts",
-             f"- image encoder: `{encoder}` ({embedding.get('dim', architecture.get('cond_dim', '?'))}-dim embeddings); its "
-             "weights are not part of this repo",
-             f"- patches: {patch.get('mode', 'hest')} mode" + (f", {patch['size_um']} µm" if "size_um" in patch else ""),
-             "- architecture: " + ", ".join(f"{k} {v}" for k, v in architecture.items()), "",
-             "## Training data", ""]
+    front = {
+        "library_name": "napari-stem",
+        "tags": ["napari-stem", "spatial-transcriptomics", "histology", "diffusion"],
+    }
+    lines = [
+        "---",
+        *(f"{key}: {json.dumps(value)}" for key, value in front.items()),
+        "---",
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        "A [napari-stem](https://github.com/napari-stem/napari-stem) checkpoint of **Stem** (Zhu et al., ICLR 2025): a "
+        "conditional diffusion model that predicts Visium-style spot expression, with its uncertainty, from H&E "
+        "patch embeddings.",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        'pip install "napari-stem[hub]"',
+        f"stem-train predict my_slide.svs --checkpoint hf-hub:{repo_id} --out my_slide.h5ad",
+        "```",
+        "",
+        f"or type `hf-hub:{repo_id}` into the *checkpoint* field of the napari widget. Only `{CONFIG_FILE}` and "
+        f"`{WEIGHTS_FILE}` are downloaded; nothing is unpickled.",
+        "",
+        "## Model",
+        "",
+        f"- genes: {len(genes)} ({', '.join(genes[:20])}{', ...' if len(genes) > 20 else ''}); full ordered list in `{CONFIG_FILE}`",
+        f"- target: {metadata.get('target_transform', 'log2p1')} of counts",
+        f"- image encoder: `{encoder}` ({embedding.get('dim', architecture.get('cond_dim', '?'))}-dim embeddings); its "
+        "weights are not part of this repo",
+        f"- patches: {patch.get('mode', 'hest')} mode" + (f", {patch['size_um']} µm" if "size_um" in patch else ""),
+        "- architecture: " + ", ".join(f"{k} {v}" for k, v in architecture.items()),
+        "",
+        "## Training data",
+        "",
+    ]
     if provenance:
-        for key in ("trainer", "source", "steps", "data", "data_dir", "train_slides", "held_out_slides", "gene_selection", "napari_stem_version"):
+        for key in (
+            "trainer",
+            "source",
+            "steps",
+            "data",
+            "data_dir",
+            "train_slides",
+            "held_out_slides",
+            "gene_selection",
+            "napari_stem_version",
+        ):
             if provenance.get(key) not in (None, "", []):
                 lines.append(f"- {key.replace('_', ' ')}: {_provenance_value(key, provenance[key])}")
     else:
@@ -210,13 +256,20 @@ def model_card(metadata: dict, repo_id: str, report: dict | None = None) -> str:
     if report:
         lines += _report_lines(report)
     else:
-        lines.append("Not evaluated: push with `--report evaluation/report.json` (from `stem-train evaluate`) to add metrics.")
-    lines += ["", "## Intended use", "",
-              "Research on spatial transcriptomics and histology. Predictions are model outputs, not measurements; "
-              "the per-spot variance and intervals say how unsure the model is, and they are only as good as its "
-              "calibration on slides like yours (check it with `stem-train evaluate` on a measured slide). Not for "
-              "diagnosis or any clinical decision. Data licences of the training slides (e.g. HEST-1k: CC BY-NC-SA "
-              "4.0) may restrict use.", ""]
+        lines.append(
+            "Not evaluated: push with `--report evaluation/report.json` (from `stem-train evaluate`) to add metrics."
+        )
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        "Research on spatial transcriptomics and histology. Predictions are model outputs, not measurements; "
+        "the per-spot variance and intervals say how unsure the model is, and they are only as good as its "
+        "calibration on slides like yours (check it with `stem-train evaluate` on a measured slide). Not for "
+        "diagnosis or any clinical decision. Data licences of the training slides (e.g. HEST-1k: CC BY-NC-SA "
+        "4.0) may restrict use.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -241,7 +294,9 @@ def _report_lines(report: dict) -> list[str]:
 
     lines = []
     if report.get("truth"):
-        lines.append(f"On `{Path(str(report['truth'])).name}` ({report.get('n_spots', '?')} spots, {report.get('n_genes', '?')} genes):")
+        lines.append(
+            f"On `{Path(str(report['truth'])).name}` ({report.get('n_spots', '?')} spots, {report.get('n_genes', '?')} genes):"
+        )
         lines.append("")
     panel = report.get("fixed_panel_pcc") or {}
     if isinstance(panel, dict) and "mean" in panel:
@@ -257,8 +312,16 @@ def _report_lines(report: dict) -> list[str]:
     return lines or ["(the report holds no metrics)"]
 
 
-def push_checkpoint(checkpoint: str | Path, repo_id: str, *, report: str | Path | None = None, private: bool = False,
-                    revision: str | None = None, commit_message: str | None = None, token: str | None = None) -> str:
+def push_checkpoint(
+    checkpoint: str | Path,
+    repo_id: str,
+    *,
+    report: str | Path | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
     """Upload a checkpoint folder's config, weights and a fresh model card to ``repo_id``; returns its URL.
 
     Training state (``training_state.pt``, a pickle of optimiser state) is never uploaded.
@@ -285,9 +348,14 @@ def push_checkpoint(checkpoint: str | Path, repo_id: str, *, report: str | Path 
         (staging / CARD_FILE).write_text(model_card(metadata, repo_id, report_data), encoding="utf-8")
         try:
             api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, folder_path=str(staging), repo_type="model", revision=revision,
-                              commit_message=commit_message or f"napari-stem checkpoint ({len(metadata.get('genes', []))} genes)",
-                              allow_patterns=list(CHECKPOINT_FILES))
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(staging),
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message or f"napari-stem checkpoint ({len(metadata.get('genes', []))} genes)",
+                allow_patterns=list(CHECKPOINT_FILES),
+            )
         except Exception as exc:
             raise hub_error(exc, repo_id, "model", what=f"push to {repo_id}") from exc
     return f"https://huggingface.co/{repo_id}"

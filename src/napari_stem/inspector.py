@@ -44,8 +44,10 @@ class SpotReport:
         if self.samples is None:
             lines.append("samples not kept for this prediction")
         else:
-            lines.append(f"{len(self.samples)} samples: {', '.join(f'{v:.2f}' for v in np.sort(self.samples)[:40])}"
-                         + (" …" if len(self.samples) > 40 else ""))
+            lines.append(
+                f"{len(self.samples)} samples: {', '.join(f'{v:.2f}' for v in np.sort(self.samples)[:40])}"
+                + (" …" if len(self.samples) > 40 else "")
+            )
         return "\n".join(lines)
 
 
@@ -64,7 +66,11 @@ def spot_report(prediction: Any, spots: Any, index: int, gene: str) -> SpotRepor
     recorded = getattr(prediction, "intervals", None)
     if specs and recorded is not None:
         for i, spec in enumerate(specs):
-            intervals.append(SpotInterval(spec.level, float(recorded[i, 0, index, column]), float(recorded[i, 1, index, column]), spec.label))
+            intervals.append(
+                SpotInterval(
+                    spec.level, float(recorded[i, 0, index, column]), float(recorded[i, 1, index, column]), spec.label
+                )
+            )
     elif samples is not None and len(samples) >= 2:
         for spec in plan_intervals(SHOWN_LEVELS, len(samples)):
             low, high = spec.bounds(samples[None, :], axis=1)
@@ -82,7 +88,9 @@ def spot_report(prediction: Any, spots: Any, index: int, gene: str) -> SpotRepor
     )
 
 
-def nearest_spot(world_rc: Any, centers_world: np.ndarray, radius: float, shown: np.ndarray | None = None) -> int | None:
+def nearest_spot(
+    world_rc: Any, centers_world: np.ndarray, radius: float, shown: np.ndarray | None = None
+) -> int | None:
     """Index of the spot whose disc holds ``world_rc`` (the nearest if several), else None."""
     centers = np.asarray(centers_world, dtype=np.float64).reshape(-1, 2)
     if len(centers) == 0:

@@ -58,8 +58,10 @@ def samples_for_levels(levels: Iterable[float], at_least: int = 2) -> int:
     n_samples = math.ceil((max(int(at_least), 1) + 1) / step) * step - 1
     if n_samples > MAX_SAMPLES:
         asked = ", ".join(f"{float(level):g}" for level in levels)
-        raise StemError(f"exact intervals at {asked} need {n_samples} samples per spot (more than {MAX_SAMPLES}); "
-                        "ask for coarser levels such as 0.5, 0.8, 0.9 or 0.95.")
+        raise StemError(
+            f"exact intervals at {asked} need {n_samples} samples per spot (more than {MAX_SAMPLES}); "
+            "ask for coarser levels such as 0.5, 0.8, 0.9 or 0.95."
+        )
     return n_samples
 
 
@@ -108,8 +110,10 @@ class IntervalSpec:
     def label(self) -> str:
         text = f"{self.name} % interval from {self.n_samples} samples"
         if not self.exact:
-            text += (f" ({_percent(self.requested_level)} % asked; exact needs "
-                     f"{samples_for_levels([self.requested_level], at_least=self.n_samples)} samples)")
+            text += (
+                f" ({_percent(self.requested_level)} % asked; exact needs "
+                f"{samples_for_levels([self.requested_level], at_least=self.n_samples)} samples)"
+            )
         return text
 
     def bounds(self, samples: np.ndarray, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -119,10 +123,15 @@ class IntervalSpec:
     def to_dict(self) -> dict:
         fraction = interval_level(self.n_samples, self.rank)
         return {
-            "level": self.level, "level_fraction": f"{fraction.numerator}/{fraction.denominator}",
-            "requested_level": float(self.requested_level), "exact": self.exact,
-            "n_samples": int(self.n_samples), "rank": int(self.rank),
-            "lower_layer": self.lower_layer, "upper_layer": self.upper_layer, "label": self.label,
+            "level": self.level,
+            "level_fraction": f"{fraction.numerator}/{fraction.denominator}",
+            "requested_level": float(self.requested_level),
+            "exact": self.exact,
+            "n_samples": int(self.n_samples),
+            "rank": int(self.rank),
+            "lower_layer": self.lower_layer,
+            "upper_layer": self.upper_layer,
+            "label": self.label,
         }
 
     @classmethod
@@ -144,8 +153,7 @@ def plan_intervals(levels: Sequence[float] | None, n_samples: int) -> tuple[Inte
     for level in sorted({float(level) for level in levels or ()}, reverse=True):
         rank = exact_rank(level, n_samples)
         if rank is None:
-            wide_enough = [i for i in range(1, (n_samples + 1) // 2 + 1)
-                           if interval_level(n_samples, i) >= level]
+            wide_enough = [i for i in range(1, (n_samples + 1) // 2 + 1) if interval_level(n_samples, i) >= level]
             rank = max(wide_enough) if wide_enough else 1
         spec = IntervalSpec(level, n_samples, rank)
         if rank not in specs or spec.exact and not specs[rank].exact:
@@ -179,12 +187,16 @@ def resolve_sample_count(levels: Sequence[float] | None, n_samples: int | None, 
     percent = " and ".join(f"{_percent(level)} %" for level in sorted(levels))
     step = samples_for_levels(levels, at_least=1) + 1
     if n_samples is None:
-        return needed, (f"exact {percent} intervals: {needed} samples per spot (K + 1 a multiple of {step}); "
-                        f"sampling takes {needed / asked:.1f}x as long as the {asked} that mean and variance alone "
-                        f"default to (--intervals '' for those).")
-    return needed, (f"exact {percent} intervals need K + 1 to be a multiple of {step}: drawing {needed} samples "
-                    f"per spot instead of --samples {asked} (sampling takes {needed / asked:.1f}x as long; "
-                    "--intervals '' for none).")
+        return needed, (
+            f"exact {percent} intervals: {needed} samples per spot (K + 1 a multiple of {step}); "
+            f"sampling takes {needed / asked:.1f}x as long as the {asked} that mean and variance alone "
+            f"default to (--intervals '' for those)."
+        )
+    return needed, (
+        f"exact {percent} intervals need K + 1 to be a multiple of {step}: drawing {needed} samples "
+        f"per spot instead of --samples {asked} (sampling takes {needed / asked:.1f}x as long; "
+        "--intervals '' for none)."
+    )
 
 
 def describe(levels: Sequence[float] | None, n_samples: int) -> str:
@@ -197,7 +209,9 @@ def describe(levels: Sequence[float] | None, n_samples: int) -> str:
     parts = [spec.label for spec in specs]
     delivered = {round(spec.requested_level, 10) for spec in specs}
     for level in sorted({round(float(level), 10) for level in levels} - delivered):
-        parts.append(f"no separate {_percent(level)} % interval (exact needs "
-                     f"{samples_for_levels([level], at_least=n_samples)} samples)")
+        parts.append(
+            f"no separate {_percent(level)} % interval (exact needs "
+            f"{samples_for_levels([level], at_least=n_samples)} samples)"
+        )
     text = "; ".join(parts)
     return f"exact: {text}" if all(spec.exact for spec in specs) and len(parts) == len(specs) else text

@@ -29,8 +29,11 @@ def recent_checkpoints() -> list[Path]:
         entries = json.loads(_recent_file().read_text())
     except (OSError, ValueError):
         return []
-    return [Path(entry) for entry in entries
-            if isinstance(entry, str) and (entry.startswith(HUB_PREFIX) or (Path(entry) / "config.json").is_file())]
+    return [
+        Path(entry)
+        for entry in entries
+        if isinstance(entry, str) and (entry.startswith(HUB_PREFIX) or (Path(entry) / "config.json").is_file())
+    ]
 
 
 def remember_checkpoint(path: str | Path) -> None:

@@ -208,7 +208,9 @@ def has_interval(prediction: Any) -> bool:
     return widest_interval(prediction) is not None
 
 
-def prediction_features(prediction: Any, spots: Spots, gene: str | None = None, all_genes: bool = False, kind: str = "mean") -> Any:
+def prediction_features(
+    prediction: Any, spots: Spots, gene: str | None = None, all_genes: bool = False, kind: str = "mean"
+) -> Any:
     """What napari shows on hover, displayed gene first: ``<gene> mean``, ``<gene> sd`` (and the
     ``kind`` shown when it is another), its interval, ``barcode`` — then every gene's mean with
     ``all_genes``.
@@ -230,7 +232,8 @@ def prediction_features(prediction: Any, spots: Spots, gene: str | None = None, 
             label, lower, upper = interval
             low, high = lower[:, column], upper[:, column]
             table[f"{gene} {label} interval"] = [
-                "" if not (np.isfinite(a) and np.isfinite(b)) else f"{a:.3g} – {b:.3g}" for a, b in zip(low, high, strict=True)
+                "" if not (np.isfinite(a) and np.isfinite(b)) else f"{a:.3g} – {b:.3g}"
+                for a, b in zip(low, high, strict=True)
             ]
     table["barcode"] = np.asarray(spots.barcodes, dtype=str)
     if all_genes:
@@ -290,7 +293,9 @@ def prediction_layer_data(
     if gene is not None:
         column = value_column(gene, kind)
         kwargs["face_color"] = column
-        kwargs["face_contrast_limits"] = gene_contrast_limits(features[column], lower_bound=kind_lower_bound(prediction, kind))
+        kwargs["face_contrast_limits"] = gene_contrast_limits(
+            features[column], lower_bound=kind_lower_bound(prediction, kind)
+        )
     if shown is not None:
         kwargs["shown"] = np.asarray(shown, dtype=bool)
     if frame.units:

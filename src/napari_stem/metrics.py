@@ -65,7 +65,9 @@ def _as_pair(truth: np.ndarray, prediction: np.ndarray) -> tuple[np.ndarray, np.
     truth = np.asarray(truth, dtype=np.float64)
     prediction = np.asarray(prediction, dtype=np.float64)
     if truth.ndim != 2 or truth.shape != prediction.shape:
-        raise ValueError(f"truth and prediction must be (n_spots, n_genes) of one shape, got {truth.shape} and {prediction.shape}")
+        raise ValueError(
+            f"truth and prediction must be (n_spots, n_genes) of one shape, got {truth.shape} and {prediction.shape}"
+        )
     return truth, prediction
 
 
@@ -155,7 +157,9 @@ def fixed_panel_pcc(pcc: np.ndarray, genes: Sequence[str], panel: Sequence[str])
     index = {str(gene): i for i, gene in enumerate(genes)}
     missing = [str(g) for g in panel if str(g) not in index]
     if missing:
-        raise KeyError(f"{len(missing)} panel genes are not predicted: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        raise KeyError(
+            f"{len(missing)} panel genes are not predicted: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+        )
     values = np.asarray(pcc, dtype=np.float64)[[index[str(g)] for g in panel]]
     finite = np.isfinite(values)
     return {
@@ -175,7 +179,9 @@ def central_interval_levels(level: float) -> tuple[float, float]:
     return round((1 - level) / 2, 10), round((1 + level) / 2, 10)
 
 
-def interval_coverage(truth: np.ndarray, lower: np.ndarray, upper: np.ndarray, axis: int | None = None) -> float | np.ndarray:
+def interval_coverage(
+    truth: np.ndarray, lower: np.ndarray, upper: np.ndarray, axis: int | None = None
+) -> float | np.ndarray:
     """Fraction of truth values inside ``[lower, upper]`` (all spots × genes, or along ``axis``)."""
     truth = np.asarray(truth, dtype=np.float64)
     inside = (truth >= np.asarray(lower)) & (truth <= np.asarray(upper))
@@ -183,7 +189,9 @@ def interval_coverage(truth: np.ndarray, lower: np.ndarray, upper: np.ndarray, a
     return float(result) if axis is None else result
 
 
-def sample_interval_coverage(truth: np.ndarray, samples: np.ndarray, level: float, axis: int | None = None) -> float | np.ndarray:
+def sample_interval_coverage(
+    truth: np.ndarray, samples: np.ndarray, level: float, axis: int | None = None
+) -> float | np.ndarray:
     """Coverage of the central ``level`` interval between the samples' empirical quantiles.
 
     With few samples per spot this interval is too narrow even for a perfectly calibrated model
@@ -195,8 +203,9 @@ def sample_interval_coverage(truth: np.ndarray, samples: np.ndarray, level: floa
     return interval_coverage(truth, lower, upper, axis=axis)
 
 
-def written_interval_check(truth: np.ndarray, lower: np.ndarray, upper: np.ndarray, level: float,
-                           z: float = INTERVAL_CHECK_Z) -> dict:
+def written_interval_check(
+    truth: np.ndarray, lower: np.ndarray, upper: np.ndarray, level: float, z: float = INTERVAL_CHECK_Z
+) -> dict:
     """Coverage of a written interval against the level it states, with the binomial tolerance.
 
     ``verdict``: "too narrow" (coverage < level − tolerance: the label overstates it), "wider than
@@ -212,8 +221,15 @@ def written_interval_check(truth: np.ndarray, lower: np.ndarray, upper: np.ndarr
         verdict = "wider than stated"
     else:
         verdict = "as stated"
-    return {"level": float(level), "coverage": coverage, "tolerance": tolerance, "z": float(z),
-            "n_spots": int(n_spots), "n_values": int(truth.size), "verdict": verdict}
+    return {
+        "level": float(level),
+        "coverage": coverage,
+        "tolerance": tolerance,
+        "z": float(z),
+        "n_spots": int(n_spots),
+        "n_values": int(truth.size),
+        "verdict": verdict,
+    }
 
 
 def order_statistic_curve(truth: np.ndarray, samples: np.ndarray) -> dict:
@@ -404,7 +420,10 @@ def score(
         checks = _written_intervals(truth, intervals, per_gene)
         calibration["written_intervals"] = checks
         if "curve" in calibration:
-            calibration["curve"]["written"] = {"level": [c["level"] for c in checks], "coverage": [c["coverage"] for c in checks]}
+            calibration["curve"]["written"] = {
+                "level": [c["level"] for c in checks],
+                "coverage": [c["coverage"] for c in checks],
+            }
     return {"reference": reference, "fixed_panel": fixed, "calibration": calibration, "per_gene": per_gene}
 
 
@@ -426,7 +445,9 @@ def _calibration(truth, mean, variance, samples, quantiles, levels, seed, per_ge
     if samples is not None:
         samples = np.asarray(samples, dtype=np.float64)
         if samples.shape[::2] != truth.shape:
-            raise ValueError(f"samples must be (n_spots, K, n_genes) = ({truth.shape[0]}, K, {truth.shape[1]}), got {samples.shape}")
+            raise ValueError(
+                f"samples must be (n_spots, K, n_genes) = ({truth.shape[0]}, K, {truth.shape[1]}), got {samples.shape}"
+            )
         n_samples = samples.shape[1]
         pit = pit_values(truth, samples, seed=seed)
         crps = crps_samples(truth, samples)
@@ -458,11 +479,17 @@ def _calibration(truth, mean, variance, samples, quantiles, levels, seed, per_ge
         result.update(source="interval layers")
         for interval in intervals:
             result[f"coverage_{interval['name']}"] = interval_coverage(truth, interval["lower"], interval["upper"])
-        result["curve"] = {"nominal": [], "written": {
-            "level": [float(interval["level"]) for interval in intervals],
-            "coverage": [result[f"coverage_{interval['name']}"] for interval in intervals]}}
-        result["note"] = ("from the stored order-statistic interval layers at their stated levels; no samples "
-                          "stored, so CRPS is the normal approximation crps_gaussian.")
+        result["curve"] = {
+            "nominal": [],
+            "written": {
+                "level": [float(interval["level"]) for interval in intervals],
+                "coverage": [result[f"coverage_{interval['name']}"] for interval in intervals],
+            },
+        }
+        result["note"] = (
+            "from the stored order-statistic interval layers at their stated levels; no samples "
+            "stored, so CRPS is the normal approximation crps_gaussian."
+        )
     elif quantiles and any(all(q in quantiles for q in central_interval_levels(level)) for level in levels):
         result.update(source="quantile layers", quantile_levels=sorted(quantiles))
         nominal, empirical = [], []
@@ -548,8 +575,11 @@ class BootstrapCI:
         if not math.isfinite(self.estimate):
             return "n/a"
         sign = "+" if signed else ""
-        bounds = (f"[{self.low:{sign}.{digits}f}, {self.high:{sign}.{digits}f}]"
-                  if math.isfinite(self.low) and math.isfinite(self.high) else "[n/a]")
+        bounds = (
+            f"[{self.low:{sign}.{digits}f}, {self.high:{sign}.{digits}f}]"
+            if math.isfinite(self.low) and math.isfinite(self.high)
+            else "[n/a]"
+        )
         return f"{self.estimate:{sign}.{digits}f} {bounds}"
 
     @property
@@ -566,7 +596,11 @@ def bootstrap_weights(n_units: int, n_resamples: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_units, size=(n_resamples, n_units))
     offsets = (np.arange(n_resamples) * n_units)[:, None]
-    return np.bincount((draws + offsets).ravel(), minlength=n_resamples * n_units).reshape(n_resamples, n_units).astype(np.float64)
+    return (
+        np.bincount((draws + offsets).ravel(), minlength=n_resamples * n_units)
+        .reshape(n_resamples, n_units)
+        .astype(np.float64)
+    )
 
 
 def _weighted_panel_pcc(truth: np.ndarray, prediction: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -608,8 +642,9 @@ def _groups_of(groups: Sequence | None, n_spots: int) -> list[np.ndarray]:
     return [np.flatnonzero(groups == name) for name in dict.fromkeys(groups.tolist())]
 
 
-def _resampled_statistics(truth: np.ndarray, predictions: Sequence[np.ndarray], groups: list[np.ndarray],
-                          n_resamples: int, seed: int) -> tuple[list[float], list[np.ndarray], str, int]:
+def _resampled_statistics(
+    truth: np.ndarray, predictions: Sequence[np.ndarray], groups: list[np.ndarray], n_resamples: int, seed: int
+) -> tuple[list[float], list[np.ndarray], str, int]:
     """Point estimates and resampled values of the (slide-averaged) panel PCC of each prediction."""
     per_slide = [[_panel_pcc(truth[rows], prediction[rows]) for rows in groups] for prediction in predictions]
     with np.errstate(invalid="ignore"):
@@ -640,17 +675,28 @@ def _resampled_statistics(truth: np.ndarray, predictions: Sequence[np.ndarray], 
     return estimates, resampled, "spots", int(sum(len(rows) for rows in groups))
 
 
-def _percentile_ci(estimate: float, values: np.ndarray, level: float, unit: str, n_units: int, seed: int) -> BootstrapCI:
+def _percentile_ci(
+    estimate: float, values: np.ndarray, level: float, unit: str, n_units: int, seed: int
+) -> BootstrapCI:
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if not math.isfinite(estimate) or values.size == 0:
         return BootstrapCI(estimate, math.nan, math.nan, level, unit, n_units, int(values.size), seed)
     low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return BootstrapCI(float(estimate), float(low), float(high), float(level), unit, int(n_units), int(values.size), int(seed))
+    return BootstrapCI(
+        float(estimate), float(low), float(high), float(level), unit, int(n_units), int(values.size), int(seed)
+    )
 
 
-def bootstrap_panel_pcc(truth: np.ndarray, prediction: np.ndarray, *, groups: Sequence | None = None,
-                        n_resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL, seed: int = 0) -> BootstrapCI:
+def bootstrap_panel_pcc(
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    *,
+    groups: Sequence | None = None,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = 0,
+) -> BootstrapCI:
     """The fixed-panel PCC (mean per-gene Pearson r over the columns given) with a bootstrap interval.
 
     Pass only the panel's columns. Without ``groups`` the spots of one slide are resampled. With
@@ -664,9 +710,17 @@ def bootstrap_panel_pcc(truth: np.ndarray, prediction: np.ndarray, *, groups: Se
     return _percentile_ci(estimate, values, level, unit, n_units, seed)
 
 
-def paired_bootstrap_panel_pcc(truth: np.ndarray, prediction_a: np.ndarray, prediction_b: np.ndarray, *,
-                               groups: Sequence | None = None, n_resamples: int = BOOTSTRAP_RESAMPLES,
-                               level: float = BOOTSTRAP_LEVEL, seed: int = 0, truth_b: np.ndarray | None = None) -> BootstrapCI:
+def paired_bootstrap_panel_pcc(
+    truth: np.ndarray,
+    prediction_a: np.ndarray,
+    prediction_b: np.ndarray,
+    *,
+    groups: Sequence | None = None,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = 0,
+    truth_b: np.ndarray | None = None,
+) -> BootstrapCI:
     """Fixed-panel PCC of ``a`` minus that of ``b``, both scored on the *same* resampled spots (or slides).
 
     Pairing removes the luck of which spots are hard, which both predictions share, so the interval
@@ -678,9 +732,13 @@ def paired_bootstrap_panel_pcc(truth: np.ndarray, prediction_a: np.ndarray, pred
     truth_b, prediction_b = _as_pair(truth if truth_b is None else truth_b, prediction_b)
     rows = _groups_of(groups, truth.shape[0])
     if truth_b is truth:
-        estimates, resampled, unit, n_units = _resampled_statistics(truth, [prediction_a, prediction_b], rows, n_resamples, seed)
+        estimates, resampled, unit, n_units = _resampled_statistics(
+            truth, [prediction_a, prediction_b], rows, n_resamples, seed
+        )
     else:
-        (estimate_a,), (values_a,), unit, n_units = _resampled_statistics(truth, [prediction_a], rows, n_resamples, seed)
+        (estimate_a,), (values_a,), unit, n_units = _resampled_statistics(
+            truth, [prediction_a], rows, n_resamples, seed
+        )
         (estimate_b,), (values_b,), _, _ = _resampled_statistics(truth_b, [prediction_b], rows, n_resamples, seed)
         estimates, resampled = [estimate_a, estimate_b], [values_a, values_b]
     return _percentile_ci(estimates[0] - estimates[1], resampled[0] - resampled[1], level, unit, n_units, seed)

@@ -27,17 +27,13 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int, n_frequencies: int = 256):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(n_frequencies, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(n_frequencies, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.n_frequencies = n_frequencies
 
     @staticmethod
     def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         angles = t[:, None].float() * freqs[None]
         features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
         if dim % 2:
@@ -57,9 +53,7 @@ class GeneTokenEmbedder(nn.Module):
     def __init__(self, n_genes: int, hidden_size: int):
         super().__init__()
         self.identity_table = nn.Parameter(torch.empty(n_genes, hidden_size))
-        self.value_mlp = nn.Sequential(
-            nn.Linear(1, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.value_mlp = nn.Sequential(nn.Linear(1, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 1, G) -> (N, G, H)
         return self.value_mlp(x.transpose(1, 2)) + self.identity_table
@@ -104,9 +98,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
-            c
-        ).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         # Gated residuals as one fused pass each: x + gate * branch.
         x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         return torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
@@ -138,9 +130,7 @@ class StemModel(nn.Module):
         self.cond_embed = nn.Sequential(
             nn.Linear(config.cond_dim, config.cond_dim), nn.SiLU(), nn.Linear(config.cond_dim, hidden)
         )
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
-        )
+        self.blocks = nn.ModuleList(DiTBlock(hidden, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_layer = FinalLayer(hidden)
         self.initialize_weights()
 

@@ -47,9 +47,7 @@ class StemConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"StemConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
     def to_dict(self) -> dict:
         return asdict(self)

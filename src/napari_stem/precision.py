@@ -44,7 +44,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def device_type(device: Any) -> str:
-    """"cpu", "cuda", ... of a ``torch.device`` or a device string such as "cuda:1"."""
+    """ "cpu", "cuda", ... of a ``torch.device`` or a device string such as "cuda:1"."""
     return getattr(device, "type", str(device).split(":")[0])
 
 

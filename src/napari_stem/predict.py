@@ -142,7 +142,15 @@ def iter_predict(
 
     if embeddings is None:
         embeddings = yield from _embed(
-            slide_path, spots, loaded, encoder_weights, torch_device, precision, cache_path, embed_batch_size, num_workers,
+            slide_path,
+            spots,
+            loaded,
+            encoder_weights,
+            torch_device,
+            precision,
+            cache_path,
+            embed_batch_size,
+            num_workers,
             encoder,
         )
     embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -223,14 +231,18 @@ def _check_finite(batch: Any, loaded: Any) -> None:
         )
 
 
-def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers, encoder=None):
+def _embed(
+    slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers, encoder=None
+):
     """Embedding stage of :func:`iter_predict` (a sub-generator whose return value is the array)."""
     from napari_stem.embed import iter_embed_slide_cached, iter_embed_spots
 
     encoder_name, patch_spec = embedding_spec(loaded)
     if encoder is not None and getattr(encoder, "name", encoder_name) != encoder_name:
-        raise CheckpointError(f"checkpoint {describe_path(loaded.path)} was trained on encoder '{encoder_name}', "
-                              f"not the '{encoder.name}' given.")
+        raise CheckpointError(
+            f"checkpoint {describe_path(loaded.path)} was trained on encoder '{encoder_name}', "
+            f"not the '{encoder.name}' given."
+        )
     n_spots = len(spots)
     out = np.empty((n_spots, loaded.config.cond_dim), dtype=np.float32)
     if n_spots == 0:
@@ -243,7 +255,9 @@ def _embed(slide_path, spots, loaded, encoder_weights, device, precision, cache_
         "precision": precision,
     }
     if cache_path is not None:
-        events = iter_embed_slide_cached(cache_path, slide_path, spots, encoder_name if encoder is None else encoder, patch_spec, **common)
+        events = iter_embed_slide_cached(
+            cache_path, slide_path, spots, encoder_name if encoder is None else encoder, patch_spec, **common
+        )
     else:
         events = iter_embed_spots(slide_path, spots, encoder_name if encoder is None else encoder, patch_spec, **common)
     for event in events:

@@ -65,7 +65,9 @@ def slide_tissue(path: str | Path, mpp: float) -> tuple[np.ndarray, float]:
     return _TISSUE[key]
 
 
-def grid_over_tissue(path: str | Path, mpp: float, pitch_um: float, diameter_um: float, min_tissue_fraction: float) -> Spots:
+def grid_over_tissue(
+    path: str | Path, mpp: float, pitch_um: float, diameter_um: float, min_tissue_fraction: float
+) -> Spots:
     """:func:`napari_stem.grid.spots_over_tissue` of a slide file, kept per file and settings."""
     key = (*_file_key(path), float(mpp), float(pitch_um), float(diameter_um), float(min_tissue_fraction))
     if key not in _GRIDS:
@@ -80,7 +82,7 @@ def grid_over_tissue(path: str | Path, mpp: float, pitch_um: float, diameter_um:
 
 # ---------------------------------------------------------------------- cost
 def _device_type(device: str) -> str:
-    """"cuda" or "cpu". For "auto", torch is asked only when already loaded: importing it for an
+    """ "cuda" or "cpu". For "auto", torch is asked only when already loaded: importing it for an
     estimate would freeze the GUI for seconds (3 s on 2 busy cores); until then an NVIDIA driver
     on the machine stands for a usable GPU."""
     if str(device) == "auto":
@@ -93,16 +95,26 @@ def _device_type(device: str) -> str:
     return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
-def estimate_seconds(n_spots: int, n_samples: int, steps: int, device: str, encoder: str, embedded: bool = False) -> float:
+def estimate_seconds(
+    n_spots: int, n_samples: int, steps: int, device: str, encoder: str, embedded: bool = False
+) -> float:
     """Rough seconds a run takes: embedding (unless cached) plus sampling rows × steps."""
     kind = _device_type(device)
     measured = MEASURED.get((kind, encoder), {})
-    embed = measured.get("embed", EMBED_SECONDS_PER_SPOT[kind] * (1.0 if "efficientnet" in encoder else LARGE_ENCODER_FACTOR))
+    embed = measured.get(
+        "embed", EMBED_SECONDS_PER_SPOT[kind] * (1.0 if "efficientnet" in encoder else LARGE_ENCODER_FACTOR)
+    )
     sample = measured.get("sample", SAMPLE_SECONDS_PER_ROW_STEP[kind])
     return (0.0 if embedded else n_spots * embed) + n_spots * n_samples * steps * sample
 
 
-def record_pace(device: str, encoder: str, *, embed_seconds_per_spot: float | None = None, sample_seconds_per_row_step: float | None = None) -> None:
+def record_pace(
+    device: str,
+    encoder: str,
+    *,
+    embed_seconds_per_spot: float | None = None,
+    sample_seconds_per_row_step: float | None = None,
+) -> None:
     """Remember a finished run's pace so the next estimates on this machine use it."""
     pace = MEASURED.setdefault((_device_type(device), encoder), {})
     if embed_seconds_per_spot and embed_seconds_per_spot > 0:
@@ -112,7 +124,7 @@ def record_pace(device: str, encoder: str, *, embed_seconds_per_spot: float | No
 
 
 def describe_cost(n_spots: int, seconds: float, device: str) -> str:
-    """"~540 spots · ~4 min on cpu"."""
+    """ "~540 spots · ~4 min on cpu"."""
     from napari_stem._controller import _duration
 
     return f"~{n_spots} spots · ~{_duration(seconds)} on {_device_type(device)} (estimate)"

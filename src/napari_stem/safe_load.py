@@ -34,7 +34,9 @@ def contains_code(exc: BaseException) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and bool(_CODE_IN_PICKLE.search(str(exc)))
 
 
-def torch_load_tensors(path: str | Path, what: str, error: type[StemError] = StemError, recipe: str | None = None) -> Any:
+def torch_load_tensors(
+    path: str | Path, what: str, error: type[StemError] = StemError, recipe: str | None = None
+) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; problems raise ``error`` naming ``what``.
 
     ``recipe``: how to convert a code-bearing file (default: a generic state-dict conversion).

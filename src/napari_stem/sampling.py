@@ -58,32 +58,50 @@ def spot_generator(seed: int, spot_index: int) -> torch.Generator:
 def _as_model(model_or_checkpoint, embedding_dim: int, map_location):
     """(model, checkpoint or None) from a StemModel, a loaded checkpoint or a checkpoint path."""
     if isinstance(model_or_checkpoint, (str, Path)):
-        checkpoint = load_checkpoint(model_or_checkpoint, expected_cond_dim=embedding_dim,
-                                     map_location=map_location)
+        checkpoint = load_checkpoint(model_or_checkpoint, expected_cond_dim=embedding_dim, map_location=map_location)
         return checkpoint.model, checkpoint
     if isinstance(model_or_checkpoint, StemCheckpoint):
         checkpoint = model_or_checkpoint
-        check_compatible(checkpoint.path, checkpoint.genes, checkpoint.config.cond_dim,
-                         checkpoint.embedding, expected_cond_dim=embedding_dim)
+        check_compatible(
+            checkpoint.path,
+            checkpoint.genes,
+            checkpoint.config.cond_dim,
+            checkpoint.embedding,
+            expected_cond_dim=embedding_dim,
+        )
         return checkpoint.model, checkpoint
     if isinstance(model_or_checkpoint, StemModel):
         if model_or_checkpoint.config.cond_dim != embedding_dim:
-            raise ValueError(f"the model expects {model_or_checkpoint.config.cond_dim}-dim "
-                             f"embeddings, got {embedding_dim}-dim")
+            raise ValueError(
+                f"the model expects {model_or_checkpoint.config.cond_dim}-dim embeddings, got {embedding_dim}-dim"
+            )
         return model_or_checkpoint, None
-    raise TypeError(f"expected a StemModel, StemCheckpoint or checkpoint path, got "
-                    f"{type(model_or_checkpoint).__name__}")
+    raise TypeError(
+        f"expected a StemModel, StemCheckpoint or checkpoint path, got {type(model_or_checkpoint).__name__}"
+    )
 
 
-def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
-                steps: int | str = 50, sampler: str = DEFAULT_SAMPLER, eta: float = 0.0,
-                batch_size: int | None = None, device: str | torch.device = "auto",
-                precision: str = "auto", seed: int = 0, keep_samples: bool = False,
-                quantiles: Sequence[float] | None = None,
-                step_events: bool = False,
-                intervals: Sequence[float] | None = None,
-                clip_x0: bool = True, target_range=None, spacing: str | None = None,
-                solver_options: dict | None = None) -> Iterator[SampleBatch | SampleStep]:
+def iter_sample(
+    model_or_checkpoint,
+    embeddings,
+    *,
+    n_samples: int = 10,
+    steps: int | str = 50,
+    sampler: str = DEFAULT_SAMPLER,
+    eta: float = 0.0,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    seed: int = 0,
+    keep_samples: bool = False,
+    quantiles: Sequence[float] | None = None,
+    step_events: bool = False,
+    intervals: Sequence[float] | None = None,
+    clip_x0: bool = True,
+    target_range=None,
+    spacing: str | None = None,
+    solver_options: dict | None = None,
+) -> Iterator[SampleBatch | SampleStep]:
     """Sample ``n_samples`` expression vectors for each row of ``embeddings`` (n_spots, D).
 
     ``steps``: an int N keeps N of the 1000 training steps evenly spread (the reference sampler's
@@ -109,8 +127,9 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     the checkpoint (``target_range``, lo and hi arrays of G values, gives one outright); False,
     or a model without a recorded range, samples exactly as the reference does.
     """
-    embeddings = torch.as_tensor(np.asarray(embeddings, dtype=np.float32)
-                                 if not isinstance(embeddings, torch.Tensor) else embeddings).float()
+    embeddings = torch.as_tensor(
+        np.asarray(embeddings, dtype=np.float32) if not isinstance(embeddings, torch.Tensor) else embeddings
+    ).float()
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be (n_spots, dim), got shape {tuple(embeddings.shape)}")
     if not torch.isfinite(embeddings).all():
@@ -140,9 +159,20 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         batch_size = max(1, ROWS_PER_BATCH.get(device.type, 256) // n_samples)
     for start in range(0, n_spots, batch_size):
         stop = min(start + batch_size, n_spots)
-        steps = _iter_sample_batch(model, diffusion, embeddings[start:stop], range(start, stop),
-                                   n_samples, sampler, eta, seed, device, precision, x0_range,
-                                   solver_options)
+        steps = _iter_sample_batch(
+            model,
+            diffusion,
+            embeddings[start:stop],
+            range(start, stop),
+            n_samples,
+            sampler,
+            eta,
+            seed,
+            device,
+            precision,
+            x0_range,
+            solver_options,
+        )
         while True:
             try:
                 done = next(steps)
@@ -152,9 +182,12 @@ def iter_sample(model_or_checkpoint, embeddings, *, n_samples: int = 10,
             if step_events:
                 yield SampleStep(start, stop, n_spots, done, diffusion.n_loop_steps(sampler))
         yield SampleBatch(
-            start, stop, n_spots,
+            start,
+            stop,
+            n_spots,
             mean=samples.mean(dim=1).numpy(),
-            variance=samples.var(dim=1, correction=VARIANCE_DDOF).numpy() if n_samples > 1
+            variance=samples.var(dim=1, correction=VARIANCE_DDOF).numpy()
+            if n_samples > 1
             else np.full((stop - start, samples.shape[2]), np.nan, dtype=np.float32),
             samples=samples.numpy() if keep_samples else None,
             quantiles=torch.quantile(samples, levels, dim=1).numpy() if levels is not None else None,
@@ -177,8 +210,12 @@ def range_tensors(target_range, n_genes: int, device: torch.device):
     if target_range is None:
         return None
     low, high = (target_range["min"], target_range["max"]) if isinstance(target_range, dict) else target_range
-    bounds = [torch.as_tensor(np.broadcast_to(np.asarray(v, dtype=np.float32), (n_genes,)).copy())
-              .view(1, 1, n_genes).to(device) for v in (low, high)]
+    bounds = [
+        torch.as_tensor(np.broadcast_to(np.asarray(v, dtype=np.float32), (n_genes,)).copy())
+        .view(1, 1, n_genes)
+        .to(device)
+        for v in (low, high)
+    ]
     if not bool((bounds[0] <= bounds[1]).all()):
         raise ValueError("target range: some minimum exceeds its maximum")
     return tuple(bounds)
@@ -191,9 +228,20 @@ def _interval_bounds(samples: np.ndarray, specs: Sequence[IntervalSpec]) -> np.n
     return np.stack([np.stack(spec.bounds(samples, axis=1)) for spec in specs])
 
 
-def _iter_sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, spot_indices: range,
-                       n_samples: int, sampler: str, eta: float, seed: int, device: torch.device,
-                       precision: str, x0_range=None, solver_options: dict | None = None) -> Iterator[int]:
+def _iter_sample_batch(
+    model: StemModel,
+    diffusion,
+    embeddings: torch.Tensor,
+    spot_indices: range,
+    n_samples: int,
+    sampler: str,
+    eta: float,
+    seed: int,
+    device: torch.device,
+    precision: str,
+    x0_range=None,
+    solver_options: dict | None = None,
+) -> Iterator[int]:
     """Yields steps done; returns (n_spots, K, G) float32 CPU samples for one batch of spots.
 
     Inference mode and autocast are entered around each step only, so they never leak into the
@@ -209,8 +257,14 @@ def _iter_sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, sp
     with torch.inference_mode(), autocast(device, precision):
         cond = model.embed_condition(embeddings.to(device)).repeat_interleave(n_samples, dim=0)
         steps = diffusion.iter_sample_loop(
-            lambda x, t: model.forward_embedded(x, t, cond), draw_noise(), sampler=sampler, eta=eta,
-            step_noise=lambda step_index: draw_noise(), x0_range=x0_range, **(solver_options or {}))
+            lambda x, t: model.forward_embedded(x, t, cond),
+            draw_noise(),
+            sampler=sampler,
+            eta=eta,
+            step_noise=lambda step_index: draw_noise(),
+            x0_range=x0_range,
+            **(solver_options or {}),
+        )
     while True:
         with torch.inference_mode(), autocast(device, precision):
             try:
@@ -221,15 +275,28 @@ def _iter_sample_batch(model: StemModel, diffusion, embeddings: torch.Tensor, sp
         yield done
     return x_0.float().reshape(len(spot_indices), n_samples, n_genes).cpu()
 
-def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
-                      steps: int | str = 50, sampler: str = DEFAULT_SAMPLER, eta: float = 0.0,
-                      batch_size: int | None = None, device: str | torch.device = "auto",
-                      precision: str = "auto", seed: int = 0, keep_samples: bool = False,
-                      quantiles: Sequence[float] | None = None,
-                      intervals: Sequence[float] | None = None,
-                      genes: Sequence[str] | None = None, clip_x0: bool = True,
-                      target_range=None, spacing: str | None = None,
-                      solver_options: dict | None = None) -> Prediction:
+
+def sample_expression(
+    model_or_checkpoint,
+    embeddings,
+    *,
+    n_samples: int = 10,
+    steps: int | str = 50,
+    sampler: str = DEFAULT_SAMPLER,
+    eta: float = 0.0,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    seed: int = 0,
+    keep_samples: bool = False,
+    quantiles: Sequence[float] | None = None,
+    intervals: Sequence[float] | None = None,
+    genes: Sequence[str] | None = None,
+    clip_x0: bool = True,
+    target_range=None,
+    spacing: str | None = None,
+    solver_options: dict | None = None,
+) -> Prediction:
     """Run :func:`iter_sample` to the end and gather a :class:`Prediction`.
 
     Gene names come from the checkpoint, else from ``genes``, else "gene0", "gene1", ...
@@ -239,11 +306,27 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
     checkpoint = model_or_checkpoint if isinstance(model_or_checkpoint, StemCheckpoint) else None
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
-    batches = list(iter_sample(
-        model_or_checkpoint, embeddings, n_samples=n_samples, steps=steps, sampler=sampler,
-        eta=eta, batch_size=batch_size, device=device, precision=precision, seed=seed,
-        keep_samples=keep_samples, quantiles=quantiles, intervals=intervals, clip_x0=clip_x0,
-        target_range=target_range, spacing=spacing, solver_options=solver_options))
+    batches = list(
+        iter_sample(
+            model_or_checkpoint,
+            embeddings,
+            n_samples=n_samples,
+            steps=steps,
+            sampler=sampler,
+            eta=eta,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            seed=seed,
+            keep_samples=keep_samples,
+            quantiles=quantiles,
+            intervals=intervals,
+            clip_x0=clip_x0,
+            target_range=target_range,
+            spacing=spacing,
+            solver_options=solver_options,
+        )
+    )
     config = (checkpoint.model if checkpoint else model_or_checkpoint).config
     if checkpoint is not None:
         genes = checkpoint.genes
@@ -268,11 +351,19 @@ def sample_expression(model_or_checkpoint, embeddings, *, n_samples: int = 10,
         interval_specs=plan_intervals(intervals, n_samples),
         intervals=gather("intervals", axis=2),
         metadata={
-            "n_samples": n_samples, "steps": steps, "sampler": sampler, "eta": eta, "seed": seed,
+            "n_samples": n_samples,
+            "steps": steps,
+            "sampler": sampler,
+            "eta": eta,
+            "seed": seed,
             **({"spacing": spacing or SOLVER_SPACING[sampler]} if sampler in SOLVERS else {}),
-            "clip_x0": bool(clip_x0 and (target_range is not None
-                                         or (checkpoint is not None and checkpoint.target_range is not None))),
-            "variance_ddof": VARIANCE_DDOF, "device": str(device), "precision": precision,
+            "clip_x0": bool(
+                clip_x0
+                and (target_range is not None or (checkpoint is not None and checkpoint.target_range is not None))
+            ),
+            "variance_ddof": VARIANCE_DDOF,
+            "device": str(device),
+            "precision": precision,
             "target_transform": checkpoint.target_transform if checkpoint else None,
             "checkpoint": str(checkpoint.path) if checkpoint else None,
         },

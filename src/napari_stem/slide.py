@@ -158,7 +158,9 @@ class Slide:
         ``int(diameter // 2)``; the box is ``(x - r, y - r, x + r, y + r)`` with integer-truncated
         box rounded as PIL's ``crop`` rounds it, padded with black outside the slide.
         """
-        radius = STEM_NATIVE_MIN_CROP_PX // 2 if spot_diameter_px < STEM_NATIVE_MIN_CROP_PX else int(spot_diameter_px // 2)
+        radius = (
+            STEM_NATIVE_MIN_CROP_PX // 2 if spot_diameter_px < STEM_NATIVE_MIN_CROP_PX else int(spot_diameter_px // 2)
+        )
         x0 = int(round(center_xy_px[0] - radius))
         y0 = int(round(center_xy_px[1] - radius))
         return self.read_region(x0, y0, 2 * radius, 2 * radius, level=0, fill=fill)
@@ -228,8 +230,10 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str | None =
         slide.mpp_problem = ""
     elif slide.mpp is not None and not mpp_in_range(slide.mpp):
         # e.g. a resolution tag of 1 px/cm (10000 µm/px): spot grids and patches would need terabytes.
-        slide.mpp_problem = (f"records a pixel size of {slide.mpp:g} µm/px, outside the {MPP_RANGE_UM[0]:g}–"
-                             f"{MPP_RANGE_UM[1]:g} µm/px of real scans, so it was not used")
+        slide.mpp_problem = (
+            f"records a pixel size of {slide.mpp:g} µm/px, outside the {MPP_RANGE_UM[0]:g}–"
+            f"{MPP_RANGE_UM[1]:g} µm/px of real scans, so it was not used"
+        )
         slide.mpp = None
     _check_decodable(slide)
     return slide
@@ -341,7 +345,9 @@ class _TiffTiles:
             for col in range(x // tw, (x + width - 1) // tw + 1):
                 x0, x1 = max(x, col * tw), min(x + width, (col + 1) * tw)
                 tile = self._tile(row, col)
-                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - row * th : y1 - row * th, x0 - col * tw : x1 - col * tw]
+                out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[
+                    y0 - row * th : y1 - row * th, x0 - col * tw : x1 - col * tw
+                ]
         return out
 
     def _tile(self, row: int, col: int) -> np.ndarray:

@@ -47,7 +47,9 @@ def _spatialdata():
     try:
         import spatialdata
     except ImportError as exc:
-        raise StemError('SpatialData output needs the spatialdata package: pip install "napari-stem[spatialdata]".') from exc
+        raise StemError(
+            'SpatialData output needs the spatialdata package: pip install "napari-stem[spatialdata]".'
+        ) from exc
     return spatialdata
 
 
@@ -57,8 +59,14 @@ def element_names(name: str) -> dict[str, str]:
     return {"coordinate_system": safe, "image": f"{safe}_hne", "shapes": f"{safe}_spots", "table": TABLE_NAME}
 
 
-def prediction_to_spatialdata(prediction: Any, spots: Any, slide: Any = None, *, name: str | None = None,
-                              image_max_size: int = DEFAULT_IMAGE_MAX_SIZE) -> Any:
+def prediction_to_spatialdata(
+    prediction: Any,
+    spots: Any,
+    slide: Any = None,
+    *,
+    name: str | None = None,
+    image_max_size: int = DEFAULT_IMAGE_MAX_SIZE,
+) -> Any:
     """A ``SpatialData`` of a prediction for ``spots`` (see the module docstring)."""
     import geopandas
     import pandas as pd
@@ -108,14 +116,19 @@ def prediction_to_spatialdata(prediction: Any, spots: Any, slide: Any = None, *,
             levels.append(2)
             size //= 2
         images[names["image"]] = Image2DModel.parse(
-            rgb, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations={system: to_fullres},
-            scale_factors=levels or None, chunks=(3, 1024, 1024),
+            rgb,
+            dims=("c", "y", "x"),
+            c_coords=["r", "g", "b"],
+            transformations={system: to_fullres},
+            scale_factors=levels or None,
+            chunks=(3, 1024, 1024),
         )
     return sd.SpatialData(images=images, shapes={names["shapes"]: shapes}, tables={names["table"]: table})
 
 
-def write_prediction_zarr(path: str | Path, prediction: Any, spots: Any, slide: Any = None, *,
-                          image_max_size: int = DEFAULT_IMAGE_MAX_SIZE) -> Path:
+def write_prediction_zarr(
+    path: str | Path, prediction: Any, spots: Any, slide: Any = None, *, image_max_size: int = DEFAULT_IMAGE_MAX_SIZE
+) -> Path:
     """Write a prediction as a SpatialData ``.zarr`` folder, atomically (a finished folder or none).
 
     An existing folder is replaced only when it is a SpatialData prediction napari-stem wrote.
@@ -148,8 +161,10 @@ def is_spatialdata_prediction(path: str | Path) -> bool:
 def check_replaceable_zarr(path: str | Path) -> None:
     path = Path(path)
     if not is_spatialdata_prediction(path):
-        raise StemError(f"{describe_path(path)} exists and is not a SpatialData prediction napari-stem wrote; "
-                        "napari-stem never replaces other files or folders. Choose another output path.")
+        raise StemError(
+            f"{describe_path(path)} exists and is not a SpatialData prediction napari-stem wrote; "
+            "napari-stem never replaces other files or folders. Choose another output path."
+        )
 
 
 def check_spatialdata_output(path: str | Path, inputs: Any, needed_bytes: float = 0, flag: str = "--out") -> None:
@@ -163,7 +178,9 @@ def check_spatialdata_output(path: str | Path, inputs: Any, needed_bytes: float 
     check_not_an_input(path, inputs, flag)
     if path.exists():
         if not path.is_dir():
-            raise StemError(f"{describe_path(path)} is a file; a SpatialData prediction is a .zarr folder. Choose another path.")
+            raise StemError(
+                f"{describe_path(path)} is a file; a SpatialData prediction is a .zarr folder. Choose another path."
+            )
         check_replaceable_zarr(path)
     check_writable_folder(path.parent, needed_bytes, flag)
 
@@ -189,8 +206,14 @@ def _all_polygons(shapes: Any) -> bool:
     return len(shapes) > 0 and bool((shapes.geometry.geom_type == "Polygon").all())
 
 
-def spots_from_spatialdata(sdata: Any, shapes_name: str | None = None, *, coordinate_system: str | None = None,
-                           table_name: str | None = None, mpp: float | None = None) -> Any:
+def spots_from_spatialdata(
+    sdata: Any,
+    shapes_name: str | None = None,
+    *,
+    coordinate_system: str | None = None,
+    table_name: str | None = None,
+    mpp: float | None = None,
+) -> Any:
     """:class:`~napari_stem.spots.Spots` from the circle shapes of a SpatialData object (or zarr path);
     polygon shapes (e.g. Visium HD square bins, ``shapes_name="<id>_square_016um"`` for 16 µm) become
     spots at their centroids, as wide as the square's side.
@@ -208,32 +231,47 @@ def spots_from_spatialdata(sdata: Any, shapes_name: str | None = None, *, coordi
     sd = _spatialdata()
     if isinstance(sdata, (str, Path)):
         sdata = sd.read_zarr(sdata)
-    circles = {name: shapes for name, shapes in sdata.shapes.items() if "radius" in shapes.columns or _all_polygons(shapes)}
+    circles = {
+        name: shapes for name, shapes in sdata.shapes.items() if "radius" in shapes.columns or _all_polygons(shapes)
+    }
     table = sdata.tables.get(table_name) if table_name else None
     if shapes_name is None:
         annotated = []
-        for candidate_table in ([table] if table is not None else list(sdata.tables.values())):
+        for candidate_table in [table] if table is not None else list(sdata.tables.values()):
             regions = candidate_table.uns.get("spatialdata_attrs", {}).get("region")
             annotated += [r for r in np.atleast_1d(regions).tolist() if r in circles] if regions is not None else []
         choices = annotated or list(circles)
         if len(choices) != 1:
-            raise SpotsError(f"choose the spots among the circle shapes {sorted(circles) or '(none)'} (shapes_name=...).")
+            raise SpotsError(
+                f"choose the spots among the circle shapes {sorted(circles) or '(none)'} (shapes_name=...)."
+            )
         shapes_name = choices[0]
     if shapes_name not in circles:
-        raise SpotsError(f"no circle shapes '{shapes_name}' in this SpatialData object (circles: {sorted(circles) or 'none'}).")
+        raise SpotsError(
+            f"no circle shapes '{shapes_name}' in this SpatialData object (circles: {sorted(circles) or 'none'})."
+        )
     shapes = circles[shapes_name]
     transformations = get_transformation(shapes, get_all=True)
     if coordinate_system is None:
         # spatialdata-io puts circles in the full-res frame with an identity, and adds scaled image frames
-        identity = [name for name, t in transformations.items()
-                    if np.allclose(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), np.eye(3))]
+        identity = [
+            name
+            for name, t in transformations.items()
+            if np.allclose(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), np.eye(3))
+        ]
         choices = list(transformations) if len(transformations) == 1 else identity
         if len(choices) != 1:
-            raise SpotsError(f"shapes '{shapes_name}' live in {sorted(transformations)}; choose one (coordinate_system=...).")
+            raise SpotsError(
+                f"shapes '{shapes_name}' live in {sorted(transformations)}; choose one (coordinate_system=...)."
+            )
         coordinate_system = choices[0]
     if coordinate_system not in transformations:
-        raise SpotsError(f"shapes '{shapes_name}' are not in coordinate system '{coordinate_system}' (they are in {sorted(transformations)}).")
-    affine = np.asarray(transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
+        raise SpotsError(
+            f"shapes '{shapes_name}' are not in coordinate system '{coordinate_system}' (they are in {sorted(transformations)})."
+        )
+    affine = np.asarray(
+        transformations[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    )
     if "radius" in shapes.columns:
         xy = np.stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()], axis=1)
         sizes = 2.0 * shapes["radius"].to_numpy(dtype=np.float64)
@@ -245,7 +283,7 @@ def spots_from_spatialdata(sdata: Any, shapes_name: str | None = None, *, coordi
     diameters = sizes * radius_scale
     diameter = float(np.median(diameters))
     barcodes = np.asarray(shapes.index.astype(str), dtype=object)
-    for candidate_table in ([table] if table is not None else list(sdata.tables.values())):
+    for candidate_table in [table] if table is not None else list(sdata.tables.values()):
         attrs = candidate_table.uns.get("spatialdata_attrs", {})
         if shapes_name in np.atleast_1d(attrs.get("region", [])).tolist():
             region_key, instance_key = attrs["region_key"], attrs["instance_key"]

@@ -96,7 +96,9 @@ def make_demo_dataset(
     from napari_stem.tissue import tissue_fraction_at, tissue_mask_from_rgb
 
     if source is not None and n_slides < 3:
-        raise ValueError(f"a real source is split into training, validation and test slides: n_slides must be >= 3, not {n_slides}")
+        raise ValueError(
+            f"a real source is split into training, validation and test slides: n_slides must be >= 3, not {n_slides}"
+        )
     if spot_pitch_um < VISIUM_SPOT_DIAMETER_UM:
         raise ValueError(f"spot_pitch_um {spot_pitch_um:g} would make {VISIUM_SPOT_DIAMETER_UM:g} µm spots overlap")
     out_dir = Path(out_dir)
@@ -117,7 +119,9 @@ def make_demo_dataset(
         else:
             band = source_image[plan.band.top : plan.band.bottom]
             image = _restain(np.ascontiguousarray(_dihedral(band, plan.orientation)), slide_rng)
-            origin_um = tuple(float(v) for v in 20.0 + slide_rng.uniform(0.0, spot_pitch_um, 2))  # a new lattice per view
+            origin_um = tuple(
+                float(v) for v in 20.0 + slide_rng.uniform(0.0, spot_pitch_um, 2)
+            )  # a new lattice per view
         mask = tissue_mask_from_rgb(image[::4, ::4])
         layout = hex_grid(image.shape[1] * mpp, image.shape[0] * mpp, spot_pitch_um, origin_um=origin_um)
         centers_px = np.stack([layout["x_um"], layout["y_um"]], axis=1) / mpp
@@ -136,7 +140,9 @@ def make_demo_dataset(
     feature_mean, feature_std = pooled.mean(axis=0), pooled.std(axis=0) + 1e-6
 
     written = []
-    for index, ((image, layout, centers_px), raw_features, plan) in enumerate(zip(slides, features, plans, strict=True)):
+    for index, ((image, layout, centers_px), raw_features, plan) in enumerate(
+        zip(slides, features, plans, strict=True)
+    ):
         sample_id = f"SYN{index:03d}"
         # A real source is one patient's tissue; procedural slides pair up into made-up patients.
         patient = Path(source).stem if source is not None else f"P{index // 2}"
@@ -151,13 +157,28 @@ def make_demo_dataset(
                 "source_rows_px": [plan.band.top, plan.band.bottom],
                 "source_orientation": plan.orientation,
             }
-        _write_sample(out_dir, sample_id, patient, image, mpp, layout, centers_px, genes, counts, gene_model, compression,
-                      spot_pitch_um, provenance)
+        _write_sample(
+            out_dir,
+            sample_id,
+            patient,
+            image,
+            mpp,
+            layout,
+            centers_px,
+            genes,
+            counts,
+            gene_model,
+            compression,
+            spot_pitch_um,
+            provenance,
+        )
         written.append(SyntheticSample(sample_id=sample_id, patient=patient, n_spots=len(centers_px), split=plan.split))
     return written
 
 
-def source_bands(tissue_per_row: np.ndarray, gap_px: int, bands: tuple[tuple[str, float], ...] = SOURCE_BANDS) -> list[SourceBand]:
+def source_bands(
+    tissue_per_row: np.ndarray, gap_px: int, bands: tuple[tuple[str, float], ...] = SOURCE_BANDS
+) -> list[SourceBand]:
     """Cut a source into horizontal bands holding the given shares of its tissue, ``gap_px`` of glass apart."""
     cumulative = np.cumsum(tissue_per_row) / max(float(np.sum(tissue_per_row)), 1e-9)
     shares = np.cumsum([share for _, share in bands])[:-1]
@@ -428,7 +449,7 @@ def _write_sample(
     patient: str,
     image: np.ndarray,
     mpp: float,
-    layout,  # noqa: ANN001 - DataFrame from hex_grid
+    layout,
     centers_px: np.ndarray,
     genes: list[str],
     counts: np.ndarray,

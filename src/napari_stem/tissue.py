@@ -54,7 +54,12 @@ def stored_thumbnail(path: Any, backend: str) -> np.ndarray | None:
 
         with tifffile.TiffFile(path) as tif:
             for series in tif.series[1:]:
-                if (series.name or "").lower() == "thumbnail" and series.ndim == 3 and series.shape[-1] in (3, 4) and series.dtype == np.uint8:
+                if (
+                    (series.name or "").lower() == "thumbnail"
+                    and series.ndim == 3
+                    and series.shape[-1] in (3, 4)
+                    and series.dtype == np.uint8
+                ):
                     return np.asarray(series.asarray())[..., :3]
     except Exception:  # an unreadable thumbnail only means the slower overview
         return None
@@ -76,7 +81,11 @@ def tissue_mask_from_rgb(image: np.ndarray, min_object_fraction: float = 0.0005)
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=2)
     mask = ndimage.binary_fill_holes(mask)
     min_size = max(1, int(min_object_fraction * mask.size))
-    return remove_small_objects(mask, max_size=min_size) if _has_max_size() else remove_small_objects(mask, min_size=min_size)
+    return (
+        remove_small_objects(mask, max_size=min_size)
+        if _has_max_size()
+        else remove_small_objects(mask, min_size=min_size)
+    )
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:

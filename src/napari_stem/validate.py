@@ -41,13 +41,19 @@ class InputError(StemError):
 # ---------------------------------------------------------------------- numbers
 def check_int(name: str, value: Any, low: int, high: int | None = None, why: str = "") -> int:
     """``value`` as an int in ``[low, high]``, else an :class:`InputError` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= (high if high is not None else value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or not low <= value <= (high if high is not None else value)
+    ):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise InputError(f"{name} must be a whole number {bounds}{why}, got {value!r}.")
     return int(value)
 
 
-def check_float(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False, why: str = "") -> float:
+def check_float(
+    name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False, why: str = ""
+) -> float:
     """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
     try:
         number = float(value)
@@ -70,9 +76,11 @@ def check_steps(steps: Any, name: str = "steps", sampler: str = "ancestral") -> 
     """Steps kept of the trained chain; the few-step solvers stop before evaluating t = 0, so at most 999."""
     steps = check_int(name, steps, 1, MAX_DIFFUSION_STEPS, why=" (steps kept of the 1000 the model was trained on)")
     if sampler not in ("ancestral", "ddim") and steps >= MAX_DIFFUSION_STEPS:
-        raise InputError(f"{name}: the {sampler} sampler stops at t = 0 without evaluating there, so it takes at most "
-                         f"{MAX_DIFFUSION_STEPS - 1} steps, not {steps} (the full chain is the ancestral sampler at "
-                         f"{MAX_DIFFUSION_STEPS} steps).")
+        raise InputError(
+            f"{name}: the {sampler} sampler stops at t = 0 without evaluating there, so it takes at most "
+            f"{MAX_DIFFUSION_STEPS - 1} steps, not {steps} (the full chain is the ancestral sampler at "
+            f"{MAX_DIFFUSION_STEPS} steps)."
+        )
     return steps
 
 
@@ -156,8 +164,10 @@ def check_memory(n_bytes: float, what: str, fix: str) -> None:
     """Refuse a plan needing more than :data:`MEMORY_SHARE` of the available memory."""
     budget = available_memory_bytes() * MEMORY_SHARE
     if n_bytes > budget:
-        raise InputError(f"{what} would need about {_size(n_bytes)} of memory; this machine has {_size(budget / MEMORY_SHARE)} "
-                         f"available. {fix}")
+        raise InputError(
+            f"{what} would need about {_size(n_bytes)} of memory; this machine has {_size(budget / MEMORY_SHARE)} "
+            f"available. {fix}"
+        )
 
 
 def estimated_grid_spots(width_um: float, height_um: float, pitch_um: float) -> int:
@@ -169,15 +179,18 @@ def estimated_grid_spots(width_um: float, height_um: float, pitch_um: float) -> 
 
 def check_grid_size(width_um: float, height_um: float, pitch_um: float, where: str) -> int:
     n_spots = estimated_grid_spots(width_um, height_um, pitch_um)
-    check_memory(n_spots * GRID_BYTES_PER_SPOT, f"a {pitch_um:g} µm grid over {where} ({width_um / 1000:.4g} × "
-                 f"{height_um / 1000:.4g} mm, ~{n_spots:,} spots)",
-                 "Use a larger grid pitch (Visium: 100 µm), or check the slide's pixel size (µm/px).")
+    check_memory(
+        n_spots * GRID_BYTES_PER_SPOT,
+        f"a {pitch_um:g} µm grid over {where} ({width_um / 1000:.4g} × {height_um / 1000:.4g} mm, ~{n_spots:,} spots)",
+        "Use a larger grid pitch (Visium: 100 µm), or check the slide's pixel size (µm/px).",
+    )
     return n_spots
 
 
 # ---------------------------------------------------------------------- spots
-def check_spots(spots: Any, slide_shape_px: tuple[int, int] | None, source: str,
-                drop_outside: bool = False) -> tuple[Any, int]:
+def check_spots(
+    spots: Any, slide_shape_px: tuple[int, int] | None, source: str, drop_outside: bool = False
+) -> tuple[Any, int]:
     """``(spots, n_dropped)``: spots a prediction can use — some, unique barcodes, finite centres
     on the slide. With ``drop_outside`` spots centred off the slide are dropped, not refused."""
     if len(spots) == 0:
@@ -185,7 +198,9 @@ def check_spots(spots: Any, slide_shape_px: tuple[int, int] | None, source: str,
     check_unique_barcodes(spots.barcodes, source)
     centers = np.asarray(spots.centers_px, dtype=np.float64)
     if not np.isfinite(centers).all():
-        raise InputError(f"{source} has {int((~np.isfinite(centers).all(axis=1)).sum())} spots without finite coordinates.")
+        raise InputError(
+            f"{source} has {int((~np.isfinite(centers).all(axis=1)).sum())} spots without finite coordinates."
+        )
     if slide_shape_px is None:
         return spots, 0
     height, width = slide_shape_px
@@ -194,11 +209,12 @@ def check_spots(spots: Any, slide_shape_px: tuple[int, int] | None, source: str,
     if n_outside == 0:
         return spots, 0
     if not drop_outside or n_outside == len(spots):
-        extent = (f"x {centers[:, 0].min():.0f}..{centers[:, 0].max():.0f}, y {centers[:, 1].min():.0f}..{centers[:, 1].max():.0f}")
+        extent = f"x {centers[:, 0].min():.0f}..{centers[:, 0].max():.0f}, y {centers[:, 1].min():.0f}..{centers[:, 1].max():.0f}"
         raise InputError(
             f"{n_outside} of {len(spots)} spots of {source} lie off the slide ({width} × {height} px; spots span {extent} px): "
             "they would be predicted from blank patches. Check that the spots belong to this slide and are in "
-            "full-resolution pixels" + (", or drop them with --drop-off-slide-spots." if n_outside < len(spots) else ".")
+            "full-resolution pixels"
+            + (", or drop them with --drop-off-slide-spots." if n_outside < len(spots) else ".")
         )
     return spots.subset(inside), n_outside
 
@@ -209,8 +225,10 @@ def check_unique_barcodes(barcodes: Any, source: str) -> None:
     unique, counts = np.unique(barcodes, return_counts=True)
     if len(unique) != len(barcodes):
         repeated = unique[counts > 1]
-        raise InputError(f"{source} has {len(barcodes) - len(unique)} duplicated spot barcodes (e.g. "
-                         f"{', '.join(repeated[:3])}); every spot needs its own barcode.")
+        raise InputError(
+            f"{source} has {len(barcodes) - len(unique)} duplicated spot barcodes (e.g. "
+            f"{', '.join(repeated[:3])}); every spot needs its own barcode."
+        )
 
 
 def check_finite_counts(matrix: Any, source: str) -> None:
@@ -218,8 +236,10 @@ def check_finite_counts(matrix: Any, source: str) -> None:
     data = matrix.data if hasattr(matrix, "tocsr") else np.asarray(matrix)
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if bad:
-        raise InputError(f"{source} holds {bad} non-finite expression values (NaN or infinity); fix or drop those "
-                         "spots/genes before using it as truth or training data.")
+        raise InputError(
+            f"{source} holds {bad} non-finite expression values (NaN or infinity); fix or drop those "
+            "spots/genes before using it as truth or training data."
+        )
 
 
 # ---------------------------------------------------------------------- paths
@@ -235,8 +255,10 @@ def check_not_an_input(out: str | Path, inputs: Iterable[str | Path | None], fla
     """Refuse an output that is (or resolves to) one of the run's inputs."""
     for source in inputs:
         if source is not None and (same_file(out, source) or Path(out).resolve() == Path(source).resolve()):
-            raise InputError(f"{flag} {describe_path(out)} is an input of this run ({describe_path(source)}); writing there "
-                             "would destroy it. Choose another output path.")
+            raise InputError(
+                f"{flag} {describe_path(out)} is an input of this run ({describe_path(source)}); writing there "
+                "would destroy it. Choose another output path."
+            )
 
 
 def is_napari_stem_h5ad(path: str | Path, *also: str) -> bool:
@@ -267,22 +289,29 @@ def check_writable_folder(folder: str | Path, needed_bytes: float = 0, flag: str
     folder = Path(folder)
     existing = nearest_existing_folder(folder)
     if not existing.is_dir():
-        raise InputError(f"{flag} {describe_path(folder)} cannot be created: {describe_path(existing)} is a file, not a "
-                         "folder. Choose another output path.")
+        raise InputError(
+            f"{flag} {describe_path(folder)} cannot be created: {describe_path(existing)} is a file, not a "
+            "folder. Choose another output path."
+        )
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".napari-stem-probe-"):
             pass
     except OSError as exc:
-        raise InputError(f"{flag} {describe_path(folder)} is not writable ({describe_path(existing)}: "
-                         f"{exc.strerror or exc}). Choose a folder you can write to.") from exc
+        raise InputError(
+            f"{flag} {describe_path(folder)} is not writable ({describe_path(existing)}: "
+            f"{exc.strerror or exc}). Choose a folder you can write to."
+        ) from exc
     free = shutil.disk_usage(existing).free
     if needed_bytes and free < needed_bytes:
-        raise InputError(f"{flag} {describe_path(folder)}: about {_size(needed_bytes)} will be written but its disk has only "
-                         f"{_size(free)} free. Free some space or choose another disk.")
+        raise InputError(
+            f"{flag} {describe_path(folder)}: about {_size(needed_bytes)} will be written but its disk has only "
+            f"{_size(free)} free. Free some space or choose another disk."
+        )
 
 
-def check_prediction_output(path: str | Path, inputs: Iterable[str | Path | None], needed_bytes: float = 0,
-                            flag: str = "--out") -> None:
+def check_prediction_output(
+    path: str | Path, inputs: Iterable[str | Path | None], needed_bytes: float = 0, flag: str = "--out"
+) -> None:
     """A prediction ``.h5ad`` may go to ``path``: not an input, writable, room for it, and any file
     already there is a prediction napari-stem wrote (nothing else is ever replaced)."""
     path = Path(path)
@@ -292,10 +321,14 @@ def check_prediction_output(path: str | Path, inputs: Iterable[str | Path | None
         return check_spatialdata_output(path, inputs, needed_bytes, flag)
     check_not_an_input(path, inputs, flag)
     if path.is_dir():
-        raise InputError(f"{flag} {describe_path(path)} is a folder; the prediction needs a file name (e.g. {path / 'prediction.h5ad'}).")
+        raise InputError(
+            f"{flag} {describe_path(path)} is a folder; the prediction needs a file name (e.g. {path / 'prediction.h5ad'})."
+        )
     if path.exists() and not is_napari_stem_h5ad(path):
-        raise InputError(f"{describe_path(path)} exists and is not a prediction napari-stem wrote; napari-stem never "
-                         "replaces other files. Choose another output path, or move that file away.")
+        raise InputError(
+            f"{describe_path(path)} exists and is not a prediction napari-stem wrote; napari-stem never "
+            "replaces other files. Choose another output path, or move that file away."
+        )
     check_writable_folder(path.parent, needed_bytes, flag)
 
 

@@ -38,8 +38,12 @@ from napari_stem.errors import DatasetError, StemError, describe_path
 from napari_stem.validate import POSITIVE_INT
 
 METHODS = ("ridge", "cv-ridge", "knn", "mean")
-METHOD_LABELS = {"ridge": "ridge probe (HEST-Bench)", "cv-ridge": "ridge, alpha by slide-grouped CV",
-                 "knn": "kNN on embeddings, k by slide-grouped CV", "mean": "per-gene mean"}
+METHOD_LABELS = {
+    "ridge": "ridge probe (HEST-Bench)",
+    "cv-ridge": "ridge, alpha by slide-grouped CV",
+    "knn": "kNN on embeddings, k by slide-grouped CV",
+    "mean": "per-gene mean",
+}
 DEFAULT_PCA_COMPONENTS = 256
 #: Ridge alphas tried by cross-validation (the fixed HEST-Bench alpha is added to them): wide, because the
 #: cross-validated optimum on HEST-Bench (~5000) sits six decades above the fixed one (~0.008).
@@ -49,8 +53,22 @@ K_GRID = (1, 3, 5, 10, 20, 50, 100)
 CV_FOLDS = 5
 #: The slide name of summary rows that pool every test slide.
 ALL_SLIDES = "all"
-SUMMARY_COLUMNS = ("method", "slide", "n_spots", "fixed_panel_pcc", "fixed_panel_pcc_low", "fixed_panel_pcc_high", "ci_unit",
-                   "fixed_panel_nan", "pcc_10", "pcc_50", "pcc_200", "mse", "mae", "rvd")
+SUMMARY_COLUMNS = (
+    "method",
+    "slide",
+    "n_spots",
+    "fixed_panel_pcc",
+    "fixed_panel_pcc_low",
+    "fixed_panel_pcc_high",
+    "ci_unit",
+    "fixed_panel_nan",
+    "pcc_10",
+    "pcc_50",
+    "pcc_200",
+    "mse",
+    "mae",
+    "rvd",
+)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -80,20 +98,52 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("prepared", type=Path, metavar="PREP_DIR", help="folder written by 'stem-train prepare' (manifest.json, embeddings/)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: PREP_DIR/baselines)")
-    parser.add_argument("--methods", default=",".join(METHODS), metavar="M,M", help=f"which baselines, comma-separated from {', '.join(METHODS)} (default: all)")
-    parser.add_argument("--genes-panel", type=Path, default=None, metavar="FILE",
-                        help="gene panel of the fixed-panel PCC, one symbol per line (default: all selected genes)")
-    parser.add_argument("--pca-components", type=POSITIVE_INT, default=DEFAULT_PCA_COMPONENTS,
-                        help="PCA components before the ridge (default: 256, HEST-Bench; capped at the number of training spots and embedding dimensions)")
-    parser.add_argument("--fit-intercept", action="store_true",
-                        help="let the ridge fit an intercept (HEST-Bench does not; without it MSE/MAE of the probe are not meaningful)")
-    parser.add_argument("--target-transform", choices=("log2p1", "log1p"), default="log2p1",
-                        help="count transform of the targets: log2p1 as Stem (default) or log1p as HEST-Bench")
-    parser.add_argument("--cv-folds", type=POSITIVE_INT, default=CV_FOLDS,
-                        help=f"cross-validation folds of cv-ridge and knn, grouped by training slide (default: {CV_FOLDS}, "
-                        "capped at the number of training slides)")
+    parser.add_argument(
+        "prepared",
+        type=Path,
+        metavar="PREP_DIR",
+        help="folder written by 'stem-train prepare' (manifest.json, embeddings/)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="output folder (default: PREP_DIR/baselines)"
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        metavar="M,M",
+        help=f"which baselines, comma-separated from {', '.join(METHODS)} (default: all)",
+    )
+    parser.add_argument(
+        "--genes-panel",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="gene panel of the fixed-panel PCC, one symbol per line (default: all selected genes)",
+    )
+    parser.add_argument(
+        "--pca-components",
+        type=POSITIVE_INT,
+        default=DEFAULT_PCA_COMPONENTS,
+        help="PCA components before the ridge (default: 256, HEST-Bench; capped at the number of training spots and embedding dimensions)",
+    )
+    parser.add_argument(
+        "--fit-intercept",
+        action="store_true",
+        help="let the ridge fit an intercept (HEST-Bench does not; without it MSE/MAE of the probe are not meaningful)",
+    )
+    parser.add_argument(
+        "--target-transform",
+        choices=("log2p1", "log1p"),
+        default="log2p1",
+        help="count transform of the targets: log2p1 as Stem (default) or log1p as HEST-Bench",
+    )
+    parser.add_argument(
+        "--cv-folds",
+        type=POSITIVE_INT,
+        default=CV_FOLDS,
+        help=f"cross-validation folds of cv-ridge and knn, grouped by training slide (default: {CV_FOLDS}, "
+        "capped at the number of training slides)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="PCA / ridge random state and bootstrap seed (default: 0)")
     parser.add_argument("--no-plots", action="store_true", help="write reports and tables without PNG plots")
     return parser
@@ -108,9 +158,17 @@ def run(args: argparse.Namespace) -> int:
         raise StemError(f"--methods {args.methods!r}: choose from {', '.join(METHODS)}.")
     panel = read_gene_panel(args.genes_panel) if args.genes_panel is not None else None
     rows = run_baselines(
-        args.prepared, args.out, methods=methods, panel=panel, panel_source=str(args.genes_panel) if panel else None,
-        pca_components=args.pca_components, fit_intercept=args.fit_intercept, target_transform=args.target_transform,
-        seed=args.seed, plots=not args.no_plots, cv_folds=args.cv_folds,
+        args.prepared,
+        args.out,
+        methods=methods,
+        panel=panel,
+        panel_source=str(args.genes_panel) if panel else None,
+        pca_components=args.pca_components,
+        fit_intercept=args.fit_intercept,
+        target_transform=args.target_transform,
+        seed=args.seed,
+        plots=not args.no_plots,
+        cv_folds=args.cv_folds,
     )
     print_summary(rows)
     return 0
@@ -130,13 +188,15 @@ def load_split(manifest: Any, split: str, transform: str) -> list[dict[str, Any]
     for slide in manifest.split(split):
         cache = slide_embeddings(manifest, slide, augmented=False)
         counts = slide_counts(manifest, slide).astype(np.float64)
-        slides.append({
-            "sample_id": slide.sample_id,
-            "embeddings": np.asarray(cache.embeddings, dtype=np.float64),
-            "targets": metrics.to_target_space(counts, transform),
-            "expressed": ~(np.isnan(counts).all(axis=1) | (np.nansum(counts, axis=1) == 0)),
-            "st_path": manifest.st_path(slide),
-        })
+        slides.append(
+            {
+                "sample_id": slide.sample_id,
+                "embeddings": np.asarray(cache.embeddings, dtype=np.float64),
+                "targets": metrics.to_target_space(counts, transform),
+                "expressed": ~(np.isnan(counts).all(axis=1) | (np.nansum(counts, axis=1) == 0)),
+                "st_path": manifest.st_path(slide),
+            }
+        )
     return slides
 
 
@@ -156,7 +216,9 @@ def _pipeline(model: Any, n_components: int, seed: int) -> Any:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return Pipeline([("scaler", StandardScaler()), ("pca", PCA(n_components=n_components, random_state=seed)), ("model", model)])
+    return Pipeline(
+        [("scaler", StandardScaler()), ("pca", PCA(n_components=n_components, random_state=seed)), ("model", model)]
+    )
 
 
 def _ridge(alpha: float, fit_intercept: bool, seed: int) -> Any:
@@ -171,15 +233,28 @@ def _knn(k: int) -> Any:
     return KNeighborsRegressor(n_neighbors=int(k))
 
 
-def fit_ridge_probe(embeddings: np.ndarray, targets: np.ndarray, *, n_components: int = DEFAULT_PCA_COMPONENTS,
-                    fit_intercept: bool = False, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+def fit_ridge_probe(
+    embeddings: np.ndarray,
+    targets: np.ndarray,
+    *,
+    n_components: int = DEFAULT_PCA_COMPONENTS,
+    fit_intercept: bool = False,
+    seed: int = 0,
+) -> tuple[Any, dict[str, Any]]:
     """HEST-Bench's probe fitted on training spots; returns (sklearn pipeline, its settings)."""
     components = _components(n_components, embeddings)
     alpha = hest_bench_alpha(components, targets.shape[1])
     pipeline = _pipeline(_ridge(alpha, fit_intercept, seed), components, seed)
     pipeline.fit(embeddings, targets)
-    settings = {"pca_components": components, "pca_components_requested": int(n_components), "alpha": alpha,
-                "solver": "lsqr", "fit_intercept": bool(fit_intercept), "max_iter": 1000, "seed": int(seed)}
+    settings = {
+        "pca_components": components,
+        "pca_components_requested": int(n_components),
+        "alpha": alpha,
+        "solver": "lsqr",
+        "fit_intercept": bool(fit_intercept),
+        "max_iter": 1000,
+        "seed": int(seed),
+    }
     return pipeline, settings
 
 
@@ -216,10 +291,15 @@ def grouped_folds(groups: np.ndarray, n_folds: int = CV_FOLDS) -> tuple[list[tup
         return splits, f"{folds} folds of whole training slides (GroupKFold over {len(names)} slides)"
     folds = max(2, min(n_folds, len(groups)))
     splits = list(KFold(n_splits=folds, shuffle=False).split(groups))
-    return splits, f"{folds} contiguous blocks of spots of the one training slide {names[0]} (no second slide to hold out)"
+    return (
+        splits,
+        f"{folds} contiguous blocks of spots of the one training slide {names[0]} (no second slide to hold out)",
+    )
 
 
-def _knn_grid_predictions(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, ks: list[float]) -> dict[float, np.ndarray]:
+def _knn_grid_predictions(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, ks: list[float]
+) -> dict[float, np.ndarray]:
     """``KNeighborsRegressor(k).predict`` for every usable k of ``ks`` from one neighbour search.
 
     The k nearest are the first k of the largest k's neighbours (sorted by distance), so one
@@ -240,9 +320,19 @@ def _knn_grid_predictions(x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     return predictions
 
 
-def cross_validate(embeddings: np.ndarray, targets: np.ndarray, groups: np.ndarray, make_model: Any, grid: list[float],
-                   parameter: str, *, n_components: int, seed: int, n_folds: int = CV_FOLDS,
-                   predict_grid: Any = None) -> CVChoice:
+def cross_validate(
+    embeddings: np.ndarray,
+    targets: np.ndarray,
+    groups: np.ndarray,
+    make_model: Any,
+    grid: list[float],
+    parameter: str,
+    *,
+    n_components: int,
+    seed: int,
+    n_folds: int = CV_FOLDS,
+    predict_grid: Any = None,
+) -> CVChoice:
     """Score every ``grid`` value of ``make_model(value)`` by grouped cross-validation on the training spots.
 
     The scaler and PCA are refitted on each fold's training rows only (no peeking at the fold
@@ -272,41 +362,95 @@ def cross_validate(embeddings: np.ndarray, targets: np.ndarray, groups: np.ndarr
         warnings.simplefilter("ignore", RuntimeWarning)
         mean_scores = np.nanmean(scores, axis=0)
     if not np.isfinite(mean_scores).any():
-        raise StemError(f"cross-validation of {parameter} found no setting with a defined PCC on any fold ({description}); "
-                        "the training genes may be constant. Check the prepared folder's gene panel.")
+        raise StemError(
+            f"cross-validation of {parameter} found no setting with a defined PCC on any fold ({description}); "
+            "the training genes may be constant. Check the prepared folder's gene panel."
+        )
     chosen = grid[int(np.nanargmax(mean_scores))]
-    return CVChoice(parameter, [float(v) for v in grid], [float(v) for v in mean_scores], float(chosen), description, len(splits))
+    return CVChoice(
+        parameter, [float(v) for v in grid], [float(v) for v in mean_scores], float(chosen), description, len(splits)
+    )
 
 
-def fit_cv_ridge(embeddings: np.ndarray, targets: np.ndarray, groups: np.ndarray, *, n_components: int = DEFAULT_PCA_COMPONENTS,
-                 fit_intercept: bool = False, seed: int = 0, alphas: tuple[float, ...] = ALPHA_GRID,
-                 n_folds: int = CV_FOLDS) -> tuple[Any, dict[str, Any]]:
+def fit_cv_ridge(
+    embeddings: np.ndarray,
+    targets: np.ndarray,
+    groups: np.ndarray,
+    *,
+    n_components: int = DEFAULT_PCA_COMPONENTS,
+    fit_intercept: bool = False,
+    seed: int = 0,
+    alphas: tuple[float, ...] = ALPHA_GRID,
+    n_folds: int = CV_FOLDS,
+) -> tuple[Any, dict[str, Any]]:
     """The HEST-Bench probe with alpha chosen by slide-grouped CV on the training spots (the fixed
     alpha is one of the candidates); refitted on all training spots. Returns (pipeline, settings)."""
     components = _components(n_components, embeddings)
     fixed = hest_bench_alpha(components, targets.shape[1])
     grid = sorted({*map(float, alphas), fixed})
-    choice = cross_validate(embeddings, targets, groups, lambda a: _ridge(a, fit_intercept, seed), grid, "alpha",
-                            n_components=n_components, seed=seed, n_folds=n_folds)
+    choice = cross_validate(
+        embeddings,
+        targets,
+        groups,
+        lambda a: _ridge(a, fit_intercept, seed),
+        grid,
+        "alpha",
+        n_components=n_components,
+        seed=seed,
+        n_folds=n_folds,
+    )
     pipeline = _pipeline(_ridge(choice.chosen, fit_intercept, seed), components, seed).fit(embeddings, targets)
-    settings = {"pca_components": components, "pca_components_requested": int(n_components), "alpha": choice.chosen,
-                "hest_bench_alpha": fixed, "cv": choice.to_dict(), "solver": "lsqr", "fit_intercept": bool(fit_intercept),
-                "max_iter": 1000, "seed": int(seed)}
+    settings = {
+        "pca_components": components,
+        "pca_components_requested": int(n_components),
+        "alpha": choice.chosen,
+        "hest_bench_alpha": fixed,
+        "cv": choice.to_dict(),
+        "solver": "lsqr",
+        "fit_intercept": bool(fit_intercept),
+        "max_iter": 1000,
+        "seed": int(seed),
+    }
     return pipeline, settings
 
 
-def fit_knn(embeddings: np.ndarray, targets: np.ndarray, groups: np.ndarray, *, n_components: int = DEFAULT_PCA_COMPONENTS,
-            seed: int = 0, ks: tuple[int, ...] = K_GRID, n_folds: int = CV_FOLDS) -> tuple[Any, dict[str, Any]]:
+def fit_knn(
+    embeddings: np.ndarray,
+    targets: np.ndarray,
+    groups: np.ndarray,
+    *,
+    n_components: int = DEFAULT_PCA_COMPONENTS,
+    seed: int = 0,
+    ks: tuple[int, ...] = K_GRID,
+    n_folds: int = CV_FOLDS,
+) -> tuple[Any, dict[str, Any]]:
     """k-nearest-neighbour regression (uniform mean of the k nearest training spots' targets) on the
     standardised PCA embeddings, k chosen by slide-grouped CV; refitted on all training spots."""
     components = _components(n_components, embeddings)
     grid = sorted({int(k) for k in ks if int(k) <= len(embeddings)}) or [len(embeddings)]
-    choice = cross_validate(embeddings, targets, groups, _knn, grid, "k", n_components=n_components, seed=seed,
-                            n_folds=n_folds, predict_grid=_knn_grid_predictions)
+    choice = cross_validate(
+        embeddings,
+        targets,
+        groups,
+        _knn,
+        grid,
+        "k",
+        n_components=n_components,
+        seed=seed,
+        n_folds=n_folds,
+        predict_grid=_knn_grid_predictions,
+    )
     k = int(choice.chosen)
     pipeline = _pipeline(_knn(k), components, seed).fit(embeddings, targets)
-    settings = {"pca_components": components, "pca_components_requested": int(n_components), "k": k, "weights": "uniform",
-                "metric": "euclidean on standardised PCA embeddings", "cv": choice.to_dict(), "seed": int(seed)}
+    settings = {
+        "pca_components": components,
+        "pca_components_requested": int(n_components),
+        "k": k,
+        "weights": "uniform",
+        "metric": "euclidean on standardised PCA embeddings",
+        "cv": choice.to_dict(),
+        "seed": int(seed),
+    }
     return pipeline, settings
 
 
@@ -343,7 +487,9 @@ def run_baselines(
     if panel is not None:
         missing = [g for g in panel if g not in set(manifest.genes)]
         if missing:
-            raise StemError(f"gene panel {describe_path(panel_source or 'panel')} names genes not selected in {describe_path(prepared)}: {', '.join(missing[:10])}.")
+            raise StemError(
+                f"gene panel {describe_path(panel_source or 'panel')} names genes not selected in {describe_path(prepared)}: {', '.join(missing[:10])}."
+            )
     train = load_split(manifest, "train", target_transform)
     test = load_split(manifest, "test", target_transform)
     x_train = np.concatenate([s["embeddings"] for s in train])
@@ -351,22 +497,37 @@ def run_baselines(
     y_train = np.concatenate([s["targets"] for s in train])
     groups = np.concatenate([np.full(len(s["targets"]), s["sample_id"], dtype=object) for s in train])
     x_train, y_train, groups = x_train[expressed], y_train[expressed], groups[expressed]
-    print(f"training on {len(y_train)} spots of {len(train)} slides ({int((~expressed).sum())} all-zero spots dropped), "
-          f"{len(manifest.genes)} genes, {x_train.shape[1]}-d {manifest.encoder} embeddings")
+    print(
+        f"training on {len(y_train)} spots of {len(train)} slides ({int((~expressed).sum())} all-zero spots dropped), "
+        f"{len(manifest.genes)} genes, {x_train.shape[1]}-d {manifest.encoder} embeddings"
+    )
 
     predictors: dict[str, Any] = {}
     settings: dict[str, dict[str, Any]] = {}
     if "ridge" in methods:
-        pipeline, settings["ridge"] = fit_ridge_probe(x_train, y_train, n_components=pca_components, fit_intercept=fit_intercept, seed=seed)
+        pipeline, settings["ridge"] = fit_ridge_probe(
+            x_train, y_train, n_components=pca_components, fit_intercept=fit_intercept, seed=seed
+        )
         predictors["ridge"] = pipeline.predict
     if "cv-ridge" in methods:
-        pipeline, settings["cv-ridge"] = fit_cv_ridge(x_train, y_train, groups, n_components=pca_components,
-                                                      fit_intercept=fit_intercept, seed=seed, n_folds=cv_folds)
+        pipeline, settings["cv-ridge"] = fit_cv_ridge(
+            x_train,
+            y_train,
+            groups,
+            n_components=pca_components,
+            fit_intercept=fit_intercept,
+            seed=seed,
+            n_folds=cv_folds,
+        )
         predictors["cv-ridge"] = pipeline.predict
-        print(f"cv-ridge: alpha {settings['cv-ridge']['alpha']:.3g} (HEST-Bench's fixed {settings['cv-ridge']['hest_bench_alpha']:.3g}) "
-              f"by {settings['cv-ridge']['cv']['folds']}")
+        print(
+            f"cv-ridge: alpha {settings['cv-ridge']['alpha']:.3g} (HEST-Bench's fixed {settings['cv-ridge']['hest_bench_alpha']:.3g}) "
+            f"by {settings['cv-ridge']['cv']['folds']}"
+        )
     if "knn" in methods:
-        pipeline, settings["knn"] = fit_knn(x_train, y_train, groups, n_components=pca_components, seed=seed, n_folds=cv_folds)
+        pipeline, settings["knn"] = fit_knn(
+            x_train, y_train, groups, n_components=pca_components, seed=seed, n_folds=cv_folds
+        )
         predictors["knn"] = pipeline.predict
         print(f"knn: k {settings['knn']['k']} by {settings['knn']['cv']['folds']}")
     if "mean" in methods:
@@ -381,21 +542,37 @@ def run_baselines(
         for slide in test:
             mean = np.asarray(predictors[method](slide["embeddings"]), dtype=np.float32)
             provenance = {
-                "model": METHOD_LABELS[method], "baseline": method, **settings[method],
-                "target_transform": target_transform, "prepared": str(Path(manifest.root).resolve()),
-                "encoder": manifest.encoder, "train_slides": [s["sample_id"] for s in train],
-                "n_train_spots": int(len(y_train)), "variance": "0: point prediction, no uncertainty",
+                "model": METHOD_LABELS[method],
+                "baseline": method,
+                **settings[method],
+                "target_transform": target_transform,
+                "prepared": str(Path(manifest.root).resolve()),
+                "encoder": manifest.encoder,
+                "train_slides": [s["sample_id"] for s in train],
+                "n_train_spots": int(len(y_train)),
+                "variance": "0: point prediction, no uncertainty",
             }
-            h5ad = _write_baseline_prediction(out / method / f"{slide['sample_id']}.h5ad", mean, manifest, slide, provenance)
+            h5ad = _write_baseline_prediction(
+                out / method / f"{slide['sample_id']}.h5ad", mean, manifest, slide, provenance
+            )
             notes = []
             if method in ("ridge", "cv-ridge") and not fit_intercept:
-                notes.append("ridge without intercept, as HEST-Bench: predictions are roughly centred, so MSE/MAE are not meaningful")
+                notes.append(
+                    "ridge without intercept, as HEST-Bench: predictions are roughly centred, so MSE/MAE are not meaningful"
+                )
             if method == "mean":
                 notes.append("per-gene mean: constant over spots, so every PCC is undefined by construction")
             report = evaluate_files(
-                h5ad, slide["st_path"], out / method / slide["sample_id"], panel=panel, panel_source=panel_source,
-                target_transform=target_transform, plots=plots, title=f"{slide['sample_id']}: {METHOD_LABELS[method]}",
-                notes=notes, bootstrap_seed=seed,
+                h5ad,
+                slide["st_path"],
+                out / method / slide["sample_id"],
+                panel=panel,
+                panel_source=panel_source,
+                target_transform=target_transform,
+                plots=plots,
+                title=f"{slide['sample_id']}: {METHOD_LABELS[method]}",
+                notes=notes,
+                bootstrap_seed=seed,
             )
             rows.append(summary_row(method, slide["sample_id"], report))
             pooled.append((slide["targets"][:, panel_columns], mean[:, panel_columns]))
@@ -430,11 +607,18 @@ def summary_row(method: str, slide: str, report: dict) -> dict[str, Any]:
     fixed = report["fixed_panel_pcc"]
     ci = fixed.get("ci") or {}
     return {
-        "method": method, "slide": slide, "n_spots": report["n_spots"],
-        "fixed_panel_pcc": fixed["mean"], "fixed_panel_pcc_low": ci.get("low", math.nan),
-        "fixed_panel_pcc_high": ci.get("high", math.nan), "ci_unit": ci.get("unit", ""), "fixed_panel_nan": len(fixed["nan_genes"]),
+        "method": method,
+        "slide": slide,
+        "n_spots": report["n_spots"],
+        "fixed_panel_pcc": fixed["mean"],
+        "fixed_panel_pcc_low": ci.get("low", math.nan),
+        "fixed_panel_pcc_high": ci.get("high", math.nan),
+        "ci_unit": ci.get("unit", ""),
+        "fixed_panel_nan": len(fixed["nan_genes"]),
         **{f"pcc_{k}": reference.get(f"pcc_{k}") for k in (10, 50, 200)},
-        "mse": reference["mse"], "mae": reference["mae"], "rvd": reference["rvd"],
+        "mse": reference["mse"],
+        "mae": reference["mae"],
+        "rvd": reference["rvd"],
     }
 
 
@@ -447,9 +631,20 @@ def pooled_row(method: str, slides: list[tuple[np.ndarray, np.ndarray]], seed: i
     prediction = np.concatenate([p for _, p in slides])
     groups = np.concatenate([np.full(len(t), i) for i, (t, _) in enumerate(slides)])
     ci = bootstrap_panel_pcc(truth, prediction, groups=groups, seed=seed)
-    return {"method": method, "slide": ALL_SLIDES, "n_spots": int(len(truth)), "fixed_panel_pcc": ci.estimate,
-            "fixed_panel_pcc_low": ci.low, "fixed_panel_pcc_high": ci.high, "ci_unit": ci.unit, "fixed_panel_nan": math.nan,
-            **{f"pcc_{k}": math.nan for k in (10, 50, 200)}, "mse": math.nan, "mae": math.nan, "rvd": math.nan}
+    return {
+        "method": method,
+        "slide": ALL_SLIDES,
+        "n_spots": int(len(truth)),
+        "fixed_panel_pcc": ci.estimate,
+        "fixed_panel_pcc_low": ci.low,
+        "fixed_panel_pcc_high": ci.high,
+        "ci_unit": ci.unit,
+        "fixed_panel_nan": math.nan,
+        **{f"pcc_{k}": math.nan for k in (10, 50, 200)},
+        "mse": math.nan,
+        "mae": math.nan,
+        "rvd": math.nan,
+    }
 
 
 def _write_summary(rows: list[dict[str, Any]], out: Path) -> None:
@@ -458,14 +653,23 @@ def _write_summary(rows: list[dict[str, Any]], out: Path) -> None:
     from stem_train.evaluate import _json_ready
 
     out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).to_csv(out / "summary.tsv", sep="\t", index=False, na_rep="NaN", float_format="%.6g")
-    (out / "summary.json").write_text(json.dumps(_json_ready({
-        "note": "fixed_panel_pcc is the primary number, with its bootstrap 95% CI (fixed_panel_pcc_low/high; ci_unit "
-        "says whether spots or slides were resampled); pcc_k ranks genes by test PCC (optimistic). The per-gene mean "
-        "has no spatial signal, so its PCC is undefined (NaN/null), not 0. Rows of slide 'all' pool the test slides "
-        "(mean of their fixed-panel PCCs).",
-        "rows": rows,
-    }), indent=2))
+    pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).to_csv(
+        out / "summary.tsv", sep="\t", index=False, na_rep="NaN", float_format="%.6g"
+    )
+    (out / "summary.json").write_text(
+        json.dumps(
+            _json_ready(
+                {
+                    "note": "fixed_panel_pcc is the primary number, with its bootstrap 95% CI (fixed_panel_pcc_low/high; ci_unit "
+                    "says whether spots or slides were resampled); pcc_k ranks genes by test PCC (optimistic). The per-gene mean "
+                    "has no spatial signal, so its PCC is undefined (NaN/null), not 0. Rows of slide 'all' pool the test slides "
+                    "(mean of their fixed-panel PCCs).",
+                    "rows": rows,
+                }
+            ),
+            indent=2,
+        )
+    )
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
@@ -473,8 +677,17 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
 
     header = ("method", "slide", "panel PCC [95% CI]", "PCC-10", "PCC-50", "PCC-200", "MSE", "MAE", "RVD")
     lines = [header] + [
-        (METHOD_LABELS.get(r["method"], r["method"]), r["slide"], _fmt_ci(r) + (f" ({r['fixed_panel_nan']} NaN)" if _positive(r["fixed_panel_nan"]) else ""),
-         _fmt(r["pcc_10"]), _fmt(r["pcc_50"]), _fmt(r["pcc_200"]), _fmt(r["mse"]), _fmt(r["mae"]), _fmt(r["rvd"]))
+        (
+            METHOD_LABELS.get(r["method"], r["method"]),
+            r["slide"],
+            _fmt_ci(r) + (f" ({r['fixed_panel_nan']} NaN)" if _positive(r["fixed_panel_nan"]) else ""),
+            _fmt(r["pcc_10"]),
+            _fmt(r["pcc_50"]),
+            _fmt(r["pcc_200"]),
+            _fmt(r["mse"]),
+            _fmt(r["mae"]),
+            _fmt(r["rvd"]),
+        )
         for r in rows
     ]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]

@@ -13,8 +13,18 @@ import sys
 from collections.abc import Sequence
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMAND_MODULES = ("demo", "make_demo_data", "prepare", "fit", "predict", "evaluate", "baseline", "import_reference",
-                      "download", "push")
+SUBCOMMAND_MODULES = (
+    "demo",
+    "make_demo_data",
+    "prepare",
+    "fit",
+    "predict",
+    "evaluate",
+    "baseline",
+    "import_reference",
+    "download",
+    "push",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,11 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stem-train {args.command}: interrupted; nothing half-written was kept.", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, read-only filesystem, permissions, vanished files mid-run
-        print(f"stem-train {args.command}: error: {describe_os_error(exc)}; nothing half-written was kept.", file=sys.stderr)
+        print(
+            f"stem-train {args.command}: error: {describe_os_error(exc)}; nothing half-written was kept.",
+            file=sys.stderr,
+        )
         return 2
     except MemoryError:
-        print(f"stem-train {args.command}: error: out of memory; use smaller --batch-size / --sample-batch-size, "
-              "fewer spots or a machine with more memory. Nothing half-written was kept.", file=sys.stderr)
+        print(
+            f"stem-train {args.command}: error: out of memory; use smaller --batch-size / --sample-batch-size, "
+            "fewer spots or a machine with more memory. Nothing half-written was kept.",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -64,8 +80,12 @@ def describe_os_error(exc: OSError) -> str:
     import errno
 
     where = f" ({exc.filename})" if exc.filename else ""
-    fixes = {errno.ENOSPC: "free some space or write to another disk", errno.EROFS: "write to another filesystem",
-             errno.EACCES: "check the permissions or choose another path", errno.EDQUOT: "free some of your quota"}
+    fixes = {
+        errno.ENOSPC: "free some space or write to another disk",
+        errno.EROFS: "write to another filesystem",
+        errno.EACCES: "check the permissions or choose another path",
+        errno.EDQUOT: "free some of your quota",
+    }
     fix = fixes.get(exc.errno or 0)
     return f"{exc.strerror or exc}{where}" + (f": {fix}" if fix else "")
 

@@ -70,7 +70,9 @@ class Scheduler:
             return cls("local", int(count) if count else None)
         if "://" in text and text.partition("://")[2]:
             return cls("address", address=text)
-        raise InputError(f"--scheduler {text!r}: give none, local, local:N or a scheduler address such as tcp://HOST:8786.")
+        raise InputError(
+            f"--scheduler {text!r}: give none, local, local:N or a scheduler address such as tcp://HOST:8786."
+        )
 
     def __str__(self) -> str:
         if self.kind == "local":
@@ -89,10 +91,21 @@ SCHEDULER_HELP = (
 
 def add_arguments(parser: argparse.ArgumentParser | Any) -> None:
     """``--scheduler`` and ``--retry-failed``, shared by ``predict`` and ``prepare``."""
-    parser.add_argument("--scheduler", type=SCHEDULER, default=Scheduler("none"), metavar="none|local[:N]|tcp://HOST:PORT", help=SCHEDULER_HELP)
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="with --scheduler: run again the slides an earlier run recorded as failed (default: report them, skip them)")
-    parser.add_argument("--show-workers", action="store_true", help="with --scheduler: a line per Dask worker showing the slide it runs")
+    parser.add_argument(
+        "--scheduler",
+        type=SCHEDULER,
+        default=Scheduler("none"),
+        metavar="none|local[:N]|tcp://HOST:PORT",
+        help=SCHEDULER_HELP,
+    )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --scheduler: run again the slides an earlier run recorded as failed (default: report them, skip them)",
+    )
+    parser.add_argument(
+        "--show-workers", action="store_true", help="with --scheduler: a line per Dask worker showing the slide it runs"
+    )
 
 
 def local_cluster_size(n_workers: int | None) -> tuple[int, int, bool]:
@@ -132,13 +145,21 @@ def connect(scheduler: Scheduler, *, quiet: bool = False) -> Iterator[tuple[Any,
         return
     n_workers, threads, gpus = local_cluster_size(scheduler.n_workers)
     dashboard = ":0" if _has_bokeh() else None
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=dashboard,
-                           resources={"GPU": 1} if gpus else None, silence_logs=40)
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=dashboard,
+        resources={"GPU": 1} if gpus else None,
+        silence_logs=40,
+    )
     try:
         with Client(cluster) as client:
             where = client.dashboard_link if dashboard else "none (pip install 'bokeh>=3.1' for one)"
-            say(f"cohort: local cluster, {n_workers} workers x {threads} torch threads{' x 1 GPU' if gpus else ''}; "
-                f"scheduler {cluster.scheduler_address}; dashboard {where}")
+            say(
+                f"cohort: local cluster, {n_workers} workers x {threads} torch threads{' x 1 GPU' if gpus else ''}; "
+                f"scheduler {cluster.scheduler_address}; dashboard {where}"
+            )
             yield client, threads
     finally:
         cluster.close()
@@ -277,23 +298,32 @@ class CohortReport:
     def table(self) -> str:
         rows = [("slide", "state", "seconds", "attempts", "where", "detail")]
         for o in self.outcomes:
-            detail = o.error if o.state == "failed" else (f"{o.result['n_spots']} spots" if "n_spots" in o.result else "")
+            detail = (
+                o.error if o.state == "failed" else (f"{o.result['n_spots']} spots" if "n_spots" in o.result else "")
+            )
             if o.earlier:
                 detail = f"(earlier run; --retry-failed retries it) {detail}"
             where = f"{o.host}:{o.pid}" if o.host else ""
             state = "done (earlier)" if o.state == "skipped" else o.state
             rows.append((o.name, state, f"{o.seconds:.1f}" if o.seconds else "", str(o.attempt or ""), where, detail))
         widths = [max(len(row[i]) for row in rows) for i in range(5)]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)) + "  " + row[5] for row in rows]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)) + "  " + row[5]
+            for row in rows
+        ]
         counts = {state: sum(o.state == state for o in self.outcomes) for state in ("done", "skipped", "failed")}
-        lines.append(f"{counts['done']} done, {counts['skipped']} done earlier, {counts['failed']} failed, of {len(self.outcomes)} slides")
+        lines.append(
+            f"{counts['done']} done, {counts['skipped']} done earlier, {counts['failed']} failed, of {len(self.outcomes)} slides"
+        )
         return "\n".join(lines)
 
     def raise_if_failed(self, what: str) -> None:
         if self.failed:
             names = ", ".join(o.name for o in self.failed[:5]) + (", ..." if len(self.failed) > 5 else "")
-            raise CohortError(f"{len(self.failed)} of {len(self.outcomes)} slides failed ({names}; reasons in the table above "
-                              f"and in their .state.json files); {what}. Fix them and rerun with --retry-failed: done slides are kept.")
+            raise CohortError(
+                f"{len(self.failed)} of {len(self.outcomes)} slides failed ({names}; reasons in the table above "
+                f"and in their .state.json files); {what}. Fix them and rerun with --retry-failed: done slides are kept."
+            )
 
 
 def run_task(task: SlideTask, torch_threads: int | None = None, run_id: str = "") -> SlideOutcome:
@@ -304,8 +334,16 @@ def run_task(task: SlideTask, torch_threads: int | None = None, run_id: str = ""
     """
     previous = read_state(task.output)
     attempt = (previous.attempt if previous and previous.state == "running" else 0) + 1
-    state = SlideState(task.name, "running", str(task.output), attempt=attempt, host=socket.gethostname(),
-                       pid=os.getpid(), started=_now(), settings=task.settings)
+    state = SlideState(
+        task.name,
+        "running",
+        str(task.output),
+        attempt=attempt,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        started=_now(),
+        settings=task.settings,
+    )
     write_state(task.output, state)
     _set_torch_threads(torch_threads)
     _current.slide, _current.run_id, _current.last_report = task.name, run_id, 0.0
@@ -322,8 +360,18 @@ def run_task(task: SlideTask, torch_threads: int | None = None, run_id: str = ""
         state.state, state.error = "failed", describe_error(exc)
     state.seconds, state.finished = round(time.perf_counter() - start, 3), _now()
     write_state(task.output, state)
-    return SlideOutcome(task.name, state.state, state.seconds, attempt, state.host, state.pid, state.error, state.result,
-                        models_loaded=_models_loaded(), log=printed.getvalue())
+    return SlideOutcome(
+        task.name,
+        state.state,
+        state.seconds,
+        attempt,
+        state.host,
+        state.pid,
+        state.error,
+        state.result,
+        models_loaded=_models_loaded(),
+        log=printed.getvalue(),
+    )
 
 
 #: Dask event topic of live spot counts (worker log_event → client subscribe_topic).
@@ -398,18 +446,40 @@ def run_cohort(
         if previous is not None and previous.settings != task.settings:
             previous = None  # done or failed with other settings: this run's slide is a new one
         if previous is not None and previous.finished_output_intact():
-            outcomes[task.name] = SlideOutcome(task.name, "skipped", previous.seconds, previous.attempt, previous.host,
-                                               previous.pid, result=previous.result)
+            outcomes[task.name] = SlideOutcome(
+                task.name,
+                "skipped",
+                previous.seconds,
+                previous.attempt,
+                previous.host,
+                previous.pid,
+                result=previous.result,
+            )
         elif previous is not None and previous.state == "failed" and not retry_failed:
-            outcomes[task.name] = SlideOutcome(task.name, "failed", previous.seconds, previous.attempt, previous.host,
-                                               previous.pid, previous.error, earlier=True)
+            outcomes[task.name] = SlideOutcome(
+                task.name,
+                "failed",
+                previous.seconds,
+                previous.attempt,
+                previous.host,
+                previous.pid,
+                previous.error,
+                earlier=True,
+            )
         else:
             write_state(task.output, SlideState(task.name, "pending", str(task.output), settings=task.settings))
             todo.append(task)
-    say(f"cohort: {len(todo)} slides to run, {sum(o.state == 'skipped' for o in outcomes.values())} done earlier, "
-        f"{sum(o.earlier for o in outcomes.values())} failed earlier{' (not retried: --retry-failed)' if any(o.earlier for o in outcomes.values()) else ''}")
+    say(
+        f"cohort: {len(todo)} slides to run, {sum(o.state == 'skipped' for o in outcomes.values())} done earlier, "
+        f"{sum(o.earlier for o in outcomes.values())} failed earlier{' (not retried: --retry-failed)' if any(o.earlier for o in outcomes.values()) else ''}"
+    )
 
-    with connect(scheduler, quiet=quiet) if todo and scheduler.distributed else contextlib.nullcontext((None, None)) as (client, threads):
+    with (
+        connect(scheduler, quiet=quiet) if todo and scheduler.distributed else contextlib.nullcontext((None, None)) as (
+            client,
+            threads,
+        )
+    ):
         run_id = uuid.uuid4().hex[:8]
         bars = CohortProgress(todo, run_id, enabled=progress)
 
@@ -419,7 +489,15 @@ def run_cohort(
 
         try:
             if client is not None:
-                _run_on_dask(client, todo, threads, finished, show_workers and progress, run_id, bars.on_spots if progress else None)
+                _run_on_dask(
+                    client,
+                    todo,
+                    threads,
+                    finished,
+                    show_workers and progress,
+                    run_id,
+                    bars.on_spots if progress else None,
+                )
             else:
                 for task in todo:
                     finished(run_task(task))
@@ -437,8 +515,12 @@ class CohortProgress:
         known = [task.n_spots for task in todo]
         self.run_id = run_id
         self.slides = tqdm(total=len(todo), desc="cohort slides", unit="slide", disable=not enabled or not todo)
-        self.spots = tqdm(total=sum(known) if None not in known else None, desc="cohort spots", unit="spot",
-                          disable=not enabled or not todo)
+        self.spots = tqdm(
+            total=sum(known) if None not in known else None,
+            desc="cohort spots",
+            unit="spot",
+            disable=not enabled or not todo,
+        )
         self.running: dict[str, int] = {}  # spots done so far in slides still running
         self.finished_names: set[str] = set()
         self.finished_spots = 0
@@ -478,8 +560,15 @@ class CohortProgress:
         self.spots.close()
 
 
-def _run_on_dask(client: Any, todo: Sequence[SlideTask], torch_threads: int | None, finished: Callable[[SlideOutcome], None],
-                 show_workers: bool, run_id: str, on_spots: Callable[[Any], None] | None) -> None:
+def _run_on_dask(
+    client: Any,
+    todo: Sequence[SlideTask],
+    torch_threads: int | None,
+    finished: Callable[[SlideOutcome], None],
+    show_workers: bool,
+    run_id: str,
+    on_spots: Callable[[Any], None] | None,
+) -> None:
     from distributed import as_completed
 
     workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
@@ -488,8 +577,16 @@ def _run_on_dask(client: Any, todo: Sequence[SlideTask], torch_threads: int | No
         client.subscribe_topic(PROGRESS_TOPIC, on_spots)
     futures = {}
     for task in todo:  # one task per slide, in the cohort's order; pure=False: never deduplicated
-        future = client.submit(run_task, task, torch_threads, run_id, key=f"stem-slide-{task.name}-{run_id}", pure=False,
-                               resources=resources, retries=0)
+        future = client.submit(
+            run_task,
+            task,
+            torch_threads,
+            run_id,
+            key=f"stem-slide-{task.name}-{run_id}",
+            pure=False,
+            resources=resources,
+            retries=0,
+        )
         futures[future] = task
     lines = WorkerLines(client, run_id) if show_workers else None
     pending = as_completed(futures)
@@ -529,7 +626,11 @@ class WorkerLines:
         prefix = "stem-slide-"
         for worker in sorted(set(processing) | set(self.bars)):
             keys = [str(key) for key in processing.get(worker, ())]
-            slides = [key[len(prefix):-len(self.suffix)] for key in keys if key.startswith(prefix) and key.endswith(self.suffix)]
+            slides = [
+                key[len(prefix) : -len(self.suffix)]
+                for key in keys
+                if key.startswith(prefix) and key.endswith(self.suffix)
+            ]
             if worker not in self.bars:
                 self.bars[worker] = tqdm(total=0, bar_format="{desc}", position=2 + len(self.bars), leave=False)
             self.bars[worker].set_description_str(f"  {worker}: {', '.join(slides) or 'idle'}")
@@ -543,10 +644,23 @@ def _lost(task: SlideTask, exc: BaseException) -> SlideOutcome:
     """A slide Dask gave up on (its workers died, repeatedly): recorded as failed by the client."""
     previous = read_state(task.output) or SlideState(task.name, "running", str(task.output))
     name = type(exc).__name__
-    why = (f"worker lost while running it {previous.attempt} times (killed, out of memory?): {exc}"
-           if name == "KilledWorker" else f"{name}: {exc}")
-    state = SlideState(task.name, "failed", str(task.output), previous.attempt, previous.host, previous.pid,
-                       previous.started, _now(), error=why, settings=task.settings)
+    why = (
+        f"worker lost while running it {previous.attempt} times (killed, out of memory?): {exc}"
+        if name == "KilledWorker"
+        else f"{name}: {exc}"
+    )
+    state = SlideState(
+        task.name,
+        "failed",
+        str(task.output),
+        previous.attempt,
+        previous.host,
+        previous.pid,
+        previous.started,
+        _now(),
+        error=why,
+        settings=task.settings,
+    )
     try:
         write_state(task.output, state)
     except OSError as write_error:  # the folder itself is the problem: say so in the report
@@ -584,7 +698,9 @@ def worker_encoder(name: str, weights: Any, device: str, precision: str) -> Any:
 
 
 def _models_loaded() -> int:
-    return sum(1 for key, model in _MODELS.items() if key[0] == "checkpoint" or getattr(model, "_built", None) is not None)
+    return sum(
+        1 for key, model in _MODELS.items() if key[0] == "checkpoint" or getattr(model, "_built", None) is not None
+    )
 
 
 def worker_device(requested: str) -> str:
@@ -604,8 +720,14 @@ def worker_device(requested: str) -> str:
 
 
 # ---------------------------------------------------------------------- predict and prepare as cohorts
-def predict_slide(job: Any, checkpoint_path: str | Path, grid: tuple[float, float, float], options: dict,
-                  cache_dir: Path | None, drop_off_slide_spots: bool) -> dict:
+def predict_slide(
+    job: Any,
+    checkpoint_path: str | Path,
+    grid: tuple[float, float, float],
+    options: dict,
+    cache_dir: Path | None,
+    drop_off_slide_spots: bool,
+) -> dict:
     """One slide of ``stem-train predict`` on a worker: ``predict_job`` with this worker's models."""
     import h5py
 
@@ -615,13 +737,18 @@ def predict_slide(job: Any, checkpoint_path: str | Path, grid: tuple[float, floa
     options = dict(options)
     options["device"] = worker_device(str(options.get("device") or "auto"))
     encoder_name = str(checkpoint.embedding.get("encoder", ""))
-    options["encoder"] = worker_encoder(encoder_name, options.get("encoder_weights"), options["device"], options.get("precision", "auto"))
+    options["encoder"] = worker_encoder(
+        encoder_name, options.get("encoder_weights"), options["device"], options.get("precision", "auto")
+    )
     extra = {"drop_off_slide_spots": True} if drop_off_slide_spots else {}
+
     def sampled(stage: str, done: int, total: int) -> None:
         if stage == "sample":  # a spot counts once its samples are drawn
             report_spots(done)
 
-    path = Path(predict_job(job, checkpoint, grid=grid, options=options, cache_dir=cache_dir, progress=sampled, **extra))
+    path = Path(
+        predict_job(job, checkpoint, grid=grid, options=options, cache_dir=cache_dir, progress=sampled, **extra)
+    )
     if path.suffix != ".h5ad":  # a SpatialData .zarr: the spot file's count (a grid's is not known here)
         return {"n_spots": _spot_count(job.spots_path)} if job.spots_path is not None else {}
     with h5py.File(path, "r") as handle:
@@ -646,15 +773,33 @@ def predict_cohort(
     weights = Path(checkpoint) / "weights.safetensors"
     model = (str(checkpoint), *(_file_identity(weights) if weights.exists() else ()))
     tasks = [
-        SlideTask(job.name, Path(job.out_path), predict_slide,
-                  {"job": job, "checkpoint_path": str(checkpoint), "grid": tuple(grid), "options": dict(options or {}),
-                   "cache_dir": cache_dir, "drop_off_slide_spots": drop_off_slide_spots},
-                  n_spots=_spot_count(job.spots_path),
-                  settings=settings_fingerprint(model, asdict(job), grid, options or {}, drop_off_slide_spots,
-                                                *(_file_identity(path) for path in (job.slide_path, job.spots_path) if path)))
+        SlideTask(
+            job.name,
+            Path(job.out_path),
+            predict_slide,
+            {
+                "job": job,
+                "checkpoint_path": str(checkpoint),
+                "grid": tuple(grid),
+                "options": dict(options or {}),
+                "cache_dir": cache_dir,
+                "drop_off_slide_spots": drop_off_slide_spots,
+            },
+            n_spots=_spot_count(job.spots_path),
+            settings=settings_fingerprint(
+                model,
+                asdict(job),
+                grid,
+                options or {},
+                drop_off_slide_spots,
+                *(_file_identity(path) for path in (job.slide_path, job.spots_path) if path),
+            ),
+        )
         for job in jobs
     ]
-    return run_cohort(tasks, scheduler, retry_failed=retry_failed, progress=progress, quiet=quiet, show_workers=show_workers)
+    return run_cohort(
+        tasks, scheduler, retry_failed=retry_failed, progress=progress, quiet=quiet, show_workers=show_workers
+    )
 
 
 def _file_identity(path: str | Path) -> tuple[int, int]:
@@ -683,14 +828,23 @@ def embed_slide_task(sample: Any, spots: Any, cache_path: Path, encoder: dict, p
 
     device = worker_device(encoder["device"] or "auto")
     built = worker_encoder(encoder["name"], encoder["weights"], device, encoder["precision"])
-    dim = embed_slide(cache_path, sample, spots, built, PatchSpec.from_dict(patch), progress=False,
-                      on_batch=lambda done, total: report_spots(done), **options)
+    dim = embed_slide(
+        cache_path,
+        sample,
+        spots,
+        built,
+        PatchSpec.from_dict(patch),
+        progress=False,
+        on_batch=lambda done, total: report_spots(done),
+        **options,
+    )
     return {"n_spots": len(spots), "embedding_dim": int(dim)}
 
 
 def refuse_under_torchrun(scheduler: Scheduler) -> None:
     """Dask and torchrun both deal slides out: refuse both at once rather than run every slide W times."""
     if scheduler.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError(f"--scheduler {scheduler} under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): run one "
-                         "stem-train process and let Dask spread the slides, or use torchrun without --scheduler.")
-
+        raise InputError(
+            f"--scheduler {scheduler} under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): run one "
+            "stem-train process and let Dask spread the slides, or use torchrun without --scheduler."
+        )

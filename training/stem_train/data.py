@@ -23,7 +23,9 @@ from napari_stem.errors import DatasetError, describe_path
 from stem_train.manifest import PreparedDataset, PreparedSlide
 
 #: Count → model target, as the metrics define them. ``log2p1`` is the reference's (no library-size normalisation).
-TARGET_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {name: metrics.TARGET_TRANSFORMS[name] for name in metrics.TRAINING_TARGET_TRANSFORMS}
+TARGET_TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    name: metrics.TARGET_TRANSFORMS[name] for name in metrics.TRAINING_TARGET_TRANSFORMS
+}
 #: Mixed into the run seed for the augmentation draw, so it never shares a stream with anything else.
 AUGMENTATION_STREAM = 0xA9
 
@@ -42,7 +44,9 @@ def slide_counts(manifest: PreparedDataset, slide: PreparedSlide) -> np.ndarray:
 
     path = manifest.st_path(slide)
     if not path.exists():
-        raise DatasetError(f"expression file {describe_path(path)} of slide {slide.sample_id} is missing; the prepared folder points at it.")
+        raise DatasetError(
+            f"expression file {describe_path(path)} of slide {slide.sample_id} is missing; the prepared folder points at it."
+        )
     adata = anndata.read_h5ad(path)
     columns = adata.var_names.get_indexer(manifest.genes)
     if (columns < 0).any():
@@ -67,9 +71,13 @@ def slide_embeddings(manifest: PreparedDataset, slide: PreparedSlide, *, augment
             f"({slide.n_spots}, {manifest.embedding_dim}); re-run 'stem-train prepare'."
         )
     if cached.encoder and cached.encoder != manifest.encoder:
-        raise DatasetError(f"{describe_path(path)} was made with encoder '{cached.encoder}', the manifest says '{manifest.encoder}'; re-run 'stem-train prepare'.")
+        raise DatasetError(
+            f"{describe_path(path)} was made with encoder '{cached.encoder}', the manifest says '{manifest.encoder}'; re-run 'stem-train prepare'."
+        )
     if augmented and (cached.embeddings_aug is None or cached.embeddings_aug.shape[1] != N_AUGMENTATIONS):
-        raise DatasetError(f"{describe_path(path)} has no augmented embeddings (prepared with --no-augment); train with --num-aug-ratio 0 or re-run 'stem-train prepare' without --no-augment.")
+        raise DatasetError(
+            f"{describe_path(path)} has no augmented embeddings (prepared with --no-augment); train with --num-aug-ratio 0 or re-run 'stem-train prepare' without --no-augment."
+        )
     return cached
 
 
@@ -108,7 +116,9 @@ def assemble_training_set(
     """All rows of the ``split`` slides; ``progress`` wraps the slide loop (e.g. tqdm)."""
     slides = manifest.split(split)
     if not slides:
-        raise DatasetError(f"{describe_path(manifest._root())} has no '{split}' slides; re-run 'stem-train prepare' with fewer --held-out slides.")
+        raise DatasetError(
+            f"{describe_path(manifest._root())} has no '{split}' slides; re-run 'stem-train prepare' with fewer --held-out slides."
+        )
     originals, augmented, counts = [], [], []
     for slide in progress(slides) if progress is not None else slides:
         cached = slide_embeddings(manifest, slide, augmented=num_aug_ratio > 0)
@@ -151,7 +161,9 @@ class HeldOutSet:
         return len(self.conditions)
 
 
-def assemble_held_out(manifest: PreparedDataset, *, target_transform: str = "log2p1", split: str = "test") -> HeldOutSet:
+def assemble_held_out(
+    manifest: PreparedDataset, *, target_transform: str = "log2p1", split: str = "test"
+) -> HeldOutSet:
     slides = manifest.split(split)
     conditions = [slide_embeddings(manifest, slide, augmented=False).embeddings for slide in slides]
     counts = [slide_counts(manifest, slide) for slide in slides]

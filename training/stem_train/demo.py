@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-
 @dataclass(frozen=True)
 class DemoSize:
     """How big the demo is: the default, or a reduced one for the test suite."""
@@ -58,9 +57,30 @@ FULL = DemoSize(
     # Chosen on the validation slide (never the test slide) among recipes that train in about a
     # minute on 2 CPU cores (bench/bench_recipes.py; the table is in the README): the D4 views
     # raise its PCC on image-driven genes from 0.633 to 0.671 over the same 400 steps.
-    fit_args=("--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "400",
-              "--global-batch-size", "128", "--lr", "2e-3", "--ema-decay", "0.98", "--num-aug-ratio", "4",
-              "--log-every", "50", "--val-every", "0", "--ckpt-every", "200"),
+    fit_args=(
+        "--preset",
+        "stem-small",
+        "--hidden-size",
+        "64",
+        "--depth",
+        "2",
+        "--max-steps",
+        "400",
+        "--global-batch-size",
+        "128",
+        "--lr",
+        "2e-3",
+        "--ema-decay",
+        "0.98",
+        "--num-aug-ratio",
+        "4",
+        "--log-every",
+        "50",
+        "--val-every",
+        "0",
+        "--ckpt-every",
+        "200",
+    ),
     samples=None,  # 19: exact 50 % and 90 % intervals
     steps=4,
 )
@@ -69,9 +89,32 @@ QUICK = DemoSize(
     n_slides=4,
     n_genes_data=20,
     n_genes_panel=12,
-    fit_args=("--preset", "stem-small", "--hidden-size", "64", "--depth", "2", "--max-steps", "150",
-              "--global-batch-size", "64", "--lr", "2e-3", "--ema-decay", "0.95", "--num-aug-ratio", "0",
-              "--log-every", "50", "--val-every", "150", "--ckpt-every", "150", "--val-samples", "2"),
+    fit_args=(
+        "--preset",
+        "stem-small",
+        "--hidden-size",
+        "64",
+        "--depth",
+        "2",
+        "--max-steps",
+        "150",
+        "--global-batch-size",
+        "64",
+        "--lr",
+        "2e-3",
+        "--ema-decay",
+        "0.95",
+        "--num-aug-ratio",
+        "0",
+        "--log-every",
+        "50",
+        "--val-every",
+        "150",
+        "--ckpt-every",
+        "150",
+        "--val-samples",
+        "2",
+    ),
     samples=3,  # [min, max] of 3 samples is exactly a 50 % interval
     steps=5,
     intervals="0.5",
@@ -160,16 +203,43 @@ def ensure_demo_model(size: DemoSize = FULL, device: str = "auto", retrain: bool
     shutil.rmtree(building.root, ignore_errors=True)
     building.root.mkdir(parents=True)
     print(f"building the demo model once (cached in {paths.root}) ...")
-    make_demo_dataset(building.hest, n_slides=size.n_slides, n_genes=size.n_genes_data, seed=0, source=paths.slide,
-                      spot_pitch_um=size.spot_pitch_um, source_magnification=size.source_magnification)
+    make_demo_dataset(
+        building.hest,
+        n_slides=size.n_slides,
+        n_genes=size.n_genes_data,
+        seed=0,
+        source=paths.slide,
+        spot_pitch_um=size.spot_pitch_um,
+        source_magnification=size.source_magnification,
+    )
     leaks = shared_tissue(building.hest)
     if leaks:  # a held-out figure on training tissue would be a lie: refuse to build
-        raise StemError(f"demo data: held-out slides share tissue with training slides {sorted(leaks)}; not training on it.")
+        raise StemError(
+            f"demo data: held-out slides share tissue with training slides {sorted(leaks)}; not training on it."
+        )
     held_out = f"{size.validation_id},{size.test_id}"  # neither trains the model nor chooses its genes
-    _check(stem_train(["prepare", str(building.hest), "--out", str(building.prepared), "--held-out", held_out,
-                       "--n-genes", str(size.n_genes_panel), *([] if size.augment else ["--no-augment"]),
-                       "--device", device]), "prepare")
-    _check(stem_train(["fit", str(building.prepared), "--out", str(building.run), "--device", device, *size.fit_args]), "fit")
+    _check(
+        stem_train(
+            [
+                "prepare",
+                str(building.hest),
+                "--out",
+                str(building.prepared),
+                "--held-out",
+                held_out,
+                "--n-genes",
+                str(size.n_genes_panel),
+                *([] if size.augment else ["--no-augment"]),
+                "--device",
+                device,
+            ]
+        ),
+        "prepare",
+    )
+    _check(
+        stem_train(["fit", str(building.prepared), "--out", str(building.run), "--device", device, *size.fit_args]),
+        "fit",
+    )
     # Paths recorded while building point into the temporary folder; the prepared manifest
     # stores its data folder, so rewrite it for the final location.
     _relocate_manifest(building.prepared, paths.hest)
@@ -201,16 +271,51 @@ def run_headless(paths: DemoPaths, size: DemoSize, out: Path, device: str = "aut
 
     held_out = size.test_id
     predictions = out / "predictions"
-    _check(stem_train(["predict", str(paths.hest), "--checkpoint", str(paths.checkpoint), "--sample-ids", held_out,
-                       "--out", str(predictions), *(["--samples", str(size.samples)] if size.samples else []),
-                       "--steps", str(size.steps), "--intervals", size.intervals, "--keep-samples", "--device", device]), "predict")
+    _check(
+        stem_train(
+            [
+                "predict",
+                str(paths.hest),
+                "--checkpoint",
+                str(paths.checkpoint),
+                "--sample-ids",
+                held_out,
+                "--out",
+                str(predictions),
+                *(["--samples", str(size.samples)] if size.samples else []),
+                "--steps",
+                str(size.steps),
+                "--intervals",
+                size.intervals,
+                "--keep-samples",
+                "--device",
+                device,
+            ]
+        ),
+        "predict",
+    )
     prediction = predictions / f"{held_out}.h5ad"
     truth = paths.hest / "st" / f"{held_out}.h5ad"
     baseline = out / "baseline"
     _check(stem_train(["baseline", str(paths.prepared), "--out", str(baseline)]), "baseline")
     evaluation = out / "evaluation"  # beside the baselines (a paired verdict) and checked for leaks
-    _check(stem_train(["evaluate", str(prediction), "--truth", str(truth), "--out", str(evaluation),
-                       "--baselines", str(baseline), "--prepared", str(paths.prepared)]), "evaluate")
+    _check(
+        stem_train(
+            [
+                "evaluate",
+                str(prediction),
+                "--truth",
+                str(truth),
+                "--out",
+                str(evaluation),
+                "--baselines",
+                str(baseline),
+                "--prepared",
+                str(paths.prepared),
+            ]
+        ),
+        "evaluate",
+    )
     maps = draw_mean_variance_maps(prediction, out / "mean_variance_maps.png")
     outputs = {
         "prediction": prediction,
@@ -229,10 +334,9 @@ def draw_mean_variance_maps(prediction_path: Path, png_path: Path, n_genes: int 
     import matplotlib
 
     matplotlib.use("Agg")
+    import anndata
     import matplotlib.pyplot as plt
     import numpy as np
-
-    import anndata
 
     from napari_stem.anndata_io import IMAGE_KEY, LIBRARY_ID, read_prediction
 
@@ -265,7 +369,7 @@ def has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def open_in_napari(paths: DemoPaths, run_event_loop: bool = True):  # noqa: ANN201
+def open_in_napari(paths: DemoPaths, run_event_loop: bool = True):
     """napari with the demo slide, its spot grid and the widget docked, checkpoint selected."""
     import napari
 

@@ -40,7 +40,9 @@ def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device '{requested}' was asked for but PyTorch sees no CUDA device; use --device cpu or auto")
+            raise ValueError(
+                f"device '{requested}' was asked for but PyTorch sees no CUDA device; use --device cpu or auto"
+            )
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
@@ -76,4 +78,3 @@ def mean_over_ranks(values: list[float], ctx: Distributed) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return (tensor / ctx.world_size).tolist()
-

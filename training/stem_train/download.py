@@ -28,20 +28,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("out", type=Path, metavar="OUT", help="folder for the HEST data (created; reused when resuming)")
+    parser.add_argument(
+        "out", type=Path, metavar="OUT", help="folder for the HEST data (created; reused when resuming)"
+    )
     parser.add_argument("--ids", default=None, metavar="ID,ID", help="sample ids, e.g. TENX95,MEND145")
     filters = parser.add_argument_group("metadata filters (columns of HEST_v*.csv)")
     for name, column in FILTER_COLUMNS.items():
         filters.add_argument(f"--{name}", default=None, metavar="VALUE[,VALUE]", help=f"column '{column}'")
-    parser.add_argument("--parts", default=",".join(REQUIRED_PARTS), metavar="PART,PART",
-                        help=f"folders to fetch (default: {','.join(REQUIRED_PARTS)}, what prepare needs)")
-    parser.add_argument("--with", dest="extra_parts", default="", metavar="PART,PART",
-                        help=f"extra folders: {', '.join(p for p in KNOWN_PARTS if p not in REQUIRED_PARTS)} "
-                        "(cellvit_seg zips are unpacked)")
-    parser.add_argument("--table", default=None, metavar="HEST_vX_Y_Z.csv", help="metadata table to select from (default: the newest)")
+    parser.add_argument(
+        "--parts",
+        default=",".join(REQUIRED_PARTS),
+        metavar="PART,PART",
+        help=f"folders to fetch (default: {','.join(REQUIRED_PARTS)}, what prepare needs)",
+    )
+    parser.add_argument(
+        "--with",
+        dest="extra_parts",
+        default="",
+        metavar="PART,PART",
+        help=f"extra folders: {', '.join(p for p in KNOWN_PARTS if p not in REQUIRED_PARTS)} "
+        "(cellvit_seg zips are unpacked)",
+    )
+    parser.add_argument(
+        "--table", default=None, metavar="HEST_vX_Y_Z.csv", help="metadata table to select from (default: the newest)"
+    )
     parser.add_argument("--repo", default=HEST_REPO, help=f"dataset repo (default: {HEST_REPO})")
     parser.add_argument("--revision", default=None, help="branch, tag or commit of the dataset (default: main)")
-    parser.add_argument("--dry-run", action="store_true", help="list the files that would be fetched and their size; write nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the files that would be fetched and their size; write nothing"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -56,8 +71,17 @@ def run(args: argparse.Namespace) -> int:
 
     filters = {name: _split(getattr(args, name)) for name in FILTER_COLUMNS}
     parts = _split(args.parts) + [p for p in _split(args.extra_parts) if p not in _split(args.parts)]
-    result = download(args.out, _split(args.ids) or None, filters=filters, parts=parts, repo_id=args.repo,
-                      revision=args.revision, table=args.table, dry_run=args.dry_run, progress=not args.no_progress)
+    result = download(
+        args.out,
+        _split(args.ids) or None,
+        filters=filters,
+        parts=parts,
+        repo_id=args.repo,
+        revision=args.revision,
+        table=args.table,
+        dry_run=args.dry_run,
+        progress=not args.no_progress,
+    )
     plan = result.plan
     if args.dry_run:
         print(plan.describe())
@@ -65,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for sample_id, missing in plan.missing.items():
         print(f"note: {sample_id} has no {', '.join(missing)} in the repo")
-    print(f"{len(plan.sample_ids)} samples in {args.out}: fetched {len(result.fetched)} files "
-          f"({format_bytes(result.fetched_bytes)}), {len(result.already_present)} already there "
-          f"({plan.repo_id}@{plan.revision[:10]}, {plan.table})")
+    print(
+        f"{len(plan.sample_ids)} samples in {args.out}: fetched {len(result.fetched)} files "
+        f"({format_bytes(result.fetched_bytes)}), {len(result.already_present)} already there "
+        f"({plan.repo_id}@{plan.revision[:10]}, {plan.table})"
+    )
     if set(REQUIRED_PARTS) <= set(plan.parts):
         print(f"next: stem-train prepare {args.out} --held-out {plan.sample_ids[-1]}")
     return 0

@@ -75,35 +75,83 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("prediction", type=Path, metavar="PRED.h5ad", help="prediction written by stem-train predict/baseline or the plugin")
-    parser.add_argument("--truth", type=Path, required=True, metavar="ST.h5ad",
-                        help="measured expression of the same slide (HEST st/<id>.h5ad: raw counts in X, barcodes as obs names)")
-    parser.add_argument("--genes-panel", type=Path, default=None, metavar="FILE",
-                        help="gene panel for the primary fixed-panel PCC, one symbol per line, fixed before looking at "
-                        "test results (default: all predicted genes)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder (default: PRED.evaluation/ next to the prediction)")
-    parser.add_argument("--target-transform", choices=("log2p1", "log1p", "none"), default=None,
-                        help="how the truth's counts map to the prediction's space: log2p1 = log2(1 + count) as the "
-                        "reference Stem, log1p = ln(1 + count) as HEST-Bench, none = the truth is already transformed "
-                        "(default: what the prediction's provenance says, else log2p1)")
-    parser.add_argument("--marker-genes", default=None, metavar="G1,G2",
-                        help=f"comma-separated genes to map (default: the {DEFAULT_MARKERS} panel genes with the highest "
-                        "truth variance, chosen without looking at the prediction)")
+    parser.add_argument(
+        "prediction",
+        type=Path,
+        metavar="PRED.h5ad",
+        help="prediction written by stem-train predict/baseline or the plugin",
+    )
+    parser.add_argument(
+        "--truth",
+        type=Path,
+        required=True,
+        metavar="ST.h5ad",
+        help="measured expression of the same slide (HEST st/<id>.h5ad: raw counts in X, barcodes as obs names)",
+    )
+    parser.add_argument(
+        "--genes-panel",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="gene panel for the primary fixed-panel PCC, one symbol per line, fixed before looking at "
+        "test results (default: all predicted genes)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output folder (default: PRED.evaluation/ next to the prediction)",
+    )
+    parser.add_argument(
+        "--target-transform",
+        choices=("log2p1", "log1p", "none"),
+        default=None,
+        help="how the truth's counts map to the prediction's space: log2p1 = log2(1 + count) as the "
+        "reference Stem, log1p = ln(1 + count) as HEST-Bench, none = the truth is already transformed "
+        "(default: what the prediction's provenance says, else log2p1)",
+    )
+    parser.add_argument(
+        "--marker-genes",
+        default=None,
+        metavar="G1,G2",
+        help=f"comma-separated genes to map (default: the {DEFAULT_MARKERS} panel genes with the highest "
+        "truth variance, chosen without looking at the prediction)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write report.json and per_gene.tsv only")
-    parser.add_argument("--strict-intervals", action="store_true",
-                        help="exit with status 1 when a written interval covers less than its stated level (beyond "
-                        "sampling error); by default that is a warning in the report and the summary")
-    parser.add_argument("--baselines", type=Path, default=None, metavar="DIR",
-                        help="folder written by 'stem-train baseline' (DIR/<method>/<slide>.h5ad): score every baseline's "
-                        "prediction of this slide on the same spots and panel, and give a one-line verdict of this "
-                        "prediction against the best of them (paired bootstrap CI of the PCC difference)")
-    parser.add_argument("--prepared", type=Path, default=None, metavar="PREP_DIR",
-                        help="the prepared folder the model was trained on: warn when the test slide's sample id, image "
-                        "(SHA-256) or patient is among its training slides (default: what the prediction's provenance names)")
-    parser.add_argument("--bootstrap-resamples", type=POSITIVE_INT, default=None, metavar="N",
-                        help="resamples of the bootstrap confidence intervals (default: 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed: the same seed resamples the same spots (default: 0)")
+    parser.add_argument(
+        "--strict-intervals",
+        action="store_true",
+        help="exit with status 1 when a written interval covers less than its stated level (beyond "
+        "sampling error); by default that is a warning in the report and the summary",
+    )
+    parser.add_argument(
+        "--baselines",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder written by 'stem-train baseline' (DIR/<method>/<slide>.h5ad): score every baseline's "
+        "prediction of this slide on the same spots and panel, and give a one-line verdict of this "
+        "prediction against the best of them (paired bootstrap CI of the PCC difference)",
+    )
+    parser.add_argument(
+        "--prepared",
+        type=Path,
+        default=None,
+        metavar="PREP_DIR",
+        help="the prepared folder the model was trained on: warn when the test slide's sample id, image "
+        "(SHA-256) or patient is among its training slides (default: what the prediction's provenance names)",
+    )
+    parser.add_argument(
+        "--bootstrap-resamples",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="resamples of the bootstrap confidence intervals (default: 1000)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="bootstrap seed: the same seed resamples the same spots (default: 0)"
+    )
     return parser
 
 
@@ -116,9 +164,17 @@ def run(args: argparse.Namespace) -> int:
     from napari_stem.metrics import BOOTSTRAP_RESAMPLES
 
     report = evaluate_files(
-        args.prediction, args.truth, out, panel=panel, panel_source=str(args.genes_panel) if panel else None,
-        target_transform=args.target_transform, marker_genes=markers, plots=not args.no_plots,
-        baselines=args.baselines, prepared=args.prepared, bootstrap_seed=args.seed,
+        args.prediction,
+        args.truth,
+        out,
+        panel=panel,
+        panel_source=str(args.genes_panel) if panel else None,
+        target_transform=args.target_transform,
+        marker_genes=markers,
+        plots=not args.no_plots,
+        baselines=args.baselines,
+        prepared=args.prepared,
+        bootstrap_seed=args.seed,
         bootstrap_resamples=args.bootstrap_resamples or BOOTSTRAP_RESAMPLES,
     )
     print_summary(report)
@@ -144,7 +200,9 @@ def _read_h5ad(path: Path, role: str):
     try:
         return anndata.read_h5ad(path)
     except Exception as exc:
-        raise EvaluationError(f"{role} file {describe_path(path)} is not a readable .h5ad ({type(exc).__name__}: {exc}).") from exc
+        raise EvaluationError(
+            f"{role} file {describe_path(path)} is not a readable .h5ad ({type(exc).__name__}: {exc})."
+        ) from exc
 
 
 def _dense(matrix: Any) -> np.ndarray:
@@ -182,9 +240,15 @@ def load_pair(prediction_path: str | Path, truth_path: str | Path) -> tuple[Any,
             f"{where}: {len(missing_genes)} predicted genes are not measured in the truth ({_preview(missing_genes)}). "
             "Evaluate on the slide the model's gene list was selected from, or a truth with those genes."
         )
-    duplicated = sorted({g for g in map(str, prediction.var_names) if truth_genes.count(g) > 1}) if not truth.var_names.is_unique else []
+    duplicated = (
+        sorted({g for g in map(str, prediction.var_names) if truth_genes.count(g) > 1})
+        if not truth.var_names.is_unique
+        else []
+    )
     if duplicated:
-        raise EvaluationError(f"truth {describe_path(truth_path)} has duplicate gene names {_preview(duplicated)}; make them unique.")
+        raise EvaluationError(
+            f"truth {describe_path(truth_path)} has duplicate gene names {_preview(duplicated)}; make them unique."
+        )
     rows = np.array([truth_rows[str(b)] for b in prediction.obs_names], dtype=np.int64)
     check_finite_counts(truth.X, f"truth {describe_path(truth_path)}")
     return prediction, truth, rows
@@ -196,15 +260,19 @@ def prediction_arrays(prediction: Any, source: Path) -> dict[str, Any]:
 
     mean = _dense(prediction.X)
     if not np.isfinite(mean).all():
-        raise EvaluationError(f"prediction {describe_path(source)} holds non-finite values (NaN or infinity); it "
-                              "was not written by a successful napari-stem run. Predict again.")
+        raise EvaluationError(
+            f"prediction {describe_path(source)} holds non-finite values (NaN or infinity); it "
+            "was not written by a successful napari-stem run. Predict again."
+        )
     n_spots, n_genes = mean.shape
     variance = _dense(prediction.layers[VARIANCE_LAYER]) if VARIANCE_LAYER in prediction.layers else None
     samples = None
     if "samples" in prediction.obsm:
         flat = np.asarray(prediction.obsm["samples"], dtype=np.float64)
         if n_genes == 0 or flat.shape[1] % n_genes:
-            raise EvaluationError(f"{describe_path(source)}: obsm['samples'] has {flat.shape[1]} columns, not a multiple of {n_genes} genes.")
+            raise EvaluationError(
+                f"{describe_path(source)}: obsm['samples'] has {flat.shape[1]} columns, not a multiple of {n_genes} genes."
+            )
         samples = flat.reshape(n_spots, flat.shape[1] // n_genes, n_genes)
     quantiles = {
         int(name[1:]) / 100: _dense(prediction.layers[name])
@@ -215,8 +283,14 @@ def prediction_arrays(prediction: Any, source: Path) -> dict[str, Any]:
     stem_uns = prediction.uns.get("napari_stem", {})
     if "provenance_json" in stem_uns:
         provenance = json.loads(str(stem_uns["provenance_json"]))
-    return {"mean": mean, "variance": variance, "samples": samples, "quantiles": quantiles or None,
-            "intervals": written_intervals(prediction, quantiles, source), "provenance": provenance}
+    return {
+        "mean": mean,
+        "variance": variance,
+        "samples": samples,
+        "quantiles": quantiles or None,
+        "intervals": written_intervals(prediction, quantiles, source),
+        "provenance": provenance,
+    }
 
 
 def written_intervals(prediction: Any, legacy_quantiles: dict[float, np.ndarray], source: Path) -> list[dict]:
@@ -233,19 +307,38 @@ def written_intervals(prediction: Any, legacy_quantiles: dict[float, np.ndarray]
     for spec in read_interval_specs(prediction):
         missing = [name for name in (spec.lower_layer, spec.upper_layer) if name not in prediction.layers]
         if missing:
-            raise EvaluationError(f"{describe_path(source)} declares the {spec.label} but has no layer {', '.join(missing)}.")
-        intervals.append({"name": spec.name, "level": spec.level, "label": spec.label, "layers": [spec.lower_layer, spec.upper_layer],
-                          "exact": spec.exact, "n_samples": spec.n_samples, "source": ORDER_STATISTICS,
-                          "lower": _dense(prediction.layers[spec.lower_layer]), "upper": _dense(prediction.layers[spec.upper_layer])})
+            raise EvaluationError(
+                f"{describe_path(source)} declares the {spec.label} but has no layer {', '.join(missing)}."
+            )
+        intervals.append(
+            {
+                "name": spec.name,
+                "level": spec.level,
+                "label": spec.label,
+                "layers": [spec.lower_layer, spec.upper_layer],
+                "exact": spec.exact,
+                "n_samples": spec.n_samples,
+                "source": ORDER_STATISTICS,
+                "lower": _dense(prediction.layers[spec.lower_layer]),
+                "upper": _dense(prediction.layers[spec.upper_layer]),
+            }
+        )
     for low in sorted(q for q in legacy_quantiles if q < 0.5):
         high = round(1 - low, 10)
         if high in legacy_quantiles:
             level = round(high - low, 10)
             names = [f"q{round(low * 100):02d}", f"q{round(high * 100):02d}"]
-            intervals.append({"name": f"{names[0]}-{names[1]}", "level": level, "layers": names,
-                              "label": f"{names[0]}-{names[1]} read as a {round(level * 100):d} % interval",
-                              "source": "interpolated quantile layers (older file)",
-                              "lower": legacy_quantiles[low], "upper": legacy_quantiles[high]})
+            intervals.append(
+                {
+                    "name": f"{names[0]}-{names[1]}",
+                    "level": level,
+                    "layers": names,
+                    "label": f"{names[0]}-{names[1]} read as a {round(level * 100):d} % interval",
+                    "source": "interpolated quantile layers (older file)",
+                    "lower": legacy_quantiles[low],
+                    "upper": legacy_quantiles[high],
+                }
+            )
     return intervals
 
 
@@ -276,7 +369,11 @@ def spatial_context(prediction: Any, truth: Any, rows: np.ndarray, sources: tupl
         if context["spot_diameter_px"] is None and "spot_diameter_fullres" in factors:
             context["spot_diameter_px"] = float(factors["spot_diameter_fullres"])
         if context["thumbnail"] is None:
-            for key, factor in (("downscaled_fullres", "tissue_downscaled_fullres_scalef"), ("hires", "tissue_hires_scalef"), ("lowres", "tissue_lowres_scalef")):
+            for key, factor in (
+                ("downscaled_fullres", "tissue_downscaled_fullres_scalef"),
+                ("hires", "tissue_hires_scalef"),
+                ("lowres", "tissue_lowres_scalef"),
+            ):
                 if key in images and factor in factors:
                     context["thumbnail"], context["scale"] = np.asarray(images[key]), float(factors[factor])
                     break
@@ -330,7 +427,11 @@ def evaluate_files(
     panel_genes = panel if panel is not None else genes
     gene_kinds = read_gene_kinds(truth, panel_genes)
     sample_id = truth_path.stem
-    rivals = load_baselines(baselines, sample_id, prediction, panel_genes, skip=prediction_path) if baselines is not None else []
+    rivals = (
+        load_baselines(baselines, sample_id, prediction, panel_genes, skip=prediction_path)
+        if baselines is not None
+        else []
+    )
     leaks = check_leaks(sample_id, truth_path, provenance, prepared)
 
     declared = provenance.get("target_transform")
@@ -343,24 +444,54 @@ def evaluate_files(
         first_column.setdefault(name, column)
     truth_raw = _dense(truth.X[rows][:, [first_column[g] for g in genes]])
     if transform != "none" and np.nanmax(np.abs(truth_raw - np.round(truth_raw)), initial=0.0) > 1e-6:
-        warnings.append(f"the truth's X holds non-integer values, not raw counts; is {transform} right? (--target-transform none if it is already transformed)")
+        warnings.append(
+            f"the truth's X holds non-integer values, not raw counts; is {transform} right? (--target-transform none if it is already transformed)"
+        )
     truth_values = metrics.to_target_space(truth_raw, transform)
 
     result = metrics.score(
-        truth_values, arrays["mean"], genes, panel=panel, variance=arrays["variance"],
-        samples=arrays["samples"], quantiles=arrays["quantiles"], intervals=arrays["intervals"],
+        truth_values,
+        arrays["mean"],
+        genes,
+        panel=panel,
+        variance=arrays["variance"],
+        samples=arrays["samples"],
+        quantiles=arrays["quantiles"],
+        intervals=arrays["intervals"],
     )
     per_gene = result.pop("per_gene")
     column_of = {g: i for i, g in enumerate(genes)}
     panel_columns = [column_of[g] for g in panel_genes]
     panel_truth, panel_mean = truth_values[:, panel_columns], arrays["mean"][:, panel_columns]
-    result["fixed_panel"]["ci"] = metrics.bootstrap_panel_pcc(panel_truth, panel_mean, n_resamples=resamples, seed=bootstrap_seed).to_dict()
-    by_kind = {kind: _kind_pcc(panel_truth[:, columns], panel_mean[:, columns], [panel_genes[c] for c in columns], resamples, bootstrap_seed)
-               for kind, columns in gene_kinds.items()}
+    result["fixed_panel"]["ci"] = metrics.bootstrap_panel_pcc(
+        panel_truth, panel_mean, n_resamples=resamples, seed=bootstrap_seed
+    ).to_dict()
+    by_kind = {
+        kind: _kind_pcc(
+            panel_truth[:, columns],
+            panel_mean[:, columns],
+            [panel_genes[c] for c in columns],
+            resamples,
+            bootstrap_seed,
+        )
+        for kind, columns in gene_kinds.items()
+    }
     model_name = provenance.get("model", "stem")
-    comparison = (compare_with_baselines(rivals, model_name, truth_raw[:, panel_columns], panel_mean, transform, gene_kinds,
-                                         str(Path(baselines).resolve()), resamples, bootstrap_seed)
-                  if baselines is not None else None)
+    comparison = (
+        compare_with_baselines(
+            rivals,
+            model_name,
+            truth_raw[:, panel_columns],
+            panel_mean,
+            transform,
+            gene_kinds,
+            str(Path(baselines).resolve()),
+            resamples,
+            bootstrap_seed,
+        )
+        if baselines is not None
+        else None
+    )
     warnings.extend(leaks.findings)
     verdict = intervals_verdict(result["calibration"].get("written_intervals", []))
     if verdict.startswith("too narrow"):
@@ -391,7 +522,11 @@ def evaluate_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_table(per_gene, out_dir / PER_GENE_FILE)
     if plots:
-        report["files"].update(_plots(report, truth_values, arrays, genes, per_gene, context, prediction_path, out_dir, marker_genes, title))
+        report["files"].update(
+            _plots(
+                report, truth_values, arrays, genes, per_gene, context, prediction_path, out_dir, marker_genes, title
+            )
+        )
     _write_json(report, out_dir / REPORT_FILE)
     return report
 
@@ -408,8 +543,10 @@ def read_gene_kinds(truth: Any, panel_genes: list[str]) -> dict[str, list[int]]:
     driven: dict[str, bool] = {}
     for gene, flag in zip(map(str, truth.var_names), truth.var[GENE_KIND_COLUMN].tolist(), strict=True):
         driven.setdefault(gene, bool(flag))
-    kinds = {"image_driven": [i for i, g in enumerate(panel_genes) if driven[g]],
-             "noise": [i for i, g in enumerate(panel_genes) if not driven[g]]}
+    kinds = {
+        "image_driven": [i for i, g in enumerate(panel_genes) if driven[g]],
+        "noise": [i for i, g in enumerate(panel_genes) if not driven[g]],
+    }
     return {kind: columns for kind, columns in kinds.items() if columns}
 
 
@@ -432,8 +569,9 @@ class BaselinePrediction:
     target_transform: str
 
 
-def load_baselines(folder: str | Path, sample_id: str, prediction: Any, panel_genes: list[str],
-                   skip: Path | None = None) -> list[BaselinePrediction]:
+def load_baselines(
+    folder: str | Path, sample_id: str, prediction: Any, panel_genes: list[str], skip: Path | None = None
+) -> list[BaselinePrediction]:
     """Every ``folder/<method>/<sample_id>.h5ad`` (the layout 'stem-train baseline' writes), aligned by barcode.
 
     Refuses, naming the file and the fix, a folder without this slide, a baseline missing some of
@@ -441,9 +579,14 @@ def load_baselines(folder: str | Path, sample_id: str, prediction: Any, panel_ge
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise EvaluationError(f"--baselines {describe_path(folder)} is not a folder; pass the --out folder of 'stem-train baseline'.")
-    files = [path for path in sorted(folder.glob(f"*/{sample_id}.h5ad"))
-             if skip is None or path.resolve() != Path(skip).resolve()]
+        raise EvaluationError(
+            f"--baselines {describe_path(folder)} is not a folder; pass the --out folder of 'stem-train baseline'."
+        )
+    files = [
+        path
+        for path in sorted(folder.glob(f"*/{sample_id}.h5ad"))
+        if skip is None or path.resolve() != Path(skip).resolve()
+    ]
     if not files:
         raise EvaluationError(
             f"--baselines {describe_path(folder)} holds no <method>/{sample_id}.h5ad for this slide (named after the truth "
@@ -457,20 +600,33 @@ def load_baselines(folder: str | Path, sample_id: str, prediction: Any, panel_ge
         columns = {str(g): i for i, g in enumerate(adata.var_names)}
         missing = [b for b in barcodes if b not in rows]
         if missing:
-            raise EvaluationError(f"baseline {describe_path(path)} has no prediction for {len(missing)} evaluated spots "
-                                  f"({_preview(missing)}); rerun 'stem-train baseline' on the prepared folder of this slide.")
+            raise EvaluationError(
+                f"baseline {describe_path(path)} has no prediction for {len(missing)} evaluated spots "
+                f"({_preview(missing)}); rerun 'stem-train baseline' on the prepared folder of this slide."
+            )
         missing_genes = [g for g in panel_genes if g not in columns]
         if missing_genes:
-            raise EvaluationError(f"baseline {describe_path(path)} does not predict {len(missing_genes)} panel genes "
-                                  f"({_preview(missing_genes)}); evaluate on genes both predict (--genes-panel).")
+            raise EvaluationError(
+                f"baseline {describe_path(path)} does not predict {len(missing_genes)} panel genes "
+                f"({_preview(missing_genes)}); evaluate on genes both predict (--genes-panel)."
+            )
         stem_uns = adata.uns.get("napari_stem", {})
         provenance = json.loads(str(stem_uns["provenance_json"])) if "provenance_json" in stem_uns else {}
         mean = _dense(adata.X)[[rows[b] for b in barcodes]][:, [columns[g] for g in panel_genes]]
         if not np.isfinite(mean).all():
-            raise EvaluationError(f"baseline {describe_path(path)} holds non-finite values; rerun 'stem-train baseline'.")
+            raise EvaluationError(
+                f"baseline {describe_path(path)} holds non-finite values; rerun 'stem-train baseline'."
+            )
         method = str(provenance.get("baseline") or path.parent.name)
-        loaded.append(BaselinePrediction(method, str(provenance.get("model", method)), path, mean,
-                                         str(provenance.get("target_transform", "log2p1"))))
+        loaded.append(
+            BaselinePrediction(
+                method,
+                str(provenance.get("model", method)),
+                path,
+                mean,
+                str(provenance.get("target_transform", "log2p1")),
+            )
+        )
     return loaded
 
 
@@ -487,9 +643,17 @@ class BaselineScore:
     by_gene_kind: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> {"pcc", "difference"} BootstrapCIs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "label": self.label, "prediction": self.prediction, "target_transform": self.target_transform,
-                "fixed_panel_pcc": self.pcc.to_dict(), "difference": self.difference.to_dict(),
-                "by_gene_kind": {kind: {k: v.to_dict() for k, v in scores.items()} for kind, scores in self.by_gene_kind.items()}}
+        return {
+            "method": self.method,
+            "label": self.label,
+            "prediction": self.prediction,
+            "target_transform": self.target_transform,
+            "fixed_panel_pcc": self.pcc.to_dict(),
+            "difference": self.difference.to_dict(),
+            "by_gene_kind": {
+                kind: {k: v.to_dict() for k, v in scores.items()} for kind, scores in self.by_gene_kind.items()
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -503,8 +667,13 @@ class Comparison:
     by_gene_kind: dict[str, dict[str, Any]]  # kind -> {"best", "difference" (dict), "verdict"}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"folder": self.folder, "best": self.best, "verdict": self.verdict,
-                "methods": [score.to_dict() for score in self.scores], "verdicts_by_gene_kind": self.by_gene_kind}
+        return {
+            "folder": self.folder,
+            "best": self.best,
+            "verdict": self.verdict,
+            "methods": [score.to_dict() for score in self.scores],
+            "verdicts_by_gene_kind": self.by_gene_kind,
+        }
 
 
 def display_name(model: str) -> str:
@@ -522,12 +691,23 @@ def verdict_line(name: str, best: str, difference: Any, what: str = "fixed-panel
         conclusion = f"{best} ahead"
     else:
         conclusion = "no clear difference"
-    return (f"{name} vs best baseline ({best}): {difference.describe(3, signed=True)} {what} (paired bootstrap "
-            f"{difference.level * 100:g} % CI, {difference.n_units} {difference.unit}); {conclusion}")
+    return (
+        f"{name} vs best baseline ({best}): {difference.describe(3, signed=True)} {what} (paired bootstrap "
+        f"{difference.level * 100:g} % CI, {difference.n_units} {difference.unit}); {conclusion}"
+    )
 
 
-def compare_with_baselines(rivals: list[BaselinePrediction], model: str, truth_raw: np.ndarray, mean: np.ndarray, transform: str,
-                           gene_kinds: dict[str, list[int]], folder: str, resamples: int, seed: int) -> Comparison:
+def compare_with_baselines(
+    rivals: list[BaselinePrediction],
+    model: str,
+    truth_raw: np.ndarray,
+    mean: np.ndarray,
+    transform: str,
+    gene_kinds: dict[str, list[int]],
+    folder: str,
+    resamples: int,
+    seed: int,
+) -> Comparison:
     """Score each baseline and the paired difference against it on the same resampled spots, pick the
     best baseline by point estimate (per gene kind too) and say what the difference is.
 
@@ -543,13 +723,27 @@ def compare_with_baselines(rivals: list[BaselinePrediction], model: str, truth_r
         rival_truth = to_target_space(truth_raw, rival.target_transform)
         kinds = {}
         for kind, columns in gene_kinds.items():
-            kinds[kind] = {"pcc": bootstrap_panel_pcc(rival_truth[:, columns], rival.mean[:, columns], **options),
-                           "difference": paired_bootstrap_panel_pcc(truth[:, columns], mean[:, columns], rival.mean[:, columns],
-                                                                     truth_b=rival_truth[:, columns], **options)}
-        scores.append(BaselineScore(
-            rival.method, rival.label, str(rival.path.resolve()), rival.target_transform,
-            bootstrap_panel_pcc(rival_truth, rival.mean, **options),
-            paired_bootstrap_panel_pcc(truth, mean, rival.mean, truth_b=rival_truth, **options), kinds))
+            kinds[kind] = {
+                "pcc": bootstrap_panel_pcc(rival_truth[:, columns], rival.mean[:, columns], **options),
+                "difference": paired_bootstrap_panel_pcc(
+                    truth[:, columns],
+                    mean[:, columns],
+                    rival.mean[:, columns],
+                    truth_b=rival_truth[:, columns],
+                    **options,
+                ),
+            }
+        scores.append(
+            BaselineScore(
+                rival.method,
+                rival.label,
+                str(rival.path.resolve()),
+                rival.target_transform,
+                bootstrap_panel_pcc(rival_truth, rival.mean, **options),
+                paired_bootstrap_panel_pcc(truth, mean, rival.mean, truth_b=rival_truth, **options),
+                kinds,
+            )
+        )
     name = display_name(model)
 
     def best_of(pcc_of: Any) -> BaselineScore | None:
@@ -568,7 +762,9 @@ def compare_with_baselines(rivals: list[BaselinePrediction], model: str, truth_r
         by_kind[kind] = {
             "best": kind_best.method if kind_best else None,
             "difference": kind_best.by_gene_kind[kind]["difference"].to_dict() if kind_best else None,
-            "verdict": verdict_line(name, kind_best.method, kind_best.by_gene_kind[kind]["difference"], what) if kind_best else nothing(what),
+            "verdict": verdict_line(name, kind_best.method, kind_best.by_gene_kind[kind]["difference"], what)
+            if kind_best
+            else nothing(what),
         }
     return Comparison(folder, scores, best.method if best else None, verdict, by_kind)
 
@@ -611,7 +807,9 @@ def _load_manifest_quietly(path: Any) -> Any:
         return None
 
 
-def training_slides(prepared: str | Path | None, provenance: dict) -> tuple[dict[str, TrainingSlide], list[str], list[Any]]:
+def training_slides(
+    prepared: str | Path | None, provenance: dict
+) -> tuple[dict[str, TrainingSlide], list[str], list[Any]]:
     """Training slides by sample id from ``--prepared`` and from what the prediction's provenance names.
 
     Sources, in order: the ``--prepared`` manifest (an unreadable one is an error: it was asked
@@ -647,7 +845,9 @@ def training_slides(prepared: str | Path | None, provenance: dict) -> tuple[dict
     checkpoint = provenance.get("checkpoint")
     if checkpoint and (Path(str(checkpoint)) / CONFIG_FILE).is_file():
         try:
-            trained = json.loads((Path(str(checkpoint)) / CONFIG_FILE).read_text(encoding="utf-8")).get("provenance", {})
+            trained = json.loads((Path(str(checkpoint)) / CONFIG_FILE).read_text(encoding="utf-8")).get(
+                "provenance", {}
+            )
         except (OSError, ValueError, AttributeError):
             trained = {}
         manifest = _load_manifest_quietly(trained.get("manifest"))
@@ -696,23 +896,35 @@ def check_leaks(sample_id: str, truth_path: Path, provenance: dict, prepared: st
     patient = _test_patient(sample_id, truth_path, manifests)
     if not slides:
         return LeakCheck("not checked", sample_id, patient, None, [], 0, [])
-    digest = _test_image_hash(sample_id, truth_path, provenance, manifests) if any(s.sha256 for s in slides.values()) else None
+    digest = (
+        _test_image_hash(sample_id, truth_path, provenance, manifests)
+        if any(s.sha256 for s in slides.values())
+        else None
+    )
     findings = []
     leaked = set()
     if sample_id in slides:
         leaked.add(sample_id)
-        findings.append(f"LEAK: test slide {sample_id} is also a training slide of the model ({slides[sample_id].source}): "
-                        "held-out figures are not valid")
+        findings.append(
+            f"LEAK: test slide {sample_id} is also a training slide of the model ({slides[sample_id].source}): "
+            "held-out figures are not valid"
+        )
     same_image = [s for s in slides.values() if digest and s.sha256 == digest and s.sample_id != sample_id]
     if same_image:
         leaked.update(s.sample_id for s in same_image)
-        findings.append(f"LEAK: test slide {sample_id}'s image has the same SHA-256 as training slide(s) "
-                        f"{', '.join(s.sample_id for s in same_image)} ({same_image[0].source}): the same scan under another id, "
-                        "so held-out figures are not valid")
-    same_patient = [s.sample_id for s in slides.values() if patient and s.patient == patient and s.sample_id not in leaked]
+        findings.append(
+            f"LEAK: test slide {sample_id}'s image has the same SHA-256 as training slide(s) "
+            f"{', '.join(s.sample_id for s in same_image)} ({same_image[0].source}): the same scan under another id, "
+            "so held-out figures are not valid"
+        )
+    same_patient = [
+        s.sample_id for s in slides.values() if patient and s.patient == patient and s.sample_id not in leaked
+    ]
     if same_patient:
-        findings.append(f"same patient as training slides {', '.join(same_patient)} (patient {patient}): figures measure "
-                        "within-patient generalisation, not generalisation to new patients")
+        findings.append(
+            f"same patient as training slides {', '.join(same_patient)} (patient {patient}): figures measure "
+            "within-patient generalisation, not generalisation to new patients"
+        )
     status = "leak" if leaked else "same patient" if same_patient else "clear"
     return LeakCheck(status, sample_id, patient, digest, sources, len(slides), findings)
 
@@ -726,20 +938,33 @@ def intervals_verdict(checks: list[dict]) -> str:
         return "as stated (each covers its stated level within sampling error)"
     return "too narrow: " + "; ".join(
         f"{'/'.join(c['layers'])} covers {c['coverage']:.2f} of the truth, not {c['level']:.2f} (tolerance "
-        f"{c['tolerance']:.2f} at {c['n_spots']} spots; {c['source']})" for c in narrow)
+        f"{c['tolerance']:.2f} at {c['n_spots']} spots; {c['source']})"
+        for c in narrow
+    )
 
 
-def _plots(report, truth_values, arrays, genes, per_gene, context, prediction_path, out_dir, marker_genes, title) -> dict:
+def _plots(
+    report, truth_values, arrays, genes, per_gene, context, prediction_path, out_dir, marker_genes, title
+) -> dict:
     from stem_train import plots
 
     label = title or Path(prediction_path).stem
     files = {
-        "gene_variation": plots.gene_variation_curves(truth_values, arrays["mean"], out_dir / "gene_variation.png", title=label).name,
-        "pcc_bars": plots.pcc_bars(genes, per_gene["pcc"], out_dir / "pcc_per_gene.png", title=f"{label}: per-gene PCC",
-                                   panel_mean=report["fixed_panel_pcc"]["mean"]).name,
+        "gene_variation": plots.gene_variation_curves(
+            truth_values, arrays["mean"], out_dir / "gene_variation.png", title=label
+        ).name,
+        "pcc_bars": plots.pcc_bars(
+            genes,
+            per_gene["pcc"],
+            out_dir / "pcc_per_gene.png",
+            title=f"{label}: per-gene PCC",
+            panel_mean=report["fixed_panel_pcc"]["mean"],
+        ).name,
     }
     if report["calibration"].get("applicable"):
-        files["calibration"] = plots.calibration_plot(report["calibration"]["curve"], out_dir / "calibration.png", title=f"{label}: calibration").name
+        files["calibration"] = plots.calibration_plot(
+            report["calibration"]["curve"], out_dir / "calibration.png", title=f"{label}: calibration"
+        ).name
     if marker_genes:
         chosen = list(marker_genes)
     else:  # chosen from the truth alone, never by how well they are predicted
@@ -748,11 +973,23 @@ def _plots(report, truth_values, arrays, genes, per_gene, context, prediction_pa
         chosen = [genes[i] for i in ranked[:DEFAULT_MARKERS]]
     index = [genes.index(g) for g in chosen]
     variance = arrays["variance"]
-    std = np.sqrt(np.clip(variance[:, index], 0, None)) if variance is not None and np.nanmax(variance, initial=0) > 0 else None
+    std = (
+        np.sqrt(np.clip(variance[:, index], 0, None))
+        if variance is not None and np.nanmax(variance, initial=0) > 0
+        else None
+    )
     files["marker_maps"] = plots.marker_maps(
-        context["coords"], truth_values[:, index], arrays["mean"][:, index], chosen, out_dir / "marker_maps.png",
-        std=std, thumbnail=context["thumbnail"], scale=context["scale"], spot_diameter_px=context["spot_diameter_px"],
-        value_label=_value_label(report["target_transform"]), title=label,
+        context["coords"],
+        truth_values[:, index],
+        arrays["mean"][:, index],
+        chosen,
+        out_dir / "marker_maps.png",
+        std=std,
+        thumbnail=context["thumbnail"],
+        scale=context["scale"],
+        spot_diameter_px=context["spot_diameter_px"],
+        value_label=_value_label(report["target_transform"]),
+        title=label,
     ).name
     return files
 
@@ -784,7 +1021,9 @@ def _write_table(per_gene: dict[str, np.ndarray], path: Path) -> None:
     import pandas as pd
 
     table = pd.DataFrame({name: np.asarray(values) for name, values in per_gene.items()})
-    replace_atomically(path, lambda partial: table.to_csv(partial, sep="\t", index=False, na_rep="NaN", float_format="%.6g"))
+    replace_atomically(
+        path, lambda partial: table.to_csv(partial, sep="\t", index=False, na_rep="NaN", float_format="%.6g")
+    )
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -806,11 +1045,16 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     )
     rows = [
         (f"fixed-panel mean PCC ({fixed['n_genes']} genes{nan_note})", _fmt(fixed["mean"]) + _ci_note(fixed.get("ci"))),
-        *[(f"  {kind.replace('_', '-')} genes ({scores['n_genes']})", _fmt(scores["mean"]) + _ci_note(scores["ci"]))
-          for kind, scores in report.get("pcc_by_gene_kind", {}).items()],
+        *[
+            (f"  {kind.replace('_', '-')} genes ({scores['n_genes']})", _fmt(scores["mean"]) + _ci_note(scores["ci"]))
+            for kind, scores in report.get("pcc_by_gene_kind", {}).items()
+        ],
         (f"PCC-{'/'.join(k_used)} (best genes post hoc, optimistic)", pcc_k),
         ("MSE / MAE", f"{_fmt(reference['mse'])} / {_fmt(reference['mae'])}"),
-        (f"RVD ({_count(reference['rvd_genes_excluded'], 'gene')} with constant truth excluded)", _fmt(reference["rvd"])),
+        (
+            f"RVD ({_count(reference['rvd_genes_excluded'], 'gene')} with constant truth excluded)",
+            _fmt(reference["rvd"]),
+        ),
     ]
     calibration = report["calibration"]
     if not calibration.get("applicable"):
@@ -818,8 +1062,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     else:
         rank = "coverage_rank_50" in calibration
         key = "coverage_rank_" if rank else "coverage_"
-        rows.append((f"coverage 50% / 90% ({'rank' if rank else calibration['source']})",
-                     f"{_fmt(calibration.get(key + '50'))} / {_fmt(calibration.get(key + '90'))}"))
+        rows.append(
+            (
+                f"coverage 50% / 90% ({'rank' if rank else calibration['source']})",
+                f"{_fmt(calibration.get(key + '50'))} / {_fmt(calibration.get(key + '90'))}",
+            )
+        )
         if "crps" in calibration:
             rows.append(("CRPS (samples)", _fmt(calibration["crps"])))
         elif "crps_gaussian" in calibration:
@@ -827,8 +1075,12 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         if "spread_error_correlation" in calibration:
             rows.append(("spread-error correlation (mean over genes)", _fmt(calibration["spread_error_correlation"])))
         for check in calibration.get("written_intervals", []):
-            rows.append((f"written {'/'.join(check['layers'])} ({check.get('label', '')})",
-                         f"{_fmt(check['coverage'])} at {_fmt(check['level'])}: {check['verdict']}"))
+            rows.append(
+                (
+                    f"written {'/'.join(check['layers'])} ({check.get('label', '')})",
+                    f"{_fmt(check['coverage'])} at {_fmt(check['level'])}: {check['verdict']}",
+                )
+            )
     for score in report.get("baselines", {}).get("methods", []):
         pcc = score["fixed_panel_pcc"]
         rows.append((f"baseline {score['method']}: fixed-panel PCC", _fmt(pcc["estimate"]) + _ci_note(pcc)))
@@ -848,14 +1100,19 @@ def _ci_note(ci: dict | None) -> str:
 def _leak_summary(leak: dict) -> str:
     if leak["status"] == "not checked":
         return "not checked: nothing names the model's training slides (pass --prepared PREP_DIR, the folder it was trained on)"
-    described = {"leak": "LEAK (see warnings)", "same patient": "same patient as training slides (see warnings)",
-                 "clear": "clear: sample id, image and patient differ from"}[leak["status"]]
+    described = {
+        "leak": "LEAK (see warnings)",
+        "same patient": "same patient as training slides (see warnings)",
+        "clear": "clear: sample id, image and patient differ from",
+    }[leak["status"]]
     return f"{described} {leak['n_training_slides']} training slides" if leak["status"] == "clear" else described
 
 
 def print_summary(report: dict) -> None:
-    print(f"{Path(report['prediction']).name} vs {Path(report['truth']).name}: {report['n_spots']} spots, "
-          f"{report['n_genes']} genes, truth as {report['target_transform']}, model {report['model']}")
+    print(
+        f"{Path(report['prediction']).name} vs {Path(report['truth']).name}: {report['n_spots']} spots, "
+        f"{report['n_genes']} genes, truth as {report['target_transform']}, model {report['model']}"
+    )
     rows = summary_rows(report)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:

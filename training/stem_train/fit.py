@@ -54,7 +54,16 @@ STEP_STREAM, VALIDATION_STREAM = 0x57E9, 0x7A11
 #: Put the whole training set on the GPU when it takes less than this share of its memory.
 DEVICE_DATA_SHARE = 0.25
 #: Arguments a resumed run must share with the run it continues (the rest may change).
-RESUME_MUST_MATCH = ("target_transform", "num_aug_ratio", "seed", "global_batch_size", "lr", "weight_decay", "ema_decay", "grad_clip")
+RESUME_MUST_MATCH = (
+    "target_transform",
+    "num_aug_ratio",
+    "seed",
+    "global_batch_size",
+    "lr",
+    "weight_decay",
+    "ema_decay",
+    "grad_clip",
+)
 
 
 class TrainingError(StemError):
@@ -83,38 +92,132 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "trains ~200k-300k steps at batch 256 (about 12 h on one A100)."
         ),
     )
-    parser.add_argument("prep_dir", type=Path, metavar="PREP_DIR", help="folder written by 'stem-train prepare' (holds manifest.json)")
-    parser.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder for logs and checkpoints (created)")
+    parser.add_argument(
+        "prep_dir", type=Path, metavar="PREP_DIR", help="folder written by 'stem-train prepare' (holds manifest.json)"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="RUN_DIR", help="run folder for logs and checkpoints (created)"
+    )
     arch = parser.add_argument_group("model")
     arch.add_argument(
-        "--preset", choices=sorted(PRESETS), default="stem-reference",
+        "--preset",
+        choices=sorted(PRESETS),
+        default="stem-reference",
         help="architecture: stem-reference (the paper's: 12 blocks, hidden 384, 6 heads; default) or stem-small "
         "(4 blocks, hidden 128, 4 heads: CPU-sized); the condition width always comes from the prepared embeddings",
     )
     arch.add_argument("--hidden-size", type=POSITIVE_INT, default=None, help="override the preset's token width")
-    arch.add_argument("--depth", type=POSITIVE_INT, default=None, help="override the preset's number of transformer blocks")
-    arch.add_argument("--num-heads", type=POSITIVE_INT, default=None, help="override the preset's attention heads (must divide the hidden size)")
+    arch.add_argument(
+        "--depth", type=POSITIVE_INT, default=None, help="override the preset's number of transformer blocks"
+    )
+    arch.add_argument(
+        "--num-heads",
+        type=POSITIVE_INT,
+        default=None,
+        help="override the preset's attention heads (must divide the hidden size)",
+    )
     train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=POSITIVE_INT, default=1000, help="optimiser steps to train in total, counting resumed ones (default: 1000)")
-    train.add_argument("--global-batch-size", type=BATCH_SIZE, default=256, help="rows per step summed over all ranks; must divide by the number of ranks (default: 256)")
-    train.add_argument("--lr", type=LEARNING_RATE, default=None, help=f"AdamW learning rate, constant (default: the preset's: {_preset_defaults('lr')})")
+    train.add_argument(
+        "--max-steps",
+        type=POSITIVE_INT,
+        default=1000,
+        help="optimiser steps to train in total, counting resumed ones (default: 1000)",
+    )
+    train.add_argument(
+        "--global-batch-size",
+        type=BATCH_SIZE,
+        default=256,
+        help="rows per step summed over all ranks; must divide by the number of ranks (default: 256)",
+    )
+    train.add_argument(
+        "--lr",
+        type=LEARNING_RATE,
+        default=None,
+        help=f"AdamW learning rate, constant (default: the preset's: {_preset_defaults('lr')})",
+    )
     train.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0, help="AdamW weight decay (default: 0)")
-    train.add_argument("--ema-decay", type=FRACTION, default=None, help=f"decay of the weight average that is saved for sampling (default: the preset's: {_preset_defaults('ema_decay')}; use ~0.98 for runs of a few hundred steps)")
-    train.add_argument("--grad-clip", type=_grad_clip, default=None, metavar="none|NORM", help="clip the gradient's global norm to NORM (default: none, as the reference)")
-    train.add_argument("--num-aug-ratio", type=AUGMENTATION_RATIO, default=None, help=f"augmented views (0..7) used per training spot besides the original, drawn once per run (default: the preset's: {_preset_defaults('num_aug_ratio')}; needs views: prepare without --no-augment)")
-    train.add_argument("--target-transform", choices=sorted(TRAINING_TARGET_TRANSFORMS), default="log2p1", help="count → target: log2p1 = log2(1+x) (the reference's) or log1p = ln(1+x) (default: log2p1)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the augmentation draw, the batch order and the noise (default: 0)")
-    train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on CUDA, fp32 elsewhere (default: auto)")
-    train.add_argument("--device", default="auto", help="auto (this rank's GPU if any, else CPU), cpu, cuda (default: auto)")
+    train.add_argument(
+        "--ema-decay",
+        type=FRACTION,
+        default=None,
+        help=f"decay of the weight average that is saved for sampling (default: the preset's: {_preset_defaults('ema_decay')}; use ~0.98 for runs of a few hundred steps)",
+    )
+    train.add_argument(
+        "--grad-clip",
+        type=_grad_clip,
+        default=None,
+        metavar="none|NORM",
+        help="clip the gradient's global norm to NORM (default: none, as the reference)",
+    )
+    train.add_argument(
+        "--num-aug-ratio",
+        type=AUGMENTATION_RATIO,
+        default=None,
+        help=f"augmented views (0..7) used per training spot besides the original, drawn once per run (default: the preset's: {_preset_defaults('num_aug_ratio')}; needs views: prepare without --no-augment)",
+    )
+    train.add_argument(
+        "--target-transform",
+        choices=sorted(TRAINING_TARGET_TRANSFORMS),
+        default="log2p1",
+        help="count → target: log2p1 = log2(1+x) (the reference's) or log1p = ln(1+x) (default: log2p1)",
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initial weights, the augmentation draw, the batch order and the noise (default: 0)",
+    )
+    train.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 elsewhere (default: auto)",
+    )
+    train.add_argument(
+        "--device", default="auto", help="auto (this rank's GPU if any, else CPU), cpu, cuda (default: auto)"
+    )
     io = parser.add_argument_group("logging, validation and checkpoints")
-    io.add_argument("--log-every", type=POSITIVE_INT, default=50, help="steps between training-loss lines in the log (default: 50)")
-    io.add_argument("--ckpt-every", type=POSITIVE_INT, default=500, help="steps between resumable checkpoints (default: 500)")
-    io.add_argument("--keep-last", type=NON_NEGATIVE_INT, default=3, help="resumable checkpoints kept on disk, newest first; 0 keeps all (default: 3)")
-    io.add_argument("--val-every", type=NON_NEGATIVE_INT, default=500, help="steps between validations on the held-out slides; 0 turns validation off (default: 500)")
-    io.add_argument("--val-spots", type=POSITIVE_INT, default=256, help="held-out spots validated, evenly spread over the held-out slides (default: 256)")
-    io.add_argument("--val-samples", type=POSITIVE_INT, default=2, help="samples per spot averaged for the validation PCC (default: 2)")
-    io.add_argument("--val-sample-steps", type=STEPS, default=10, help="steps of the validation sampler (ancestral, as predict) (default: 10)")
-    io.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from checkpoints/latest (same model, genes and training options)")
+    io.add_argument(
+        "--log-every", type=POSITIVE_INT, default=50, help="steps between training-loss lines in the log (default: 50)"
+    )
+    io.add_argument(
+        "--ckpt-every", type=POSITIVE_INT, default=500, help="steps between resumable checkpoints (default: 500)"
+    )
+    io.add_argument(
+        "--keep-last",
+        type=NON_NEGATIVE_INT,
+        default=3,
+        help="resumable checkpoints kept on disk, newest first; 0 keeps all (default: 3)",
+    )
+    io.add_argument(
+        "--val-every",
+        type=NON_NEGATIVE_INT,
+        default=500,
+        help="steps between validations on the held-out slides; 0 turns validation off (default: 500)",
+    )
+    io.add_argument(
+        "--val-spots",
+        type=POSITIVE_INT,
+        default=256,
+        help="held-out spots validated, evenly spread over the held-out slides (default: 256)",
+    )
+    io.add_argument(
+        "--val-samples",
+        type=POSITIVE_INT,
+        default=2,
+        help="samples per spot averaged for the validation PCC (default: 2)",
+    )
+    io.add_argument(
+        "--val-sample-steps",
+        type=STEPS,
+        default=10,
+        help="steps of the validation sampler (ancestral, as predict) (default: 10)",
+    )
+    io.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in RUN_DIR from checkpoints/latest (same model, genes and training options)",
+    )
     return parser
 
 
@@ -131,7 +234,12 @@ def _grad_clip(text: str) -> float | None:
 
 
 def _preset_defaults(option: str) -> str:
-    return ", ".join(f"{value:g} for {preset}" for preset, values in TRAINING_DEFAULTS.items() for name, value in values.items() if name == option)
+    return ", ".join(
+        f"{value:g} for {preset}"
+        for preset, values in TRAINING_DEFAULTS.items()
+        for name, value in values.items()
+        if name == option
+    )
 
 
 def apply_preset_defaults(args: argparse.Namespace) -> None:
@@ -158,7 +266,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    positive = ("max_steps", "global_batch_size", "log_every", "ckpt_every", "val_spots", "val_samples", "val_sample_steps")
+    positive = (
+        "max_steps",
+        "global_batch_size",
+        "log_every",
+        "ckpt_every",
+        "val_spots",
+        "val_samples",
+        "val_sample_steps",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -186,30 +302,44 @@ def train(args: argparse.Namespace, ctx: Any) -> None:
     checkpoints = run_dir / CHECKPOINTS_DIR
     resume_from = _resume_folder(run_dir) if args.resume else None
     if not args.resume and (checkpoints / LATEST_FILE).exists():
-        raise TrainingError(f"{describe_path(run_dir)} already holds a run; pass --resume to continue it, or choose another --out.")
+        raise TrainingError(
+            f"{describe_path(run_dir)} already holds a run; pass --resume to continue it, or choose another --out."
+        )
     if args.global_batch_size % ctx.world_size:
-        raise TrainingError(f"--global-batch-size {args.global_batch_size} does not divide by the {ctx.world_size} ranks.")
+        raise TrainingError(
+            f"--global-batch-size {args.global_batch_size} does not divide by the {ctx.world_size} ranks."
+        )
     config = _model_config(args, manifest, StemConfig)
     spec = _run_spec(args, manifest, config)
-    resume_state = _read_resume_state(resume_from, spec) if resume_from is not None else None  # mismatch: fail before loading data
+    resume_state = (
+        _read_resume_state(resume_from, spec) if resume_from is not None else None
+    )  # mismatch: fail before loading data
 
     # -- data: the same rows on every rank
     say = tqdm.write if ctx.is_main else (lambda *_: None)
     bar_kwargs = dict(disable=not ctx.is_main, dynamic_ncols=True)
     training_set = assemble_training_set(
-        manifest, num_aug_ratio=args.num_aug_ratio, target_transform=args.target_transform, seed=args.seed,
+        manifest,
+        num_aug_ratio=args.num_aug_ratio,
+        target_transform=args.target_transform,
+        seed=args.seed,
         progress=lambda slides: tqdm(slides, desc="loading training slides", unit="slide", **bar_kwargs),
     )
     order = BatchOrder(len(training_set), args.global_batch_size, args.seed)
     validating = args.val_every > 0 and bool(manifest.split("test"))
-    held_out = assemble_held_out(manifest, target_transform=args.target_transform) if validating and ctx.is_main else None
+    held_out = (
+        assemble_held_out(manifest, target_transform=args.target_transform) if validating and ctx.is_main else None
+    )
     say(
         f"training set: {len(training_set)} rows from {training_set.n_spots} spots ({training_set.n_dropped} all-zero/NaN "
         f"dropped) x (1 + {args.num_aug_ratio} views); augmentation draw {training_set.augmentation_fingerprint}; "
         f"{order.steps_per_epoch} steps per epoch; {ctx.world_size} rank(s) on {ctx.device}"
     )
     if ctx.enabled:  # every rank says which rows it holds: the draws must agree
-        print(f"rank {ctx.rank}/{ctx.world_size}: augmentation draw {training_set.augmentation_fingerprint}, {len(training_set)} rows", flush=True)
+        print(
+            f"rank {ctx.rank}/{ctx.world_size}: augmentation draw {training_set.augmentation_fingerprint}, {len(training_set)} rows",
+            flush=True,
+        )
     if args.val_every > 0 and not manifest.split("test"):
         say("no held-out slides in the prepared folder: validation is off (prepare with --held-out ID to get some)")
 
@@ -227,7 +357,11 @@ def train(args: argparse.Namespace, ctx: Any) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.enabled else model
+    trained = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if ctx.enabled
+        else model
+    )
     diffusion = create_diffusion()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=_use_bf16(args.precision, device))
     conditions, targets, spot_of_row = _training_tensors(training_set, device)
@@ -236,19 +370,38 @@ def train(args: argparse.Namespace, ctx: Any) -> None:
     if ctx.is_main:
         checkpoints.mkdir(parents=True, exist_ok=True)
         _start_log(run_dir / LOG_FILE, keep_until=step)
-        _write_json_atomic(run_dir / RUN_FILE, {
-            "args": _plain_args(args), "config": config.to_dict(), "world_size": ctx.world_size,
-            "training_rows": len(training_set), "training_spots": training_set.n_spots,
-            "dropped_spots": training_set.n_dropped, "augmentation_fingerprint": training_set.augmentation_fingerprint,
-            "steps_per_epoch": order.steps_per_epoch, "manifest": str(manifest.root / "manifest.json"),
-        })
+        _write_json_atomic(
+            run_dir / RUN_FILE,
+            {
+                "args": _plain_args(args),
+                "config": config.to_dict(),
+                "world_size": ctx.world_size,
+                "training_rows": len(training_set),
+                "training_spots": training_set.n_spots,
+                "dropped_spots": training_set.n_dropped,
+                "augmentation_fingerprint": training_set.augmentation_fingerprint,
+                "steps_per_epoch": order.steps_per_epoch,
+                "manifest": str(manifest.root / "manifest.json"),
+            },
+        )
 
     def save(step_now: int) -> None:
         if ctx.is_main:
-            state = {"step": step_now, "spec": spec, "optimizer": optimizer.state_dict(), "running": running.cpu(),
-                     "rng": _rng_states(), "data": {"epoch": order.position(step_now)[0], "steps_per_epoch": order.steps_per_epoch,
-                                                    "augmentation_fingerprint": training_set.augmentation_fingerprint}}
-            folder = _save_step_checkpoint(checkpoints, step_now, state, config, manifest, model, ema, args, training_set, ctx)
+            state = {
+                "step": step_now,
+                "spec": spec,
+                "optimizer": optimizer.state_dict(),
+                "running": running.cpu(),
+                "rng": _rng_states(),
+                "data": {
+                    "epoch": order.position(step_now)[0],
+                    "steps_per_epoch": order.steps_per_epoch,
+                    "augmentation_fingerprint": training_set.augmentation_fingerprint,
+                },
+            }
+            folder = _save_step_checkpoint(
+                checkpoints, step_now, state, config, manifest, model, ema, args, training_set, ctx
+            )
             say(f"step {step_now}: saved {folder}")
         distributed.barrier(ctx)
 
@@ -261,26 +414,55 @@ def train(args: argparse.Namespace, ctx: Any) -> None:
             rows = torch.from_numpy(order.rank_batch(step, ctx.rank, ctx.world_size)).to(conditions.device)
             x = targets[spot_of_row[rows]].unsqueeze(1).to(device, non_blocking=True)
             y = conditions[rows].to(device, non_blocking=True)
-            t, noise = _step_noise(args.seed, step, args.global_batch_size, len(manifest.genes), ctx.rank, ctx.world_size, diffusion.n_steps)
+            t, noise = _step_noise(
+                args.seed,
+                step,
+                args.global_batch_size,
+                len(manifest.genes),
+                ctx.rank,
+                ctx.world_size,
+                diffusion.n_steps,
+            )
             with autocast:
-                losses = diffusion.training_losses(trained, x, t.to(device), model_kwargs={"y": y}, noise=noise.to(device))
+                losses = diffusion.training_losses(
+                    trained, x, t.to(device), model_kwargs={"y": y}, noise=noise.to(device)
+                )
             loss = losses["loss"].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip else math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), args.grad_clip if args.grad_clip else math.inf
+            )
             optimizer.step()
             update_ema(ema, model, args.ema_decay)
             step += 1
             bar.update(1)
-            running += torch.stack([loss.detach(), losses["mse"].detach().mean(), losses["vb"].detach().mean(), grad_norm.detach(), torch.ones((), device=device)]).double()
+            running += torch.stack(
+                [
+                    loss.detach(),
+                    losses["mse"].detach().mean(),
+                    losses["vb"].detach().mean(),
+                    grad_norm.detach(),
+                    torch.ones((), device=device),
+                ]
+            ).double()
 
             last = step == args.max_steps
             if step % args.log_every == 0 or last:
                 loss_mean, mse, vb, norm, count = distributed.mean_over_ranks(running.tolist(), ctx)
                 now = time.perf_counter()
-                record = {"kind": "train", "step": step, "epoch": order.position(step - 1)[0], "loss": loss_mean / count,
-                          "mse": mse / count, "vb": vb / count, "grad_norm": norm / count, "lr": args.lr,
-                          "steps_per_s": (step - window_start) / max(now - last_log_time, 1e-9), "elapsed_s": now - started}
+                record = {
+                    "kind": "train",
+                    "step": step,
+                    "epoch": order.position(step - 1)[0],
+                    "loss": loss_mean / count,
+                    "mse": mse / count,
+                    "vb": vb / count,
+                    "grad_norm": norm / count,
+                    "lr": args.lr,
+                    "steps_per_s": (step - window_start) / max(now - last_log_time, 1e-9),
+                    "elapsed_s": now - started,
+                }
                 if step % args.log_every == 0:
                     running.zero_()  # the last step of a run that stops off the grid keeps its window open for --resume
                 else:
@@ -290,19 +472,25 @@ def train(args: argparse.Namespace, ctx: Any) -> None:
                     _append_log(run_dir / LOG_FILE, record)
                     postfix["loss"] = f"{record['loss']:.4f}"
                     bar.set_postfix(postfix)
-                    say(f"step {step}: loss {record['loss']:.5f} (mse {record['mse']:.5f}, vb {record['vb']:.5f}), {record['steps_per_s']:.1f} steps/s")
+                    say(
+                        f"step {step}: loss {record['loss']:.5f} (mse {record['mse']:.5f}, vb {record['vb']:.5f}), {record['steps_per_s']:.1f} steps/s"
+                    )
             if validating and (step % args.val_every == 0 or last):
                 if ctx.is_main:
                     result = validate(ema, diffusion, held_out, args, device, step)
                     _append_log(run_dir / LOG_FILE, result)
                     postfix["val_pcc"] = f"{result['val_pcc']:.3f}"
                     bar.set_postfix(postfix)
-                    say(f"step {step}: held-out loss {result['val_loss']:.5f}, mean PCC {result['val_pcc']:.4f} over {result['val_pcc_genes']} genes ({result['val_spots']} spots)")
+                    say(
+                        f"step {step}: held-out loss {result['val_loss']:.5f}, mean PCC {result['val_pcc']:.4f} over {result['val_pcc_genes']} genes ({result['val_spots']} spots)"
+                    )
                 distributed.barrier(ctx)
             if step % args.ckpt_every == 0 or last:
                 save(step)
     if ctx.is_main:
-        final = _save_final_checkpoint(run_dir / FINAL_CHECKPOINT, step, config, manifest, model, ema, args, training_set, ctx)
+        final = _save_final_checkpoint(
+            run_dir / FINAL_CHECKPOINT, step, config, manifest, model, ema, args, training_set, ctx
+        )
         say(f"done: {step} steps; final EMA checkpoint {final}")
     distributed.barrier(ctx)
 
@@ -354,9 +542,13 @@ def _training_tensors(training_set: Any, device: Any):
 
 
 def _model_config(args: argparse.Namespace, manifest: PreparedDataset, config_cls: Any) -> Any:
-    overrides = {name: getattr(args, name) for name in ("hidden_size", "depth", "num_heads") if getattr(args, name) is not None}
+    overrides = {
+        name: getattr(args, name) for name in ("hidden_size", "depth", "num_heads") if getattr(args, name) is not None
+    }
     try:
-        return config_cls.from_preset(args.preset, n_genes=len(manifest.genes), **{**overrides, "cond_dim": manifest.embedding_dim})
+        return config_cls.from_preset(
+            args.preset, n_genes=len(manifest.genes), **{**overrides, "cond_dim": manifest.embedding_dim}
+        )
     except ValueError as exc:
         raise TrainingError(f"invalid model size: {exc}") from exc
 
@@ -373,7 +565,9 @@ def _run_spec(args: argparse.Namespace, manifest: PreparedDataset, config: Any) 
 
 
 # ---------------------------------------------------------------------- validation
-def validate(ema: Any, diffusion: Any, held_out: Any, args: argparse.Namespace, device: Any, step: int) -> dict[str, Any]:
+def validate(
+    ema: Any, diffusion: Any, held_out: Any, args: argparse.Namespace, device: Any, step: int
+) -> dict[str, Any]:
     """EMA weights on held-out spots: diffusion loss (fixed t and noise), and the mean per-gene PCC
     and MSE of the few-step DDIM samples' mean."""
     import torch
@@ -390,17 +584,31 @@ def validate(ema: Any, diffusion: Any, held_out: Any, args: argparse.Namespace, 
     noise = torch.randn(x.shape, generator=generator)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=_use_bf16(args.precision, device))
     with torch.no_grad(), autocast:
-        losses = diffusion.training_losses(ema, x.to(device), t.to(device), model_kwargs={"y": y.to(device)}, noise=noise.to(device))
-    prediction = sample_expression(ema, held_out.conditions[chosen], n_samples=args.val_samples, steps=args.val_sample_steps,
-                                   device=device, seed=args.seed)
+        losses = diffusion.training_losses(
+            ema, x.to(device), t.to(device), model_kwargs={"y": y.to(device)}, noise=noise.to(device)
+        )
+    prediction = sample_expression(
+        ema,
+        held_out.conditions[chosen],
+        n_samples=args.val_samples,
+        steps=args.val_sample_steps,
+        device=device,
+        seed=args.seed,
+    )
     pcc = pearson_per_gene(held_out.targets[chosen], prediction.mean)
     finite = np.isfinite(pcc)
     return {
-        "kind": "val", "step": step,
-        "val_loss": float(losses["loss"].mean()), "val_mse": float(losses["mse"].mean()), "val_vb": float(losses["vb"].mean()),
+        "kind": "val",
+        "step": step,
+        "val_loss": float(losses["loss"].mean()),
+        "val_mse": float(losses["mse"].mean()),
+        "val_vb": float(losses["vb"].mean()),
         "val_pcc": float(pcc[finite].mean()) if finite.any() else float("nan"),
-        "val_pcc_genes": int(finite.sum()), "val_spots": int(len(chosen)),
-        "val_pred_mse": float(np.mean((held_out.targets[chosen] - prediction.mean) ** 2)),  # of the sampled mean, target space
+        "val_pcc_genes": int(finite.sum()),
+        "val_spots": int(len(chosen)),
+        "val_pred_mse": float(
+            np.mean((held_out.targets[chosen] - prediction.mean) ** 2)
+        ),  # of the sampled mean, target space
     }
 
 
@@ -415,27 +623,54 @@ def target_range(targets: np.ndarray) -> dict[str, list[float]]:
     return {"min": targets.min(axis=0).tolist(), "max": targets.max(axis=0).tolist()}
 
 
-def _provenance(step: int, manifest: PreparedDataset, args: argparse.Namespace, training_set: Any, ctx: Any) -> dict[str, Any]:
+def _provenance(
+    step: int, manifest: PreparedDataset, args: argparse.Namespace, training_set: Any, ctx: Any
+) -> dict[str, Any]:
     from napari_stem import __version__
 
     return {
-        "trainer": "stem-train fit", "napari_stem_version": __version__, "steps": step,
-        "manifest": str(manifest.root / "manifest.json"), "data_dir": manifest.data_dir,
-        "train_slides": [s.sample_id for s in manifest.split("train")], "held_out_slides": [s.sample_id for s in manifest.split("test")],
-        "gene_selection": manifest.gene_selection, "args": _plain_args(args), "world_size": ctx.world_size,
+        "trainer": "stem-train fit",
+        "napari_stem_version": __version__,
+        "steps": step,
+        "manifest": str(manifest.root / "manifest.json"),
+        "data_dir": manifest.data_dir,
+        "train_slides": [s.sample_id for s in manifest.split("train")],
+        "held_out_slides": [s.sample_id for s in manifest.split("test")],
+        "gene_selection": manifest.gene_selection,
+        "args": _plain_args(args),
+        "world_size": ctx.world_size,
         "augmentation_fingerprint": training_set.augmentation_fingerprint,
     }
 
 
-def _save_step_checkpoint(checkpoints: Path, step: int, state: dict, config: Any, manifest: PreparedDataset, model: Any, ema: Any,
-                          args: argparse.Namespace, training_set: Any, ctx: Any) -> Path:
+def _save_step_checkpoint(
+    checkpoints: Path,
+    step: int,
+    state: dict,
+    config: Any,
+    manifest: PreparedDataset,
+    model: Any,
+    ema: Any,
+    args: argparse.Namespace,
+    training_set: Any,
+    ctx: Any,
+) -> Path:
     """Weights folder, then its training state, then the ``latest`` pointer: each step atomic."""
     from napari_stem.checkpoint import save_checkpoint
 
     folder = checkpoints / f"step_{step:07d}"
-    save_checkpoint(folder, config=config, genes=manifest.genes, ema=ema, model=model, target_transform=args.target_transform,
-                    embedding=manifest.embedding_spec(), provenance=_provenance(step, manifest, args, training_set, ctx), overwrite=True,
-                    target_range=target_range(training_set.targets))
+    save_checkpoint(
+        folder,
+        config=config,
+        genes=manifest.genes,
+        ema=ema,
+        model=model,
+        target_transform=args.target_transform,
+        embedding=manifest.embedding_spec(),
+        provenance=_provenance(step, manifest, args, training_set, ctx),
+        overwrite=True,
+        target_range=target_range(training_set.targets),
+    )
     _torch_save_atomic(state, folder / STATE_FILE)
     write_text_atomically(checkpoints / LATEST_FILE, folder.name + "\n")
     if args.keep_last:
@@ -445,22 +680,43 @@ def _save_step_checkpoint(checkpoints: Path, step: int, state: dict, config: Any
     return folder
 
 
-def _save_final_checkpoint(path: Path, step: int, config: Any, manifest: PreparedDataset, model: Any, ema: Any,
-                           args: argparse.Namespace, training_set: Any, ctx: Any) -> Path:
+def _save_final_checkpoint(
+    path: Path,
+    step: int,
+    config: Any,
+    manifest: PreparedDataset,
+    model: Any,
+    ema: Any,
+    args: argparse.Namespace,
+    training_set: Any,
+    ctx: Any,
+) -> Path:
     from napari_stem.checkpoint import save_checkpoint
 
-    return save_checkpoint(path, config=config, genes=manifest.genes, ema=ema, target_transform=args.target_transform,
-                           embedding=manifest.embedding_spec(), provenance=_provenance(step, manifest, args, training_set, ctx), overwrite=True,
-                           target_range=target_range(training_set.targets))
+    return save_checkpoint(
+        path,
+        config=config,
+        genes=manifest.genes,
+        ema=ema,
+        target_transform=args.target_transform,
+        embedding=manifest.embedding_spec(),
+        provenance=_provenance(step, manifest, args, training_set, ctx),
+        overwrite=True,
+        target_range=target_range(training_set.targets),
+    )
 
 
 def _resume_folder(run_dir: Path) -> Path:
     pointer = run_dir / CHECKPOINTS_DIR / LATEST_FILE
     if not pointer.exists():
-        raise TrainingError(f"nothing to resume in {describe_path(run_dir)}: no {CHECKPOINTS_DIR}/{LATEST_FILE}; run without --resume to start it.")
+        raise TrainingError(
+            f"nothing to resume in {describe_path(run_dir)}: no {CHECKPOINTS_DIR}/{LATEST_FILE}; run without --resume to start it."
+        )
     folder = pointer.parent / pointer.read_text().strip()
     if not (folder / STATE_FILE).exists():
-        raise TrainingError(f"{describe_path(pointer)} names {describe_path(folder)}, which has no {STATE_FILE}; the run folder is damaged.")
+        raise TrainingError(
+            f"{describe_path(pointer)} names {describe_path(folder)}, which has no {STATE_FILE}; the run folder is damaged."
+        )
     return folder
 
 
@@ -490,7 +746,9 @@ def _check_same_rows(folder: Path, state: dict[str, Any], training_set: Any, ord
         )
 
 
-def _restore(folder: Path, state: dict[str, Any], spec: dict[str, Any], model: Any, ema: Any, optimizer: Any, device: Any):
+def _restore(
+    folder: Path, state: dict[str, Any], spec: dict[str, Any], model: Any, ema: Any, optimizer: Any, device: Any
+):
     """Weights, EMA, optimiser and RNGs as saved; returns (step, running log sums)."""
     import torch
 
@@ -511,10 +769,14 @@ def _spec_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str
         if old == new:
             continue
         if isinstance(old, dict) and isinstance(new, dict):
-            parts = [f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            parts = [
+                f"{k} {old.get(k)!r} vs {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+            ]
             lines.append(f"{key}: checkpoint {', '.join(parts)} (checkpoint vs this run)")
         elif key == "genes":
-            lines.append(f"genes: checkpoint has {len(old or [])} {_preview(old or [])}, the prepared folder {len(new or [])} {_preview(new or [])}")
+            lines.append(
+                f"genes: checkpoint has {len(old or [])} {_preview(old or [])}, the prepared folder {len(new or [])} {_preview(new or [])}"
+            )
         else:
             lines.append(f"{key}: checkpoint {old!r}, this run {new!r}")
     return lines
@@ -529,8 +791,12 @@ def _rng_states() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"key": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
-                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
         "python": random.getstate(),
     }
 
@@ -547,7 +813,9 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
     if "numpy" in states:
         n = states["numpy"]
-        np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        np.random.set_state(
+            ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
     if "python" in states:
         version, internal, gauss = states["python"]
         random.setstate((version, tuple(internal), gauss))
@@ -555,8 +823,11 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------- files
 def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-            if not key.startswith("_") and not callable(value)}
+    return {
+        key: str(value) if isinstance(value, Path) else value
+        for key, value in vars(args).items()
+        if not key.startswith("_") and not callable(value)
+    }
 
 
 def _start_log(path: Path, keep_until: int) -> None:

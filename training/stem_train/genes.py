@@ -82,7 +82,9 @@ def slide_hvgs(adata: Any, genes: Sequence[str], n_top_genes: int = HVG_PER_SLID
     return set(sub.var_names[sub.var["highly_variable"].to_numpy()])
 
 
-def raw_count_moments(adatas: Mapping[str, Any], genes: Sequence[str], chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def raw_count_moments(
+    adatas: Mapping[str, Any], genes: Sequence[str], chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation (ddof 1) of raw counts over all spots of all slides (step 4).
 
     NaN counts count as 0 (the reference's ``fillna(0)``). Computed slide by slide in blocks of
@@ -151,7 +153,9 @@ def select_hmhvg(
     candidates = drop_prefixed(sorted(union), prefixes)
     _require_enough(candidates, n_genes, "HMHVG candidates (union of per-slide HVGs after the prefix filter)")
     mean, std = raw_count_moments(adatas, candidates)
-    selected, k = top_mean_std_intersection(rank_descending(mean, candidates), rank_descending(std, candidates), n_genes)
+    selected, k = top_mean_std_intersection(
+        rank_descending(mean, candidates), rank_descending(std, candidates), n_genes
+    )
     info = {
         "method": "hmhvg",
         "n_requested": int(n_genes),
@@ -208,7 +212,9 @@ def read_gene_list_file(path: str | Path) -> list[str]:
 def select_from_list(path: str | Path, all_adatas: Mapping[str, Any]) -> GeneSelection:
     """The user's genes in the file's order, after checking every slide measures each of them."""
     genes = read_gene_list_file(path)
-    missing = {sample_id: [g for g in genes if g not in set(adata.var_names)] for sample_id, adata in all_adatas.items()}
+    missing = {
+        sample_id: [g for g in genes if g not in set(adata.var_names)] for sample_id, adata in all_adatas.items()
+    }
     missing = {sample_id: names for sample_id, names in missing.items() if names}
     if missing:
         absent = sorted({gene for names in missing.values() for gene in names}, key=genes.index)
@@ -233,7 +239,9 @@ def _count_blocks(adatas: Mapping[str, Any], genes: list[str], chunk: int):
     for adata in adatas.values():
         indices = adata.var_names.get_indexer(genes)
         if (indices < 0).any():
-            raise DatasetError(f"a slide lacks genes {_preview([g for g, i in zip(genes, indices, strict=True) if i < 0])}")
+            raise DatasetError(
+                f"a slide lacks genes {_preview([g for g, i in zip(genes, indices, strict=True) if i < 0])}"
+            )
         for start in range(0, len(genes), chunk):
             columns = slice(start, min(start + chunk, len(genes)))
             values = adata.X[:, indices[columns]]

@@ -26,15 +26,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("checkpoint", type=Path, help="the reference .pt file, e.g. results/000/checkpoints/0300000.pt")
-    parser.add_argument("--genes", type=Path, required=True, help="the gene list it was trained on (selected_gene_list.txt)")
+    parser.add_argument(
+        "--genes", type=Path, required=True, help="the gene list it was trained on (selected_gene_list.txt)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder to write the converted checkpoint to")
-    parser.add_argument("--num-heads", type=POSITIVE_INT, default=None,
-                        help="attention heads (not stored in the weights; default: 6 for hidden size 384, the paper's)")
-    parser.add_argument("--encoder", default="uni+conch",
-                        help="encoder the model was trained on (default: uni+conch, the paper's 1536-d condition)")
-    parser.add_argument("--patch-mode", choices=("stem-native", "hest"), default="stem-native",
-                        help="how its training patches were cut (default: stem-native, the reference's crop)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a checkpoint napari-stem wrote (anything else is never replaced)")
+    parser.add_argument(
+        "--num-heads",
+        type=POSITIVE_INT,
+        default=None,
+        help="attention heads (not stored in the weights; default: 6 for hidden size 384, the paper's)",
+    )
+    parser.add_argument(
+        "--encoder",
+        default="uni+conch",
+        help="encoder the model was trained on (default: uni+conch, the paper's 1536-d condition)",
+    )
+    parser.add_argument(
+        "--patch-mode",
+        choices=("stem-native", "hest"),
+        default="stem-native",
+        help="how its training patches were cut (default: stem-native, the reference's crop)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a checkpoint napari-stem wrote (anything else is never replaced)",
+    )
     return parser
 
 
@@ -59,11 +76,18 @@ def run(args: argparse.Namespace) -> int:
             f"{encoder_dim}-d; pass the --encoder it was trained with (the paper's is uni+conch, 1536-d)."
         )
     save_checkpoint(
-        args.out, config=config, genes=loaded.genes, ema=loaded.model, target_transform=loaded.target_transform,
+        args.out,
+        config=config,
+        genes=loaded.genes,
+        ema=loaded.model,
+        target_transform=loaded.target_transform,
         embedding={"encoder": args.encoder, "dim": encoder_dim, "patch": patch.to_dict()},
-        provenance={"imported_from": str(args.checkpoint.resolve())}, overwrite=args.overwrite,
+        provenance={"imported_from": str(args.checkpoint.resolve())},
+        overwrite=args.overwrite,
     )
-    print(f"imported {args.checkpoint}: {config.n_genes} genes, condition {config.cond_dim}-d, hidden {config.hidden_size}, "
-          f"depth {config.depth}, heads {config.num_heads}")
+    print(
+        f"imported {args.checkpoint}: {config.n_genes} genes, condition {config.cond_dim}-d, hidden {config.hidden_size}, "
+        f"depth {config.depth}, heads {config.num_heads}"
+    )
     print(f"wrote {args.out.resolve()}")
     return 0

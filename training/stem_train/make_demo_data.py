@@ -41,8 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from napari_stem.validate import check_memory, check_writable_folder
 
     side_px = args.size_um / args.mpp
-    check_memory(side_px**2 * 3 * 8, f"a {args.size_um:g} µm slide at {args.mpp:g} µm/px ({side_px:,.0f} px square)",
-                 "Use a smaller --size-um or a larger --mpp.")
+    check_memory(
+        side_px**2 * 3 * 8,
+        f"a {args.size_um:g} µm slide at {args.mpp:g} µm/px ({side_px:,.0f} px square)",
+        "Use a smaller --size-um or a larger --mpp.",
+    )
     check_writable_folder(args.out, side_px**2 * 3 * args.slides)
     samples = make_demo_dataset(
         args.out,

@@ -66,12 +66,22 @@ def image_record(path: str | Path, previous: PreparedSlide | None = None) -> dic
     """
     path = Path(path).resolve()
     stat = path.stat()
-    if (previous is not None and previous.image_sha256 and previous.image == str(path)
-            and previous.image_bytes == stat.st_size and previous.image_mtime_ns == stat.st_mtime_ns):
+    if (
+        previous is not None
+        and previous.image_sha256
+        and previous.image == str(path)
+        and previous.image_bytes == stat.st_size
+        and previous.image_mtime_ns == stat.st_mtime_ns
+    ):
         digest = previous.image_sha256
     else:
         digest = sha256_file(path)
-    return {"image": str(path), "image_sha256": digest, "image_bytes": int(stat.st_size), "image_mtime_ns": int(stat.st_mtime_ns)}
+    return {
+        "image": str(path),
+        "image_sha256": digest,
+        "image_bytes": int(stat.st_size),
+        "image_mtime_ns": int(stat.st_mtime_ns),
+    }
 
 
 @dataclass
@@ -132,7 +142,9 @@ class PreparedDataset:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{describe_path(path)} is not valid JSON ({exc}); re-run 'stem-train prepare'.") from exc
+            raise DatasetError(
+                f"{describe_path(path)} is not valid JSON ({exc}); re-run 'stem-train prepare'."
+            ) from exc
         if data.get("version") != MANIFEST_VERSION:
             raise DatasetError(
                 f"{describe_path(path)} has manifest version {data.get('version')}, this stem-train reads "

@@ -68,12 +68,16 @@ def gene_variation_curves(truth: np.ndarray, prediction: np.ndarray, path: str |
     return _save(figure, path)
 
 
-def pcc_bars(genes: Sequence[str], pcc: np.ndarray, path: str | Path, title: str = "", panel_mean: float | None = None) -> Path:
+def pcc_bars(
+    genes: Sequence[str], pcc: np.ndarray, path: str | Path, title: str = "", panel_mean: float | None = None
+) -> Path:
     """Per-gene PCC, sorted; genes with an undefined PCC (constant) are marked, not hidden."""
     pcc = np.asarray(pcc, dtype=np.float64)
     genes = [str(g) for g in genes]
     finite = np.isfinite(pcc)
-    order = [i for i in np.argsort(-np.where(finite, pcc, -np.inf)) if finite[i]] + [i for i in range(len(pcc)) if not finite[i]]
+    order = [i for i in np.argsort(-np.where(finite, pcc, -np.inf)) if finite[i]] + [
+        i for i in range(len(pcc)) if not finite[i]
+    ]
     width = min(24.0, max(6.0, 0.18 * len(genes) + 2))
     figure = _figure(width, 4.2)
     axis = figure.subplots()
@@ -83,7 +87,14 @@ def pcc_bars(genes: Sequence[str], pcc: np.ndarray, path: str | Path, title: str
     axis.bar(x, values, color=colours, width=0.85)
     nan_x = [position for position, i in enumerate(order) if not finite[i]]
     if nan_x:
-        axis.scatter(nan_x, np.zeros(len(nan_x)), marker="x", color="tab:red", zorder=3, label=f"undefined PCC ({len(nan_x)} gene{'' if len(nan_x) == 1 else 's'})")
+        axis.scatter(
+            nan_x,
+            np.zeros(len(nan_x)),
+            marker="x",
+            color="tab:red",
+            zorder=3,
+            label=f"undefined PCC ({len(nan_x)} gene{'' if len(nan_x) == 1 else 's'})",
+        )
     if panel_mean is not None and np.isfinite(panel_mean):
         axis.axhline(panel_mean, color="black", linestyle="--", linewidth=1, label=f"fixed-panel mean {panel_mean:.3f}")
     axis.axhline(0, color="grey", linewidth=0.6)
@@ -117,14 +128,23 @@ def calibration_plot(curves: dict, path: str | Path, title: str = "") -> Path:
     }
     for key, (colour, label) in styles.items():
         if curves.get(key) and len(curves[key]) == len(nominal):  # wide and pale: visible under equal curves
-            axis.plot(nominal, curves[key], marker="o", color=colour, label=label, linewidth=4, markersize=9, alpha=0.45)
+            axis.plot(
+                nominal, curves[key], marker="o", color=colour, label=label, linewidth=4, markersize=9, alpha=0.45
+            )
     exact = curves.get("order_statistic") or {}
     if exact.get("level"):
         axis.plot(exact["level"], exact["coverage"], marker="s", color="tab:green", label="order-statistic intervals")
     written = curves.get("written") or {}
     if written.get("level"):
-        axis.scatter(written["level"], written["coverage"], marker="*", s=160, color="black", zorder=5,
-                     label="written intervals (as labelled)")
+        axis.scatter(
+            written["level"],
+            written["coverage"],
+            marker="*",
+            s=160,
+            color="black",
+            zorder=5,
+            label="written intervals (as labelled)",
+        )
     axis.set_xlim(0, 1)
     axis.set_ylim(0, 1)
     axis.set_xlabel("stated level of the central interval")
@@ -168,8 +188,10 @@ def marker_maps(
     figure = _figure(4.2 * n_columns, 3.9 * max(1, len(genes)))
     axes = np.atleast_2d(figure.subplots(max(1, len(genes)), n_columns, squeeze=False))
     for row, gene in enumerate(genes):
-        shared = Normalize(vmin=float(min(truth[:, row].min(), prediction[:, row].min())),
-                           vmax=float(max(truth[:, row].max(), prediction[:, row].max())))
+        shared = Normalize(
+            vmin=float(min(truth[:, row].min(), prediction[:, row].min())),
+            vmax=float(max(truth[:, row].max(), prediction[:, row].max())),
+        )
         panels = [("truth", truth[:, row], shared, "magma"), ("prediction", prediction[:, row], shared, "magma")]
         if std is not None:
             sigma = np.asarray(std, dtype=np.float64)[:, row]
@@ -179,8 +201,14 @@ def marker_maps(
             if thumbnail is not None:
                 axis.imshow(thumbnail)
             discs = EllipseCollection(
-                np.full(len(xy), diameter), np.full(len(xy), diameter), np.zeros(len(xy)),
-                units="xy", offsets=xy, offset_transform=axis.transData, cmap=cmap, norm=norm,
+                np.full(len(xy), diameter),
+                np.full(len(xy), diameter),
+                np.zeros(len(xy)),
+                units="xy",
+                offsets=xy,
+                offset_transform=axis.transData,
+                cmap=cmap,
+                norm=norm,
             )
             discs.set_array(values)
             axis.add_collection(discs)

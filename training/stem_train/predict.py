@@ -70,71 +70,182 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", type=Path, metavar="SLIDE_OR_HEST_DIR", help="a slide file (.tif, .svs, ...) or a HEST-layout folder (wsis/, st/, metadata/)")
-    parser.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="checkpoint folder written by stem-train fit (config.json + weights.safetensors), or "
-                        "hf-hub:owner/name[@revision] for one on the Hugging Face Hub (cached; safetensors only)")
-    parser.add_argument("--out", type=Path, default=None, metavar="OUT",
-                        help="output .h5ad (one slide) or folder (one <name>.h5ad per slide); default: ./predictions/")
-    parser.add_argument("--format", choices=("h5ad", "spatialdata"), default="h5ad",
-                        help="h5ad (scanpy layout) or spatialdata: a <name>.zarr SpatialData folder per slide (H&E as a "
-                        "downscaled multiscale image, spots as circles in full-res pixels, table with mean, variance and "
-                        "intervals) that spatialdata.read_zarr and napari-spatialdata open (default: h5ad)")
+    parser.add_argument(
+        "input",
+        type=Path,
+        metavar="SLIDE_OR_HEST_DIR",
+        help="a slide file (.tif, .svs, ...) or a HEST-layout folder (wsis/, st/, metadata/)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        metavar="CKPT",
+        help="checkpoint folder written by stem-train fit (config.json + weights.safetensors), or "
+        "hf-hub:owner/name[@revision] for one on the Hugging Face Hub (cached; safetensors only)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="output .h5ad (one slide) or folder (one <name>.h5ad per slide); default: ./predictions/",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("h5ad", "spatialdata"),
+        default="h5ad",
+        help="h5ad (scanpy layout) or spatialdata: a <name>.zarr SpatialData folder per slide (H&E as a "
+        "downscaled multiscale image, spots as circles in full-res pixels, table with mean, variance and "
+        "intervals) that spatialdata.read_zarr and napari-spatialdata open (default: h5ad)",
+    )
     spots = parser.add_argument_group("spots (slide input)")
-    spots.add_argument("--spots", type=Path, default=None, metavar="ST.h5ad",
-                       help="spot coordinates: an .h5ad with obsm['spatial'] (x, y full-res pixels) and "
-                       "uns['spatial'][lib]['scalefactors']['spot_diameter_fullres'], or a SpatialData .zarr (its circle "
-                       "shapes, e.g. from spatialdata-io's Visium reader); default: a grid over the tissue")
-    spots.add_argument("--grid-pitch-um", type=POSITIVE_FLOAT, default=100.0, help="grid spot pitch in µm (default: 100, Visium)")
-    spots.add_argument("--grid-diameter-um", type=POSITIVE_FLOAT, default=55.0, help="grid spot diameter in µm (default: 55, Visium)")
-    spots.add_argument("--min-tissue-fraction", type=FRACTION, default=0.5, help="keep grid spots at least this much tissue (default: 0.5)")
-    spots.add_argument("--mpp", type=MPP, default=None, help="slide pixel size in µm/px (0.05-20) when the file does not record it or records a wrong one")
-    spots.add_argument("--drop-off-slide-spots", action="store_true",
-                       help="drop (and count) spots whose centre lies off the slide instead of refusing the spot file")
-    spots.add_argument("--sample-ids", "--samples-ids", dest="sample_ids", default=None, metavar="ID,ID",
-                       help="HEST input: comma-separated sample ids to predict (default: all)")
+    spots.add_argument(
+        "--spots",
+        type=Path,
+        default=None,
+        metavar="ST.h5ad",
+        help="spot coordinates: an .h5ad with obsm['spatial'] (x, y full-res pixels) and "
+        "uns['spatial'][lib]['scalefactors']['spot_diameter_fullres'], or a SpatialData .zarr (its circle "
+        "shapes, e.g. from spatialdata-io's Visium reader); default: a grid over the tissue",
+    )
+    spots.add_argument(
+        "--grid-pitch-um", type=POSITIVE_FLOAT, default=100.0, help="grid spot pitch in µm (default: 100, Visium)"
+    )
+    spots.add_argument(
+        "--grid-diameter-um", type=POSITIVE_FLOAT, default=55.0, help="grid spot diameter in µm (default: 55, Visium)"
+    )
+    spots.add_argument(
+        "--min-tissue-fraction",
+        type=FRACTION,
+        default=0.5,
+        help="keep grid spots at least this much tissue (default: 0.5)",
+    )
+    spots.add_argument(
+        "--mpp",
+        type=MPP,
+        default=None,
+        help="slide pixel size in µm/px (0.05-20) when the file does not record it or records a wrong one",
+    )
+    spots.add_argument(
+        "--drop-off-slide-spots",
+        action="store_true",
+        help="drop (and count) spots whose centre lies off the slide instead of refusing the spot file",
+    )
+    spots.add_argument(
+        "--sample-ids",
+        "--samples-ids",
+        dest="sample_ids",
+        default=None,
+        metavar="ID,ID",
+        help="HEST input: comma-separated sample ids to predict (default: all)",
+    )
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--samples", type=SAMPLES, default=None, metavar="K",
-                          help="diffusion samples per spot; their mean is the prediction, their spread the uncertainty "
-                          "(default: the fewest that make --intervals exact, 19 for 0.5,0.9; without intervals 4 on CPU, "
-                          "10 on CUDA; the paper: 20). A K that cannot give the intervals exactly is raised to one that can")
-    sampling.add_argument("--steps", type=STEPS, default=None, metavar="N",
-                          help="denoising steps out of the 1000 trained, i.e. network evaluations per sample (default: "
-                          f"{DEFAULT_SETTINGS['cpu']['steps']} on CPU, {DEFAULT_SETTINGS['cuda']['steps']} on CUDA; the paper: 1000)")
-    sampling.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
-                          help=f"ancestral (the paper's DDPM sampler, respaced to --steps); ddim (eta 0 = deterministic per "
-                               f"start noise); dpm++2m (DPM-Solver++(2M), deterministic, second order); dpm++2m-sde (its "
-                               f"stochastic form); ancestral-matched (ancestral steps whose noise is the learned variance "
-                               f"carried to the big step: keeps the spread at few steps) (default: {DEFAULT_SAMPLER})")
-    sampling.add_argument("--no-clip-x0", dest="clip_x0", action="store_false",
-                          help="do not clip the denoiser's predicted x0 to the per-gene range of the training targets "
-                          "the checkpoint records (the reference's sampling exactly; checkpoints without a range, e.g. "
-                          "imported reference weights, are never clipped)")
-    sampling.add_argument("--eta", type=FRACTION, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)")
-    sampling.add_argument("--seed", type=int, default=0, help="random seed; same seed, same samples on any batch size (default: 0)")
-    sampling.add_argument("--intervals", default=",".join(f"{level:g}" for level in DEFAULT_LEVELS), metavar="L,L",
-                          help="central prediction-interval levels, written as layers lo<L>/hi<L> from order statistics of "
-                          "the samples, each exact at its stated level ('' for none; default: 0.5,0.9)")
-    sampling.add_argument("--median", action="store_true",
-                          help="also store the samples' (interpolated) median as layers['median']")
-    sampling.add_argument("--quantiles", default=None, metavar="Q,Q",
-                          help="removed: interpolated quantiles of few samples are not interval ends (q05-q95 of 8 samples "
-                          "covers ~0.65, not 0.90); use --intervals and --median")
-    sampling.add_argument("--keep-samples", action="store_true",
-                          help="also store every sample (obsm['samples'], n_spots x K*genes): lets evaluate compute the "
-                          "sample CRPS and exact rank coverage; files grow K-fold")
-    sampling.add_argument("--sample-batch-size", type=BATCH_SIZE, default=None, metavar="SPOTS",
-                          help="spots per sampling batch (default: about 256 rows on CPU, 4096 on CUDA)")
+    sampling.add_argument(
+        "--samples",
+        type=SAMPLES,
+        default=None,
+        metavar="K",
+        help="diffusion samples per spot; their mean is the prediction, their spread the uncertainty "
+        "(default: the fewest that make --intervals exact, 19 for 0.5,0.9; without intervals 4 on CPU, "
+        "10 on CUDA; the paper: 20). A K that cannot give the intervals exactly is raised to one that can",
+    )
+    sampling.add_argument(
+        "--steps",
+        type=STEPS,
+        default=None,
+        metavar="N",
+        help="denoising steps out of the 1000 trained, i.e. network evaluations per sample (default: "
+        f"{DEFAULT_SETTINGS['cpu']['steps']} on CPU, {DEFAULT_SETTINGS['cuda']['steps']} on CUDA; the paper: 1000)",
+    )
+    sampling.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default=DEFAULT_SAMPLER,
+        help=f"ancestral (the paper's DDPM sampler, respaced to --steps); ddim (eta 0 = deterministic per "
+        f"start noise); dpm++2m (DPM-Solver++(2M), deterministic, second order); dpm++2m-sde (its "
+        f"stochastic form); ancestral-matched (ancestral steps whose noise is the learned variance "
+        f"carried to the big step: keeps the spread at few steps) (default: {DEFAULT_SAMPLER})",
+    )
+    sampling.add_argument(
+        "--no-clip-x0",
+        dest="clip_x0",
+        action="store_false",
+        help="do not clip the denoiser's predicted x0 to the per-gene range of the training targets "
+        "the checkpoint records (the reference's sampling exactly; checkpoints without a range, e.g. "
+        "imported reference weights, are never clipped)",
+    )
+    sampling.add_argument(
+        "--eta", type=FRACTION, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: 0)"
+    )
+    sampling.add_argument(
+        "--seed", type=int, default=0, help="random seed; same seed, same samples on any batch size (default: 0)"
+    )
+    sampling.add_argument(
+        "--intervals",
+        default=",".join(f"{level:g}" for level in DEFAULT_LEVELS),
+        metavar="L,L",
+        help="central prediction-interval levels, written as layers lo<L>/hi<L> from order statistics of "
+        "the samples, each exact at its stated level ('' for none; default: 0.5,0.9)",
+    )
+    sampling.add_argument(
+        "--median", action="store_true", help="also store the samples' (interpolated) median as layers['median']"
+    )
+    sampling.add_argument(
+        "--quantiles",
+        default=None,
+        metavar="Q,Q",
+        help="removed: interpolated quantiles of few samples are not interval ends (q05-q95 of 8 samples "
+        "covers ~0.65, not 0.90); use --intervals and --median",
+    )
+    sampling.add_argument(
+        "--keep-samples",
+        action="store_true",
+        help="also store every sample (obsm['samples'], n_spots x K*genes): lets evaluate compute the "
+        "sample CRPS and exact rank coverage; files grow K-fold",
+    )
+    sampling.add_argument(
+        "--sample-batch-size",
+        type=BATCH_SIZE,
+        default=None,
+        metavar="SPOTS",
+        help="spots per sampling batch (default: about 256 rows on CPU, 4096 on CUDA)",
+    )
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N (default: auto)")
-    compute.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"encoder and sampler arithmetic. {PRECISION_HELP}")
-    compute.add_argument("--encoder-weights", type=Path, default=None, metavar="PATH",
-                         help="local weights file for the checkpoint's encoder (default: its built-in source)")
-    compute.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                         help="keep patch embeddings in DIR/<name>.h5 and reuse them when encoder, patches and spots match "
-                         "(a prepared folder's embeddings/ works)")
-    compute.add_argument("--batch-size", type=BATCH_SIZE, default=None, help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)")
-    compute.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=0, help="patch-reading worker processes (default: 0 = in process)")
-    compute.add_argument("--skip-existing", action="store_true", help="leave slides whose output .h5ad exists alone (resume a long run)")
+    compute.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help=f"encoder and sampler arithmetic. {PRECISION_HELP}"
+    )
+    compute.add_argument(
+        "--encoder-weights",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="local weights file for the checkpoint's encoder (default: its built-in source)",
+    )
+    compute.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep patch embeddings in DIR/<name>.h5 and reuse them when encoder, patches and spots match "
+        "(a prepared folder's embeddings/ works)",
+    )
+    compute.add_argument(
+        "--batch-size",
+        type=BATCH_SIZE,
+        default=None,
+        help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)",
+    )
+    compute.add_argument(
+        "--num-workers",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="patch-reading worker processes (default: 0 = in process)",
+    )
+    compute.add_argument(
+        "--skip-existing", action="store_true", help="leave slides whose output .h5ad exists alone (resume a long run)"
+    )
     from stem_train.cohort import add_arguments as add_cohort_arguments
 
     add_cohort_arguments(parser.add_argument_group("cohort (many slides on Dask; see the README)"))
@@ -154,8 +265,14 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         check_steps(args.steps, "--steps", args.sampler)
     levels = parse_levels(args.intervals, "--intervals")
-    jobs = plan_jobs(args.input, args.out, spots_path=args.spots, sample_ids=_split_ids(args.sample_ids), mpp=args.mpp,
-                     suffix=".zarr" if getattr(args, "format", "h5ad") == "spatialdata" else ".h5ad")
+    jobs = plan_jobs(
+        args.input,
+        args.out,
+        spots_path=args.spots,
+        sample_ids=_split_ids(args.sample_ids),
+        mpp=args.mpp,
+        suffix=".zarr" if getattr(args, "format", "h5ad") == "spatialdata" else ".h5ad",
+    )
     check_outputs(jobs, args)  # before any model is loaded
     checkpoint = load_checkpoint(args.checkpoint)
     embedding_spec(checkpoint)  # fail now, not after the first slide, if it names no encoder
@@ -168,23 +285,42 @@ def run(args: argparse.Namespace) -> int:
     device = rank_device(args.device)
     prefix = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
     n_samples = sample_count(levels, args.samples, device, prefix)
-    print(f"{prefix}{len(mine)} of {len(jobs)} slides; checkpoint {checkpoint.path} ({len(checkpoint.genes)} genes, "
-          f"encoder {checkpoint.embedding.get('encoder')}); device {device}")
+    print(
+        f"{prefix}{len(mine)} of {len(jobs)} slides; checkpoint {checkpoint.path} ({len(checkpoint.genes)} genes, "
+        f"encoder {checkpoint.embedding.get('encoder')}); device {device}"
+    )
     grid = (args.grid_pitch_um, args.grid_diameter_um, args.min_tissue_fraction)
     options = {
-        "n_samples": n_samples, "steps": args.steps, "sampler": args.sampler, "eta": args.eta,
-        "seed": args.seed, "device": device, "precision": args.precision, "encoder_weights": args.encoder_weights,
-        "embed_batch_size": args.batch_size, "num_workers": args.num_workers,
-        "sample_batch_size": args.sample_batch_size, "quantiles": (0.5,) if args.median else None,
-        "intervals": levels, "keep_samples": args.keep_samples, "clip_x0": args.clip_x0,
+        "n_samples": n_samples,
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "eta": args.eta,
+        "seed": args.seed,
+        "device": device,
+        "precision": args.precision,
+        "encoder_weights": args.encoder_weights,
+        "embed_batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "sample_batch_size": args.sample_batch_size,
+        "quantiles": (0.5,) if args.median else None,
+        "intervals": levels,
+        "keep_samples": args.keep_samples,
+        "clip_x0": args.clip_x0,
     }
     if args.scheduler.distributed:  # one Dask task per slide, each running predict_job below
         from stem_train.cohort import predict_cohort
 
-        report = predict_cohort([job for job in jobs if not (args.skip_existing and job.out_path.exists())],
-                                args.checkpoint, args.scheduler, grid=grid, options=options, cache_dir=args.cache_dir,
-                                drop_off_slide_spots=args.drop_off_slide_spots, retry_failed=args.retry_failed,
-                                show_workers=args.show_workers)
+        report = predict_cohort(
+            [job for job in jobs if not (args.skip_existing and job.out_path.exists())],
+            args.checkpoint,
+            args.scheduler,
+            grid=grid,
+            options=options,
+            cache_dir=args.cache_dir,
+            drop_off_slide_spots=args.drop_off_slide_spots,
+            retry_failed=args.retry_failed,
+            show_workers=args.show_workers,
+        )
         print(report.table())
         report.raise_if_failed("they have no .h5ad")
         return 0
@@ -192,8 +328,15 @@ def run(args: argparse.Namespace) -> int:
         if args.skip_existing and job.out_path.exists():
             print(f"{prefix}{job.name}: {job.out_path} exists, skipped")
             continue
-        path = predict_job(job, checkpoint, grid=grid, options=options, cache_dir=args.cache_dir, progress_prefix=prefix,
-                           drop_off_slide_spots=args.drop_off_slide_spots)
+        path = predict_job(
+            job,
+            checkpoint,
+            grid=grid,
+            options=options,
+            cache_dir=args.cache_dir,
+            progress_prefix=prefix,
+            drop_off_slide_spots=args.drop_off_slide_spots,
+        )
         print(f"{prefix}{job.name}: wrote {path}")
     return 0
 
@@ -241,10 +384,14 @@ def plan_jobs(
 
     input_path = Path(input_path)
     if not input_path.exists():
-        raise StemError(f"input {describe_path(input_path)} does not exist; give a slide file or a HEST folder (wsis/, st/, metadata/).")
+        raise StemError(
+            f"input {describe_path(input_path)} does not exist; give a slide file or a HEST folder (wsis/, st/, metadata/)."
+        )
     if input_path.is_dir():
         if not is_hest_folder(input_path):
-            raise StemError(f"{describe_path(input_path)} is a folder but not a HEST-layout folder (it needs wsis/ and st/); give a slide file or a HEST folder.")
+            raise StemError(
+                f"{describe_path(input_path)} is a folder but not a HEST-layout folder (it needs wsis/ and st/); give a slide file or a HEST folder."
+            )
         if spots_path is not None:
             raise StemError("--spots is for a single slide; a HEST folder's spots come from its st/<id>.h5ad files.")
         out_dir = _output_dir(out, suffix)
@@ -252,11 +399,17 @@ def plan_jobs(
         known = set(hest_sample_ids(input_path))
         unknown = [i for i in ids if i not in known]
         if unknown:
-            raise StemError(f"--sample-ids {', '.join(unknown)} not found in {describe_path(input_path / 'st')} (available: {', '.join(sorted(known)[:10])}).")
+            raise StemError(
+                f"--sample-ids {', '.join(unknown)} not found in {describe_path(input_path / 'st')} (available: {', '.join(sorted(known)[:10])})."
+            )
         jobs = []
         for sample_id in ids:
             sample = hest_sample(input_path, sample_id)
-            jobs.append(PredictJob(sample_id, sample.wsi_path, out_dir / f"{sample_id}{suffix}", sample.st_path, mpp or sample.mpp))
+            jobs.append(
+                PredictJob(
+                    sample_id, sample.wsi_path, out_dir / f"{sample_id}{suffix}", sample.st_path, mpp or sample.mpp
+                )
+            )
         return jobs
     if sample_ids:
         raise StemError("--sample-ids is for a HEST folder; the input is a single slide file.")
@@ -282,7 +435,9 @@ def shard_rank() -> tuple[int, int]:
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError as exc:
-        raise StemError(f"RANK/WORLD_SIZE must be integers, got {os.environ.get('RANK')!r}/{os.environ.get('WORLD_SIZE')!r}.") from exc
+        raise StemError(
+            f"RANK/WORLD_SIZE must be integers, got {os.environ.get('RANK')!r}/{os.environ.get('WORLD_SIZE')!r}."
+        ) from exc
     if not 0 <= rank < world_size:
         raise StemError(f"RANK {rank} is outside WORLD_SIZE {world_size}.")
     return rank, world_size
@@ -370,13 +525,18 @@ def predict_job(
     options = dict(options or {})
     with open_slide(job.slide_path, mpp=job.mpp) as slide:
         spots = job_spots(job, slide, grid)
-        spots, dropped = check_spots(spots, slide.shape, describe_path(job.spots_path or job.slide_path), drop_off_slide_spots)
+        spots, dropped = check_spots(
+            spots, slide.shape, describe_path(job.spots_path or job.slide_path), drop_off_slide_spots
+        )
         if dropped:
             print(f"{progress_prefix}{job.name}: dropped {dropped} spots off the slide; {len(spots)} left")
         n_layers = 2 + 2 * len(options.get("intervals") or ()) + len(options.get("quantiles") or ())
         kept = int(options.get("n_samples") or 0) if options.get("keep_samples") else 0
-        check_prediction_output(job.out_path, [job.slide_path, job.spots_path],
-                                prediction_bytes(len(spots), len(checkpoint.genes), n_layers, kept))
+        check_prediction_output(
+            job.out_path,
+            [job.slide_path, job.spots_path],
+            prediction_bytes(len(spots), len(checkpoint.genes), n_layers, kept),
+        )
         cache_path = Path(cache_dir) / f"{job.name}.h5" if cache_dir is not None else None
         bars: dict[str, Any] = {}
         prediction = None
@@ -388,7 +548,9 @@ def predict_job(
                 bar = bars.get(event.stage)
                 if bar is None:
                     label = {"embed": "embedding patches", "sample": "sampling"}.get(event.stage, event.stage)
-                    bar = bars[event.stage] = tqdm(total=event.total, desc=f"{progress_prefix}{job.name}: {label}", unit="spot", leave=False)
+                    bar = bars[event.stage] = tqdm(
+                        total=event.total, desc=f"{progress_prefix}{job.name}: {label}", unit="spot", leave=False
+                    )
                 bar.update(event.done - bar.n)
                 if event.from_cache:
                     bar.set_postfix_str("from cache")
@@ -397,4 +559,6 @@ def predict_job(
         finally:
             for bar in bars.values():
                 bar.close()
-        return write_prediction(job.out_path, prediction, spots, slide, format="zarr" if job.out_path.suffix == ".zarr" else "h5ad")
+        return write_prediction(
+            job.out_path, prediction, spots, slide, format="zarr" if job.out_path.suffix == ".zarr" else "h5ad"
+        )

@@ -45,56 +45,97 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "choice unless --include-held-out-in-gene-selection is given (the reference includes its test slide)."
         ),
     )
-    parser.add_argument("data_dir", type=Path, metavar="DATA_DIR", help="HEST-layout folder with wsis/, st/ and metadata/")
     parser.add_argument(
-        "--out", type=Path, default=None, metavar="PREP_DIR",
+        "data_dir", type=Path, metavar="DATA_DIR", help="HEST-layout folder with wsis/, st/ and metadata/"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="PREP_DIR",
         help=f"output folder (default: DATA_DIR/{DEFAULT_OUT_NAME}); fit, baseline and predict read it",
     )
     parser.add_argument(
-        "--encoder", default=DEFAULT_ENCODER,
+        "--encoder",
+        default=DEFAULT_ENCODER,
         help=f"image encoder: efficientnet_lite0 (offline, ImageNet), uni, conch, uni+conch (the paper's) or a timm name with --encoder-weights (default: {DEFAULT_ENCODER})",
     )
     parser.add_argument(
-        "--encoder-weights", default=None, metavar="PATH",
+        "--encoder-weights",
+        default=None,
+        metavar="PATH",
         help="local weights file for the encoder (for uni+conch: 'uni=PATH,conch=PATH'); default: the encoder's own source (packaged or Hugging Face Hub)",
     )
     parser.add_argument(
-        "--patch-mode", choices=PATCH_MODES, default="hest",
+        "--patch-mode",
+        choices=PATCH_MODES,
+        default="hest",
         help="hest: 112 µm at 0.5 µm/px (224 px), the same tissue area on every scanner (default); "
         "stem-native: the reference's crop, max(224 px, spot diameter) at the scan's own resolution",
     )
     parser.add_argument(
-        "--held-out", default="", metavar="ID,ID",
+        "--held-out",
+        default="",
+        metavar="ID,ID",
         help="comma-separated sample ids kept out of training (the 'test' split: fit validates on them, "
         "evaluate scores them); default: none, every slide trains",
     )
     parser.add_argument(
-        "--genes-method", choices=gene_selection.GENE_METHODS, default=None,
+        "--genes-method",
+        choices=gene_selection.GENE_METHODS,
+        default=None,
         help="how to choose the panel: hmhvg (the reference's, default), hvg, or list (default when --gene-list is given)",
     )
-    parser.add_argument("--n-genes", type=POSITIVE_INT, default=200, help="panel size for hmhvg and hvg (default: 200, the paper's)")
-    parser.add_argument("--gene-list", type=Path, default=None, metavar="FILE", help="text file, one gene symbol per line (implies --genes-method list)")
     parser.add_argument(
-        "--include-held-out-in-gene-selection", action="store_true",
+        "--n-genes", type=POSITIVE_INT, default=200, help="panel size for hmhvg and hvg (default: 200, the paper's)"
+    )
+    parser.add_argument(
+        "--gene-list",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="text file, one gene symbol per line (implies --genes-method list)",
+    )
+    parser.add_argument(
+        "--include-held-out-in-gene-selection",
+        action="store_true",
         help="let held-out slides inform the gene statistics, as the reference does (slight leakage; off by default)",
     )
     parser.add_argument(
-        "--drop-prefixes", default=",".join(gene_selection.REFERENCE_PREFIXES), metavar="P,P",
+        "--drop-prefixes",
+        default=",".join(gene_selection.REFERENCE_PREFIXES),
+        metavar="P,P",
         help="gene-name prefixes removed before hmhvg/hvg selection (default: MT,mt,RPS,RPL, the reference's "
         "since 2025-03; 'MT,mt,RP,rp' reproduces its earlier filter; '' keeps every gene)",
     )
     parser.add_argument(
-        "--hvg-per-slide", type=POSITIVE_INT, default=gene_selection.HVG_PER_SLIDE,
+        "--hvg-per-slide",
+        type=POSITIVE_INT,
+        default=gene_selection.HVG_PER_SLIDE,
         help=f"hmhvg: highly variable genes taken from each slide before the union (default: {gene_selection.HVG_PER_SLIDE})",
     )
-    parser.add_argument("--batch-size", type=BATCH_SIZE, default=None, help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)")
+    parser.add_argument(
+        "--batch-size",
+        type=BATCH_SIZE,
+        default=None,
+        help="patches per encoder forward pass (default: 8 on CPU, 64 on CUDA)",
+    )
     parser.add_argument(
         "--no-augment",
         action="store_true",
         help="embed only the original patches, not the 7 flips/rotations (8x faster; fit then needs --num-aug-ratio 0)",
     )
-    parser.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=0, help="processes reading patches from the slides (default: 0, in the main process)")
-    parser.add_argument("--device", default="auto", help="device for the encoder: auto (a GPU if present), cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument(
+        "--num-workers",
+        type=NON_NEGATIVE_INT,
+        default=0,
+        help="processes reading patches from the slides (default: 0, in the main process)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="device for the encoder: auto (a GPU if present), cpu, cuda, cuda:1, ... (default: auto)",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"encoder arithmetic. {PRECISION_HELP}")
     from stem_train.cohort import add_arguments as add_cohort_arguments
 
@@ -129,10 +170,18 @@ def run(args: argparse.Namespace) -> int:
     patch_spec = PatchSpec.stem_native() if args.patch_mode == "stem-native" else PatchSpec()
     _warn_shared_patients(samples, held_out)
 
-    adatas = {sample.sample_id: anndata.read_h5ad(sample.st_path) for sample in tqdm(samples, desc="reading expression", unit="slide")}
+    adatas = {
+        sample.sample_id: anndata.read_h5ad(sample.st_path)
+        for sample in tqdm(samples, desc="reading expression", unit="slide")
+    }
     spots_by_sample = check_samples_usable(samples, adatas)
     n_views = 1 if args.no_augment else 1 + N_AUGMENTATIONS
-    embedding_bytes = sum(len(spots) for spots in spots_by_sample.values()) * (get_encoder_spec(args.encoder).dim or 1024) * 4 * n_views
+    embedding_bytes = (
+        sum(len(spots) for spots in spots_by_sample.values())
+        * (get_encoder_spec(args.encoder).dim or 1024)
+        * 4
+        * n_views
+    )
     check_writable_folder(out, embedding_bytes, flag="--out")
     selection = choose_genes(args, method, adatas, held_out)
     print(f"gene panel: {len(selection.genes)} genes by {method} ({_describe(selection.info)})")
@@ -160,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
     )
     manifest.save(out)
     n_train = sum(slide.split == "train" for slide in slides)
-    print(f"prepared {len(slides)} slides ({n_train} train, {len(slides) - n_train} held out), {embedding_dim}-d embeddings, {len(selection.genes)} genes")
+    print(
+        f"prepared {len(slides)} slides ({n_train} train, {len(slides) - n_train} held out), {embedding_dim}-d embeddings, {len(selection.genes)} genes"
+    )
     print(f"wrote {out}")
     return 0
 
@@ -176,17 +227,30 @@ def check_samples_usable(samples: list[Any], adatas: dict[str, Any]) -> dict[str
         spots = sample.read_spots()
         n_spots = adatas[sample.sample_id].n_obs
         if len(spots) != n_spots:
-            raise DatasetError(f"{describe_path(sample.st_path)}: {len(spots)} spot centres for {n_spots} expression rows.")
+            raise DatasetError(
+                f"{describe_path(sample.st_path)}: {len(spots)} spot centres for {n_spots} expression rows."
+            )
         with open_slide(sample.wsi_path, mpp=sample.mpp) as slide:
             check_spots(spots, slide.shape, describe_path(sample.st_path))
         spots_by_sample[sample.sample_id] = spots
     return spots_by_sample
 
 
-def _embed_samples(args: argparse.Namespace, samples: list[Any], spots_by_sample: dict[str, Any], adatas: dict[str, Any],
-                   held_out: list[str], out: Path, patch_spec: Any) -> tuple[list[PreparedSlide], int]:
-    options = {"encoder_weights": args.encoder_weights, "batch_size": args.batch_size, "num_workers": args.num_workers,
-               "augment": not args.no_augment}
+def _embed_samples(
+    args: argparse.Namespace,
+    samples: list[Any],
+    spots_by_sample: dict[str, Any],
+    adatas: dict[str, Any],
+    held_out: list[str],
+    out: Path,
+    patch_spec: Any,
+) -> tuple[list[PreparedSlide], int]:
+    options = {
+        "encoder_weights": args.encoder_weights,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "augment": not args.no_augment,
+    }
     dims: dict[str, int] = {}
     if args.scheduler.distributed:  # one Dask task per slide, each running embed_slide below
         from napari_stem.embed import spots_fingerprint
@@ -199,36 +263,78 @@ def _embed_samples(args: argparse.Namespace, samples: list[Any], spots_by_sample
         )
 
         refuse_under_torchrun(args.scheduler)
-        encoder_spec = {"name": args.encoder, "weights": args.encoder_weights, "precision": args.precision,
-                        "device": None if args.device == "auto" else args.device}
-        tasks = [SlideTask(sample.sample_id, out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5", embed_slide_task,
-                           {"sample": sample, "spots": spots_by_sample[sample.sample_id],
-                            "cache_path": out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5", "encoder": encoder_spec,
-                            "patch": patch_spec.to_dict(), "options": options},
-                           n_spots=len(spots_by_sample[sample.sample_id]),
-                           settings=settings_fingerprint(encoder_spec, patch_spec.to_dict(), options, str(sample.wsi_path),
-                                                         sample.mpp, spots_fingerprint(spots_by_sample[sample.sample_id])))
-                 for sample in samples]
+        encoder_spec = {
+            "name": args.encoder,
+            "weights": args.encoder_weights,
+            "precision": args.precision,
+            "device": None if args.device == "auto" else args.device,
+        }
+        tasks = [
+            SlideTask(
+                sample.sample_id,
+                out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5",
+                embed_slide_task,
+                {
+                    "sample": sample,
+                    "spots": spots_by_sample[sample.sample_id],
+                    "cache_path": out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5",
+                    "encoder": encoder_spec,
+                    "patch": patch_spec.to_dict(),
+                    "options": options,
+                },
+                n_spots=len(spots_by_sample[sample.sample_id]),
+                settings=settings_fingerprint(
+                    encoder_spec,
+                    patch_spec.to_dict(),
+                    options,
+                    str(sample.wsi_path),
+                    sample.mpp,
+                    spots_fingerprint(spots_by_sample[sample.sample_id]),
+                ),
+            )
+            for sample in samples
+        ]
         report = run_cohort(tasks, args.scheduler, retry_failed=args.retry_failed, show_workers=args.show_workers)
         print(report.table())
         report.raise_if_failed("no manifest was written, so fit cannot start yet")
         dims = {outcome.name: int(outcome.result["embedding_dim"]) for outcome in report.outcomes}
     else:
-        encoder = LazyEncoder(args.encoder, args.encoder_weights, None if args.device == "auto" else args.device, args.precision)
+        encoder = LazyEncoder(
+            args.encoder, args.encoder_weights, None if args.device == "auto" else args.device, args.precision
+        )
         for sample in samples:
-            dims[sample.sample_id] = embed_slide(out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5", sample,
-                                                 spots_by_sample[sample.sample_id], encoder, patch_spec, **options)
+            dims[sample.sample_id] = embed_slide(
+                out / f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5",
+                sample,
+                spots_by_sample[sample.sample_id],
+                encoder,
+                patch_spec,
+                **options,
+            )
     slides = []
     for sample in samples:
         split = "test" if sample.sample_id in held_out else "train"
         n_spots = adatas[sample.sample_id].n_obs
-        slides.append(PreparedSlide(sample.sample_id, sample.patient, split, n_spots, f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5"))
+        slides.append(
+            PreparedSlide(sample.sample_id, sample.patient, split, n_spots, f"{EMBEDDINGS_DIR}/{sample.sample_id}.h5")
+        )
     return slides, max(dims.values(), default=0)
 
 
-def embed_slide(cache_path: Path, sample: Any, spots: Any, encoder: Any, patch_spec: Any, *, encoder_weights: Any = None,
-                batch_size: int | None = None, num_workers: int = 0, augment: bool = True, progress: bool = True,
-                on_batch: Any = None) -> int:
+def embed_slide(
+    cache_path: Path,
+    sample: Any,
+    spots: Any,
+    encoder: Any,
+    patch_spec: Any,
+    *,
+    encoder_weights: Any = None,
+    batch_size: int | None = None,
+    num_workers: int = 0,
+    augment: bool = True,
+    progress: bool = True,
+    on_batch: Any = None,
+) -> int:
     """One slide's embeddings into ``cache_path`` (reused when they match); returns their width.
 
     ``on_batch(done, total)`` follows the spots as they are embedded (a cohort's live spot count).
@@ -243,9 +349,17 @@ def embed_slide(cache_path: Path, sample: Any, spots: Any, encoder: Any, patch_s
     embedding_dim = 0
     with tqdm(total=len(spots), desc=f"embedding {sample.sample_id}", unit="spot", disable=not progress) as bar:
         for event in iter_embed_slide_cached(
-            cache_path, sample.wsi_path, spots, encoder, patch_spec,
-            encoder_weights=encoder_weights, batch_size=batch_size,
-            num_workers=num_workers, augment=augment, mpp=sample.mpp, owner=TRAINING_DATA_OWNER,
+            cache_path,
+            sample.wsi_path,
+            spots,
+            encoder,
+            patch_spec,
+            encoder_weights=encoder_weights,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            augment=augment,
+            mpp=sample.mpp,
+            owner=TRAINING_DATA_OWNER,
         ):
             bar.update(event.done - bar.n)
             embedding_dim = int(event.embeddings.shape[1])
@@ -261,11 +375,15 @@ def parse_held_out(text: str, sample_ids: list[str]) -> list[str]:
     held_out = [item.strip() for item in (text or "").split(",") if item.strip()]
     unknown = [item for item in held_out if item not in sample_ids]
     if unknown:
-        raise DatasetError(f"--held-out names unknown sample(s) {', '.join(unknown)}; the folder has {', '.join(sample_ids)}.")
+        raise DatasetError(
+            f"--held-out names unknown sample(s) {', '.join(unknown)}; the folder has {', '.join(sample_ids)}."
+        )
     return list(dict.fromkeys(held_out))
 
 
-def choose_genes(args: argparse.Namespace, method: str, adatas: dict[str, Any], held_out: list[str]) -> gene_selection.GeneSelection:
+def choose_genes(
+    args: argparse.Namespace, method: str, adatas: dict[str, Any], held_out: list[str]
+) -> gene_selection.GeneSelection:
     """Run the chosen method on the selection slides; record which slides it saw."""
     from tqdm.auto import tqdm
 
@@ -276,7 +394,11 @@ def choose_genes(args: argparse.Namespace, method: str, adatas: dict[str, Any], 
     prefixes = tuple(p.strip() for p in args.drop_prefixes.split(",") if p.strip())
     if method == "hmhvg":
         selection = gene_selection.select_hmhvg(
-            deciding, args.n_genes, all_adatas=adatas, prefixes=prefixes, hvg_per_slide=args.hvg_per_slide,
+            deciding,
+            args.n_genes,
+            all_adatas=adatas,
+            prefixes=prefixes,
+            hvg_per_slide=args.hvg_per_slide,
             progress=lambda items: tqdm(items, desc="per-slide HVGs", unit="slide"),
         )
     else:
@@ -307,7 +429,9 @@ class LazyEncoder:
         if self._built is None:
             from napari_stem.encoders import create_encoder
 
-            self._built = create_encoder(self.name, weights=self.weights, device=self._device, precision=self._precision)
+            self._built = create_encoder(
+                self.name, weights=self.weights, device=self._device, precision=self._precision
+            )
         return self._built
 
     @property
@@ -336,7 +460,9 @@ def _previous_slides(out: Path) -> dict[str, PreparedSlide]:
         return {}
 
 
-def record_images(slides: list[PreparedSlide], samples: list[Any], previous: dict[str, PreparedSlide] | None = None) -> list[PreparedSlide]:
+def record_images(
+    slides: list[PreparedSlide], samples: list[Any], previous: dict[str, PreparedSlide] | None = None
+) -> list[PreparedSlide]:
     """Each slide with its image file's path, size and SHA-256 (streamed), for evaluate's leak check.
 
     A held-out slide whose image hashes like a training slide's is the same scan under another id:
@@ -350,8 +476,10 @@ def record_images(slides: list[PreparedSlide], samples: list[Any], previous: dic
 
     paths = {sample.sample_id: sample.wsi_path for sample in samples}
     previous = previous or {}
-    return [replace(slide, **image_record(paths[slide.sample_id], previous.get(slide.sample_id)))
-            for slide in tqdm(slides, desc="hashing slide files", unit="slide")]
+    return [
+        replace(slide, **image_record(paths[slide.sample_id], previous.get(slide.sample_id)))
+        for slide in tqdm(slides, desc="hashing slide files", unit="slide")
+    ]
 
 
 def _warn_shared_patients(samples: list[Any], held_out: list[str]) -> None:

@@ -24,9 +24,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", type=Path, metavar="CKPT", help="checkpoint folder written by stem-train fit or import-reference")
+    parser.add_argument(
+        "checkpoint", type=Path, metavar="CKPT", help="checkpoint folder written by stem-train fit or import-reference"
+    )
     parser.add_argument("repo_id", metavar="OWNER/NAME", help="Hub model repo to upload to")
-    parser.add_argument("--report", type=Path, default=None, metavar="report.json", help="evaluation report whose metrics go into the card")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="report.json",
+        help="evaluation report whose metrics go into the card",
+    )
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", default=None, help="branch to commit to (default: main)")
     parser.add_argument("--message", default=None, help="commit message")
@@ -44,7 +52,13 @@ def run(args: argparse.Namespace) -> int:
         report = json.loads(args.report.read_text(encoding="utf-8")) if args.report else None
         print(model_card(read_metadata(args.checkpoint), args.repo_id, report))
         return 0
-    url = push_checkpoint(args.checkpoint, args.repo_id, report=args.report, private=args.private,
-                          revision=args.revision, commit_message=args.message)
+    url = push_checkpoint(
+        args.checkpoint,
+        args.repo_id,
+        report=args.report,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.message,
+    )
     print(f"pushed {args.checkpoint} to {url}; use it with --checkpoint hf-hub:{args.repo_id}")
     return 0
