@@ -229,6 +229,7 @@ QUALITY_VARIANTS = (
     ("ancestral-matched", "ancestral-matched", {}),
     ("ancestral-matched, 2nd order", "ancestral-matched", {"solver_options": {"second_order": True}}),
     ("ancestral-matched, no clip", "ancestral-matched", {"clip_x0": False}),
+    ("ancestral-matched, bare range", "ancestral-matched", {"clip_margin": 0.0}),
     ("ancestral-matched, quadratic spacing", "ancestral-matched", {"spacing": "quadratic"}),
     ("ancestral-matched, logsnr spacing", "ancestral-matched", {"spacing": "logsnr"}),
     ("dpm++2m, time spacing", "dpm++2m", {"spacing": "time"}),

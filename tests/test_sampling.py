@@ -14,7 +14,7 @@ from napari_stem.checkpoint import save_checkpoint
 from napari_stem.errors import CheckpointError
 from napari_stem.model import StemConfig, StemModel
 from napari_stem.predict import DEFAULT_SAMPLER
-from napari_stem.sampling import Prediction, SampleStep, iter_sample, sample_expression
+from napari_stem.sampling import X0_CLIP_MARGIN, Prediction, SampleStep, iter_sample, sample_expression
 
 CONFIG = StemConfig(n_genes=10, cond_dim=8, hidden_size=32, depth=2, num_heads=4)
 GENES = [f"GENE{i}" for i in range(10)]
@@ -193,11 +193,14 @@ def test_clipping_to_the_recorded_range_and_the_reference_without_it(model, embe
         tmp_path / "plain", config=CONFIG, genes=GENES, ema=model, embedding={"encoder": "toy", "dim": 8}
     )
     for sampler in ("ancestral", "ancestral-matched"):  # the reference's loop and the solvers'
-        run = {"n_samples": 3, "steps": 4, "sampler": sampler, "keep_samples": True, "seed": 5}
+        run = {"n_samples": 3, "steps": 4, "sampler": sampler, "keep_samples": True, "seed": 5, "clip_margin": 0.0}
         reference = sample_expression(model, embeddings, **run).samples
         clipped = sample_expression(ranged, embeddings, **run)
-        assert clipped.metadata["clip_x0"] is True
+        assert clipped.metadata["clip_x0"] is True and clipped.metadata["clip_margin"] == 0.0
         assert clipped.samples.min() >= -0.05 and clipped.samples.max() <= 0.05
+        # by default the range is widened by X0_CLIP_MARGIN on both sides
+        widened = sample_expression(ranged, embeddings, **{**run, "clip_margin": X0_CLIP_MARGIN}).samples
+        assert widened.min() >= -0.05 - X0_CLIP_MARGIN and widened.max() <= 0.05 + X0_CLIP_MARGIN
         assert reference.min() < -0.05 or reference.max() > 0.05  # the range did something
         unclipped = sample_expression(ranged, embeddings, clip_x0=False, **run)
         assert unclipped.metadata["clip_x0"] is False

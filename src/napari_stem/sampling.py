@@ -42,6 +42,10 @@ ROWS_PER_BATCH = {"cpu": 256, "cuda": 4096}  # spots x samples per forward, by d
 #: moment-matched steps are exact whatever the spacing and calibrate best uniform in t.
 SOLVER_SPACING = {"dpm++2m": "logsnr", "dpm++2m-sde": "logsnr", "ancestral-matched": "time"}
 VARIANCE_DDOF = 1  # unbiased sample variance over the K samples of a spot
+#: x_0 predictions are clipped to the training range widened by this much (log2 units: one doubling
+#: of counts): it stops the high-noise blow-ups while leaving the chain's own tails alone, which the
+#: bare range cut (lower coverage on unseen tissue; bench/bench_sampler.py --quality).
+X0_CLIP_MARGIN = 1.0
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -99,6 +103,7 @@ def iter_sample(
     intervals: Sequence[float] | None = None,
     clip_x0: bool = True,
     target_range=None,
+    clip_margin: float = X0_CLIP_MARGIN,
     spacing: str | None = None,
     solver_options: dict | None = None,
 ) -> Iterator[SampleBatch | SampleStep]:
@@ -124,8 +129,8 @@ def iter_sample(
     evaluates at all but t = 0. ``solver_options``: keywords of
     :meth:`napari_stem.diffusion.GaussianDiffusion.dpm_step` (``variance``, ``second_order``).
     ``clip_x0``: clip every predicted x_0 to the training targets' per-gene range recorded in
-    the checkpoint (``target_range``, lo and hi arrays of G values, gives one outright); False,
-    or a model without a recorded range, samples exactly as the reference does.
+    the checkpoint (``target_range``, lo and hi arrays of G values, gives one outright), widened by
+    ``clip_margin``; False, or a model without a recorded range, samples exactly as the reference does.
     """
     embeddings = torch.as_tensor(
         np.asarray(embeddings, dtype=np.float32) if not isinstance(embeddings, torch.Tensor) else embeddings
@@ -151,7 +156,7 @@ def iter_sample(
     if clip_x0:
         if target_range is None and checkpoint is not None:
             target_range = checkpoint.target_range
-        x0_range = range_tensors(target_range, model.config.n_genes, device)
+        x0_range = range_tensors(target_range, model.config.n_genes, device, margin=clip_margin)
     levels = torch.tensor(sorted(quantiles), dtype=torch.float32) if quantiles else None
     interval_specs = plan_intervals(intervals, n_samples)
     n_spots = embeddings.shape[0]
@@ -205,11 +210,13 @@ def build_diffusion(steps: int | str, sampler: str, spacing: str | None = None) 
     return create_diffusion(str(steps))
 
 
-def range_tensors(target_range, n_genes: int, device: torch.device):
-    """(lo, hi) as (1, 1, G) float32 tensors from {"min": [...], "max": [...]} or a pair; None if none."""
+def range_tensors(target_range, n_genes: int, device: torch.device, margin: float = 0.0):
+    """(lo - margin, hi + margin) as (1, 1, G) float32 tensors from {"min": [...], "max": [...]} or a
+    pair; None if none."""
     if target_range is None:
         return None
     low, high = (target_range["min"], target_range["max"]) if isinstance(target_range, dict) else target_range
+    low, high = np.asarray(low, dtype=np.float32) - margin, np.asarray(high, dtype=np.float32) + margin
     bounds = [
         torch.as_tensor(np.broadcast_to(np.asarray(v, dtype=np.float32), (n_genes,)).copy())
         .view(1, 1, n_genes)
@@ -294,6 +301,7 @@ def sample_expression(
     genes: Sequence[str] | None = None,
     clip_x0: bool = True,
     target_range=None,
+    clip_margin: float = X0_CLIP_MARGIN,
     spacing: str | None = None,
     solver_options: dict | None = None,
 ) -> Prediction:
@@ -323,6 +331,7 @@ def sample_expression(
             intervals=intervals,
             clip_x0=clip_x0,
             target_range=target_range,
+            clip_margin=clip_margin,
             spacing=spacing,
             solver_options=solver_options,
         )
@@ -361,6 +370,7 @@ def sample_expression(
                 clip_x0
                 and (target_range is not None or (checkpoint is not None and checkpoint.target_range is not None))
             ),
+            "clip_margin": float(clip_margin),
             "variance_ddof": VARIANCE_DDOF,
             "device": str(device),
             "precision": precision,
