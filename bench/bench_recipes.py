@@ -22,116 +22,36 @@ from pathlib import Path
 
 import numpy as np
 
-#: name -> `stem-train fit` options. Each row changes one thing from the one above it where it can.
+
+def _small(
+    steps: int, aug: int, *, width: int | None = 64, lr: str | None = "2e-3", ema: str | None = "0.98"
+) -> tuple[str, ...]:
+    """`stem-train fit` options for a stem-small run; None leaves an option to the preset's default."""
+    size = ("--hidden-size", str(width), "--depth", "2") if width else ()
+    training = (("--lr", lr) if lr else ()) + (("--ema-decay", ema) if ema else ())
+    return (
+        "--preset",
+        "stem-small",
+        *size,
+        "--max-steps",
+        str(steps),
+        "--global-batch-size",
+        "128",
+        *training,
+        *(("--num-aug-ratio", str(aug)) if aug is not None else ()),
+    )
+
+
+#: name -> `stem-train fit` options. Each row changes one thing from the one above it where it can;
+#: "demo + D4 views" is the demo's recipe (stem_train.demo.FULL), "+ D4 views" stem-small's defaults.
 RECIPES: dict[str, tuple[str, ...]] = {
-    "demo (64x2, 400 steps, lr 2e-3, EMA 0.98)": (
-        "--preset",
-        "stem-small",
-        "--hidden-size",
-        "64",
-        "--depth",
-        "2",
-        "--max-steps",
-        "400",
-        "--global-batch-size",
-        "128",
-        "--lr",
-        "2e-3",
-        "--ema-decay",
-        "0.98",
-        "--num-aug-ratio",
-        "0",
-    ),
-    "demo, 200 steps": (
-        "--preset",
-        "stem-small",
-        "--hidden-size",
-        "64",
-        "--depth",
-        "2",
-        "--max-steps",
-        "200",
-        "--global-batch-size",
-        "128",
-        "--lr",
-        "2e-3",
-        "--ema-decay",
-        "0.98",
-        "--num-aug-ratio",
-        "0",
-    ),
-    "demo, 800 steps": (
-        "--preset",
-        "stem-small",
-        "--hidden-size",
-        "64",
-        "--depth",
-        "2",
-        "--max-steps",
-        "800",
-        "--global-batch-size",
-        "128",
-        "--lr",
-        "2e-3",
-        "--ema-decay",
-        "0.98",
-        "--num-aug-ratio",
-        "0",
-    ),
-    "demo + D4 views, aug ratio 4": (
-        "--preset",
-        "stem-small",
-        "--hidden-size",
-        "64",
-        "--depth",
-        "2",
-        "--max-steps",
-        "400",
-        "--global-batch-size",
-        "128",
-        "--lr",
-        "2e-3",
-        "--ema-decay",
-        "0.98",
-        "--num-aug-ratio",
-        "4",
-    ),
-    "stem-small, paper defaults, 2000 steps": (
-        "--preset",
-        "stem-small",
-        "--max-steps",
-        "2000",
-        "--global-batch-size",
-        "128",
-    ),
-    "stem-small, 2000 steps, lr 1e-3, EMA 0.995": (
-        "--preset",
-        "stem-small",
-        "--max-steps",
-        "2000",
-        "--global-batch-size",
-        "128",
-        "--lr",
-        "1e-3",
-        "--ema-decay",
-        "0.995",
-        "--num-aug-ratio",
-        "0",
-    ),
-    "  + D4 views, aug ratio 4": (
-        "--preset",
-        "stem-small",
-        "--max-steps",
-        "2000",
-        "--global-batch-size",
-        "128",
-        "--lr",
-        "1e-3",
-        "--ema-decay",
-        "0.995",
-        "--num-aug-ratio",
-        "4",
-    ),
+    "demo (64x2, 400 steps, lr 2e-3, EMA 0.98)": _small(400, 0),
+    "demo, 200 steps": _small(200, 0),
+    "demo, 800 steps": _small(800, 0),
+    "demo + D4 views, aug ratio 4": _small(400, 4),
+    "stem-small, paper defaults, 2000 steps": _small(2000, 7, width=None, lr="1e-4", ema="0.9999"),
+    "stem-small, 2000 steps, lr 1e-3, EMA 0.995": _small(2000, 0, width=None, lr="1e-3", ema="0.995"),
+    "  + D4 views, aug ratio 4": _small(2000, None, width=None, lr=None, ema=None),  # the preset's defaults
 }
 
 
