@@ -14,7 +14,7 @@ HUB_PREFIX = "hf-hub:"  # as napari_stem.hub (not imported: it is only needed to
 MAX_RECENT = 8
 #: The demo model's first build (data, embeddings, 400 training steps): the whole headless demo from
 #: nothing took 65 s on 2 idle CPU cores; busy cores stretch it to several minutes.
-DEMO_BUILD_TIME = "about 1 min on 2 idle CPU cores"
+DEMO_BUILD_TIME = "about 5 min on 2 idle CPU cores"
 
 
 def _recent_file() -> Path:
