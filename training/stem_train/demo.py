@@ -8,7 +8,7 @@
    encoder (``stem-train prepare`` + ``fit``); cached, so only the first run pays for it.
 4. Interactive (a display is available): open napari with the slide, a Visium-like spot grid over
    its tissue and the prediction widget docked with the demo checkpoint selected — press Predict.
-   ``--headless`` (or no display): predict the held-out slide with ``stem-train predict``, score it
+   ``--headless`` (or no display): predict the test slide with ``stem-train predict``, score it
    with ``stem-train evaluate`` next to the ridge/mean baselines, and draw mean and variance maps.
 
 Every step goes through the same ``stem-train`` subcommands a user would type.
@@ -56,30 +56,11 @@ FULL = DemoSize(
     n_genes_panel=24,
     # Chosen on the validation slide (never the test slide) among recipes that train in about a
     # minute on 2 CPU cores (bench/bench_recipes.py; the table is in the README): the D4 views
-    # raise its PCC on image-driven genes from 0.633 to 0.671 over the same 400 steps.
-    fit_args=(
-        "--preset",
-        "stem-small",
-        "--hidden-size",
-        "64",
-        "--depth",
-        "2",
-        "--max-steps",
-        "400",
-        "--global-batch-size",
-        "128",
-        "--lr",
-        "2e-3",
-        "--ema-decay",
-        "0.98",
-        "--num-aug-ratio",
-        "4",
-        "--log-every",
-        "50",
-        "--val-every",
-        "0",
-        "--ckpt-every",
-        "200",
+    # raise its PCC on image-driven genes from 0.631 to 0.670 over the same 400 steps.
+    fit_args=tuple(
+        "--preset stem-small --hidden-size 64 --depth 2 --max-steps 400 "
+        "--global-batch-size 128 --lr 2e-3 --ema-decay 0.98 --num-aug-ratio 4 "
+        "--log-every 50 --val-every 0 --ckpt-every 200".split()
     ),
     samples=None,  # 19: exact 50 % and 90 % intervals
     steps=4,
@@ -89,31 +70,10 @@ QUICK = DemoSize(
     n_slides=4,
     n_genes_data=20,
     n_genes_panel=12,
-    fit_args=(
-        "--preset",
-        "stem-small",
-        "--hidden-size",
-        "64",
-        "--depth",
-        "2",
-        "--max-steps",
-        "150",
-        "--global-batch-size",
-        "64",
-        "--lr",
-        "2e-3",
-        "--ema-decay",
-        "0.95",
-        "--num-aug-ratio",
-        "0",
-        "--log-every",
-        "50",
-        "--val-every",
-        "150",
-        "--ckpt-every",
-        "150",
-        "--val-samples",
-        "2",
+    fit_args=tuple(
+        "--preset stem-small --hidden-size 64 --depth 2 --max-steps 150 "
+        "--global-batch-size 64 --lr 2e-3 --ema-decay 0.95 --num-aug-ratio 0 "
+        "--log-every 50 --val-every 150 --ckpt-every 150 --val-samples 2".split()
     ),
     samples=3,  # [min, max] of 3 samples is exactly a 50 % interval
     steps=5,
