@@ -39,7 +39,7 @@ _FEATURE_NAMES = ("hematoxylin", "eosin", "nuclear_fraction", "texture")
 #: The test band lies between training tissue, as a section cut from the middle of a block would.
 SOURCE_BANDS: tuple[tuple[str, float], ...] = (("train", 0.35), ("validation", 0.15), ("test", 0.30), ("train", 0.20))
 
-#: Rows of glass left between two bands: one HEST patch edge, so no spot near a cut sees tissue that
+#: Rows left out between two bands (used by no slide): one HEST patch edge, so no spot near a cut sees tissue that
 #: continues on the other side.
 BAND_GAP_UM = HEST_PATCH_SIZE_UM
 
@@ -179,7 +179,7 @@ def make_demo_dataset(
 def source_bands(
     tissue_per_row: np.ndarray, gap_px: int, bands: tuple[tuple[str, float], ...] = SOURCE_BANDS
 ) -> list[SourceBand]:
-    """Cut a source into horizontal bands holding the given shares of its tissue, ``gap_px`` of glass apart."""
+    """Cut a source into horizontal bands holding the given shares of its tissue, ``gap_px`` rows apart."""
     cumulative = np.cumsum(tissue_per_row) / max(float(np.sum(tissue_per_row)), 1e-9)
     shares = np.cumsum([share for _, share in bands])[:-1]
     cuts = [0, *(int(np.searchsorted(cumulative, q)) for q in shares), len(tissue_per_row)]
