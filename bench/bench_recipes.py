@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     manifest = PreparedDataset.load(args.prepared)
     genes = list(manifest.genes)
     image_driven = _image_driven(args.hest / "st" / f"{test_id}.h5ad", genes)
-    held = {sid: _held_out(manifest, sid) for sid in (validation_id, test_id)}
+    from stem_train.baseline import load_split
+
+    # The same per-slide embeddings and targets `stem-train baseline` reads.
+    held = {s["sample_id"]: (s["embeddings"], s["targets"]) for s in load_split(manifest, "test", "log2p1")}
+    held = {sid: held[sid] for sid in (validation_id, test_id)}
     baselines = _baseline_means(manifest, held)
     baseline_scores = {
         name: {sid: _score(held[sid][1], means[sid], None, image_driven) for sid in held}
@@ -192,14 +196,6 @@ def _fit(prepared: Path, run_dir: Path, options: tuple[str, ...], seed: int) -> 
     )
     if code != 0:
         raise SystemExit(f"stem-train fit failed for {run_dir}")
-
-
-def _held_out(manifest, sample_id: str) -> tuple[np.ndarray, np.ndarray]:
-    from stem_train.data import slide_counts, slide_embeddings, to_target
-
-    slide = next(s for s in manifest.slides if s.sample_id == sample_id)
-    conditions = slide_embeddings(manifest, slide, augmented=False).embeddings
-    return np.asarray(conditions, np.float32), to_target(slide_counts(manifest, slide), "log2p1")
 
 
 def _image_driven(st_path: Path, genes: list[str]) -> np.ndarray:
