@@ -28,9 +28,9 @@ def make_cohort(workdir: Path, n_slides: int, n_spots: int) -> tuple[Path, Path]
     import anndata
     import torch
 
-    from napari_stem.checkpoint import save_checkpoint
-    from napari_stem.embed import PatchSpec
-    from napari_stem.model import StemConfig, StemModel
+    from napari_stem.embedding.embed import PatchSpec
+    from napari_stem.stem.checkpoint import save_checkpoint
+    from napari_stem.stem.model import StemConfig, StemModel
     from napari_stem.synthetic import make_demo_dataset
 
     hest = workdir / "hest"

@@ -10,7 +10,7 @@ same crop (the reference's: max(224 px, spot diameter) around each spot at full 
   reference moves its model and each patch to CUDA when there is one), features accumulated with
   ``torch.cat`` inside the loop. The network is the plain (NCHW, fp32) model, as the reference
   builds it.
-- ours: ``napari_stem.embed.embed_spots`` (DataLoader over spot centres, patches read lazily from
+- ours: ``napari_stem.embedding.embed.embed_spots`` (DataLoader over spot centres, patches read lazily from
   the pyramid's tiles in worker processes, batched, channels-last, bf16 autocast where the GPU or
   CPU computes bf16 natively: ``--precision``, glibc malloc thresholds that keep activations in
   the heap: ``napari_stem.allocator``).
@@ -154,7 +154,7 @@ def run_reference(slide: Path, centers: np.ndarray, encoder_name: str, augment: 
     from PIL import Image
     from torchvision import transforms
 
-    from napari_stem.encoders import create_encoder
+    from napari_stem.embedding.encoders import create_encoder
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     encoder = create_encoder(encoder_name, device=_device(device), precision="fp32")
@@ -218,8 +218,8 @@ def run_ours(
     precision: str,
     device: str,
 ) -> dict:
-    from napari_stem.embed import PatchSpec, iter_embed_spots
-    from napari_stem.encoders import create_encoder
+    from napari_stem.embedding.embed import PatchSpec, iter_embed_spots
+    from napari_stem.embedding.encoders import create_encoder
     from napari_stem.spots import Spots
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()
@@ -297,7 +297,7 @@ def _child_main(args: argparse.Namespace) -> None:
     import timm  # noqa: F401  - imports outside the timed section, the same for both sides
     import torchvision  # noqa: F401
 
-    import napari_stem.embed  # noqa: F401
+    import napari_stem.embedding.embed  # noqa: F401
 
     centers = np.load(args.spots_file)
     if args.child == "reference":
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--encoder", default="efficientnet_lite0", help="encoder name (same network on both sides)")
     parser.add_argument(
-        "--batch-size", type=int, help="ours (default: napari_stem.embed's per device: 8 on CPU, 64 on a GPU)"
+        "--batch-size", type=int, help="ours (default: napari_stem.embedding.embed's per device: 8 on CPU, 64 on a GPU)"
     )
     parser.add_argument(
         "--num-workers",

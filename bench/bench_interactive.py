@@ -24,12 +24,12 @@ import numpy as np
 
 
 def region_end_to_end(n_spots: int, samples: int, steps: int) -> None:
-    from napari_stem.checkpoint import load_checkpoint
-    from napari_stem.embed import PatchSpec, embed_spots
-    from napari_stem.encoders import create_encoder
+    from napari_stem.embedding.embed import PatchSpec, embed_spots
+    from napari_stem.embedding.encoders import create_encoder
     from napari_stem.grid import spots_over_tissue
-    from napari_stem.sampling import sample_expression
     from napari_stem.slide import open_slide
+    from napari_stem.stem.checkpoint import load_checkpoint
+    from napari_stem.stem.sampling import sample_expression
     from stem_train.demo import FULL, ensure_demo_model
 
     paths = ensure_demo_model(FULL, device="cpu")
@@ -64,7 +64,7 @@ def gene_switch(n_spots: int, n_genes: int) -> None:
     import napari
     import pandas as pd
 
-    from napari_stem._widget import _recolour
+    from napari_stem.plugin.widget import _recolour
 
     rng = np.random.default_rng(0)
     features = pd.DataFrame(rng.gamma(2.0, 1.0, (n_spots, n_genes)), columns=[f"G{i}" for i in range(n_genes)])
@@ -87,9 +87,9 @@ def whole_slide_projection(n_spots: int, samples: int, steps: int) -> None:
     import torch
 
     from napari_stem.allocator import keep_tensor_buffers_in_heap
-    from napari_stem.model import StemConfig, StemModel
     from napari_stem.precision import autocast, resolve_precision
-    from napari_stem.sampling import sample_expression
+    from napari_stem.stem.model import StemConfig, StemModel
+    from napari_stem.stem.sampling import sample_expression
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -128,8 +128,8 @@ def worker_overhead(n_spots: int, samples: int, steps: int) -> None:
     from napari.qt import get_qapp
     from napari.qt.threading import create_worker
 
-    from napari_stem.checkpoint import load_checkpoint
-    from napari_stem.sampling import iter_sample
+    from napari_stem.stem.checkpoint import load_checkpoint
+    from napari_stem.stem.sampling import iter_sample
     from stem_train.demo import FULL, ensure_demo_model
 
     checkpoint = load_checkpoint(ensure_demo_model(FULL, device="cpu").checkpoint)

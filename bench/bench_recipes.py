@@ -227,7 +227,7 @@ def _baseline_means(manifest, held: dict) -> dict[str, dict[str, np.ndarray]]:
 def _sample(
     checkpoint: Path, conditions: np.ndarray, n_samples: int, steps: int, sampler: str, seed: int
 ) -> np.ndarray:
-    from napari_stem.sampling import sample_expression
+    from napari_stem.stem.sampling import sample_expression
 
     prediction = sample_expression(
         str(checkpoint),

@@ -9,7 +9,7 @@ same weights, the same rows per batch and the same ancestral sampler, in the sam
   torch.no_grad() as stem_sample.py runs it, calling model(x, t, y) every step (the condition MLP
   included). timm 1.0.7 under torch 2.3 took its fused (SDPA) attention path; "explicit" forces
   timm's softmax(q k^T) v path.
-- ours: napari_stem.sampling.iter_sample (inference_mode, SDPA, condition MLP once per batch,
+- ours: napari_stem.stem.sampling.iter_sample (inference_mode, SDPA, condition MLP once per batch,
   per-spot noise streams) in fp32, and with bf16 autocast.
 
     python bench/bench_sampler.py                      # CPU (+ CUDA when available)
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_stem.checkpoint import load_checkpoint, ours_to_reference
-from napari_stem.diffusion import create_diffusion
-from napari_stem.model import StemConfig, StemModel
-from napari_stem.sampling import sample_expression
+from napari_stem.stem.checkpoint import load_checkpoint, ours_to_reference
+from napari_stem.stem.diffusion import create_diffusion
+from napari_stem.stem.model import StemConfig, StemModel
+from napari_stem.stem.sampling import sample_expression
 
 # -- reference re-statement (Stem/models.py: DiT with a gene-token embedder) -----------------
 
@@ -83,7 +83,7 @@ class _RefFinal(nn.Module):
 
 class ReferenceStem(nn.Module):
     def __init__(self, config: StemConfig, fused_attention: bool):
-        from napari_stem.model import TimestepEmbedder
+        from napari_stem.stem.model import TimestepEmbedder
 
         super().__init__()
         hidden = config.hidden_size

@@ -23,10 +23,10 @@ def _isolated_napari_settings(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(autouse=True)
 def _torch_survives_napari():
-    """Once a test has opened napari on Mesa, block triton as the widget does (napari_stem._torch_guard):
+    """Once a test has opened napari on Mesa, block triton as the widget does (napari_stem.plugin.torch_guard):
     otherwise a later test importing torchvision (timm encoders) crashes the run, depending on order."""
     yield
-    from napari_stem._torch_guard import block_triton_if_llvm_loaded
+    from napari_stem.plugin.torch_guard import block_triton_if_llvm_loaded
 
     block_triton_if_llvm_loaded()
 

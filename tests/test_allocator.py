@@ -36,13 +36,13 @@ def test_left_alone_off_glibc(monkeypatch):
 def test_cpu_encoders_and_sampling_apply_it(monkeypatch):
     import numpy as np
 
-    from napari_stem.encoders import create_encoder
-    from napari_stem.model import StemConfig, StemModel
-    from napari_stem.sampling import sample_expression
+    from napari_stem.embedding.encoders import create_encoder
+    from napari_stem.stem.model import StemConfig, StemModel
+    from napari_stem.stem.sampling import sample_expression
 
     calls = []
-    monkeypatch.setattr("napari_stem.encoders.keep_tensor_buffers_in_heap", lambda: calls.append("encoder"))
-    monkeypatch.setattr("napari_stem.sampling.keep_tensor_buffers_in_heap", lambda: calls.append("sampling"))
+    monkeypatch.setattr("napari_stem.embedding.encoders.keep_tensor_buffers_in_heap", lambda: calls.append("encoder"))
+    monkeypatch.setattr("napari_stem.stem.sampling.keep_tensor_buffers_in_heap", lambda: calls.append("sampling"))
     create_encoder("efficientnet_lite0", device="cpu")
     model = StemModel(StemConfig(n_genes=3, cond_dim=4, hidden_size=8, depth=1, num_heads=2))
     sample_expression(model, np.zeros((2, 4), np.float32), n_samples=1, steps=1, device="cpu")

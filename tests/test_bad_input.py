@@ -166,7 +166,7 @@ def test_predict_cache_never_replaces_prepared_training_embeddings(
 
 
 def test_import_reference_overwrite_replaces_only_its_own_checkpoints(tmp_path, capsys, monkeypatch) -> None:
-    import napari_stem.encoders as encoders
+    import napari_stem.embedding.encoders as encoders
 
     n_genes, cond_dim = N_GENES, COND_DIM
     monkeypatch.setattr(encoders, "get_encoder_spec", lambda name: type("Spec", (), {"dim": cond_dim})())
@@ -207,8 +207,8 @@ def test_import_reference_overwrite_replaces_only_its_own_checkpoints(tmp_path, 
 def test_non_finite_weights_are_refused_at_load_naming_the_tensor(checkpoint, workspace, tmp_path, capsys) -> None:
     from safetensors.torch import load_file, save_file
 
-    from napari_stem.checkpoint import load_checkpoint
     from napari_stem.errors import CheckpointError
+    from napari_stem.stem.checkpoint import load_checkpoint
 
     damaged = tmp_path / "damaged"
     shutil.copytree(checkpoint, damaged)
@@ -226,10 +226,10 @@ def test_non_finite_weights_are_refused_at_load_naming_the_tensor(checkpoint, wo
 def test_non_finite_samples_are_never_written(checkpoint) -> None:
     import torch
 
-    from napari_stem.checkpoint import load_checkpoint
     from napari_stem.errors import StemError
     from napari_stem.predict import predict
     from napari_stem.spots import Spots
+    from napari_stem.stem.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
     with torch.no_grad():  # a network that diverges after loading (the load check cannot see it)
@@ -367,8 +367,8 @@ def test_nan_truth_counts_are_refused_not_read_as_zero(workspace, tmp_path, caps
     import anndata
 
     from napari_stem.anndata_io import write_prediction
-    from napari_stem.sampling import Prediction
     from napari_stem.spots import read_spots_h5ad
+    from napari_stem.stem.sampling import Prediction
 
     truth = anndata.read_h5ad(workspace["spots"])
     spots = read_spots_h5ad(workspace["spots"])
@@ -413,7 +413,7 @@ def test_absurd_pixel_size_tag_is_not_trusted(tmp_path, capsys, checkpoint) -> N
 def test_reader_tells_when_a_slide_opens_in_pixels(tmp_path) -> None:
     import tifffile
 
-    from napari_stem._reader import read_slide
+    from napari_stem.plugin.reader import read_slide
 
     path = tmp_path / "no_pixel_size.tif"
     tifffile.imwrite(path, np.full((32, 32, 3), 200, np.uint8))
@@ -464,7 +464,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(workspace, checkpoint, monkeyp
 
 
 def test_disk_full_during_prepare_leaves_no_temporary_file(synthetic_hest, tmp_path, monkeypatch, capsys) -> None:
-    import napari_stem.embed as embed
+    import napari_stem.embedding.embed as embed
 
     def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -533,7 +533,7 @@ def test_stale_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path
 def test_safe_loading_messages_say_what_happened_and_never_advise_unsafe_loading(tmp_path, capsys) -> None:
     import torch
 
-    from napari_stem.encoders import load_weights_file
+    from napari_stem.embedding.encoders import load_weights_file
     from napari_stem.errors import EncoderError
 
     code_pickle = tmp_path / "weights.pt"
@@ -554,9 +554,9 @@ def test_safe_loading_messages_say_what_happened_and_never_advise_unsafe_loading
 
 
 def test_widget_controller_refuses_bad_settings_before_loading_anything(demo_slide_file, checkpoint) -> None:
-    from napari_stem._controller import GRID, PointsInput, PredictController, PredictSettings, SlideInput
     from napari_stem.errors import StemError
-    from napari_stem.layers import SlideFrame
+    from napari_stem.plugin.controller import GRID, PointsInput, PredictController, PredictSettings, SlideInput
+    from napari_stem.plugin.layers import SlideFrame
 
     controller = PredictController()
     slide = SlideInput("demo", demo_slide_file, 0.499, SlideFrame.microns(0.499))

@@ -10,16 +10,16 @@ import pytest
 import safetensors.torch
 import torch
 
-import napari_stem.checkpoint as ckpt
-from napari_stem.checkpoint import (
+import napari_stem.stem.checkpoint as ckpt
+from napari_stem.errors import CheckpointError
+from napari_stem.stem.checkpoint import (
     import_reference_checkpoint,
     load_checkpoint,
     read_metadata,
     reference_to_ours,
     save_checkpoint,
 )
-from napari_stem.errors import CheckpointError
-from napari_stem.model import StemConfig, StemModel
+from napari_stem.stem.model import StemConfig, StemModel
 from reference_fixture import COND_DIM, N_GENES, NUM_HEADS, REFERENCE_ARGS, write_gene_list
 from reference_fixture import REFERENCE_PT as FIXTURE_PT
 
@@ -253,7 +253,7 @@ def test_reading_metadata_does_not_import_torch(saved) -> None:
 
     path = saved[0]
     code = (
-        "import sys, napari_stem.checkpoint as c\n"
+        "import sys, napari_stem.stem.checkpoint as c\n"
         f"meta = c.read_metadata({str(path)!r})\n"
         "print(len(meta['genes']), 'torch' in sys.modules)\n"
     )

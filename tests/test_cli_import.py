@@ -21,9 +21,9 @@ def gene_list(tmp_path: Path) -> Path:
 def test_import_writes_a_checkpoint_the_sampler_uses(
     tmp_path: Path, gene_list: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import napari_stem.encoders as encoders
-    from napari_stem.checkpoint import load_checkpoint
-    from napari_stem.sampling import sample_expression
+    import napari_stem.embedding.encoders as encoders
+    from napari_stem.stem.checkpoint import load_checkpoint
+    from napari_stem.stem.sampling import sample_expression
 
     # the fixture's tiny model has a COND_DIM-d condition; stand in an encoder of that width
     monkeypatch.setattr(encoders, "get_encoder_spec", lambda name: SimpleNamespace(dim=COND_DIM))

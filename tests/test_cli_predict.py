@@ -246,8 +246,8 @@ def test_predict_errors_name_the_file(
 ) -> None:
     import anndata
 
-    from napari_stem.checkpoint import save_checkpoint
-    from napari_stem.model import StemConfig, StemModel
+    from napari_stem.stem.checkpoint import save_checkpoint
+    from napari_stem.stem.model import StemConfig, StemModel
     from stem_train.cli import main
 
     slide = str(synthetic_hest / "wsis" / "SYN003.tif")

@@ -115,7 +115,7 @@ def test_interactive_demo_opens_the_ready_plugin(
 def test_torch_survives_napari_on_software_opengl(tmp_path: Path) -> None:
     """Opening napari on Mesa (llvmpipe), then the widget, then torch's triton-importing modules.
 
-    Without napari_stem._torch_guard this crashes the process with a segmentation fault (two LLVMs).
+    Without napari_stem.plugin.torch_guard this crashes the process with a segmentation fault (two LLVMs).
     """
     import os
     import subprocess
@@ -126,7 +126,7 @@ def test_torch_survives_napari_on_software_opengl(tmp_path: Path) -> None:
     script = (
         "import napari\n"
         "viewer = napari.Viewer(show=True)\n"
-        "from napari_stem._widget import PredictWidget\n"
+        "from napari_stem.plugin.widget import PredictWidget\n"
         "widget = PredictWidget(viewer)\n"
         "import torchvision.ops, torch._dynamo\n"
         "print('alive', 'triton blocked' if __import__('sys').modules.get('triton', 1) is None else 'triton loaded')\n"
@@ -139,8 +139,8 @@ def test_torch_survives_napari_on_software_opengl(tmp_path: Path) -> None:
 
 def test_demo_prediction_sample_data(demo_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import napari_stem.datasets as datasets
-    from napari_stem._sample_data import demo_prediction
     from napari_stem.errors import StemError
+    from napari_stem.plugin.sample_data import demo_prediction
     from stem_train.demo import QUICK, ensure_demo_model
 
     monkeypatch.setattr(datasets, "demo_model_dir", lambda size="full": datasets.cache_dir() / "demo" / "quick-as-full")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_stem.checkpoint import import_reference_checkpoint
-from napari_stem.diffusion import create_diffusion, linear_betas, space_timesteps
+from napari_stem.stem.checkpoint import import_reference_checkpoint
+from napari_stem.stem.diffusion import create_diffusion, linear_betas, space_timesteps
 from reference_fixture import NUM_HEADS, write_gene_list
 from reference_fixture import REFERENCE_DIR as FIXTURE
 
@@ -234,7 +234,7 @@ MU, S2 = torch.tensor([0.0, 3.0, 6.0], dtype=torch.float64).view(1, 1, 3), 0.25
 
 @pytest.mark.parametrize("evals", [3, 4, 6, 10])
 def test_dpm_solver_2m_maps_noise_onto_the_gaussian_and_beats_ddim(evals: int) -> None:
-    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+    from napari_stem.stem.diffusion import GaussianDiffusion, solver_timesteps
 
     model = _exact_gaussian_model(MU, S2)
     x_T = torch.randn(2000, 1, 3, generator=torch.Generator().manual_seed(0))
@@ -248,7 +248,7 @@ def test_dpm_solver_2m_maps_noise_onto_the_gaussian_and_beats_ddim(evals: int) -
 
 
 def test_dpm_solver_2m_is_second_order() -> None:
-    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+    from napari_stem.stem.diffusion import GaussianDiffusion, solver_timesteps
 
     model = _exact_gaussian_model(MU, S2)
     x_T = torch.randn(200, 1, 3, generator=torch.Generator().manual_seed(0))
@@ -268,7 +268,7 @@ def test_dpm_solver_2m_is_second_order() -> None:
 @pytest.mark.parametrize("evals", [2, 4])
 def test_ancestral_matched_draws_the_gaussian_exactly_in_few_steps(evals: int) -> None:
     """With the variance a perfect model learns, each big step is the exact Gaussian reverse kernel."""
-    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+    from napari_stem.stem.diffusion import GaussianDiffusion, solver_timesteps
 
     torch.manual_seed(0)
     diffusion = GaussianDiffusion(timesteps=solver_timesteps(evals))
@@ -281,7 +281,7 @@ def test_ancestral_matched_draws_the_gaussian_exactly_in_few_steps(evals: int) -
 
 
 def test_sde_dpm_solver_2m_converges_to_the_gaussian() -> None:
-    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+    from napari_stem.stem.diffusion import GaussianDiffusion, solver_timesteps
 
     torch.manual_seed(0)
     diffusion = GaussianDiffusion(timesteps=solver_timesteps(100))
@@ -291,7 +291,7 @@ def test_sde_dpm_solver_2m_converges_to_the_gaussian() -> None:
 
 
 def test_solver_timesteps_and_noise_draws() -> None:
-    from napari_stem.diffusion import GaussianDiffusion, solver_timesteps
+    from napari_stem.stem.diffusion import GaussianDiffusion, solver_timesteps
 
     for spacing in ("time", "quadratic", "logsnr"):
         for n in (1, 2, 4, 50, 999):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_stem.embed import (
+from napari_stem.embedding.embed import (
     DIHEDRAL_AUGMENTATIONS,
     PatchSpec,
     SpotPatches,
@@ -28,7 +28,7 @@ DEMO_MPP = 0.499
 
 @pytest.fixture(scope="module")
 def effnet():
-    from napari_stem.encoders import create_encoder
+    from napari_stem.embedding.encoders import create_encoder
 
     return create_encoder("efficientnet_lite0", device="cpu", precision="fp32")  # bit-stable across batchings
 
@@ -164,7 +164,7 @@ def test_progress_events_cover_every_spot_once(demo_slide_file, demo_spots):
 
 
 def test_spots_are_read_band_by_band_whatever_their_file_order(tmp_path, demo_slide_file, demo_spots, effnet):
-    from napari_stem.embed import reading_order
+    from napari_stem.embedding.embed import reading_order
 
     centers = np.array([[900.0, 10.0], [5.0, 300.0], [10.0, 20.0], [500.0, 250.0], [400.0, 10.0], [10.0, 20.0]])
     # bands of 224 px down the slide, left to right in a band, ties in file order
@@ -187,7 +187,7 @@ def test_spots_are_read_band_by_band_whatever_their_file_order(tmp_path, demo_sl
 
 
 def test_default_batch_size_follows_the_device(demo_slide_file, demo_spots):
-    from napari_stem.embed import default_batch_size
+    from napari_stem.embedding.embed import default_batch_size
 
     events = list(iter_embed_spots(demo_slide_file, demo_spots, CountingEncoder()))  # a CPU encoder
     assert [e.done for e in events] == [8, 16, 23]
@@ -289,7 +289,7 @@ def test_cache_hit_never_builds_the_model(tmp_path, demo_slide_file, demo_spots,
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built although the cache matched")
 
-    monkeypatch.setattr("napari_stem.encoders.create_encoder", no_model)
+    monkeypatch.setattr("napari_stem.embedding.encoders.create_encoder", no_model)
     events = list(iter_embed_slide_cached(cache, demo_slide_file, spots, "efficientnet_lite0"))
     assert len(events) == 1 and events[0].from_cache and events[0].done == events[0].total == 4
     np.testing.assert_array_equal(events[0].embeddings, first.embeddings)

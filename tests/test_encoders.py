@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_stem.encoders import (
+from napari_stem.embedding.encoders import (
     ENCODERS,
     EncoderSpec,
     create_encoder,
@@ -357,9 +357,9 @@ def test_missing_weights_package(monkeypatch):
 
 
 def test_custom_specs_can_be_registered(monkeypatch, resnet_file):
-    from napari_stem.encoders import register_encoder
+    from napari_stem.embedding.encoders import register_encoder
 
-    monkeypatch.setattr("napari_stem.encoders.ENCODERS", dict(ENCODERS))
+    monkeypatch.setattr("napari_stem.embedding.encoders.ENCODERS", dict(ENCODERS))
     register_encoder(
         EncoderSpec(name="my-resnet", kind="timm", dim=512, architecture="resnet18", create_kwargs={"num_classes": 0})
     )
@@ -369,6 +369,6 @@ def test_custom_specs_can_be_registered(monkeypatch, resnet_file):
 def test_importing_the_package_stays_torch_free():
     import subprocess
 
-    code = "import napari_stem, napari_stem.encoders, napari_stem.embed, sys; print('torch' in sys.modules, 'timm' in sys.modules)"
+    code = "import napari_stem, napari_stem.embedding.encoders, napari_stem.embedding.embed, sys; print('torch' in sys.modules, 'timm' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]

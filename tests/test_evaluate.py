@@ -57,8 +57,8 @@ def _write_prediction(
 
     from napari_stem.anndata_io import write_prediction
     from napari_stem.intervals import plan_intervals
-    from napari_stem.sampling import Prediction
     from napari_stem.spots import spots_from_anndata
+    from napari_stem.stem.sampling import Prediction
 
     rng = np.random.default_rng(seed)
     target = np.log2(1 + truth.X.toarray())
@@ -329,8 +329,8 @@ def hest_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import anndata
 
     from napari_stem.anndata_io import write_prediction
-    from napari_stem.sampling import Prediction
     from napari_stem.spots import spots_from_anndata
+    from napari_stem.stem.sampling import Prediction
 
     root = tmp_path_factory.mktemp("hest_pair")
     for folder in ("st", "metadata", "wsis"):

@@ -16,8 +16,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from napari_stem.checkpoint import load_checkpoint
 from napari_stem.metrics import pearson_per_gene
+from napari_stem.stem.checkpoint import load_checkpoint
 from stem_train import fit
 from stem_train.cli import main
 from stem_train.data import BatchOrder, assemble_training_set, draw_augmentations
@@ -89,7 +89,7 @@ def test_fitted_model_beats_the_per_gene_mean_on_the_held_out_slide(
 ) -> None:
     """On SYN003 the sampled mean correlates with the truth (the per-gene mean cannot) and has a
     lower MSE than the training slides' per-gene mean."""
-    from napari_stem.sampling import sample_expression
+    from napari_stem.stem.sampling import sample_expression
     from stem_train.data import assemble_held_out
 
     manifest = PreparedDataset.load(prepared_synthetic)
@@ -313,7 +313,7 @@ def test_fit_records_the_training_targets_range_for_clipping(
 def test_training_options_left_unset_come_from_the_preset() -> None:
     import argparse
 
-    from napari_stem.model_config import TRAINING_DEFAULTS
+    from napari_stem.stem.model_config import TRAINING_DEFAULTS
 
     parser = argparse.ArgumentParser()
     fit.add_parser(parser.add_subparsers())

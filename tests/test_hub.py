@@ -49,8 +49,8 @@ def _model_repo(tmp_path: Path, checkpoint: Path, name: str = "repo", extra: dic
 def test_hub_reference_loads_only_config_and_safetensors(
     hub: HubStandin, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    from napari_stem.checkpoint import load_checkpoint, read_metadata
     from napari_stem.hub import parse_hub_reference, resolve_checkpoint
+    from napari_stem.stem.checkpoint import load_checkpoint, read_metadata
 
     assert parse_hub_reference("hf-hub:lab/stem-prad@v1") == ("lab/stem-prad", "v1")
     assert resolve_checkpoint(tmp_path / "local") == tmp_path / "local"  # paths are left alone
@@ -69,8 +69,8 @@ def test_hub_reference_loads_only_config_and_safetensors(
 
 
 def test_hub_repo_with_pickles_only_is_refused(hub: HubStandin, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from napari_stem.checkpoint import read_metadata
     from napari_stem.errors import CheckpointError
+    from napari_stem.stem.checkpoint import read_metadata
 
     folder = tmp_path / "pickled"
     folder.mkdir()
@@ -84,8 +84,8 @@ def test_hub_repo_with_pickles_only_is_refused(hub: HubStandin, tiny_checkpoint:
 def test_gated_and_missing_repos_say_what_to_do(
     hub: HubStandin, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from napari_stem.checkpoint import read_metadata
     from napari_stem.hub import HubError
+    from napari_stem.stem.checkpoint import read_metadata
 
     hub.add_repo("lab/gated", _model_repo(tmp_path, tiny_checkpoint), gated=True, accepted_tokens={"hf_good"})
     with pytest.raises(HubError, match="gated and no Hugging Face token is set.*hf auth login"):
@@ -108,7 +108,7 @@ def test_push_writes_a_model_card_and_round_trips(
 ) -> None:
     from huggingface_hub import HfApi
 
-    from napari_stem.checkpoint import load_checkpoint
+    from napari_stem.stem.checkpoint import load_checkpoint
     from stem_train.cli import main
 
     uploads = []
@@ -169,7 +169,7 @@ def test_push_writes_a_model_card_and_round_trips(
 
 
 def test_widget_controller_accepts_a_hub_reference(hub: HubStandin, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from napari_stem._controller import PredictController
+    from napari_stem.plugin.controller import PredictController
 
     hub.add_repo("lab/stem-tiny", _model_repo(tmp_path, tiny_checkpoint))
     summary = PredictController.checkpoint_summary(Path("hf-hub:lab/stem-tiny"))  # what the FileEdit hands over
@@ -178,7 +178,12 @@ def test_widget_controller_accepts_a_hub_reference(hub: HubStandin, tiny_checkpo
 
 def test_encoder_weights_from_the_hub(hub: HubStandin, tmp_path: Path) -> None:
     """--encoder-weights hf-hub:owner/name[/file]: fetched to the cache, loaded by the tensors-only loader."""
-    from napari_stem.encoders import _default_weights_path, create_encoder, encoder_weights_id, get_encoder_spec
+    from napari_stem.embedding.encoders import (
+        _default_weights_path,
+        create_encoder,
+        encoder_weights_id,
+        get_encoder_spec,
+    )
     from napari_stem.hub import HubError, resolve_weights_file
 
     local = _default_weights_path(get_encoder_spec("efficientnet_lite0"))  # the packaged ImageNet weights (.pth)

@@ -92,7 +92,7 @@ def test_written_intervals_cover_their_label(n_samples: int) -> None:
 
 
 def _prediction(n_spots: int = 12, n_samples: int = 19, levels=(0.5, 0.9)):
-    from napari_stem.sampling import Prediction
+    from napari_stem.stem.sampling import Prediction
 
     rng = np.random.default_rng(0)
     samples = rng.normal(size=(n_spots, n_samples, 3)).astype(np.float32)
@@ -111,8 +111,8 @@ def _prediction(n_spots: int = 12, n_samples: int = 19, levels=(0.5, 0.9)):
 def test_intervals_survive_h5ad_and_csv(tmp_path: Path) -> None:
     import anndata
 
-    from napari_stem._writer import prediction_table
     from napari_stem.anndata_io import read_prediction, write_prediction
+    from napari_stem.plugin.writer import prediction_table
     from napari_stem.spots import spots_from_anndata
 
     prediction = _prediction()

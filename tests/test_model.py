@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from napari_stem.model import PRESETS, StemConfig, StemModel, count_parameters
+from napari_stem.stem.model import PRESETS, StemConfig, StemModel, count_parameters
 
 TINY = StemConfig(n_genes=12, cond_dim=8, hidden_size=32, depth=2, num_heads=4)
 

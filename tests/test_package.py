@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import zipfile
@@ -21,30 +22,58 @@ def test_import_is_light() -> None:
     assert out.strip() == "[]"
 
 
+GUI_MODULES = {"napari", "qtpy", "PyQt6", "PyQt5", "PySide6", "magicgui", "superqt", "vispy"}
+
+
+def _core_files() -> list[Path]:
+    """Every module of the core: the package outside ``plugin/``."""
+    return sorted(p for p in CORE_DIR.rglob("*.py") if "plugin" not in p.relative_to(CORE_DIR).parts)
+
+
 def test_core_modules_import_no_gui() -> None:
-    """Only the npe2 contributions (files starting with '_') may touch napari, Qt or magicgui."""
-    gui = {"napari", "qtpy", "PyQt6", "PyQt5", "PySide6", "magicgui", "superqt"}
+    """Only ``napari_stem.plugin`` may touch napari, Qt or magicgui, anywhere in a module (function bodies too)."""
+    files = _core_files()
+    assert {"predict.py", "validate.py"} <= {p.name for p in files}
+    assert {"model.py", "checkpoint.py"} <= {p.name for p in files if p.parent.name == "stem"}
+    assert not any(p.name == "widget.py" for p in files)
     offenders = []
-    for path in CORE_DIR.glob("*.py"):
-        if path.name.startswith("_"):
-            continue
+    for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in gui]
+            offenders += [f"{path.relative_to(CORE_DIR)}: {n}" for n in names if n.split(".")[0] in GUI_MODULES]
+            offenders += [f"{path.relative_to(CORE_DIR)}: {n}" for n in names if n.startswith("napari_stem.plugin")]
     assert offenders == []
 
 
+def test_every_core_module_imports_without_a_display() -> None:
+    """Import all of the core in a fresh interpreter: napari, Qt and magicgui stay unloaded."""
+    modules = [
+        "napari_stem." + p.relative_to(CORE_DIR).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+        for p in _core_files()
+    ]
+    modules = [m.removesuffix(".__init__") for m in modules if m != "napari_stem.__init__"]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        f"print(sorted(m for m in {sorted(GUI_MODULES)!r} if m in sys.modules))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_training_toolkit_is_not_imported_by_core() -> None:
-    """The core never uses stem-train; only the plugin's npe2 files may (to build the demo model)."""
-    for path in CORE_DIR.rglob("*.py"):
-        if not path.name.startswith("_"):
-            assert "stem_train" not in path.read_text(), path
-    plugin_uses = sorted(path.name for path in CORE_DIR.glob("_*.py") if "stem_train" in path.read_text())
-    assert plugin_uses == ["_widget.py"]
+    """The core never uses stem-train; only the plugin may (to build the demo model)."""
+    for path in _core_files():
+        assert "stem_train" not in path.read_text(), path
+    plugin_uses = sorted(path.name for path in (CORE_DIR / "plugin").glob("*.py") if "stem_train" in path.read_text())
+    assert plugin_uses == ["widget.py"]
 
 
 def test_npe2_validate() -> None:

@@ -36,8 +36,8 @@ def test_unknown_precision_names_the_choices():
 def test_sampling_records_the_precision_it_ran_in(monkeypatch):
     import numpy as np
 
-    from napari_stem.model import StemConfig, StemModel
-    from napari_stem.sampling import sample_expression
+    from napari_stem.stem.model import StemConfig, StemModel
+    from napari_stem.stem.sampling import sample_expression
 
     model = StemModel(StemConfig(n_genes=4, cond_dim=6, hidden_size=16, depth=1, num_heads=2))
     embeddings = np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)

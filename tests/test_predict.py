@@ -102,9 +102,9 @@ def test_predict_is_deterministic_and_cache_reused(
 
 
 def test_encoder_dimension_mismatch_is_named(tmp_path: Path, demo_slide_file: Path, demo_spots) -> None:
-    from napari_stem.checkpoint import save_checkpoint
-    from napari_stem.model import StemConfig, StemModel
     from napari_stem.predict import predict
+    from napari_stem.stem.checkpoint import save_checkpoint
+    from napari_stem.stem.model import StemConfig, StemModel
 
     config = StemConfig(n_genes=2, cond_dim=64, hidden_size=16, depth=1, num_heads=2)
     path = save_checkpoint(

@@ -49,12 +49,12 @@ def _copy_embeddings(prepared: Path, out: Path) -> None:
 def test_rerun_reuses_cache_and_options_reach_the_manifest(
     synthetic_hest: Path, prepared_synthetic: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import napari_stem.encoders
+    import napari_stem.embedding.encoders
 
     def no_model(*args, **kwargs):
         raise AssertionError("the encoder was built although every slide's embeddings are cached")
 
-    monkeypatch.setattr(napari_stem.encoders, "create_encoder", no_model)
+    monkeypatch.setattr(napari_stem.embedding.encoders, "create_encoder", no_model)
     out = tmp_path / "prep"
     _copy_embeddings(prepared_synthetic, out)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}

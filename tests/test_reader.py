@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_stem._reader import get_reader
+from napari_stem.plugin.reader import get_reader
 from test_widget import tiny_checkpoint  # noqa: F401 - fixture
 
 
@@ -82,7 +82,7 @@ def test_sample_data_demo_prediction_does_not_block_napari(
 
     from qtpy.QtCore import QTimer
 
-    import napari_stem._sample_data as sample_data
+    import napari_stem.plugin.sample_data as sample_data
     from napari_stem import known_models
 
     monkeypatch.setattr(known_models, "demo_checkpoint", lambda: tiny_checkpoint)  # the tiny model, 5 spots

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_stem.layers import SlideFrame
+from napari_stem.plugin.layers import SlideFrame
 from napari_stem.regions import points_in_ellipse, points_in_shape, select_in_shapes
 
 
@@ -87,7 +87,7 @@ def test_h5ad_spots_land_on_their_slide_pixels(synthetic_hest: Path) -> None:
     """A known spot: its napari (row, col) in µm is its obsm['spatial'] pixel (x, y) × µm/px, flipped."""
     import anndata
 
-    from napari_stem._reader import get_reader
+    from napari_stem.plugin.reader import get_reader
 
     layers = get_reader(str(synthetic_hest))(str(synthetic_hest))
     (_, image_kwargs, _), (points, points_kwargs, _) = layers

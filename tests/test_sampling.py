@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_stem.checkpoint import save_checkpoint
 from napari_stem.errors import CheckpointError
-from napari_stem.model import StemConfig, StemModel
 from napari_stem.predict import DEFAULT_SAMPLER
-from napari_stem.sampling import X0_CLIP_MARGIN, Prediction, SampleStep, iter_sample, sample_expression
+from napari_stem.stem.checkpoint import save_checkpoint
+from napari_stem.stem.model import StemConfig, StemModel
+from napari_stem.stem.sampling import X0_CLIP_MARGIN, Prediction, SampleStep, iter_sample, sample_expression
 
 CONFIG = StemConfig(n_genes=10, cond_dim=8, hidden_size=32, depth=2, num_heads=4)
 GENES = [f"GENE{i}" for i in range(10)]

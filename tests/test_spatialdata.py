@@ -20,8 +20,8 @@ RED = (220, 20, 30)
 def marked(tmp_path_factory: pytest.TempPathFactory):
     """A slide with a red 60-px square under each of 14 spots, and a prediction for those spots."""
     from napari_stem import intervals
-    from napari_stem.sampling import Prediction
     from napari_stem.spots import Spots
+    from napari_stem.stem.sampling import Prediction
     from napari_stem.synthetic import write_pyramidal_tiff
 
     rng = np.random.default_rng(4)
@@ -127,7 +127,7 @@ def test_circles_sit_on_the_right_image_pixels(written: Path, marked) -> None:
 
 
 def test_round_trip_reader_and_spots_from_spatialdata(written: Path, marked, tmp_path: Path) -> None:
-    from napari_stem._reader import get_reader
+    from napari_stem.plugin.reader import get_reader
     from napari_stem.spatialdata_io import read_prediction_zarr, spots_from_spatialdata
 
     slide_path, spots, prediction = marked

@@ -62,8 +62,8 @@ def open_widget(make_napari_viewer, demo_slide_file: Path, tiny_checkpoint: Path
 def errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Messages the widget sends to napari.utils.notifications.show_error."""
     shown: list[str] = []
-    monkeypatch.setattr("napari_stem._widget.show_error", shown.append)
-    monkeypatch.setattr("napari_stem._widget.show_info", lambda message: None)
+    monkeypatch.setattr("napari_stem.plugin.widget.show_error", shown.append)
+    monkeypatch.setattr("napari_stem.plugin.widget.show_info", lambda message: None)
     return shown
 
 
@@ -109,7 +109,7 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(
     assert widget.progress.value == widget.progress.max
 
     # gene switch: both layers recolour with their own limits and follow in name, no recomputation
-    from napari_stem.layers import gene_contrast_limits
+    from napari_stem.plugin.layers import gene_contrast_limits
 
     assert list(widget.gene.choices) == GENES
     before = mean.face_color.copy()
@@ -337,8 +337,8 @@ def test_screenshot_shows_coloured_spots_over_tissue(open_widget, qtbot, errors)
 
 # ---------------------------------------------------------------------- the controller alone (no viewer)
 def _fake_job(controller, n_spots: int = 5):
-    from napari_stem._controller import PredictJob, PredictSettings
-    from napari_stem.layers import SlideFrame
+    from napari_stem.plugin.controller import PredictJob, PredictSettings
+    from napari_stem.plugin.layers import SlideFrame
     from napari_stem.spots import Spots
 
     controller._job_counter += 1
@@ -367,7 +367,7 @@ def _sample_event(start: int, stop: int, n_spots: int = 5):
 def test_controller_folds_batches_and_cancels_consistently() -> None:
     from types import SimpleNamespace
 
-    from napari_stem._controller import PredictController
+    from napari_stem.plugin.controller import PredictController
 
     controller = PredictController()
     job = _fake_job(controller)
@@ -401,9 +401,16 @@ def test_controller_folds_batches_and_cancels_consistently() -> None:
 
 
 def test_controller_validates_inputs(demo_slide_file: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from napari_stem._controller import GRID, PointsInput, PredictController, PredictSettings, RegionInput, SlideInput
     from napari_stem.errors import StemError
-    from napari_stem.layers import SlideFrame
+    from napari_stem.plugin.controller import (
+        GRID,
+        PointsInput,
+        PredictController,
+        PredictSettings,
+        RegionInput,
+        SlideInput,
+    )
+    from napari_stem.plugin.layers import SlideFrame
 
     controller = PredictController(embedding_cache_dir=tmp_path)
     frame = SlideFrame.microns(0.499)
@@ -439,7 +446,7 @@ def test_controller_validates_inputs(demo_slide_file: Path, tiny_checkpoint: Pat
 
 
 def test_nothreads_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from napari_stem._widget import threads_enabled
+    from napari_stem.plugin.widget import threads_enabled
 
     monkeypatch.setenv("NAPARI_STEM_NOTHREADS", "1")
     assert not threads_enabled()
@@ -453,7 +460,7 @@ def test_interval_choice_draws_enough_samples_or_labels_what_it_gives(open_widge
 
     import anndata
 
-    from napari_stem._widget import PredictWidget
+    from napari_stem.plugin.widget import PredictWidget
 
     viewer, widget = open_widget(threads=False)
     fresh = PredictWidget(viewer)  # the defaults deliver what they advertise: exact 50 % and 90 % from 19 samples

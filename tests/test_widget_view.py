@@ -50,7 +50,7 @@ def test_mean_on_top_uncertainty_one_click_away(open_widget, errors, monkeypatch
     mean, sd = viewer.layers["GA mean"], viewer.layers["GA sd"]
     assert mean.visible and not sd.visible and viewer.layers.selection.active is mean
     assert 0.3 <= mean.opacity < 1.0  # the tissue shows through
-    from napari_stem._result_layers import colorbar_text
+    from napari_stem.plugin.result_layers import colorbar_text
 
     assert colorbar_text(mean) == "GA mean · log2(1+count)" and colorbar_text(sd) == "GA sd · log2(1+count)"
     assert mean.face_colorbar.visible and mean.face_colorbar.size[1] >= 200
@@ -139,7 +139,7 @@ def test_progress_moves_during_sampling_and_cancel_is_quick(open_widget, qtbot, 
 def test_controller_reports_steps_and_time_left() -> None:
     from types import SimpleNamespace
 
-    from napari_stem._controller import PredictController
+    from napari_stem.plugin.controller import PredictController
     from test_widget import _fake_job
 
     controller = PredictController()
@@ -354,7 +354,7 @@ def test_spaceranger_outs_open_with_their_he_under_the_spots(make_napari_viewer,
 def test_reopened_prediction_brings_its_slide_and_labelled_colorbars(
     open_widget, qtbot, errors, tmp_path: Path, demo_slide_file: Path
 ) -> None:
-    from napari_stem._result_layers import colorbar_text
+    from napari_stem.plugin.result_layers import colorbar_text
 
     viewer, widget = open_widget(threads=False)
     widget.run_button.clicked()
@@ -387,7 +387,7 @@ def test_known_models_list_the_demo_model_and_recent_checkpoints(
 
     monkeypatch.setattr(known_models, "_recent_file", lambda: tmp_path / "recent.json")
     monkeypatch.setattr(known_models, "demo_checkpoint", lambda: None)
-    import napari_stem._widget as widget_module
+    import napari_stem.plugin.widget as widget_module
 
     def build() -> Path:  # the slow build, stood in
         time.sleep(1.6)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from napari_stem.errors import StemError
-from napari_stem.layers import gene_contrast_limits, prediction_layer_data
+from napari_stem.plugin.layers import gene_contrast_limits, prediction_layer_data
 from napari_stem.spots import Spots
 
 GENES = ["GA", "GB", "GC"]
@@ -18,7 +18,7 @@ GENES = ["GA", "GB", "GC"]
 
 @pytest.fixture
 def prediction_and_spots():
-    from napari_stem.sampling import Prediction
+    from napari_stem.stem.sampling import Prediction
 
     rng = np.random.default_rng(0)
     n = 6
@@ -67,7 +67,7 @@ def test_prediction_layer_data(prediction_and_spots) -> None:
     assert kwargs["metadata"]["genes"] == GENES and kwargs["metadata"]["prediction"] is prediction
     assert 0 < kwargs["opacity"] < 1  # the tissue shows through
     # all genes on request; an interval column when samples are kept ([min, max] of K = 4: 60 %)
-    from napari_stem.layers import prediction_features
+    from napari_stem.plugin.layers import prediction_features
 
     assert "GC mean" in prediction_features(prediction, spots, "GB", all_genes=True)
     prediction.samples = np.random.default_rng(1).normal(size=(len(spots), 4, 3)).astype(np.float32)
@@ -89,7 +89,7 @@ def test_gene_contrast_limits_are_robust() -> None:
 def test_h5ad_writer_is_the_cli_layout_and_round_trips(tmp_path: Path, prediction_and_spots) -> None:
     import anndata
 
-    from napari_stem._writer import write_h5ad
+    from napari_stem.plugin.writer import write_h5ad
 
     prediction, spots = prediction_and_spots
     out = tmp_path / "pred.h5ad"
@@ -107,7 +107,7 @@ def test_h5ad_writer_is_the_cli_layout_and_round_trips(tmp_path: Path, predictio
 def test_writers_keep_only_shown_and_predicted_spots(tmp_path: Path, prediction_and_spots) -> None:
     import anndata
 
-    from napari_stem._writer import write_csv, write_h5ad
+    from napari_stem.plugin.writer import write_csv, write_h5ad
 
     prediction, spots = prediction_and_spots
     prediction.mean[4:] = np.nan  # not sampled yet (a running or cancelled job)
@@ -120,7 +120,7 @@ def test_writers_keep_only_shown_and_predicted_spots(tmp_path: Path, prediction_
 
 
 def test_csv_writer(tmp_path: Path, prediction_and_spots) -> None:
-    from napari_stem._writer import write_csv
+    from napari_stem.plugin.writer import write_csv
 
     prediction, spots = prediction_and_spots
     out = tmp_path / "pred.csv"
@@ -133,7 +133,7 @@ def test_csv_writer(tmp_path: Path, prediction_and_spots) -> None:
 
 
 def test_csv_write_is_atomic(tmp_path: Path, prediction_and_spots, monkeypatch: pytest.MonkeyPatch) -> None:
-    from napari_stem import _writer
+    from napari_stem.plugin import writer as plugin_writer
 
     prediction, spots = prediction_and_spots
     out = tmp_path / "pred.csv"
@@ -145,20 +145,20 @@ def test_csv_write_is_atomic(tmp_path: Path, prediction_and_spots, monkeypatch: 
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken_to_csv)
     with pytest.raises(OSError, match="disk full"):
-        _writer.write_prediction_csv(out, prediction, spots)
+        plugin_writer.write_prediction_csv(out, prediction, spots)
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["pred.csv"]
 
 
 def test_writer_refuses_other_layers(tmp_path: Path) -> None:
-    from napari_stem._writer import write_h5ad
+    from napari_stem.plugin.writer import write_h5ad
 
     with pytest.raises(StemError, match="none of the selected layers is a napari-stem prediction"):
         write_h5ad(str(tmp_path / "x.h5ad"), [(np.zeros((2, 2)), {"metadata": {}}, "points")])
 
 
 def test_prediction_h5ad_reopens_as_mean_and_variance(tmp_path: Path, prediction_and_spots) -> None:
-    from napari_stem._reader import get_reader
-    from napari_stem._writer import write_h5ad
+    from napari_stem.plugin.reader import get_reader
+    from napari_stem.plugin.writer import write_h5ad
 
     prediction, spots = prediction_and_spots
     out = tmp_path / "run1.h5ad"
@@ -186,8 +186,8 @@ def test_prediction_h5ad_reopens_over_its_thumbnail_when_the_slide_is_gone(
 ) -> None:
     import shutil
 
-    from napari_stem._reader import get_reader
     from napari_stem.anndata_io import write_prediction
+    from napari_stem.plugin.reader import get_reader
     from napari_stem.slide import open_slide
 
     prediction, spots = prediction_and_spots
@@ -207,7 +207,7 @@ def test_prediction_h5ad_reopens_over_its_thumbnail_when_the_slide_is_gone(
 
 
 def test_plain_spots_h5ad_still_opens_as_spots(synthetic_hest: Path) -> None:
-    from napari_stem._reader import get_reader
+    from napari_stem.plugin.reader import get_reader
 
     path = synthetic_hest / "st" / "SYN000.h5ad"
     ((_, kwargs, layer_type),) = get_reader(str(path))(str(path))
@@ -215,7 +215,7 @@ def test_plain_spots_h5ad_still_opens_as_spots(synthetic_hest: Path) -> None:
 
 
 def test_spaceranger_outs_open_as_spots_in_microns(spaceranger_outs: Path) -> None:
-    from napari_stem._reader import get_reader
+    from napari_stem.plugin.reader import get_reader
     from napari_stem.spots import read_spots_spaceranger, visium_mpp_from_lattice
 
     reader = get_reader(str(spaceranger_outs))

@@ -12,9 +12,9 @@ def save_tiny_checkpoint(
     """One block, hidden 32; weights nudged off the zero-init so the output depends on the condition."""
     import torch
 
-    from napari_stem.checkpoint import save_checkpoint
-    from napari_stem.embed import PatchSpec
-    from napari_stem.model import StemConfig, StemModel
+    from napari_stem.embedding.embed import PatchSpec
+    from napari_stem.stem.checkpoint import save_checkpoint
+    from napari_stem.stem.model import StemConfig, StemModel
 
     torch.manual_seed(0)
     config = StemConfig(n_genes=len(genes), cond_dim=cond_dim, hidden_size=32, depth=1, num_heads=2)

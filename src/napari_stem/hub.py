@@ -3,7 +3,7 @@
 A napari-stem checkpoint (``config.json`` + ``weights.safetensors``) is a natural Hub model repo.
 :func:`resolve_checkpoint` turns a ``hf-hub:`` reference into a local folder in the Hub cache
 (``$HF_HUB_CACHE``, as timm and transformers cache their weights) and leaves local paths alone;
-:mod:`napari_stem.checkpoint` calls it, so every place that takes a checkpoint path (``stem-train
+:mod:`napari_stem.stem.checkpoint` calls it, so every place that takes a checkpoint path (``stem-train
 predict``/``evaluate``-side tools, the widget's checkpoint field) accepts a reference too.
 
 Only ``config.json``, ``weights.safetensors`` and the model card are ever fetched: a repo that holds
@@ -27,7 +27,7 @@ from typing import Any
 from napari_stem.errors import CheckpointError, StemError
 
 HUB_PREFIX = "hf-hub:"
-CONFIG_FILE = "config.json"  # same names as napari_stem.checkpoint (not imported: it imports us)
+CONFIG_FILE = "config.json"  # same names as napari_stem.stem.checkpoint (not imported: it imports us)
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "README.md"
 #: What a Hub checkpoint is made of; nothing else is downloaded.
@@ -326,7 +326,7 @@ def push_checkpoint(
 
     Training state (``training_state.pt``, a pickle of optimiser state) is never uploaded.
     """
-    from napari_stem.checkpoint import read_metadata
+    from napari_stem.stem.checkpoint import read_metadata
 
     if not _REPO_ID.fullmatch(repo_id):
         raise HubError(f"'{repo_id}' is not a Hub repo id; write owner/name.")

@@ -61,8 +61,8 @@ def default_settings(device: str = "auto") -> dict[str, int]:
 
 
 def embedding_spec(checkpoint: Any) -> tuple[str, Any]:
-    """The encoder name and :class:`~napari_stem.embed.PatchSpec` a checkpoint was trained with."""
-    from napari_stem.embed import PatchSpec
+    """The encoder name and :class:`~napari_stem.embedding.embed.PatchSpec` a checkpoint was trained with."""
+    from napari_stem.embedding.embed import PatchSpec
 
     spec = checkpoint.embedding or {}
     if "encoder" not in spec:
@@ -101,7 +101,7 @@ def iter_predict(
 ) -> Iterator[PredictEvent]:
     """Predict expression for ``spots`` of a slide; see the module docstring.
 
-    ``checkpoint`` is a path or a loaded :class:`~napari_stem.checkpoint.StemCheckpoint`.
+    ``checkpoint`` is a path or a loaded :class:`~napari_stem.stem.checkpoint.StemCheckpoint`.
     ``embeddings`` skips the embedding stage (rows in spot order); ``cache_path`` keeps them in a
     HEST-Bench HDF5 file reused on the next run. ``n_samples``/``steps`` default to
     :func:`default_settings` for the device, raised to the smallest count that makes the
@@ -115,9 +115,9 @@ def iter_predict(
     ``encoder`` is an already built encoder of the checkpoint's kind, so a cohort worker builds it
     once for all its slides (default: built here from the checkpoint's encoder name).
     """
-    from napari_stem.checkpoint import load_checkpoint
     from napari_stem.intervals import plan_intervals, samples_for_levels
-    from napari_stem.sampling import iter_sample, resolve_device
+    from napari_stem.stem.checkpoint import load_checkpoint
+    from napari_stem.stem.sampling import iter_sample, resolve_device
 
     # Arguments first: a mistake is refused before any model is loaded.
     if n_samples is not None:
@@ -235,7 +235,7 @@ def _embed(
     slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers, encoder=None
 ):
     """Embedding stage of :func:`iter_predict` (a sub-generator whose return value is the array)."""
-    from napari_stem.embed import iter_embed_slide_cached, iter_embed_spots
+    from napari_stem.embedding.embed import iter_embed_slide_cached, iter_embed_spots
 
     encoder_name, patch_spec = embedding_spec(loaded)
     if encoder is not None and getattr(encoder, "name", encoder_name) != encoder_name:

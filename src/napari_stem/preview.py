@@ -123,11 +123,18 @@ def record_pace(
         pace["sample"] = float(sample_seconds_per_row_step)
 
 
+def format_duration(seconds: float) -> str:
+    """ "45 s", "3 min", "2.5 h": rounded the way a person reads a countdown."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def describe_cost(n_spots: int, seconds: float, device: str) -> str:
     """ "~540 spots · ~4 min on cpu"."""
-    from napari_stem._controller import _duration
-
-    return f"~{n_spots} spots · ~{_duration(seconds)} on {_device_type(device)} (estimate)"
+    return f"~{n_spots} spots · ~{format_duration(seconds)} on {_device_type(device)} (estimate)"
 
 
 @dataclass

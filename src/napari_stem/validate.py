@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from napari_stem.errors import StemError, describe_path
-from napari_stem.model_config import N_TRAIN_STEPS
+from napari_stem.stem.model_config import N_TRAIN_STEPS
 
 T = TypeVar("T")
 

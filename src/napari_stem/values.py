@@ -1,6 +1,6 @@
 """Typed values passed between the stages of a prediction, and the sampler names a run may ask for.
 
-Torch-free, so anyone may import them: the sampler (:mod:`napari_stem.sampling`) fills them, the
+Torch-free, so anyone may import them: the sampler (:mod:`napari_stem.stem.sampling`) fills them, the
 prediction path (:mod:`napari_stem.predict`, which re-exports ``SAMPLERS`` and ``DEFAULT_SAMPLER``)
 assembles them, and the writers, the napari layers and ``stem-train`` read them without torch.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from napari_stem.intervals import IntervalSpec
 
 #: "ancestral" and "ddim" are the reference's samplers (respaced); the other three are our few-step
-#: solvers (napari_stem.diffusion.SOLVERS). "ancestral-matched" gives each big step the variance
+#: solvers (napari_stem.stem.diffusion.SOLVERS). "ancestral-matched" gives each big step the variance
 #: the model learned for the 1000-step chain, so its samples keep their spread at 4 steps where
 #: the respaced ancestral sampler's shrink. Every sampler clips its x_0 predictions to the
 #: training range a checkpoint records (``clip_x0``), which stopped DDIM's blow-ups.
@@ -60,7 +60,7 @@ class SampleBatch:
     stop: int
     total_spots: int
     mean: np.ndarray  # (stop - start, G)
-    variance: np.ndarray  # (stop - start, G), ddof = napari_stem.sampling.VARIANCE_DDOF
+    variance: np.ndarray  # (stop - start, G), ddof = napari_stem.stem.sampling.VARIANCE_DDOF
     samples: np.ndarray | None = None  # (stop - start, K, G) with keep_samples
     quantiles: np.ndarray | None = None  # (Q, stop - start, G) with quantiles
     intervals: np.ndarray | None = None  # (I, 2, stop - start, G): lower, upper of each interval

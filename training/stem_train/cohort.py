@@ -675,7 +675,7 @@ _MODELS_LOCK = threading.Lock()
 
 def worker_checkpoint(path: str | Path) -> Any:
     """The checkpoint at ``path``, loaded once per process (reloaded if its weights change)."""
-    from napari_stem.checkpoint import load_checkpoint
+    from napari_stem.stem.checkpoint import load_checkpoint
 
     folder = Path(path).resolve()
     weights = folder / "weights.safetensors"
@@ -823,7 +823,7 @@ def _spot_count(spots_path: Path | None) -> int | None:
 
 def embed_slide_task(sample: Any, spots: Any, cache_path: Path, encoder: dict, patch: dict, options: dict) -> dict:
     """One slide of ``stem-train prepare`` on a worker: ``prepare.embed_slide`` with this worker's encoder."""
-    from napari_stem.embed import PatchSpec
+    from napari_stem.embedding.embed import PatchSpec
     from stem_train.prepare import embed_slide
 
     device = worker_device(encoder["device"] or "auto")

@@ -334,7 +334,7 @@ def open_in_napari(paths: DemoPaths, run_event_loop: bool = True):
     import napari
 
     from napari_stem.grid import spots_over_tissue
-    from napari_stem.layers import slide_layer_data, spots_layer_data
+    from napari_stem.plugin.layers import slide_layer_data, spots_layer_data
     from napari_stem.slide import open_slide
 
     viewer = napari.Viewer(title="napari-stem demo")

@@ -817,7 +817,7 @@ def training_slides(
     records, whose provenance holds its training manifest and ``train_slides``; ``train_slides``
     of the prediction itself. Returns (slides, sources, manifests read).
     """
-    from napari_stem.checkpoint import CONFIG_FILE
+    from napari_stem.stem.checkpoint import CONFIG_FILE
     from stem_train.manifest import PreparedDataset
 
     slides: dict[str, TrainingSlide] = {}

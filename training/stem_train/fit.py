@@ -30,7 +30,7 @@ import numpy as np
 
 from napari_stem.atomic import replace_atomically, write_text_atomically
 from napari_stem.errors import CheckpointError, StemError, describe_path
-from napari_stem.model_config import PRESETS, TRAINING_DEFAULTS
+from napari_stem.stem.model_config import PRESETS, TRAINING_DEFAULTS
 from napari_stem.validate import (
     AUGMENTATION_RATIO,
     BATCH_SIZE,
@@ -292,8 +292,8 @@ def train(args: argparse.Namespace, ctx: Any) -> None:
     from torch.nn.parallel import DistributedDataParallel
     from tqdm.auto import tqdm
 
-    from napari_stem.diffusion import create_diffusion
-    from napari_stem.model import StemConfig, StemModel, count_parameters
+    from napari_stem.stem.diffusion import create_diffusion
+    from napari_stem.stem.model import StemConfig, StemModel, count_parameters
     from stem_train import distributed
     from stem_train.data import BatchOrder, assemble_held_out, assemble_training_set
 
@@ -573,7 +573,7 @@ def validate(
     import torch
 
     from napari_stem.metrics import pearson_per_gene
-    from napari_stem.sampling import sample_expression
+    from napari_stem.stem.sampling import sample_expression
 
     n_total = len(held_out)
     chosen = np.unique(np.linspace(0, n_total - 1, min(args.val_spots, n_total)).round().astype(np.int64))
@@ -656,7 +656,7 @@ def _save_step_checkpoint(
     ctx: Any,
 ) -> Path:
     """Weights folder, then its training state, then the ``latest`` pointer: each step atomic."""
-    from napari_stem.checkpoint import save_checkpoint
+    from napari_stem.stem.checkpoint import save_checkpoint
 
     folder = checkpoints / f"step_{step:07d}"
     save_checkpoint(
@@ -691,7 +691,7 @@ def _save_final_checkpoint(
     training_set: Any,
     ctx: Any,
 ) -> Path:
-    from napari_stem.checkpoint import save_checkpoint
+    from napari_stem.stem.checkpoint import save_checkpoint
 
     return save_checkpoint(
         path,
@@ -752,7 +752,7 @@ def _restore(
     """Weights, EMA, optimiser and RNGs as saved; returns (step, running log sums)."""
     import torch
 
-    from napari_stem.checkpoint import load_checkpoint
+    from napari_stem.stem.checkpoint import load_checkpoint
 
     for target, weights in ((model, "model"), (ema, "ema")):
         loaded = load_checkpoint(folder, weights=weights, expected_genes=spec["genes"])

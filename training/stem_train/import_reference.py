@@ -56,10 +56,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_stem.checkpoint import check_replaceable, import_reference_checkpoint, save_checkpoint
-    from napari_stem.embed import PatchSpec
-    from napari_stem.encoders import get_encoder_spec
+    from napari_stem.embedding.embed import PatchSpec
+    from napari_stem.embedding.encoders import get_encoder_spec
     from napari_stem.errors import CheckpointError
+    from napari_stem.stem.checkpoint import check_replaceable, import_reference_checkpoint, save_checkpoint
     from napari_stem.validate import check_not_an_input, check_writable_folder
 
     check_not_an_input(args.out, (args.checkpoint, args.genes))

@@ -92,7 +92,7 @@ class PreparedDataset:
     encoder: str
     encoder_weights: str | None
     embedding_dim: int
-    patch: dict[str, Any]  # napari_stem.embed.PatchSpec.to_dict()
+    patch: dict[str, Any]  # napari_stem.embedding.embed.PatchSpec.to_dict()
     genes: list[str]
     gene_selection: dict[str, Any]  # method, requested count, whether held-out slides were used, ...
     slides: list[PreparedSlide] = field(default_factory=list)

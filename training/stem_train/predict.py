@@ -253,8 +253,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_stem.checkpoint import load_checkpoint
     from napari_stem.predict import embedding_spec
+    from napari_stem.stem.checkpoint import load_checkpoint
 
     if args.quantiles is not None:
         raise StemError(
@@ -462,7 +462,7 @@ def rank_device(device: str) -> str:
 # ---------------------------------------------------------------------- one slide
 def check_outputs(jobs: Sequence[PredictJob], args: argparse.Namespace) -> None:
     """Refuse, before any work, outputs that are inputs, foreign files or unwritable places."""
-    from napari_stem.checkpoint import read_metadata
+    from napari_stem.stem.checkpoint import read_metadata
     from napari_stem.validate import check_grid, check_prediction_output, check_writable_folder
 
     read_metadata(args.checkpoint)  # a missing or damaged checkpoint is named before anything else

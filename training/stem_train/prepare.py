@@ -23,8 +23,8 @@ DEFAULT_OUT_NAME = "stem_prepared"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from napari_stem.embed import PATCH_MODES
-    from napari_stem.encoders import DEFAULT_ENCODER
+    from napari_stem.embedding.embed import PATCH_MODES
+    from napari_stem.embedding.encoders import DEFAULT_ENCODER
 
     parser = subparsers.add_parser(
         "prepare",
@@ -147,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
     import anndata
     from tqdm.auto import tqdm
 
-    from napari_stem.embed import N_AUGMENTATIONS, PatchSpec
-    from napari_stem.encoders import encoder_weights_id, get_encoder_spec
+    from napari_stem.embedding.embed import N_AUGMENTATIONS, PatchSpec
+    from napari_stem.embedding.encoders import encoder_weights_id, get_encoder_spec
     from napari_stem.hest import iter_hest_samples
     from napari_stem.validate import check_writable_folder
 
@@ -253,7 +253,7 @@ def _embed_samples(
     }
     dims: dict[str, int] = {}
     if args.scheduler.distributed:  # one Dask task per slide, each running embed_slide below
-        from napari_stem.embed import spots_fingerprint
+        from napari_stem.embedding.embed import spots_fingerprint
         from stem_train.cohort import (
             SlideTask,
             embed_slide_task,
@@ -344,7 +344,7 @@ def embed_slide(
     """
     from tqdm.auto import tqdm
 
-    from napari_stem.embed import TRAINING_DATA_OWNER, iter_embed_slide_cached
+    from napari_stem.embedding.embed import TRAINING_DATA_OWNER, iter_embed_slide_cached
 
     embedding_dim = 0
     with tqdm(total=len(spots), desc=f"embedding {sample.sample_id}", unit="spot", disable=not progress) as bar:
@@ -415,7 +415,7 @@ class LazyEncoder:
     """
 
     def __init__(self, name: str, weights: Any, device: str | None, precision: str = "auto") -> None:
-        from napari_stem.encoders import encoder_weights_id, get_encoder_spec
+        from napari_stem.embedding.encoders import encoder_weights_id, get_encoder_spec
 
         self.name = name
         self.weights = weights
@@ -427,7 +427,7 @@ class LazyEncoder:
 
     def _build(self) -> Any:
         if self._built is None:
-            from napari_stem.encoders import create_encoder
+            from napari_stem.embedding.encoders import create_encoder
 
             self._built = create_encoder(
                 self.name, weights=self.weights, device=self._device, precision=self._precision

@@ -45,8 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from napari_stem.checkpoint import read_metadata
     from napari_stem.hub import model_card, push_checkpoint
+    from napari_stem.stem.checkpoint import read_metadata
 
     if args.card_only:
         report = json.loads(args.report.read_text(encoding="utf-8")) if args.report else None

@@ -232,7 +232,7 @@ def iter_embed_spots(
 ) -> Iterator[EmbedProgress]:
     """Embed every spot, yielding an :class:`EmbedProgress` per batch, in :func:`reading_order`.
 
-    ``encoder`` is an :class:`~napari_stem.encoders.Encoder` or a registered name (built once here
+    ``encoder`` is an :class:`~napari_stem.embedding.encoders.Encoder` or a registered name (built once here
     with ``encoder_weights`` on ``device``, computing in ``precision``). ``mpp`` overrides the
     slide's µm/px (default: the spots' ``mpp``, else the file's). ``num_workers`` > 0 reads patches
     in that many processes. Closing the generator early stops the workers.
@@ -348,7 +348,7 @@ def _as_float32(features: Any) -> np.ndarray:
 
 def _resolve_encoder(encoder: Any, weights: Any, device: str | None, precision: str) -> Any:
     if isinstance(encoder, str):
-        from napari_stem.encoders import create_encoder
+        from napari_stem.embedding.encoders import create_encoder
 
         return create_encoder(encoder, weights=weights, device=device, precision=precision)
     return encoder
@@ -402,7 +402,7 @@ def _expected_attrs(
 ) -> dict[str, Any]:
     """What a cache must record to be reused; computed without loading the model when possible."""
     if isinstance(encoder, str):
-        from napari_stem.encoders import encoder_weights_id, get_encoder_spec
+        from napari_stem.embedding.encoders import encoder_weights_id, get_encoder_spec
 
         name, weights_id, dim = encoder, encoder_weights_id(encoder, encoder_weights), get_encoder_spec(encoder).dim
     else:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Generator, Iterable
 import numpy as np
 import torch
 
-from napari_stem.model_config import N_TRAIN_STEPS  # re-exported: its old home
+from napari_stem.stem.model_config import N_TRAIN_STEPS  # re-exported: its old home
 
 #: The reference's samplers and ours; the solvers evaluate the network once per step.
 REFERENCE_SAMPLERS = ("ancestral", "ddim")

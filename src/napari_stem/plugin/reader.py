@@ -32,7 +32,7 @@ def get_reader(path: str | list[str]) -> ReaderFunction | None:
                 from napari_stem.spatialdata_io import is_spatialdata_prediction
 
                 if is_spatialdata_prediction(candidate):
-                    from napari_stem._spatialdata_reader import read_prediction_spatialdata
+                    from napari_stem.plugin.spatialdata_reader import read_prediction_spatialdata
 
                     return read_prediction_spatialdata
                 return None
@@ -52,7 +52,7 @@ def get_reader(path: str | list[str]) -> ReaderFunction | None:
 
 
 def read_slide(path: str | list[str]) -> list:
-    from napari_stem.layers import slide_layer_data
+    from napari_stem.plugin.layers import slide_layer_data
     from napari_stem.slide import open_slide
 
     slide = open_slide(_single(path))
@@ -71,7 +71,7 @@ def unknown_pixel_size_notice(slide) -> str:
 
 
 def read_h5ad(path: str | list[str]) -> list:
-    from napari_stem.layers import spots_layer_data
+    from napari_stem.plugin.layers import spots_layer_data
     from napari_stem.spots import read_spots_h5ad
 
     path = Path(_single(path))
@@ -86,7 +86,7 @@ def read_prediction_h5ad(path: str | list[str]) -> list:
     thumbnail stored in the file, in the same µm frame), then "<name> <gene> sd" (hidden) and
     "<name> <gene> mean" on top, with labelled colorbars."""
     from napari_stem.anndata_io import read_prediction
-    from napari_stem.layers import prediction_layer_data
+    from napari_stem.plugin.layers import prediction_layer_data
 
     path = Path(_single(path))
     prediction, spots = read_prediction(path)
@@ -98,7 +98,7 @@ def read_prediction_h5ad(path: str | list[str]) -> list:
         )
         for kind in ("sd", "mean")
     ]
-    from napari_stem._result_layers import label_colorbars_when_added
+    from napari_stem.plugin.result_layers import label_colorbars_when_added
 
     label_colorbars_when_added()
     return [layer for layer in layers if layer is not None]
@@ -106,7 +106,7 @@ def read_prediction_h5ad(path: str | list[str]) -> list:
 
 def _prediction_slide_layer(path: Path, slide_path: str | None, spots) -> tuple | None:
     """The slide under a re-opened prediction: its file, else the file's own thumbnail, else None."""
-    from napari_stem.layers import slide_layer_data
+    from napari_stem.plugin.layers import slide_layer_data
     from napari_stem.slide import open_slide
 
     if slide_path and Path(slide_path).is_file():
@@ -156,7 +156,7 @@ def read_spaceranger(path: str | list[str]) -> list:
     ``pixel_size_um_estimated``), putting the spots in the same µm frame as the full-resolution
     slide they were aligned to.
     """
-    from napari_stem.layers import spots_layer_data
+    from napari_stem.plugin.layers import spots_layer_data
     from napari_stem.spots import read_spots_spaceranger
 
     folder = Path(_single(path))
@@ -211,7 +211,7 @@ def _spaceranger_outs(folder: Path) -> Path | None:
 def read_hest_folder(path: str | list[str]) -> list:
     """The first sample of a HEST folder: slide and spots together, in the same µm frame."""
     from napari_stem.hest import hest_sample, hest_sample_ids
-    from napari_stem.layers import slide_layer_data, spots_layer_data
+    from napari_stem.plugin.layers import slide_layer_data, spots_layer_data
 
     root = Path(_single(path))
     sample = hest_sample(root, hest_sample_ids(root)[0])

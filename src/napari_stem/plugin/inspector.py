@@ -3,7 +3,7 @@
 The intervals are the order-statistic ones of :mod:`napari_stem.intervals`: those recorded with
 the prediction when there are any, else the 50 % and 90 % intervals its kept samples give, each
 labelled with the level it actually has for K samples (e.g. [min, max] of 4 samples is a 60 %
-interval, not 90 %). No napari or Qt import: the dock (``_inspector_widget``) only draws this.
+interval, not 90 %). No napari or Qt import: the dock (``inspector_widget``) only draws this.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class SpotReport:
 def spot_report(prediction: Any, spots: Any, index: int, gene: str) -> SpotReport:
     """The :class:`SpotReport` of spot ``index`` (a row of ``prediction``) for ``gene``."""
     from napari_stem.intervals import plan_intervals
-    from napari_stem.layers import target_unit
+    from napari_stem.plugin.layers import target_unit
 
     column = [str(g) for g in prediction.genes].index(str(gene))
     samples = None

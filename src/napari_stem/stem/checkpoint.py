@@ -26,7 +26,7 @@ from napari_stem.errors import CheckpointError, describe_path
 from napari_stem.gene_list import read_gene_list as read_gene_list_file
 
 if TYPE_CHECKING:  # torch is imported where weights are touched: reading metadata stays instant
-    from napari_stem.model import StemConfig, StemModel
+    from napari_stem.stem.model import StemConfig, StemModel
 
 FORMAT_NAME = "napari-stem-checkpoint"
 FORMAT_VERSION = 1
@@ -235,7 +235,7 @@ def _swap_into_place(staging: Path, path: Path) -> None:
 def _validated_state_dict(weights, config: StemConfig, where: str, template: StemModel | None = None) -> dict:
     import torch
 
-    from napari_stem.model import StemModel
+    from napari_stem.stem.model import StemModel
 
     state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
     # Built on the CPU, not under ``torch.device("meta")``: that context routes nn.init through
@@ -320,7 +320,7 @@ def load_checkpoint(
     """
     import torch
 
-    from napari_stem.model import StemConfig, StemModel
+    from napari_stem.stem.model import StemConfig, StemModel
 
     folder = _checkpoint_dir(path)
     metadata = read_metadata(folder)
@@ -438,7 +438,7 @@ def import_reference_checkpoint(
     (one symbol per line, the trainer's ``selected_gene_list.txt``) must match the checkpoint's
     gene count. With ``out_path`` the result is also saved in our format.
     """
-    from napari_stem.model import StemModel
+    from napari_stem.stem.model import StemModel
 
     pt_path = Path(pt_path)
     raw = _torch_load_weights_only(pt_path)
@@ -508,7 +508,7 @@ def _reference_state_dicts(raw, pt_path: Path) -> tuple[dict, dict | None]:
 
 def infer_reference_config(state_dict: dict, *, num_heads: int | None = None, source="checkpoint") -> StemConfig:
     """Architecture from reference tensor shapes (genes, condition dim, hidden, depth, MLP ratio)."""
-    from napari_stem.model import StemConfig
+    from napari_stem.stem.model import StemConfig
 
     try:
         n_genes, hidden = state_dict["gene_joint_embed.gene_name_ebd"].shape

@@ -2,7 +2,7 @@
 
 Opens like a prediction ``.h5ad``: the H&E stored in the zarr (multiscale, in the spots' µm frame),
 then "<name> <gene> sd" (hidden) and "<name> <gene> mean". Other SpatialData folders are left to
-napari-spatialdata (the sniffer in :mod:`napari_stem._reader` only claims napari-stem's own).
+napari-spatialdata (the sniffer in :mod:`napari_stem.plugin.reader` only claims napari-stem's own).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import numpy as np
 
 
 def read_prediction_spatialdata(path: str | list[str]) -> list:
-    from napari_stem._reader import _single
-    from napari_stem._result_layers import label_colorbars_when_added
-    from napari_stem.layers import prediction_layer_data
+    from napari_stem.plugin.layers import prediction_layer_data
+    from napari_stem.plugin.reader import _single
+    from napari_stem.plugin.result_layers import label_colorbars_when_added
     from napari_stem.spatialdata_io import read_prediction_zarr
 
     path = Path(_single(path))

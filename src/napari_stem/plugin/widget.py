@@ -40,8 +40,14 @@ from napari.layers import Layer
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QComboBox
 
-from napari_stem import _result_layers
-from napari_stem._controller import (
+from napari_stem.errors import StemError
+from napari_stem.intervals import CHOICES as INTERVAL_CHOICES
+from napari_stem.intervals import DEFAULT_CHOICE as DEFAULT_INTERVALS
+from napari_stem.intervals import describe as describe_intervals
+from napari_stem.intervals import samples_for_levels
+from napari_stem.known_models import HUB_PREFIX
+from napari_stem.plugin import result_layers
+from napari_stem.plugin.controller import (
     DEVICES,
     GRID,
     WHOLE_SLIDE,
@@ -51,14 +57,8 @@ from napari_stem._controller import (
     RegionInput,
     SlideInput,
 )
-from napari_stem._torch_guard import block_triton_if_llvm_loaded
-from napari_stem.errors import StemError
-from napari_stem.intervals import CHOICES as INTERVAL_CHOICES
-from napari_stem.intervals import DEFAULT_CHOICE as DEFAULT_INTERVALS
-from napari_stem.intervals import describe as describe_intervals
-from napari_stem.intervals import samples_for_levels
-from napari_stem.known_models import HUB_PREFIX
-from napari_stem.layers import SPOT_OPACITY, UNCERTAINTY_KINDS, SlideFrame, has_interval, prediction_layer_data
+from napari_stem.plugin.layers import SPOT_OPACITY, UNCERTAINTY_KINDS, SlideFrame, has_interval, prediction_layer_data
+from napari_stem.plugin.torch_guard import block_triton_if_llvm_loaded
 from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
 from napari_stem.validate import MAX_DIFFUSION_STEPS
 
@@ -248,7 +248,7 @@ class PredictWidget(Container):
         self._default_to_opened_spots()
         self._update_grid_fields()
         self._refresh_genes()
-        from napari_stem._preview_view import SpotPreview
+        from napari_stem.plugin.preview_view import SpotPreview
 
         self.preview = SpotPreview(self)  # spots (and tissue) drawn as soon as their settings change
         for control in (
@@ -349,7 +349,7 @@ class PredictWidget(Container):
 
         from qtpy.QtCore import QTimer
 
-        from napari_stem._controller import _duration
+        from napari_stem.preview import format_duration
 
         message = f"building the demo model once ({known_models.DEMO_BUILD_TIME}); it is kept for next time…"
         self._set_status(message)
@@ -361,7 +361,7 @@ class PredictWidget(Container):
         ticker.setInterval(1000)
         ticker.timeout.connect(
             lambda: self._set_status(
-                f"building the demo model once: {_duration(time.perf_counter() - started)} so far "
+                f"building the demo model once: {format_duration(time.perf_counter() - started)} so far "
                 f"({known_models.DEMO_BUILD_TIME}); it is kept for next time…"
             )
         )
@@ -373,7 +373,7 @@ class PredictWidget(Container):
             self.run_button.enabled = True
             self.known_models.reset_choices()
             self.checkpoint.value = checkpoint
-            self._set_status(f"demo model ready after {_duration(time.perf_counter() - started)}: {checkpoint}")
+            self._set_status(f"demo model ready after {format_duration(time.perf_counter() - started)}: {checkpoint}")
 
         def failed(error: BaseException) -> None:
             ticker.stop()
@@ -427,7 +427,7 @@ class PredictWidget(Container):
             self._fetching.discard(reference)
             if str(self.checkpoint_value()) != reference:
                 return
-            from napari_stem._controller import describe_checkpoint
+            from napari_stem.plugin.controller import describe_checkpoint
 
             self.checkpoint_info.value = describe_checkpoint(metadata)
             self.preview.schedule()
@@ -694,7 +694,7 @@ class PredictWidget(Container):
                 layer = Layer.create(data, kwargs, layer_type)
                 layer.metadata["all_genes"] = bool(self.hover_all_genes.value)
                 self._viewer.add_layer(layer)
-                _result_layers.show(layer)
+                result_layers.show(layer)
                 self._result_layers[role] = layer
                 self._given_names[id(layer)] = layer.name
             self._viewer.layers.selection.active = self._result_layers["mean"]
@@ -740,7 +740,7 @@ class PredictWidget(Container):
 
     def inspect_at(self, world_position: Any) -> Any:
         """Show the spot under ``world_position`` of the active (else topmost shown) prediction layer."""
-        from napari_stem.inspector import nearest_spot
+        from napari_stem.plugin.inspector import nearest_spot
 
         layers = [layer for layer in self.prediction_layers() if layer.visible]
         active = self._viewer.layers.selection.active
@@ -756,8 +756,8 @@ class PredictWidget(Container):
 
     def inspect(self, layer: Any, index: int) -> Any:
         """Fill the inspector dock with spot ``index`` of ``layer`` for its displayed gene."""
-        from napari_stem._inspector_widget import SpotInspector
-        from napari_stem.inspector import spot_report
+        from napari_stem.plugin.inspector import spot_report
+        from napari_stem.plugin.inspector_widget import SpotInspector
 
         meta = layer.metadata
         barcodes = np.asarray(meta["spots"].barcodes, dtype=str)
@@ -832,9 +832,9 @@ class PredictWidget(Container):
             self._show(layer, all_genes=bool(self.hover_all_genes.value if value is None else value))
 
     def _show(self, layer: Any, **changes: Any) -> None:
-        """:func:`_result_layers.show`, keeping "rename to keep" working for this widget's layers."""
+        """:func:`result_layers.show`, keeping "rename to keep" working for this widget's layers."""
         was_given = self._given_names.get(id(layer)) == layer.name
-        _result_layers.show(layer, **changes)
+        result_layers.show(layer, **changes)
         if was_given:
             self._given_names[id(layer)] = layer.name
 
@@ -863,7 +863,7 @@ class PredictWidget(Container):
         """The selected prediction layer when it is not this widget's current result (a re-opened
         file, an earlier run kept under another name): Export writes what the user looks at."""
         active = self._viewer.layers.selection.active
-        if not _result_layers.is_prediction_layer(active):
+        if not result_layers.is_prediction_layer(active):
             return None
         result = self.controller.result
         return None if result is not None and active.metadata["prediction"] is result.prediction else active
@@ -882,7 +882,7 @@ class PredictWidget(Container):
 # ---------------------------------------------------------------------- helpers
 def _export_layer(layer: Any, path: Any) -> Path:
     """A prediction layer through the npe2 writers (the same files as File > Save Selected Layers)."""
-    from napari_stem._writer import write_csv, write_h5ad
+    from napari_stem.plugin.writer import write_csv, write_h5ad
 
     if path is None or str(path) in ("", "."):
         raise StemError("choose a file to export to ('export to'), ending in .h5ad or .csv.")

@@ -18,7 +18,7 @@ _STAGES = {"build": "building the demo model", "embed": "embedding spots", "samp
 
 def demo_slide() -> list:
     from napari_stem.datasets import demo_slide_path
-    from napari_stem.layers import slide_layer_data, spots_layer_data
+    from napari_stem.plugin.layers import slide_layer_data, spots_layer_data
     from napari_stem.slide import open_slide
 
     slide = open_slide(demo_slide_path())
@@ -45,15 +45,15 @@ def demo_prediction() -> list:
     Uses the cached demo model that ``stem-train demo`` trains once; embeddings are cached too, so
     opening this sample again only re-samples (a few seconds on a CPU).
     """
-    from napari_stem._torch_guard import block_triton_if_llvm_loaded
+    from napari_stem.plugin.torch_guard import block_triton_if_llvm_loaded
 
-    block_triton_if_llvm_loaded()  # napari's canvas may already hold Mesa's LLVM; see _torch_guard
-    from napari_stem._result_layers import label_colorbars_when_added
-    from napari_stem.checkpoint import load_checkpoint
+    block_triton_if_llvm_loaded()  # napari's canvas may already hold Mesa's LLVM; see plugin.torch_guard
     from napari_stem.datasets import demo_checkpoint_path, demo_slide_path
-    from napari_stem.layers import slide_layer_data
+    from napari_stem.plugin.layers import slide_layer_data
+    from napari_stem.plugin.result_layers import label_colorbars_when_added
     from napari_stem.predict import predict
     from napari_stem.slide import open_slide
+    from napari_stem.stem.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(demo_checkpoint_path())
     slide = open_slide(demo_slide_path())
@@ -64,7 +64,7 @@ def demo_prediction() -> list:
 
 
 def _prediction_layers(prediction: Any, spots: Any, slide_path: Any) -> list:
-    from napari_stem.layers import prediction_layer_data
+    from napari_stem.plugin.layers import prediction_layer_data
 
     return [
         prediction_layer_data(
@@ -84,7 +84,7 @@ def open_demo_prediction() -> list:
     if viewer is None:
         return demo_prediction()
     from napari_stem.datasets import demo_slide_path
-    from napari_stem.layers import slide_layer_data
+    from napari_stem.plugin.layers import slide_layer_data
     from napari_stem.slide import open_slide
 
     slide = open_slide(demo_slide_path())
@@ -95,7 +95,7 @@ def open_demo_prediction() -> list:
 def _demo_prediction_events(slide_path: Path) -> Any:
     """Worker: ``(stage, fraction)`` pairs while the grid is laid, the model built (once) and the
     spots embedded and sampled; returns ``(Prediction, Spots)``."""
-    from napari_stem._torch_guard import block_triton_if_llvm_loaded
+    from napari_stem.plugin.torch_guard import block_triton_if_llvm_loaded
 
     block_triton_if_llvm_loaded()
     from napari_stem import known_models
@@ -108,7 +108,7 @@ def _demo_prediction_events(slide_path: Path) -> Any:
     checkpoint = known_models.demo_checkpoint()
     if checkpoint is None:
         yield "build", 0.0
-        from napari_stem._widget import build_demo_model
+        from napari_stem.plugin.widget import build_demo_model
 
         checkpoint = build_demo_model()
     n_spots = max(len(spots), 1)
@@ -163,12 +163,12 @@ def start_demo_prediction(viewer: Any, slide_path: Path) -> Any:
         prediction, spots = result
         from napari.layers import Layer
 
-        from napari_stem import _result_layers
+        from napari_stem.plugin import result_layers
 
         try:
             for data, kwargs, layer_type in _prediction_layers(prediction, spots, slide_path):
                 layer = viewer.add_layer(Layer.create(data, kwargs, layer_type))
-                _result_layers.show(layer)  # labelled colorbar, as the widget's layers
+                result_layers.show(layer)  # labelled colorbar, as the widget's layers
             viewer.layers.selection.active = layer
         except RuntimeError:  # the viewer was closed meanwhile
             return

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_stem.model_config import PRESETS, StemConfig  # noqa: F401  (re-exported: the model's public API)
+from napari_stem.stem.model_config import PRESETS, StemConfig  # noqa: F401  (re-exported: the model's public API)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

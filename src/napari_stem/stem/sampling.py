@@ -16,18 +16,18 @@ import numpy as np
 import torch
 
 from napari_stem.allocator import keep_tensor_buffers_in_heap
-from napari_stem.checkpoint import StemCheckpoint, check_compatible, load_checkpoint
 from napari_stem.devices import resolve_device_name
-from napari_stem.diffusion import (
+from napari_stem.intervals import IntervalSpec, plan_intervals
+from napari_stem.precision import autocast, resolve_precision
+from napari_stem.stem.checkpoint import StemCheckpoint, check_compatible, load_checkpoint
+from napari_stem.stem.diffusion import (
     N_TRAIN_STEPS,
     SOLVERS,
     GaussianDiffusion,
     create_diffusion,
     solver_timesteps,
 )
-from napari_stem.intervals import IntervalSpec, plan_intervals
-from napari_stem.model import StemModel
-from napari_stem.precision import autocast, resolve_precision
+from napari_stem.stem.model import StemModel
 from napari_stem.values import (  # re-exported: their old home
     DEFAULT_SAMPLER,
     SAMPLERS,
@@ -122,12 +122,12 @@ def iter_sample(
     Yields one :class:`SampleBatch` per batch; stop iterating to cancel. ``step_events`` adds a
     :class:`SampleStep` after every denoising step of a batch (same numbers either way).
 
-    "dpm++2m", "dpm++2m-sde", "ancestral-matched" (:data:`napari_stem.diffusion.SOLVERS`, the
+    "dpm++2m", "dpm++2m-sde", "ancestral-matched" (:data:`napari_stem.stem.diffusion.SOLVERS`, the
     last one the few-step choice: its noise keeps the spread at 3-4 steps): an int ``steps`` is the
     number of network evaluations, at ``spacing`` (default :data:`SOLVER_SPACING`, see
-    :func:`napari_stem.diffusion.solver_timesteps`); a respacing string keeps its steps and
+    :func:`napari_stem.stem.diffusion.solver_timesteps`); a respacing string keeps its steps and
     evaluates at all but t = 0. ``solver_options``: keywords of
-    :meth:`napari_stem.diffusion.GaussianDiffusion.dpm_step` (``variance``, ``second_order``).
+    :meth:`napari_stem.stem.diffusion.GaussianDiffusion.dpm_step` (``variance``, ``second_order``).
     ``clip_x0``: clip every predicted x_0 to the training targets' per-gene range recorded in
     the checkpoint (``target_range``, lo and hi arrays of G values, gives one outright), widened by
     ``clip_margin``; False, or a model without a recorded range, samples exactly as the reference does.

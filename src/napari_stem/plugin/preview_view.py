@@ -18,7 +18,7 @@ import numpy as np
 from napari_stem.errors import StemError
 
 if TYPE_CHECKING:
-    from napari_stem._widget import PredictWidget
+    from napari_stem.plugin.widget import PredictWidget
 
 SPOTS_LAYER = "spot preview"
 MASK_LAYER = "tissue mask"
@@ -100,7 +100,7 @@ class SpotPreview:
         return None
 
     def _compute(self, slide: Any, mpp: float, settings: Any) -> Any:
-        from napari_stem._controller import spots_from_points
+        from napari_stem.plugin.controller import spots_from_points
         from napari_stem.preview import Preview, cached_tissue, grid_over_tissue
         from napari_stem.regions import has_area_shapes, select_in_shapes
 
@@ -282,12 +282,12 @@ def _find(viewer: Any, name: str) -> Any:
 
 
 def _grid() -> str:
-    from napari_stem._controller import GRID
+    from napari_stem.plugin.controller import GRID
 
     return GRID
 
 
 def _checkpoint_metadata(path: Any) -> dict:
-    from napari_stem._controller import _checkpoint_metadata as read
+    from napari_stem.plugin.controller import _checkpoint_metadata as read
 
     return read(path)

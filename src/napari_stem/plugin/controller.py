@@ -1,6 +1,6 @@
 """Qt-free state behind the prediction widget: inputs → validated job → run → results → export.
 
-The widget (``_widget.py``) turns napari layers into the plain inputs below (world coordinates,
+The widget (``widget.py``) turns napari layers into the plain inputs below (world coordinates,
 the slide layer's transform) and only wires signals; everything that can go wrong is decided here
 and unit-testable without a viewer. Nothing here imports napari or Qt.
 
@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from napari_stem.errors import CheckpointError, EncoderError, SlideError, SpotsError, StemError, describe_path
-from napari_stem.layers import SlideFrame
+from napari_stem.plugin.layers import SlideFrame
 from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
+from napari_stem.preview import format_duration
 from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, Spots
 from napari_stem.validate import check_grid, check_mpp, check_samples, check_spots, check_steps
 
@@ -315,7 +316,7 @@ class PredictController:
 
     def _cache_path(self, slide_path: Path, spots: Spots, embedding: dict, weights: Path | None) -> Path:
         """One embedding file per slide + spots + encoder: re-runs with other sampling settings reuse it."""
-        from napari_stem.embed import spots_fingerprint
+        from napari_stem.embedding.embed import spots_fingerprint
 
         key = json.dumps(
             [
@@ -494,7 +495,7 @@ class PredictController:
         elapsed = time.perf_counter() - self._stage_started_at
         if not 0.02 <= fraction < 1 or elapsed < 1.0:
             return ""
-        return f" · ~{_duration(elapsed * (1 - fraction) / fraction)} left"
+        return f" · ~{format_duration(elapsed * (1 - fraction) / fraction)} left"
 
     def _ensure_result(self) -> PredictionResult:
         """The result buffers, made at the first sampled batch (so nothing exists while embedding)."""
@@ -578,7 +579,7 @@ class PredictController:
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path | None) -> Path:
         """Write the current result to ``.h5ad`` (same as ``stem-train predict``) or ``.csv``."""
-        from napari_stem._writer import write_prediction_csv
+        from napari_stem.plugin.writer import write_prediction_csv
 
         if self.result is None or self.running:
             raise StemError("nothing to export yet: run a prediction first (and let it finish or cancel it).")
@@ -651,7 +652,7 @@ def _checkpoint_metadata(path: str | Path | None) -> dict:
         raise CheckpointError(
             "no checkpoint chosen: pick a napari-stem checkpoint folder (from stem-train fit) under 'checkpoint'."
         )
-    from napari_stem.checkpoint import read_metadata
+    from napari_stem.stem.checkpoint import read_metadata
 
     return read_metadata(path)
 
@@ -675,15 +676,6 @@ def _check_sampling(settings: PredictSettings) -> None:
 
         if not torch.cuda.is_available():
             raise StemError("device 'cuda' was chosen but no CUDA GPU is usable here; choose 'auto' or 'cpu'.")
-
-
-def _duration(seconds: float) -> str:
-    """ "45 s", "3 min", "2.5 h": rounded the way a person reads a countdown."""
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 90 * 60:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _with_spots(job: PredictJob, spots: Spots) -> PredictJob:

@@ -1,6 +1,6 @@
 """The "Spot inspector" dock: a clicked spot's samples as a histogram, its mean and its intervals.
 
-A thin Qt view of :class:`napari_stem.inspector.SpotReport`; the prediction widget fills it when
+A thin Qt view of :class:`napari_stem.plugin.inspector.SpotReport`; the prediction widget fills it when
 a spot of a prediction layer is clicked. It holds no reference to the viewer.
 """
 
@@ -13,7 +13,7 @@ from qtpy.QtCore import QRectF, Qt
 from qtpy.QtGui import QColor, QPainter, QPen
 from qtpy.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from napari_stem.inspector import SpotReport
+from napari_stem.plugin.inspector import SpotReport
 
 #: Interval bars, widest (lightest) first, drawn under the histogram.
 INTERVAL_COLOURS = ("#7fb3d5", "#1f618d")

@@ -1,6 +1,6 @@
 """What prediction layers show, changed in place: the gene, the uncertainty kind, the colorbar label.
 
-A prediction layer (``metadata['napari_stem'] == 'prediction'``, made by :mod:`napari_stem.layers`)
+A prediction layer (``metadata['napari_stem'] == 'prediction'``, made by :mod:`napari_stem.plugin.layers`)
 keeps its :class:`~napari_stem.values.Prediction` and spots, so switching the gene or between sd
 and variance only rebuilds its small feature table. Used by the widget for its own and for
 re-opened layers, and by the reader's layers as soon as they are in a viewer. No Qt import.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from napari_stem.layers import (
+from napari_stem.plugin.layers import (
     PREDICTION_COLORMAPS,
     colorbar_label,
     gene_contrast_limits,
