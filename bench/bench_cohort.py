@@ -22,13 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from napari_stem.values import PredictOptions
+
 
 def make_cohort(workdir: Path, n_slides: int, n_spots: int) -> tuple[Path, Path]:
     """A HEST folder of ``n_slides`` synthetic slides cut to ``n_spots`` spots, and a tiny checkpoint."""
     import anndata
     import torch
 
-    from napari_stem.embedding.embed import PatchSpec
+    from napari_stem.embedding.patches import PatchSpec
     from napari_stem.stem.checkpoint import save_checkpoint
     from napari_stem.stem.model import StemConfig, StemModel
     from napari_stem.synthetic import make_demo_dataset
@@ -52,17 +54,17 @@ def make_cohort(workdir: Path, n_slides: int, n_spots: int) -> tuple[Path, Path]
     return hest, checkpoint
 
 
-def warm_worker(job: object, checkpoint: str, options: dict) -> None:
+def warm_worker(job: object, checkpoint: str, options: PredictOptions) -> None:
     """One slide outside the timing: imports, model and encoder into this worker's cache, first-call costs."""
     import contextlib
     import dataclasses
     import io
 
-    from stem_train.cohort import predict_slide
+    from stem_train.predict import predict_slide
 
     job = dataclasses.replace(job, out_path=Path(job.out_path).parent.parent / f"warm_{os.getpid()}.h5ad")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        predict_slide(job, checkpoint, (100.0, 55.0, 0.5), options, None, False)
+        predict_slide(job, checkpoint, (100.0, 55.0, 0.5), options, None, None, False)
 
 
 def noop_slide(path: str) -> dict:
@@ -80,12 +82,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
 
-    from stem_train.cohort import Scheduler, SlideTask, connect, local_cluster_size, predict_cohort, run_cohort
-    from stem_train.predict import plan_jobs
+    from stem_train.cohort import Scheduler, SlideTask, connect, local_cluster_size, run_cohort
+    from stem_train.predict import plan_jobs, predict_cohort
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_cohort_"))
     hest, checkpoint = make_cohort(workdir, args.slides, args.spots)
-    options = {"n_samples": args.samples, "steps": args.steps, "device": "cpu", "precision": "auto", "intervals": None}
+    options = PredictOptions(n_samples=args.samples, steps=args.steps, device="cpu", precision="auto", intervals=None)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(
         f"{args.slides} slides x {args.spots} spots, {args.samples} samples x {args.steps} steps, "

@@ -218,8 +218,9 @@ def run_ours(
     precision: str,
     device: str,
 ) -> dict:
-    from napari_stem.embedding.embed import PatchSpec, iter_embed_spots
+    from napari_stem.embedding.embed import iter_embed_spots
     from napari_stem.embedding.encoders import create_encoder
+    from napari_stem.embedding.patches import PatchSpec
     from napari_stem.spots import Spots
 
     start, cpu_start = time.perf_counter(), _cpu_seconds()

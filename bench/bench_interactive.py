@@ -24,19 +24,19 @@ import numpy as np
 
 
 def region_end_to_end(n_spots: int, samples: int, steps: int) -> None:
-    from napari_stem.embedding.embed import PatchSpec, embed_spots
+    from napari_stem.embedding.embed import embed_spots
     from napari_stem.embedding.encoders import create_encoder
+    from napari_stem.embedding.patches import PatchSpec
     from napari_stem.grid import spots_over_tissue
     from napari_stem.slide import open_slide
     from napari_stem.stem.checkpoint import load_checkpoint
     from napari_stem.stem.sampling import sample_expression
+    from napari_stem.values import GridSpec
     from stem_train.demo import FULL, ensure_demo_model
 
     paths = ensure_demo_model(FULL, device="cpu")
     slide = open_slide(paths.slide)
-    grid = spots_over_tissue(
-        slide, pitch_um=50.0, diameter_um=27.5
-    )  # a denser grid: the small demo slide has 100+ spots
+    grid = spots_over_tissue(slide, GridSpec(pitch_um=50.0, spot_diameter_um=27.5))  # denser: 100+ spots on the demo
     spots = grid.subset(np.arange(min(n_spots, len(grid))))
     start = time.perf_counter()
     checkpoint = load_checkpoint(paths.checkpoint)

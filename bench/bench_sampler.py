@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_stem.stem.checkpoint import load_checkpoint, ours_to_reference
+from napari_stem.stem.checkpoint import load_checkpoint
 from napari_stem.stem.diffusion import create_diffusion
 from napari_stem.stem.model import StemConfig, StemModel
+from napari_stem.stem.reference_import import ours_to_reference
 from napari_stem.stem.sampling import sample_expression
 
 # -- reference re-statement (Stem/models.py: DiT with a gene-token embedder) -----------------

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reference_fixture import COND_DIM, N_GENES, NUM_HEADS
-from reference_fixture import REFERENCE_DIR as REFERENCE
+from reference_fixture import COND_DIM, N_GENES, NUM_HEADS, REFERENCE_PT
 from stem_train.cli import main
 from tiny_models import save_tiny_checkpoint
 
@@ -174,7 +173,7 @@ def test_import_reference_overwrite_replaces_only_its_own_checkpoints(tmp_path, 
     gene_list.write_text("\n".join(f"G{i}" for i in range(n_genes)))
     args = [
         "import-reference",
-        REFERENCE / "0000100.pt",
+        REFERENCE_PT,
         "--genes",
         gene_list,
         "--num-heads",
@@ -230,6 +229,7 @@ def test_non_finite_samples_are_never_written(checkpoint) -> None:
     from napari_stem.predict import predict
     from napari_stem.spots import Spots
     from napari_stem.stem.checkpoint import load_checkpoint
+    from napari_stem.values import PredictOptions
 
     loaded = load_checkpoint(checkpoint)
     with torch.no_grad():  # a network that diverges after loading (the load check cannot see it)
@@ -241,10 +241,8 @@ def test_non_finite_samples_are_never_written(checkpoint) -> None:
             "unused.tif",
             spots,
             loaded,
+            PredictOptions(n_samples=2, steps=2, device="cpu"),
             embeddings=np.zeros((2, loaded.config.cond_dim)),
-            n_samples=2,
-            steps=2,
-            device="cpu",
         )
 
 
@@ -302,6 +300,7 @@ def test_python_api_refuses_zero_samples_and_steps_instead_of_defaulting(checkpo
     from napari_stem.predict import predict
     from napari_stem.spots import Spots
     from napari_stem.validate import InputError
+    from napari_stem.values import PredictOptions
 
     spots = Spots(centers_px=np.array([[10.0, 10.0]]), diameter_px=5.0, mpp=0.5)
     for options, words in (
@@ -311,7 +310,7 @@ def test_python_api_refuses_zero_samples_and_steps_instead_of_defaulting(checkpo
         ({"sample_batch_size": 0}, "at least 1"),
     ):
         with pytest.raises(InputError, match=words):
-            predict("unused.tif", spots, checkpoint, embeddings=np.zeros((1, 1280)), **options)
+            predict("unused.tif", spots, checkpoint, PredictOptions(**options), embeddings=np.zeros((1, 1280)))
     with pytest.raises(InputError, match="holds no spots"):
         predict("unused.tif", Spots(centers_px=np.zeros((0, 2)), diameter_px=5.0), checkpoint)
 
@@ -321,17 +320,18 @@ def test_grid_pitch_smaller_than_the_spots_or_absurdly_fine_is_refused(demo_slid
     from napari_stem.grid import spots_over_tissue
     from napari_stem.slide import open_slide
     from napari_stem.validate import InputError
+    from napari_stem.values import GridSpec
 
     with open_slide(demo_slide_file) as slide:
         with pytest.raises(InputError, match="grid pitch .* at least 55"):
-            spots_over_tissue(slide, pitch_um=0.01, diameter_um=55.0)
+            spots_over_tissue(slide, GridSpec(pitch_um=0.01, spot_diameter_um=55.0))
         started = time.perf_counter()
         with pytest.raises(InputError, match=r"would need about .* of memory.*larger grid pitch"):
-            spots_over_tissue(slide, pitch_um=0.06, diameter_um=0.05)  # ~5e8 spots on this 1.1 x 1.5 mm slide
+            spots_over_tissue(slide, GridSpec(0.06, 0.05))  # ~5e8 spots on this 1.1 x 1.5 mm slide
         assert time.perf_counter() - started < 1.0
         monkeypatch.setattr(validate, "available_memory_bytes", lambda: 10 * 2**20)
         with pytest.raises(InputError, match="10.0 MiB available"):
-            spots_over_tissue(slide, pitch_um=5.0, diameter_um=2.0)
+            spots_over_tissue(slide, GridSpec(pitch_um=5.0, spot_diameter_um=2.0))
 
 
 def test_spots_off_the_slide_are_refused_or_dropped_and_counted(workspace, checkpoint, capsys) -> None:
@@ -366,7 +366,7 @@ def test_empty_and_duplicated_spot_sets_are_refused(workspace, checkpoint, capsy
 def test_nan_truth_counts_are_refused_not_read_as_zero(workspace, tmp_path, capsys) -> None:
     import anndata
 
-    from napari_stem.anndata_io import write_prediction
+    from napari_stem.export import write_prediction
     from napari_stem.spots import read_spots_h5ad
     from napari_stem.stem.sampling import Prediction
 
@@ -464,12 +464,12 @@ def test_disk_full_is_one_line_and_leaves_nothing(workspace, checkpoint, monkeyp
 
 
 def test_disk_full_during_prepare_leaves_no_temporary_file(synthetic_hest, tmp_path, monkeypatch, capsys) -> None:
-    import napari_stem.embedding.embed as embed
+    import napari_stem.embedding.cache as cache
 
     def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(embed, "_write_rows", fail)
+    monkeypatch.setattr(cache, "_write_rows", fail)
     out = tmp_path / "prep"
     code, err = run_cli(
         [
@@ -533,7 +533,7 @@ def test_stale_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path
 def test_safe_loading_messages_say_what_happened_and_never_advise_unsafe_loading(tmp_path, capsys) -> None:
     import torch
 
-    from napari_stem.embedding.encoders import load_weights_file
+    from napari_stem.embedding.weights import load_weights_file
     from napari_stem.errors import EncoderError
 
     code_pickle = tmp_path / "weights.pt"
@@ -555,8 +555,10 @@ def test_safe_loading_messages_say_what_happened_and_never_advise_unsafe_loading
 
 def test_widget_controller_refuses_bad_settings_before_loading_anything(demo_slide_file, checkpoint) -> None:
     from napari_stem.errors import StemError
-    from napari_stem.plugin.controller import GRID, PointsInput, PredictController, PredictSettings, SlideInput
+    from napari_stem.plugin.controller import PredictController
+    from napari_stem.plugin.jobs import GRID, PointsInput, PredictSettings, SlideInput
     from napari_stem.plugin.layers import SlideFrame
+    from napari_stem.values import GridSpec
 
     controller = PredictController()
     slide = SlideInput("demo", demo_slide_file, 0.499, SlideFrame.microns(0.499))
@@ -564,7 +566,7 @@ def test_widget_controller_refuses_bad_settings_before_loading_anything(demo_sli
         (PredictSettings(checkpoint=checkpoint, n_samples=1), GRID, "at least 2"),
         (PredictSettings(checkpoint=checkpoint, steps=0), GRID, "between 1 and 1000"),
         (PredictSettings(checkpoint=checkpoint, mpp_override=1000.0), GRID, "at most 20"),
-        (PredictSettings(checkpoint=checkpoint, pitch_um=10.0, diameter_um=55.0), GRID, "at least 55"),
+        (PredictSettings(checkpoint=checkpoint, grid=GridSpec(10.0, 55.0)), GRID, "at least 55"),
         (
             PredictSettings(checkpoint=checkpoint),
             PointsInput("far", np.array([[1e7, 1e7], [50.0, 50.0]]), 55.0),

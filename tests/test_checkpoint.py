@@ -12,15 +12,10 @@ import torch
 
 import napari_stem.stem.checkpoint as ckpt
 from napari_stem.errors import CheckpointError
-from napari_stem.stem.checkpoint import (
-    import_reference_checkpoint,
-    load_checkpoint,
-    read_metadata,
-    reference_to_ours,
-    save_checkpoint,
-)
+from napari_stem.stem.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from napari_stem.stem.model import StemConfig, StemModel
-from reference_fixture import COND_DIM, N_GENES, NUM_HEADS, REFERENCE_ARGS, write_gene_list
+from napari_stem.stem.reference_import import import_reference_checkpoint, reference_to_ours
+from reference_fixture import COND_DIM, N_GENES, NUM_HEADS, REFERENCE_ARGS, REFERENCE_STEP, write_gene_list
 from reference_fixture import REFERENCE_PT as FIXTURE_PT
 
 TINY = StemConfig(n_genes=6, cond_dim=4, hidden_size=16, depth=1, num_heads=2)
@@ -62,7 +57,7 @@ def test_round_trip_restores_weights_genes_and_specs(saved) -> None:
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "weights.safetensors"]
     loaded = load_checkpoint(path, expected_genes=GENES, expected_cond_dim=4)
     assert loaded.config == TINY and loaded.genes == GENES and loaded.target_transform == "log2p1"
-    assert loaded.embedding == EMBEDDING and loaded.provenance == {"steps": 1234, "data": "synthetic"}
+    assert loaded.embedding.to_dict() == EMBEDDING and loaded.provenance == {"steps": 1234, "data": "synthetic"}
     assert not loaded.model.training
     for name, tensor in ema.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
@@ -82,7 +77,7 @@ def test_numpy_values_in_specs_are_stored_as_json(tmp_path: Path) -> None:
         tmp_path / "c", config=TINY, genes=GENES, ema=_model(0), embedding=spec, provenance={"data": tmp_path / "hest"}
     )
     loaded = load_checkpoint(path)
-    assert loaded.embedding == {"encoder": "uni", "dim": 4, "um_per_px": 0.5, "crop": [224, 224]}
+    assert loaded.embedding.to_dict() == {"encoder": "uni", "dim": 4, "um_per_px": 0.5, "crop": [224, 224]}
     assert loaded.provenance == {"data": str(tmp_path / "hest")}
     with pytest.raises(TypeError, match="not JSON-serialisable"):
         save_checkpoint(tmp_path / "d", config=TINY, genes=GENES, ema=_model(0), embedding={"x": object()})
@@ -197,8 +192,8 @@ def test_import_reference_checkpoint_infers_the_architecture(tmp_path: Path, gen
     ours = reference_to_ours(reference["ema"])
     assert all(torch.equal(imported.model.state_dict()[k], v) for k, v in ours.items())
     loaded = load_checkpoint(tmp_path / "imported", expected_genes=imported.genes, expected_cond_dim=COND_DIM)
-    assert loaded.provenance["steps"] == 100 and loaded.provenance["source"] == "reference-import"
-    assert loaded.embedding == {"encoder": "random", "dim": COND_DIM}
+    assert loaded.provenance["steps"] == REFERENCE_STEP and loaded.provenance["source"] == "reference-import"
+    assert loaded.embedding.to_dict() == {"encoder": "random", "dim": COND_DIM}
     raw = load_checkpoint(tmp_path / "imported", weights="model").model.state_dict()
     assert all(torch.equal(raw[k], v) for k, v in reference_to_ours(reference["model"]).items())
 

@@ -47,7 +47,7 @@ def test_import_writes_a_checkpoint_the_sampler_uses(
     )
     loaded = load_checkpoint(out)
     assert loaded.genes[:2] == ["GENE0", "GENE1"] and loaded.config.cond_dim == COND_DIM
-    assert loaded.embedding["encoder"] == "tiny64" and loaded.embedding["patch"]["mode"] == "stem-native"
+    assert loaded.embedding.encoder == "tiny64" and loaded.embedding.patch_mode == "stem-native"
     cases = np.load(REFERENCE_CASES)
     prediction = sample_expression(loaded, cases["y"][:2], n_samples=2, steps=3, device="cpu")
     assert prediction.mean.shape == (2, N_GENES)

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from napari_stem.predict import DEFAULT_SAMPLER
+from napari_stem.values import PredictOptions
 from stem_train.cli import main
-from stem_train.cohort import Scheduler, file_sha256, predict_cohort, read_state, run_cohort, state_path
+from stem_train.cohort import Scheduler, file_sha256, read_state, run_cohort, settings_fingerprint, state_path
+from stem_train.predict import predict_cohort, recorded_options
 from test_bad_input import few_spots
 from tiny_models import save_tiny_checkpoint
 
@@ -36,22 +38,7 @@ PREDICT_FLAGS = (
     "--batch-size",
     "8",
 )
-OPTIONS = {
-    "n_samples": 2,
-    "steps": 2,
-    "device": "cpu",
-    "precision": "fp32",
-    "intervals": None,
-    "embed_batch_size": 8,
-    "sampler": DEFAULT_SAMPLER,
-    "eta": 0.0,
-    "seed": 0,
-    "encoder_weights": None,
-    "num_workers": 0,
-    "sample_batch_size": None,
-    "quantiles": None,
-    "keep_samples": False,
-}
+OPTIONS = PredictOptions(n_samples=2, steps=2, device="cpu", precision="fp32", intervals=None, embed_batch_size=8)
 
 
 def small_hest(source: Path, target: Path, n_spots: int = 6) -> Path:
@@ -133,6 +120,34 @@ def test_scheduler_strings_are_parsed_and_refused_at_parse_time(capsys: pytest.C
             main(["predict", "x.tif", "--checkpoint", "ckpt", "--scheduler", bad])
         assert exc.value.code == 2
         assert "--scheduler" in capsys.readouterr().err
+
+
+def test_slides_done_before_predict_options_keep_their_settings_fingerprint() -> None:
+    """State files written when the CLI passed its options as a dict stay valid: same settings, same fingerprint."""
+    as_the_cli_passed_them = {
+        "n_samples": 2,
+        "steps": 2,
+        "sampler": DEFAULT_SAMPLER,
+        "eta": 0.0,
+        "seed": 0,
+        "device": "cpu",
+        "precision": "fp32",
+        "encoder_weights": None,
+        "embed_batch_size": 8,
+        "num_workers": 0,
+        "sample_batch_size": None,
+        "quantiles": None,
+        "intervals": None,
+        "keep_samples": False,
+        "clip_x0": True,
+    }
+    assert recorded_options(OPTIONS, None) == as_the_cli_passed_them
+    assert settings_fingerprint(recorded_options(OPTIONS, None)) == settings_fingerprint(as_the_cli_passed_them)
+    median = PredictOptions(n_samples=19, quantiles=(0.5,), intervals=(0.5, 0.9))  # tuples fingerprint as lists did
+    weights = Path("weights.pth")
+    assert settings_fingerprint(recorded_options(median, weights)) == settings_fingerprint(
+        {**recorded_options(median, None), "quantiles": [0.5], "intervals": [0.5, 0.9], "encoder_weights": weights}
+    )
 
 
 # ---------------------------------------------------------------------- same numbers, models once

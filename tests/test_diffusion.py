@@ -8,18 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from napari_stem.stem.checkpoint import import_reference_checkpoint
 from napari_stem.stem.diffusion import create_diffusion, linear_betas, space_timesteps
-from reference_fixture import NUM_HEADS, write_gene_list
-from reference_fixture import REFERENCE_DIR as FIXTURE
+from napari_stem.stem.reference_import import import_reference_checkpoint
+from reference_fixture import NUM_HEADS, REFERENCE_CASES, REFERENCE_PT, write_gene_list
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The reference-written checkpoint, imported, and its recorded inputs and outputs."""
     genes = write_gene_list(tmp_path_factory.mktemp("genes") / "selected_gene_list.txt")
-    checkpoint = import_reference_checkpoint(FIXTURE / "0000100.pt", genes, num_heads=NUM_HEADS)
-    cases = dict(np.load(FIXTURE / "cases.npz"))
+    checkpoint = import_reference_checkpoint(REFERENCE_PT, genes, num_heads=NUM_HEADS)
+    cases = dict(np.load(REFERENCE_CASES))
     tensors = {k: torch.from_numpy(cases[k]) for k in ("x0", "t", "y", "noise", "xT")}
     return checkpoint.model, cases, tensors
 

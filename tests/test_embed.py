@@ -8,20 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_stem.embedding.embed import (
-    DIHEDRAL_AUGMENTATIONS,
-    PatchSpec,
-    SpotPatches,
-    dihedral,
-    embed_slide_cached,
-    embed_spots,
-    iter_embed_slide_cached,
-    iter_embed_spots,
-    read_embedding_cache,
-)
-from napari_stem.errors import DatasetError, SlideError
+from napari_stem.embedding.augment import DIHEDRAL_AUGMENTATIONS, dihedral
+from napari_stem.embedding.cache import embed_slide_cached, iter_embed_slide_cached, read_embedding_cache
+from napari_stem.embedding.embed import embed_spots, iter_embed_spots
+from napari_stem.embedding.patches import PatchSpec, SpotPatches
+from napari_stem.errors import CheckpointError, DatasetError, EncoderError, SlideError
 from napari_stem.slide import open_slide
 from napari_stem.spots import Spots, hex_grid
+from napari_stem.values import EmbeddingSpec
 
 DEMO_MPP = 0.499
 
@@ -164,7 +158,7 @@ def test_progress_events_cover_every_spot_once(demo_slide_file, demo_spots):
 
 
 def test_spots_are_read_band_by_band_whatever_their_file_order(tmp_path, demo_slide_file, demo_spots, effnet):
-    from napari_stem.embedding.embed import reading_order
+    from napari_stem.embedding.patches import reading_order
 
     centers = np.array([[900.0, 10.0], [5.0, 300.0], [10.0, 20.0], [500.0, 250.0], [400.0, 10.0], [10.0, 20.0]])
     # bands of 224 px down the slide, left to right in a band, ties in file order
@@ -351,3 +345,73 @@ def test_a_corrupt_cache_is_recomputed(tmp_path, demo_slide_file, demo_spots):
     encoder = CountingEncoder()
     result = embed_slide_cached(cache, demo_slide_file, demo_spots, encoder, batch_size=8)
     assert encoder.calls == 3 and result.embeddings.shape == (23, 6)
+
+
+# ---------------------------------------------------------------------- what checkpoints record
+#: The ``embedding`` entries written so far: stem-train fit and the demo model, import-reference
+#: (stem-native patches), test checkpoints without patch or dim, other keys, and none at all.
+WRITTEN_EMBEDDING_ENTRIES = [
+    {"encoder": "efficientnet_lite0", "dim": 1280, "patch": {"mode": "hest", "size_um": 112.0, "target_mpp": 0.5}},
+    {"encoder": "uni+conch", "dim": 1536, "patch": {"mode": "stem-native", "size_um": 112.0, "target_mpp": 0.5}},
+    {"encoder": "toy", "dim": 8},
+    {"encoder": "efficientnet_lite0", "patch": {"mode": "hest"}},
+    {"encoder": "uni", "dim": 4, "um_per_px": 0.5, "crop": [224, 224]},
+    {},
+]
+
+
+@pytest.mark.parametrize("entry", WRITTEN_EMBEDDING_ENTRIES)
+def test_embedding_spec_reads_back_every_entry_written(entry):
+    import json
+
+    spec = EmbeddingSpec.from_dict(json.loads(json.dumps(entry)))
+    assert spec.to_dict() == entry and EmbeddingSpec.from_dict(spec.to_dict()) == spec
+    assert PatchSpec.from_dict(spec.patch) == PatchSpec.from_dict(entry.get("patch", {"mode": "hest"}))
+    assert spec.encoder == entry.get("encoder") and spec.dim == entry.get("dim")
+
+
+def test_embedding_spec_tolerates_no_entry_and_refuses_a_malformed_one():
+    assert EmbeddingSpec.from_dict(None) == EmbeddingSpec() and EmbeddingSpec().to_dict() == {}
+    assert EmbeddingSpec().patch == {"mode": "hest"}  # what prediction always assumed
+    with pytest.raises(ValueError, match="malformed embedding spec"):
+        EmbeddingSpec.from_dict({"encoder": "uni", "dim": "wide"})
+
+
+def test_a_saved_checkpoint_carries_its_embedding_spec(tmp_path):
+    from napari_stem.stem.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+    from tiny_models import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path / "tiny", ["A", "B"])
+    entry = read_metadata(path)["embedding"]
+    loaded = load_checkpoint(path)
+    assert loaded.embedding == EmbeddingSpec(
+        encoder="efficientnet_lite0", dim=1280, patch_mode="hest", patch_size_um=112.0, patch_target_mpp=0.5
+    )
+    assert loaded.embedding.to_dict() == entry == WRITTEN_EMBEDDING_ENTRIES[0]
+    again = save_checkpoint(
+        tmp_path / "again", config=loaded.config, genes=loaded.genes, ema=loaded.model, embedding=loaded.embedding
+    )
+    assert read_metadata(again)["embedding"] == entry  # the typed value writes the same JSON
+
+
+@pytest.mark.parametrize(
+    ("embedding", "error", "match"),
+    [
+        ({}, CheckpointError, r"tiny.*does not say which image encoder"),
+        ({"encoder": "no_such_encoder_xyz", "dim": 1280}, EncoderError, r"unknown encoder 'no_such_encoder_xyz'"),
+    ],
+)
+def test_a_checkpoint_without_a_known_encoder_is_refused(
+    tmp_path, demo_slide_file, demo_spots, embedding, error, match
+):
+    import json
+
+    from napari_stem.predict import predict
+    from napari_stem.values import PredictOptions
+    from tiny_models import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path / "tiny", ["A", "B"])
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "embedding": embedding}))
+    with pytest.raises(error, match=match):
+        predict(demo_slide_file, demo_spots, path, PredictOptions(n_samples=2, steps=2, device="cpu"))

@@ -369,6 +369,18 @@ def test_custom_specs_can_be_registered(monkeypatch, resnet_file):
 def test_importing_the_package_stays_torch_free():
     import subprocess
 
-    code = "import napari_stem, napari_stem.embedding.encoders, napari_stem.embedding.embed, sys; print('torch' in sys.modules, 'timm' in sys.modules)"
+    modules = ", ".join(
+        f"napari_stem.embedding.{name}"
+        for name in ("patches", "augment", "encoders", "weights", "default_weights", "embed", "cache")
+    )
+    code = f"import napari_stem, {modules}, sys; print('torch' in sys.modules, 'timm' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_loaded_encoders_satisfy_the_encoder_protocol(effnet):
+    from napari_stem.embedding.encoders import ConcatEncoder
+    from napari_stem.values import Encoder
+
+    assert isinstance(effnet, Encoder) and isinstance(ConcatEncoder("pair", [effnet, effnet]), Encoder)
+    assert not isinstance(object(), Encoder)

@@ -55,7 +55,7 @@ def _write_prediction(
     """A prediction file; ``legacy_quantiles`` writes q05/q25/q75/q95 layers as older versions did."""
     import anndata
 
-    from napari_stem.anndata_io import write_prediction
+    from napari_stem.export import write_prediction
     from napari_stem.intervals import plan_intervals
     from napari_stem.spots import spots_from_anndata
     from napari_stem.stem.sampling import Prediction
@@ -328,7 +328,7 @@ def hest_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     baselines folder as 'stem-train baseline' writes it: cv-ridge (better), ridge (worse), mean (constant)."""
     import anndata
 
-    from napari_stem.anndata_io import write_prediction
+    from napari_stem.export import write_prediction
     from napari_stem.spots import spots_from_anndata
     from napari_stem.stem.sampling import Prediction
 

@@ -1,4 +1,4 @@
-"""``stem-train download`` / ``napari_stem.hest.download`` against a local stand-in of HEST-1k on the Hub.
+"""``stem-train download`` / ``napari_stem.hest_download.download`` against a local stand-in of HEST-1k on the Hub.
 
 ``huggingface_hub`` runs unchanged (``HfApi.dataset_info``/``list_repo_tree``, ``hf_hub_download``);
 the stand-in (:mod:`hub_standin`) serves a folder laid out like ``MahmoodLab/hest``: synthetic
@@ -89,7 +89,8 @@ def test_dry_run_selects_by_metadata_and_lists_sizes(
 
 
 def test_download_writes_the_layout_prepare_reads(hub: HubStandin, hest_repo: Path, tmp_path: Path) -> None:
-    from napari_stem.hest import download, iter_hest_samples
+    from napari_stem.hest import iter_hest_samples
+    from napari_stem.hest_download import download
 
     out = tmp_path / "hest_data"
     result = download(
@@ -129,7 +130,7 @@ def test_gated_dataset_without_token_or_terms(
 
 
 def test_interrupted_download_resumes_without_refetching(hub: HubStandin, hest_repo: Path, tmp_path: Path) -> None:
-    from napari_stem.hest import download
+    from napari_stem.hest_download import download
     from napari_stem.hub import HubError
 
     out = tmp_path / "hest_data"

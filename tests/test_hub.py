@@ -178,15 +178,11 @@ def test_widget_controller_accepts_a_hub_reference(hub: HubStandin, tiny_checkpo
 
 def test_encoder_weights_from_the_hub(hub: HubStandin, tmp_path: Path) -> None:
     """--encoder-weights hf-hub:owner/name[/file]: fetched to the cache, loaded by the tensors-only loader."""
-    from napari_stem.embedding.encoders import (
-        _default_weights_path,
-        create_encoder,
-        encoder_weights_id,
-        get_encoder_spec,
-    )
+    from napari_stem.embedding.default_weights import default_weights_path
+    from napari_stem.embedding.encoders import create_encoder, encoder_weights_id, get_encoder_spec
     from napari_stem.hub import HubError, resolve_weights_file
 
-    local = _default_weights_path(get_encoder_spec("efficientnet_lite0"))  # the packaged ImageNet weights (.pth)
+    local = default_weights_path(get_encoder_spec("efficientnet_lite0"))  # the packaged ImageNet weights (.pth)
     folder = tmp_path / "effnet"
     (folder / "weights").mkdir(parents=True)
     shutil.copy(local, folder / "pytorch_model.bin")

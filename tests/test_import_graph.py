@@ -25,6 +25,18 @@ TORCH_FREE = (
     "napari_stem.metrics",
     "napari_stem.errors",
     "napari_stem.devices",
+    "napari_stem.slide",
+    "napari_stem.spots",
+    "napari_stem.grid",
+    "napari_stem.caches",
+    "napari_stem.preview",
+    "napari_stem.export",
+    "napari_stem.csv_io",
+    "napari_stem.hub_publish",
+    "napari_stem.embedding.patches",
+    "napari_stem.embedding.cache",
+    "napari_stem.plugin.jobs",
+    "napari_stem.plugin.controller",
 )
 
 
@@ -113,19 +125,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return components
 
 
-#: Cycles through function-local imports still in the code (each is a deferred import that hides
-#: two modules which are one unit, or a value in the wrong layer). Remove an entry when its cycle is
-#: broken; the test fails on any new one and on an entry that no longer is a cycle.
-KNOWN_LOCAL_CYCLES = [
-    ["napari_stem.plugin.reader", "napari_stem.plugin.spatialdata_reader"],
-    ["napari_stem.anndata_io", "napari_stem.spatialdata_io", "napari_stem.spots", "napari_stem.validate"],
-    ["napari_stem.hub", "napari_stem.stem.checkpoint"],
-    ["napari_stem.datasets", "napari_stem.known_models"],
-    ["napari_stem.hest", "napari_stem.hest_download"],
-    ["stem_train.cohort", "stem_train.predict", "stem_train.prepare"],
-]
-
-
 def _graph(module_level_only: bool = False) -> dict[str, set[str]]:
     modules = _modules()
     return {name: _imports(name, path, modules, module_level_only) for name, path in modules.items()}
@@ -143,8 +142,8 @@ def test_no_import_cycles_at_module_level() -> None:
     assert _cycles(_graph(module_level_only=True)) == []
 
 
-def test_no_import_cycles_but_the_known_function_local_ones() -> None:
-    assert sorted(_cycles(_graph())) == sorted(KNOWN_LOCAL_CYCLES)
+def test_no_import_cycles_even_through_function_local_imports() -> None:
+    assert _cycles(_graph()) == []
 
 
 def test_the_core_values_and_checks_import_without_torch() -> None:

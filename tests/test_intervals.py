@@ -111,8 +111,9 @@ def _prediction(n_spots: int = 12, n_samples: int = 19, levels=(0.5, 0.9)):
 def test_intervals_survive_h5ad_and_csv(tmp_path: Path) -> None:
     import anndata
 
-    from napari_stem.anndata_io import read_prediction, write_prediction
-    from napari_stem.plugin.writer import prediction_table
+    from napari_stem.anndata_io import read_prediction
+    from napari_stem.csv_io import prediction_table
+    from napari_stem.export import write_prediction
     from napari_stem.spots import spots_from_anndata
 
     prediction = _prediction()

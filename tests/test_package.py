@@ -104,7 +104,7 @@ def test_wheel_ships_manifest_and_both_packages(tmp_path: Path) -> None:
         names = set(archive.namelist())
         manifest = archive.read("napari_stem/napari.yaml").decode()
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "napari_stem/slide.py" in names and "stem_train/cli.py" in names
+    assert "napari_stem/slide/__init__.py" in names and "stem_train/cli.py" in names
     assert manifest == (ROOT / "napari.yaml").read_text()
     assert "napari-stem = napari_stem:napari.yaml" in entry_points
     assert "stem-train = stem_train.cli:main" in entry_points

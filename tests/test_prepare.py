@@ -21,7 +21,8 @@ def test_prepared_folder_contract(prepared_synthetic: Path) -> None:
     assert [s.patient for s in manifest.slides] == ["P0", "P0", "P1", "P1"]
     assert manifest.encoder == "efficientnet_lite0" and manifest.embedding_dim == 1280
     assert manifest.patch["mode"] == "hest"
-    assert manifest.embedding_spec() == {"encoder": "efficientnet_lite0", "dim": 1280, "patch": manifest.patch}
+    spec = {"encoder": "efficientnet_lite0", "dim": 1280, "patch": manifest.patch}
+    assert manifest.embedding_spec().to_dict() == spec
     assert len(manifest.genes) == 20 and manifest.genes == sorted(manifest.genes)
     assert not any(g.startswith(("MT", "RPS", "RPL")) for g in manifest.genes)
     selection = manifest.gene_selection

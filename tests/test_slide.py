@@ -10,7 +10,7 @@ import numpy as np
 import openslide
 import pytest
 
-from napari_stem.errors import SlideError
+from napari_stem.errors import SlideError, StemError
 from napari_stem.slide import open_slide
 from napari_stem.synthetic import write_pyramidal_tiff
 
@@ -76,7 +76,7 @@ def test_tile_reader_reads_what_zarr_reads(tmp_path: Path, compression: str, til
     """Patch reads decode tiles directly (and keep recent ones); every pixel equals the zarr view."""
     import tifffile
 
-    from napari_stem.slide import _RGBView, _TiffTiles
+    from napari_stem.slide.tifffile_backend import _RGBView, _TiffTiles
 
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (1000, 1300, 4 if alpha else 3), dtype=np.uint8)
@@ -92,7 +92,7 @@ def test_tile_reader_reads_what_zarr_reads(tmp_path: Path, compression: str, til
                 subfiletype=0 if level_image is image else 1,
             )
     slide = open_slide(path, mpp=0.5)
-    assert [type(reader) for reader in slide._reader] == [_TiffTiles, _TiffTiles]
+    assert [type(reader) for reader in slide.reader.level_readers] == [_TiffTiles, _TiffTiles]
     for level in range(slide.level_count):
         height, width = slide.levels[level].shape[:2]
         for _ in range(40):
@@ -105,7 +105,7 @@ def test_tile_reader_reads_what_zarr_reads(tmp_path: Path, compression: str, til
             np.testing.assert_array_equal(slide.read_region(x, y, w, h, level=level, fill=9), expected)
     if compression != "jpeg":
         np.testing.assert_array_equal(slide.read_region(0, 0, 1300, 1000), image[..., :3])
-    reader = slide._reader[0]
+    reader = slide.reader.level_readers[0]
     assert 0 < len(reader._tiles) <= reader.max_tiles == 2 * reader.tiles_across + 8
 
     # a box read again comes from the kept tiles: the file is not read
@@ -131,7 +131,7 @@ def test_tile_reader_reads_what_zarr_reads(tmp_path: Path, compression: str, til
     stripped = tmp_path / "stripped.tif"
     tifffile.imwrite(stripped, image[..., :3], photometric="rgb", compression="zlib", rowsperstrip=64)
     plain = open_slide(stripped, mpp=0.5)
-    assert isinstance(plain._reader[0], _RGBView)
+    assert isinstance(plain.reader.level_readers[0], _RGBView)
     np.testing.assert_array_equal(plain.read_region(100, 50, 300, 200), image[50:250, 100:400, :3])
 
 
@@ -214,3 +214,54 @@ def test_thumbnail_scale(demo_slide_file: Path, tmp_path: Path) -> None:
     shutil.copy(demo_slide_file, copy)
     with open_slide(copy) as slide:
         assert slide.shape == (2967, 2220)
+
+
+def test_close_closes_the_tiff_file_and_reads_after_it_say_so(gradient_tiff: tuple[Path, np.ndarray]) -> None:
+    path, image = gradient_tiff
+    slide = open_slide(path)
+    tiff = slide.reader.tiff
+    assert not tiff.filehandle.closed and not slide.closed
+    slide.close()
+    assert tiff.filehandle.closed and slide.closed
+    slide.close()  # closing twice is fine
+    with pytest.raises(SlideError, match=r"gradient\.tif.*closed"):
+        slide.read_region(0, 0, 10, 10)
+    with open_slide(path) as slide:
+        np.testing.assert_array_equal(slide.read_patch((100.0, 100.0), 50.0, 0.5), image[50:150, 50:150])
+    assert slide.reader.tiff.filehandle.closed
+    with pytest.raises(SlideError, match=r"gradient\.tif.*closed"):
+        slide.read_native_crop((100.0, 100.0), 55.0)
+
+
+def test_close_closes_the_openslide_handle(demo_slide_file: Path) -> None:
+    with open_slide(demo_slide_file) as slide:
+        handle = slide.reader.handle
+        assert slide.read_region(0, 0, 8, 8).shape == (8, 8, 3)
+    with pytest.raises(Exception, match="closed"):
+        handle.read_region((0, 0), 0, (8, 8))
+    slide.close()
+    with pytest.raises(SlideError, match=r"cmu_small_region\.svs.*closed"):
+        slide.thumbnail(100)
+
+
+def test_a_file_refused_at_open_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slide that opens but fails a later check (here: its pixel size) leaves no handle open."""
+    import tifffile
+
+    opened = []
+    real_tifffile = tifffile.TiffFile
+
+    def recording_tifffile(*args: object, **kwargs: object) -> tifffile.TiffFile:
+        opened.append(real_tifffile(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(tifffile, "TiffFile", recording_tifffile)
+    gray = tmp_path / "gray.tif"
+    tifffile.imwrite(gray, np.zeros((64, 64), np.uint16))
+    with pytest.raises(SlideError, match=r"gray\.tif.*not an RGB"):
+        open_slide(gray)
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    with pytest.raises(StemError, match=r"rgb\.tif"):
+        open_slide(rgb, mpp=-1.0)
+    assert len(opened) == 2 and all(tif.filehandle.closed for tif in opened)

@@ -207,7 +207,8 @@ def test_spots_from_spatialdata_io_visium(spaceranger_outs: Path, tmp_path: Path
 
 def test_zarr_output_never_replaces_foreign_folders(written: Path, marked, tmp_path: Path) -> None:
     from napari_stem.errors import StemError
-    from napari_stem.spatialdata_io import check_spatialdata_output, write_prediction_zarr
+    from napari_stem.spatialdata_io import write_prediction_zarr
+    from napari_stem.validate import check_spatialdata_output
 
     _, spots, prediction = marked
     foreign = tmp_path / "data.zarr"
@@ -221,7 +222,7 @@ def test_zarr_output_never_replaces_foreign_folders(written: Path, marked, tmp_p
     with pytest.raises(StemError, match="input"):
         check_spatialdata_output(written, [written])
     check_spatialdata_output(written, [])  # our own prediction may be replaced
-    from napari_stem.anndata_io import write_prediction
+    from napari_stem.export import write_prediction
 
     again = write_prediction(tmp_path / "again.zarr", prediction, spots, format="zarr")  # no slide: no image
     write_prediction(again, prediction, spots, format="zarr")

@@ -13,6 +13,7 @@ from napari_stem.errors import SpotsError
 from napari_stem.grid import spots_over_tissue
 from napari_stem.slide import open_slide
 from napari_stem.spots import hex_grid, read_spots_h5ad, read_spots_spaceranger
+from napari_stem.values import GridSpec
 
 
 def test_hest_h5ad_spots_in_pixels_and_microns(synthetic_hest: Path) -> None:
@@ -85,5 +86,5 @@ def test_grid_over_real_tissue(demo_slide_file: Path) -> None:
     assert (fraction >= 0.5).all()
     distances, _ = cKDTree(spots.centers_um).query(spots.centers_um, k=2)
     assert distances[:, 1].min() == pytest.approx(100.0)
-    legacy = spots_over_tissue(slide, pitch_um=200.0, diameter_um=100.0)
+    legacy = spots_over_tissue(slide, GridSpec(pitch_um=200.0, spot_diameter_um=100.0))
     assert len(legacy) < len(spots) / 2

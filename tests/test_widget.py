@@ -81,13 +81,18 @@ def _wait_until_idle(qtbot, widget) -> None:
     qtbot.waitUntil(lambda: not widget.controller.running and widget.worker is None, timeout=120_000)
 
 
-@gui
-def test_predict_in_a_worker_then_switch_genes_rerun_and_export(
-    open_widget, qtbot, demo_slide_file: Path, tmp_path: Path, errors
-) -> None:
-    import anndata
-    import pandas as pd
+def _predicted(open_widget, qtbot):
+    """A viewer whose widget has predicted the ROI's 5 grid spots (in the GUI thread)."""
+    viewer, widget = open_widget(threads=False)
+    widget.run_button.clicked()
+    assert widget.controller.status == "done", widget.status.value
+    return viewer, widget
 
+
+@gui
+def test_predict_in_a_worker_draws_mean_and_sd_on_the_grid_spots(
+    open_widget, qtbot, demo_slide_file: Path, errors
+) -> None:
     viewer, widget = open_widget(threads=True)
     assert widget.slide.value is viewer.layers["cmu_small_region"]
     assert widget.checkpoint_info.value == "5 genes · encoder efficientnet_lite0 · hest patches"
@@ -108,13 +113,20 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(
     assert mean.size[0] == pytest.approx(55.0) and tuple(mean.units) == tuple(viewer.layers["cmu_small_region"].units)
     assert widget.progress.value == widget.progress.max
 
-    # gene switch: both layers recolour with their own limits and follow in name, no recomputation
+
+@gui
+def test_gene_switch_recolours_both_layers_with_their_own_limits_without_recomputing(
+    open_widget, qtbot, errors
+) -> None:
     from napari_stem.plugin.layers import gene_contrast_limits
 
+    viewer, widget = _predicted(open_widget, qtbot)
+    mean, sd = viewer.layers["GA mean"], viewer.layers["GA sd"]
+    prediction = widget.controller.result.prediction
     assert list(widget.gene.choices) == GENES
     before = mean.face_color.copy()
     widget.gene.value = "GC"
-    assert (mean.name, sd.name) == ("GC mean", "GC sd")
+    assert (mean.name, sd.name) == ("GC mean", "GC sd")  # the layers follow in name
     for layer, column in ((mean, "GC mean"), (sd, "GC sd")):
         limits = gene_contrast_limits(layer.features[column], lower_bound=0.0)
         assert layer.face_contrast_limits == pytest.approx(limits)
@@ -122,14 +134,33 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(
         np.testing.assert_allclose(layer.face_color, layer.face_colormap.map(scaled), atol=1e-5)
     assert not np.allclose(before, mean.face_color)
     assert widget.controller.result.prediction is prediction  # nothing was recomputed
-    widget.gene_filter.value = "gd"  # searchable: narrows the list, recolours to the match
-    assert list(widget.gene.choices) == ["GD"] and mean.face_contrast_limits == pytest.approx(
-        gene_contrast_limits(mean.features["GD mean"], lower_bound=0.0)
-    )
+    assert errors == []
+
+
+@gui
+def test_gene_filter_narrows_the_choices_and_recolours_to_the_match(open_widget, qtbot, errors) -> None:
+    from napari_stem.plugin.layers import gene_contrast_limits
+
+    viewer, widget = _predicted(open_widget, qtbot)
+    mean = viewer.layers["GA mean"]
+    widget.gene_filter.value = "gd"
+    assert list(widget.gene.choices) == ["GD"] and mean.name == "GD mean"
+    assert mean.face_contrast_limits == pytest.approx(gene_contrast_limits(mean.features["GD mean"], lower_bound=0.0))
     widget.gene_filter.value = ""
     assert list(widget.gene.choices) == GENES
+    assert errors == []
 
-    # export button: .h5ad as the CLI writes it, and .csv; both equal the layers' features
+
+@gui
+def test_export_button_writes_h5ad_as_the_cli_and_csv_with_the_layers_values(
+    open_widget, qtbot, tmp_path: Path, errors
+) -> None:
+    import anndata
+    import pandas as pd
+
+    viewer, widget = _predicted(open_widget, qtbot)
+    mean = viewer.layers["GA mean"]
+    prediction = widget.controller.result.prediction
     widget.export_path.value = tmp_path / "pred.h5ad"
     widget.export_button.clicked()
     adata = anndata.read_h5ad(tmp_path / "pred.h5ad")
@@ -141,11 +172,32 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(
     widget.export_button.clicked()
     table = pd.read_csv(tmp_path / "pred.csv")
     np.testing.assert_allclose(table[[f"variance_{g}" for g in GENES]].to_numpy(), prediction.variance, rtol=1e-5)
-    # File > Save Selected Layers goes through the npe2 writer: the same file content
-    viewer.layers.selection = {mean, sd}
-    viewer.layers.save(str(tmp_path / "saved.h5ad"), selected=True, plugin="napari-stem")
-    np.testing.assert_allclose(anndata.read_h5ad(tmp_path / "saved.h5ad").X, adata.X)
-    # and the exported file re-opens as mean and sd layers of the shown gene (the picker drives them too)
+    assert errors == []
+
+
+@gui
+def test_save_selected_layers_writes_what_the_export_button_writes(open_widget, qtbot, tmp_path: Path, errors) -> None:
+    import anndata
+
+    viewer, widget = _predicted(open_widget, qtbot)
+    widget.export_path.value = tmp_path / "pred.h5ad"
+    widget.export_button.clicked()
+    viewer.layers.selection = {viewer.layers["GA mean"], viewer.layers["GA sd"]}
+    viewer.layers.save(str(tmp_path / "saved.h5ad"), selected=True, plugin="napari-stem")  # the npe2 writer
+    np.testing.assert_allclose(
+        anndata.read_h5ad(tmp_path / "saved.h5ad").X, anndata.read_h5ad(tmp_path / "pred.h5ad").X
+    )
+    assert errors == []
+
+
+@gui
+def test_exported_prediction_reopens_as_mean_and_sd_layers_the_gene_picker_drives(
+    open_widget, qtbot, tmp_path: Path, errors
+) -> None:
+    viewer, widget = _predicted(open_widget, qtbot)
+    sd = viewer.layers["GA sd"]
+    widget.export_path.value = tmp_path / "pred.h5ad"
+    widget.export_button.clicked()
     viewer.open(str(tmp_path / "pred.h5ad"), plugin="napari-stem")
     np.testing.assert_allclose(
         viewer.layers["pred GA sd"].features["GA sd"], sd.metadata["prediction"].variance[:, 0] ** 0.5, rtol=1e-5
@@ -154,14 +206,20 @@ def test_predict_in_a_worker_then_switch_genes_rerun_and_export(
     assert viewer.layers["pred GB mean"].visible and not viewer.layers["pred GB sd"].visible
     assert errors == []
 
-    # a re-run with other sampling settings reuses the embeddings and replaces the result layers
+
+@gui
+def test_rerun_with_other_sampling_reuses_the_embeddings_and_replaces_the_result_layers(
+    open_widget, qtbot, errors
+) -> None:
+    viewer, widget = _predicted(open_widget, qtbot)
+    mean = viewer.layers["GA mean"]
     widget.n_samples.value = 3
     widget.run_button.clicked()
-    _wait_until_idle(qtbot, widget)
-    assert "embeddings from the cache" in widget.status.value
+    assert widget.controller.status == "done" and "embeddings from the cache" in widget.status.value
     names = [layer.name for layer in viewer.layers]
-    assert names.count("GB mean") == 1 and names.count("GB sd") == 1 and mean not in viewer.layers
+    assert names.count("GA mean") == 1 and names.count("GA sd") == 1 and mean not in viewer.layers
     assert viewer.layers[-1].metadata["prediction"].metadata["n_samples"] == 3
+    assert errors == []
 
 
 @gui
@@ -337,7 +395,7 @@ def test_screenshot_shows_coloured_spots_over_tissue(open_widget, qtbot, errors)
 
 # ---------------------------------------------------------------------- the controller alone (no viewer)
 def _fake_job(controller, n_spots: int = 5):
-    from napari_stem.plugin.controller import PredictJob, PredictSettings
+    from napari_stem.plugin.jobs import PredictJob, PredictSettings
     from napari_stem.plugin.layers import SlideFrame
     from napari_stem.spots import Spots
 
@@ -402,14 +460,8 @@ def test_controller_folds_batches_and_cancels_consistently() -> None:
 
 def test_controller_validates_inputs(demo_slide_file: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from napari_stem.errors import StemError
-    from napari_stem.plugin.controller import (
-        GRID,
-        PointsInput,
-        PredictController,
-        PredictSettings,
-        RegionInput,
-        SlideInput,
-    )
+    from napari_stem.plugin.controller import PredictController
+    from napari_stem.plugin.jobs import GRID, PointsInput, PredictSettings, RegionInput, SlideInput
     from napari_stem.plugin.layers import SlideFrame
 
     controller = PredictController(embedding_cache_dir=tmp_path)
@@ -464,6 +516,7 @@ def test_interval_choice_draws_enough_samples_or_labels_what_it_gives(open_widge
 
     viewer, widget = open_widget(threads=False)
     fresh = PredictWidget(viewer)  # the defaults deliver what they advertise: exact 50 % and 90 % from 19 samples
+    fresh.use_threads = False  # its preview finds the tissue now, not in a worker still running at teardown
     assert fresh.intervals.value == "50 % and 90 %" and fresh.n_samples.value == 19
     assert fresh.intervals_info.value == "exact: 50 % interval from 19 samples; 90 % interval from 19 samples"
     # the fixture lowered the samples to 2: the hint says which interval that gives, at its own level
@@ -486,23 +539,25 @@ def test_interval_choice_draws_enough_samples_or_labels_what_it_gives(open_widge
 def test_preview_tissue_from_the_stored_thumbnail_matches_the_decoded_level(demo_slide_file: Path) -> None:
     """The preview's mask comes from the SVS's stored thumbnail (milliseconds, not a decoded level):
     grids over it keep nearly the same spots, with nearly the same tissue fractions."""
-    from napari_stem import preview
+    from napari_stem.caches import GridCache
     from napari_stem.grid import spots_over_tissue, tissue_mask
     from napari_stem.slide import open_slide
     from napari_stem.tissue import mask_overview
+    from napari_stem.values import GridSpec
 
     with open_slide(demo_slide_file) as slide:
         overview, scale = mask_overview(slide)
         assert overview.shape == (768, 574, 3) and scale == pytest.approx(574 / 2220)  # the thumbnail, not level 0
         full = tissue_mask(slide)
+        grids = GridCache()
         for pitch, diameter, fraction in (
             (100.0, 55.0, 0.5),
             (150.0, 80.0, 0.9),
             (100.0, 55.0, 0.1),
             (50.0, 30.0, 0.5),
         ):
-            exact = spots_over_tissue(slide, pitch, diameter, fraction, tissue=full)
-            quick = preview.grid_over_tissue(demo_slide_file, slide.mpp, pitch, diameter, fraction)
+            exact = spots_over_tissue(slide, GridSpec(pitch, diameter, fraction), tissue=full)
+            quick = grids.grid(demo_slide_file, slide.mpp, GridSpec(pitch, diameter, fraction))
             assert abs(len(quick) - len(exact)) <= max(1, 0.05 * len(exact)), (pitch, diameter, fraction)
             both = exact.obs.index.intersection(quick.obs.index)
             assert len(both) >= 0.95 * len(exact)

@@ -176,9 +176,9 @@ def test_preview_shows_spots_mask_count_and_cost_before_predict(
 ) -> None:
     import shutil
 
-    from napari_stem import preview as preview_module
     from napari_stem.grid import spots_over_tissue
     from napari_stem.slide import open_slide
+    from napari_stem.values import GridSpec
     from test_widget import WIDGET
 
     def shown(before=None):
@@ -209,7 +209,7 @@ def test_preview_shows_spots_mask_count_and_cost_before_predict(
     qtbot.waitUntil(lambda: widget.slide.value is viewer.layers["cmu_small_region"], timeout=5_000)
     preview = viewer.layers["spot preview"]
     with open_slide(demo_slide_file) as slide:
-        expected = preview_module.grid_over_tissue(demo_slide_file, slide.mpp, 100.0, 55.0, 0.5)  # what a run predicts
+        expected = widget.controller.grids.grid(demo_slide_file, slide.mpp)  # what a run predicts
         full_resolution = spots_over_tissue(slide)  # the mask on the decoded level, not the stored thumbnail
     assert len(preview.data) == len(expected)
     np.testing.assert_allclose(np.sort(preview.data, axis=0), np.sort(expected.napari_coords_um, axis=0))
@@ -227,7 +227,7 @@ def test_preview_shows_spots_mask_count_and_cost_before_predict(
     assert len(preview.data) < len(expected)
     seconds.append(redraw_after(lambda: setattr(widget.diameter_um, "value", 80.0)))
     seconds.append(redraw_after(lambda: setattr(widget.min_tissue, "value", 0.9)))
-    assert len(preview.data) == len(preview_module.grid_over_tissue(demo_slide_file, 0.499, 150.0, 80.0, 0.9))
+    assert len(preview.data) == len(widget.controller.grids.grid(demo_slide_file, 0.499, GridSpec(150.0, 80.0, 0.9)))
     widget.pitch_um.value, widget.diameter_um.value = 100.0, 55.0
     seconds.append(redraw_after(lambda: setattr(widget.min_tissue, "value", 0.5)))
     # a region: spots inside are cyan, the rest grey; the count is the region's

@@ -133,7 +133,7 @@ def test_csv_writer(tmp_path: Path, prediction_and_spots) -> None:
 
 
 def test_csv_write_is_atomic(tmp_path: Path, prediction_and_spots, monkeypatch: pytest.MonkeyPatch) -> None:
-    from napari_stem.plugin import writer as plugin_writer
+    from napari_stem.csv_io import write_prediction_csv
 
     prediction, spots = prediction_and_spots
     out = tmp_path / "pred.csv"
@@ -145,7 +145,7 @@ def test_csv_write_is_atomic(tmp_path: Path, prediction_and_spots, monkeypatch: 
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken_to_csv)
     with pytest.raises(OSError, match="disk full"):
-        plugin_writer.write_prediction_csv(out, prediction, spots)
+        write_prediction_csv(out, prediction, spots)
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["pred.csv"]
 
 
@@ -186,7 +186,7 @@ def test_prediction_h5ad_reopens_over_its_thumbnail_when_the_slide_is_gone(
 ) -> None:
     import shutil
 
-    from napari_stem.anndata_io import write_prediction
+    from napari_stem.export import write_prediction
     from napari_stem.plugin.reader import get_reader
     from napari_stem.slide import open_slide
 

@@ -12,7 +12,7 @@ def save_tiny_checkpoint(
     """One block, hidden 32; weights nudged off the zero-init so the output depends on the condition."""
     import torch
 
-    from napari_stem.embedding.embed import PatchSpec
+    from napari_stem.embedding.patches import PatchSpec
     from napari_stem.stem.checkpoint import save_checkpoint
     from napari_stem.stem.model import StemConfig, StemModel
 

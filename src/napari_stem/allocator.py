@@ -2,10 +2,9 @@
 
 glibc serves allocations above ``M_MMAP_THRESHOLD`` (128 KiB, raised dynamically only up to what
 has been freed) with a fresh ``mmap`` and returns them with ``munmap``: every activation of every
-forward pass is then a new zero-filled mapping, faulted in page by page. On the encoder and the
-sampler that is a third of the CPU time (efficientnet_lite0 bf16: 4.2 → 2.7 ms per patch; Stem
-sampling fp32: 10.3 → 7.8 s on the demo panel). Fixing the thresholds at glibc's own dynamic
-maximum (32 MiB mmap, 64 MiB trim) keeps those buffers in the heap; at most 64 MiB of freed memory
+forward pass is then a new zero-filled mapping, faulted in page by page, a large share of the
+encoder's and the sampler's CPU time (the README gives the measurement). Fixing the thresholds at
+glibc's own dynamic maximum (32 MiB mmap, 64 MiB trim) keeps those buffers in the heap; at most 64 MiB of freed memory
 is kept by the process.
 
 Process-wide and applied once, on Linux/glibc only. It leaves thresholds alone when the user set

@@ -109,18 +109,6 @@ def write_h5ad_atomic(adata: Any, path: str | Path) -> Path:
     return replace_atomically(path, lambda partial: adata.write_h5ad(partial, compression="gzip"))
 
 
-def write_prediction(path: str | Path, prediction: Any, spots: Spots, slide: Any = None, format: str = "h5ad") -> Path:
-    """Export a prediction as ``.h5ad`` (see the module docstring for the layout), or with
-    ``format="zarr"`` as a SpatialData ``.zarr`` folder (:mod:`napari_stem.spatialdata_io`)."""
-    if format == "zarr":
-        from napari_stem.spatialdata_io import write_prediction_zarr
-
-        return write_prediction_zarr(path, prediction, spots, slide)
-    if format != "h5ad":
-        raise ValueError(f"format must be 'h5ad' or 'zarr', got {format!r}")
-    return write_h5ad_atomic(prediction_to_anndata(prediction, spots, slide), path)
-
-
 def is_prediction(adata: Any) -> bool:
     return "napari_stem" in adata.uns and VARIANCE_LAYER in adata.layers
 

@@ -7,9 +7,10 @@ import pandas as pd
 
 from napari_stem.errors import describe_path
 from napari_stem.slide import Slide
-from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, Spots, hex_grid
+from napari_stem.spots import Spots, hex_grid
 from napari_stem.tissue import tissue_fraction_at, tissue_mask_from_rgb
 from napari_stem.validate import check_grid, check_grid_size
+from napari_stem.values import VISIUM_GRID, GridSpec
 
 #: Longest edge of the overview the tissue mask is computed on.
 _MASK_MAX_SIZE = 2048
@@ -22,19 +23,17 @@ def tissue_mask(slide: Slide) -> tuple[np.ndarray, float]:
 
 
 def spots_over_tissue(
-    slide: Slide,
-    pitch_um: float = VISIUM_PITCH_UM,
-    diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
-    min_tissue_fraction: float = 0.5,
-    tissue: tuple[np.ndarray, float] | None = None,
+    slide: Slide, grid: GridSpec = VISIUM_GRID, tissue: tuple[np.ndarray, float] | None = None
 ) -> Spots:
-    """Hexagonal spots (Visium: 100 µm pitch, 55 µm spots; legacy ST: 200/100) over the tissue.
+    """Hexagonal spots of ``grid`` (default Visium: 100 µm pitch, 55 µm spots) over the tissue.
 
-    Only spots whose footprint is at least ``min_tissue_fraction`` tissue are kept. Spots carry
+    Only spots whose footprint is at least ``grid.min_tissue_fraction`` tissue are kept. Spots carry
     Visium-like ``array_row``/``array_col`` and barcodes ``"<row>x<col>"``. ``tissue``: this
-    slide's :func:`tissue_mask`, when already computed (the preview keeps it: it is the slow part).
+    slide's :func:`tissue_mask`, when already computed (:class:`napari_stem.caches.GridCache` keeps
+    it: it is the slow part).
     """
-    pitch_um, diameter_um, min_tissue_fraction = check_grid(pitch_um, diameter_um, min_tissue_fraction)
+    grid = check_grid(grid)
+    pitch_um, diameter_um = grid.pitch_um, grid.spot_diameter_um
     mpp = slide.require_mpp()
     height_px, width_px = slide.shape
     check_grid_size(width_px * mpp, height_px * mpp, pitch_um, describe_path(slide.path))
@@ -43,7 +42,7 @@ def spots_over_tissue(
     centers_px = np.stack([layout["x_um"].to_numpy(), layout["y_um"].to_numpy()], axis=1) / mpp
     radius_px = diameter_um / 2 / mpp
     fraction = tissue_fraction_at(mask, scale, centers_px, radius_px)
-    keep = fraction >= min_tissue_fraction
+    keep = fraction >= grid.min_tissue_fraction
     layout = layout[keep].reset_index(drop=True)
     barcodes = np.array(
         [f"{r}x{c}" for r, c in zip(layout["array_row"], layout["array_col"], strict=True)], dtype=object

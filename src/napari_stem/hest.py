@@ -96,16 +96,6 @@ def hest_sample(root: str | Path, sample_id: str) -> HestSample:
     return HestSample(sample_id=sample_id, wsi_path=wsi_path, st_path=st_path, metadata=metadata)
 
 
-def download(out_dir: str | Path, sample_ids: Sequence[str] | None = None, **options: Any):
-    """Fetch HEST-1k samples from the Hugging Face Hub into ``out_dir`` in this layout.
-
-    See :func:`napari_stem.hest_download.download` (filters, parts, dry run, resume).
-    """
-    from napari_stem.hest_download import download as fetch
-
-    return fetch(out_dir, sample_ids, **options)
-
-
 def is_hest_folder(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / "st").is_dir() and (path / "wsis").is_dir()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_stem.errors import DatasetError, describe_path
+from napari_stem.hest import hest_sample
 
 HEST_REPO = "MahmoodLab/hest"
 #: What ``prepare`` needs.
@@ -330,8 +331,6 @@ def download(
         bar.close()
     _unzip_segmentations(out_dir, plan)
     if set(REQUIRED_PARTS) <= set(plan.parts):
-        from napari_stem.hest import hest_sample
-
         for sample_id in plan.sample_ids:
             hest_sample(out_dir, sample_id)  # the layout prepare reads, or a DatasetError naming the gap
     return DownloadResult(plan, out_dir, fetched, already)

@@ -9,17 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from napari_stem.datasets import DEMO_BUILD_TIME, cache_dir, demo_model_dir
+
 DEMO = "demo"
 HUB_PREFIX = "hf-hub:"  # as napari_stem.hub (not imported: it is only needed to download)
 MAX_RECENT = 8
-#: The demo model's first build (data, embeddings, 400 training steps): the whole headless demo from
-#: nothing took 65 s on 2 idle CPU cores; busy cores stretch it to several minutes.
-DEMO_BUILD_TIME = "about 5 min on 2 idle CPU cores"
 
 
 def _recent_file() -> Path:
-    from napari_stem.datasets import cache_dir
-
     return cache_dir() / "recent_checkpoints.json"
 
 
@@ -50,8 +47,6 @@ def remember_checkpoint(path: str | Path) -> None:
 
 def demo_checkpoint() -> Path | None:
     """The demo checkpoint when it is built, else None."""
-    from napari_stem.datasets import demo_model_dir
-
     checkpoint = demo_model_dir("full") / "run" / "checkpoint"
     return checkpoint if (checkpoint / "config.json").is_file() else None
 

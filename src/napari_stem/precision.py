@@ -1,9 +1,9 @@
 """Which float precision inference runs in: bf16 where the hardware computes it natively.
 
 bf16 autocast halves memory traffic and, on GPUs and on CPUs with bf16 instructions (AVX512-BF16,
-AMX: Intel Cooper Lake / Sapphire Rapids, AMD Zen 4 and later), runs the encoder ~3× and the
-sampler ~2× faster than fp32 with results that differ only by rounding (embeddings: cosine
-0.9995; sampled means: PCC 0.99999 with fp32 at the same seed). Elsewhere oneDNN *emulates* bf16,
+AMX: Intel Cooper Lake / Sapphire Rapids, AMD Zen 4 and later), runs the encoder and the sampler
+faster than fp32 with results that differ only by rounding (test_encoders.py and test_sampling.py
+bound the difference; the README gives the speed). Elsewhere oneDNN *emulates* bf16,
 slower than fp32, so "auto" stays in fp32 there.
 """
 

@@ -8,7 +8,7 @@ results and cancel between batches. The last event carries the finished :class:`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ from napari_stem.precision import resolve_precision
 from napari_stem.validate import check_batch_size, check_samples, check_spots, check_steps
 from napari_stem.values import DEFAULT_SAMPLER as DEFAULT_SAMPLER
 from napari_stem.values import SAMPLERS as SAMPLERS
-from napari_stem.values import Prediction, SampleBatch, SampleStep
+from napari_stem.values import EmbeddingSpec, Prediction, PredictOptions, SampleBatch, SampleStep
 
 if TYPE_CHECKING:
     from napari_stem.spots import Spots
@@ -42,7 +42,7 @@ class PredictEvent:
     with ``step_events``; ``batch`` is a :class:`~napari_stem.values.SampleStep`), ``"sample"``
     (diffusion sampling; ``batch`` holds the finished spots' mean/variance) or ``"done"``
     (``prediction`` is set). ``done``/``total`` count spots within the stage. ``metadata`` is the
-    run's provenance (the final prediction's), on sampling events, so partial results carry it too.
+    run's provenance (the final prediction's), on sampling and done events, so partial results carry it too.
     """
 
     stage: str
@@ -60,84 +60,75 @@ def default_settings(device: str = "auto") -> dict[str, int]:
     return dict(DEFAULT_SETTINGS["cuda" if str(device).startswith("cuda") else "cpu"])
 
 
-def embedding_spec(checkpoint: Any) -> tuple[str, Any]:
-    """The encoder name and :class:`~napari_stem.embedding.embed.PatchSpec` a checkpoint was trained with."""
-    from napari_stem.embedding.embed import PatchSpec
-
-    spec = checkpoint.embedding or {}
-    if "encoder" not in spec:
+def embedding_spec(checkpoint: Any) -> EmbeddingSpec:
+    """How a checkpoint's embeddings were made; refused when it names no encoder (no slide can be embedded)."""
+    spec = checkpoint.embedding
+    if spec.encoder is None:
         raise CheckpointError(
             f"checkpoint {describe_path(checkpoint.path)} does not say which image encoder it was trained "
             "on (config 'embedding': {'encoder': ..., 'patch': ...}); re-save it with stem-train, or give "
             "precomputed embeddings instead of a slide."
         )
-    return str(spec["encoder"]), PatchSpec.from_dict(spec.get("patch", {"mode": "hest"}))
+    return spec
 
 
 def iter_predict(
     slide_path: str | Path,
     spots: Spots,
     checkpoint: Any,
+    options: PredictOptions | None = None,
     *,
-    n_samples: int | None = None,
-    steps: int | None = None,
-    sampler: str = DEFAULT_SAMPLER,
-    eta: float = 0.0,
-    seed: int = 0,
-    device: str = "auto",
-    precision: str = "auto",
-    encoder_weights: Any = None,
-    encoder: Any = None,
     embeddings: np.ndarray | None = None,
+    encoder: Any = None,
+    encoder_weights: Any = None,
     cache_path: str | Path | None = None,
-    embed_batch_size: int | None = None,
-    num_workers: int = 0,
-    sample_batch_size: int | None = None,
-    quantiles: Sequence[float] | None = None,
-    intervals: Sequence[float] | None = None,
-    keep_samples: bool = False,
     step_events: bool = False,
-    clip_x0: bool = True,
 ) -> Iterator[PredictEvent]:
     """Predict expression for ``spots`` of a slide; see the module docstring.
 
-    ``checkpoint`` is a path or a loaded :class:`~napari_stem.stem.checkpoint.StemCheckpoint`.
-    ``embeddings`` skips the embedding stage (rows in spot order); ``cache_path`` keeps them in a
-    HEST-Bench HDF5 file reused on the next run. ``n_samples``/``steps`` default to
-    :func:`default_settings` for the device, raised to the smallest count that makes the
-    ``intervals`` levels exact (:func:`napari_stem.intervals.samples_for_levels`; 19 for 0.5 and
-    0.9); an explicit ``n_samples`` is kept and its intervals labelled with the level they have.
-    ``precision`` ("auto", "bf16", "fp32") applies to the
-    encoder and the sampler alike; "auto" is bf16 where the hardware computes it natively.
-    ``step_events`` adds a ``"step"`` event after every denoising step of every batch.
-    ``clip_x0``: clip the predicted x_0 to the training range the checkpoint records (when it
-    records one); False samples exactly as the reference does.
-    ``encoder`` is an already built encoder of the checkpoint's kind, so a cohort worker builds it
-    once for all its slides (default: built here from the checkpoint's encoder name).
-    """
-    from napari_stem.intervals import plan_intervals, samples_for_levels
-    from napari_stem.stem.checkpoint import load_checkpoint
-    from napari_stem.stem.sampling import iter_sample, resolve_device
+    ``checkpoint`` is a path or a loaded :class:`~napari_stem.stem.checkpoint.StemCheckpoint`;
+    ``options`` (:class:`~napari_stem.values.PredictOptions`) says how to sample, on which device,
+    in what batches. Its ``n_samples``/``steps`` default to :func:`default_settings` for the
+    device, raised to the smallest count that makes the ``intervals`` levels exact
+    (:func:`napari_stem.intervals.samples_for_levels`; 19 for 0.5 and 0.9); an explicit
+    ``n_samples`` is kept and its intervals labelled with the level they have. Its ``precision``
+    ("auto", "bf16", "fp32") applies to the encoder and the sampler alike; "auto" is bf16 where
+    the hardware computes it natively. ``clip_x0`` clips the predicted x_0 to the training range
+    the checkpoint records (when it records one); False samples exactly as the reference does.
 
+    The keywords are inputs, not options: ``embeddings`` skips the embedding stage (rows in spot
+    order); ``encoder`` is an already built encoder of the checkpoint's kind, so a cohort worker
+    builds it once for all its slides (default: built here from the checkpoint's encoder name,
+    with ``encoder_weights`` if given); ``cache_path`` keeps the embeddings in a HEST-Bench HDF5
+    file reused on the next run. ``step_events`` adds a ``"step"`` event after every denoising
+    step of every batch.
+    """
+    from napari_stem.intervals import samples_for_levels
+    from napari_stem.stem.checkpoint import load_checkpoint
+    from napari_stem.stem.sampling import iter_sample, resolve_device, sampling_provenance
+
+    options = PredictOptions() if options is None else options
     # Arguments first: a mistake is refused before any model is loaded.
-    if n_samples is not None:
-        check_samples(n_samples)
-    if steps is not None and not isinstance(steps, str):
-        check_steps(steps)
-    check_batch_size("embedding batch size", embed_batch_size)
-    check_batch_size("sampling batch size", sample_batch_size)
+    if options.n_samples is not None:
+        check_samples(options.n_samples)
+    if options.steps is not None and not isinstance(options.steps, str):
+        check_steps(options.steps)
+    check_batch_size("embedding batch size", options.embed_batch_size)
+    check_batch_size("sampling batch size", options.sample_batch_size)
     check_spots(spots, None, "the spot set")
     if not isinstance(checkpoint, (str, Path)):
         loaded = checkpoint
     else:
         loaded = load_checkpoint(checkpoint)
-    torch_device = resolve_device(device)
-    precision = resolve_precision(precision, torch_device)
+    torch_device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, torch_device)
     defaults = default_settings(torch_device.type)
+    n_samples = options.n_samples
     if n_samples is None:
+        intervals = options.intervals
         n_samples = samples_for_levels(intervals, defaults["n_samples"]) if intervals else defaults["n_samples"]
     n_samples = check_samples(n_samples)
-    steps = defaults["steps"] if steps is None else steps
+    steps = defaults["steps"] if options.steps is None else options.steps
     n_spots = len(spots)
 
     if embeddings is None:
@@ -149,8 +140,8 @@ def iter_predict(
             torch_device,
             precision,
             cache_path,
-            embed_batch_size,
-            num_workers,
+            options.embed_batch_size,
+            options.num_workers,
             encoder,
         )
     embeddings = np.asarray(embeddings, dtype=np.float32)
@@ -160,20 +151,25 @@ def iter_predict(
             f"{embeddings.shape[1] if embeddings.ndim == 2 else embeddings.shape} for {n_spots} spots."
         )
 
-    encoder_name, patch_spec = embedding_spec(loaded) if loaded.embedding.get("encoder") else ("", None)
+    encoder_name, patch = "", {}
+    if loaded.embedding.encoder:
+        from napari_stem.embedding.patches import PatchSpec
+
+        encoder_name, patch = loaded.embedding.encoder, PatchSpec.from_dict(loaded.embedding.patch).to_dict()
     metadata = {
-        "checkpoint": str(loaded.path),
-        "target_transform": loaded.target_transform,
+        **sampling_provenance(
+            loaded,
+            n_samples=n_samples,
+            steps=steps,
+            sampler=options.sampler,
+            eta=options.eta,
+            seed=options.seed,
+            device=torch_device,
+            precision=precision,
+            clip_x0=options.clip_x0,
+        ),
         "encoder": encoder_name,
-        "patch": patch_spec.to_dict() if patch_spec else {},
-        "n_samples": int(n_samples),
-        "steps": int(steps) if str(steps).isdigit() else str(steps),
-        "sampler": sampler,
-        "eta": float(eta),
-        "clip_x0": bool(clip_x0 and getattr(loaded, "target_range", None) is not None),
-        "seed": int(seed),
-        "device": str(torch_device),
-        "precision": precision,
+        "patch": patch,
     }
     parts = []
     for batch in iter_sample(
@@ -181,17 +177,17 @@ def iter_predict(
         embeddings,
         n_samples=n_samples,
         steps=steps,
-        sampler=sampler,
-        eta=eta,
-        seed=seed,
+        sampler=options.sampler,
+        eta=options.eta,
+        seed=options.seed,
         device=torch_device,
         precision=precision,
-        batch_size=sample_batch_size,
-        quantiles=quantiles,
-        intervals=intervals,
-        keep_samples=keep_samples,
+        batch_size=options.sample_batch_size,
+        quantiles=options.quantiles,
+        intervals=options.intervals,
+        keep_samples=options.keep_samples,
         step_events=step_events,
-        clip_x0=clip_x0,
+        clip_x0=options.clip_x0,
     ):
         if isinstance(batch, SampleStep):
             yield PredictEvent("step", batch.start, n_spots, batch=batch, metadata=metadata)
@@ -200,24 +196,17 @@ def iter_predict(
         parts.append(batch)
         yield PredictEvent("sample", batch.stop, n_spots, batch=batch, metadata=metadata)
 
-    def stacked(name: str, axis: int = 0) -> np.ndarray | None:
-        values = [getattr(part, name) for part in parts]
-        return None if not values or values[0] is None else np.concatenate(values, axis=axis)
-
-    n_genes = len(loaded.genes)
-    empty = np.zeros((0, n_genes), dtype=np.float32)
-    prediction = Prediction(
-        mean=stacked("mean") if parts else empty,
-        variance=stacked("variance") if parts else empty,
-        genes=list(loaded.genes),
-        samples=stacked("samples"),
-        quantile_levels=tuple(sorted(quantiles)) if quantiles else None,
-        quantiles=stacked("quantiles", axis=1),
-        interval_specs=plan_intervals(intervals, n_samples),
-        intervals=stacked("intervals", axis=2),
-        metadata=dict(metadata),
+    prediction = Prediction.from_batches(
+        parts,
+        loaded.genes,
+        n_samples=n_samples,
+        quantiles=options.quantiles,
+        intervals=options.intervals,
+        keep_samples=options.keep_samples,
+        n_spots=n_spots,
+        metadata=metadata,
     )
-    yield PredictEvent("done", n_spots, n_spots, prediction=prediction)
+    yield PredictEvent("done", n_spots, n_spots, prediction=prediction, metadata=metadata)
 
 
 def _check_finite(batch: Any, loaded: Any) -> None:
@@ -235,9 +224,12 @@ def _embed(
     slide_path, spots, loaded, encoder_weights, device, precision, cache_path, batch_size, num_workers, encoder=None
 ):
     """Embedding stage of :func:`iter_predict` (a sub-generator whose return value is the array)."""
-    from napari_stem.embedding.embed import iter_embed_slide_cached, iter_embed_spots
+    from napari_stem.embedding.cache import iter_embed_slide_cached
+    from napari_stem.embedding.embed import iter_embed_spots
+    from napari_stem.embedding.patches import PatchSpec
 
-    encoder_name, patch_spec = embedding_spec(loaded)
+    spec = embedding_spec(loaded)
+    encoder_name, patch_spec = spec.encoder, PatchSpec.from_dict(spec.patch)
     if encoder is not None and getattr(encoder, "name", encoder_name) != encoder_name:
         raise CheckpointError(
             f"checkpoint {describe_path(loaded.path)} was trained on encoder '{encoder_name}', "
@@ -272,10 +264,13 @@ def _embed(
     return out
 
 
-def predict(slide_path: str | Path, spots: Spots, checkpoint: Any, **options: Any) -> Prediction | None:
-    """Run :func:`iter_predict` to the end and return its :class:`~napari_stem.values.Prediction`."""
+def predict(
+    slide_path: str | Path, spots: Spots, checkpoint: Any, options: PredictOptions | None = None, **inputs: Any
+) -> Prediction | None:
+    """Run :func:`iter_predict` to the end and return its :class:`~napari_stem.values.Prediction`;
+    ``inputs`` are its keywords (``embeddings``, ``cache_path``, ...)."""
     prediction = None
-    for event in iter_predict(slide_path, spots, checkpoint, **options):
+    for event in iter_predict(slide_path, spots, checkpoint, options, **inputs):
         if event.stage == "done":
             prediction = event.prediction
     return prediction

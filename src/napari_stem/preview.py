@@ -1,17 +1,12 @@
-"""See before you compute: the spots a run would predict, the tissue they were laid on, the cost.
+"""See before you compute: what a run would predict (:class:`Preview`) and what it would cost.
 
-The tissue mask is the slow part of a grid, so it is found on the cheapest overview fine enough
-for spot tissue fractions (the file's stored thumbnail when it has one: 0.1 s for the demo slide,
-where decoding its one level takes 1.4 s; :func:`napari_stem.tissue.mask_overview`) and kept per
-slide file; a grid for other pitch, diameter or minimum tissue fraction is then milliseconds. The widget's preview and the controller's run take their grids
-from here, so what the preview shows is what gets predicted. The cost estimate uses the pace of
-the last run on this machine when there was one, else rough figures measured on 2 CPU cores.
-No napari or Qt import.
+The spots come from the controller's :class:`napari_stem.caches.GridCache`, the same a run uses,
+so what the preview shows is what gets predicted. The cost estimate uses the pace of the last run
+on this machine when there was one, else rough figures measured on 2 CPU cores. No napari or Qt import.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +14,6 @@ import numpy as np
 
 from napari_stem.devices import resolve_device_name
 from napari_stem.spots import Spots
-
-_TISSUE: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()  # slide file -> (mask, scale)
-_GRIDS: OrderedDict[tuple, Spots] = OrderedDict()  # slide file + grid settings -> spots
-_CACHE_SIZE = 8
 
 #: Seconds per embedded spot by device type, for encoders without a measured pace here
 #: (efficientnet_lite0 on 2 busy CPU cores: ~0.5 s; a ViT-L such as UNI is ~10x that).
@@ -32,52 +23,6 @@ LARGE_ENCODER_FACTOR = 10.0
 SAMPLE_SECONDS_PER_ROW_STEP = {"cpu": 8e-4, "cuda": 2e-5}
 #: Paces measured by finished runs in this session: (device type, encoder) -> seconds.
 MEASURED: dict[tuple[str, str], dict[str, float]] = {}
-
-
-def _file_key(path: str | Path) -> tuple:
-    path = Path(path)
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-def _remember(cache: OrderedDict, key: tuple, value: object) -> None:
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
-
-
-def cached_tissue(path: str | Path, mpp: float) -> tuple[np.ndarray, float] | None:
-    """The slide's tissue mask if already computed (instant), else None."""
-    return _TISSUE.get((*_file_key(path), float(mpp)))
-
-
-def slide_tissue(path: str | Path, mpp: float) -> tuple[np.ndarray, float]:
-    """``(mask, scale)`` of the slide's tissue on :func:`~napari_stem.tissue.mask_overview`, kept per file."""
-    key = (*_file_key(path), float(mpp))
-    if key not in _TISSUE:
-        from napari_stem.slide import open_slide
-        from napari_stem.tissue import mask_overview, tissue_mask_from_rgb
-
-        with open_slide(path, mpp=mpp) as slide:
-            overview, scale = mask_overview(slide)
-        _remember(_TISSUE, key, (tissue_mask_from_rgb(overview), scale))
-    return _TISSUE[key]
-
-
-def grid_over_tissue(
-    path: str | Path, mpp: float, pitch_um: float, diameter_um: float, min_tissue_fraction: float
-) -> Spots:
-    """:func:`napari_stem.grid.spots_over_tissue` of a slide file, kept per file and settings."""
-    key = (*_file_key(path), float(mpp), float(pitch_um), float(diameter_um), float(min_tissue_fraction))
-    if key not in _GRIDS:
-        from napari_stem.grid import spots_over_tissue
-        from napari_stem.slide import open_slide
-
-        tissue = slide_tissue(path, mpp)
-        with open_slide(path, mpp=mpp) as slide:
-            _remember(_GRIDS, key, spots_over_tissue(slide, pitch_um, diameter_um, min_tissue_fraction, tissue=tissue))
-    return _GRIDS[key]
 
 
 # ---------------------------------------------------------------------- cost

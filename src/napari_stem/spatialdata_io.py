@@ -34,13 +34,19 @@ from typing import Any
 
 import numpy as np
 
+from napari_stem.anndata_io import prediction_from_anndata, prediction_to_anndata
 from napari_stem.errors import SpotsError, StemError, describe_path
+from napari_stem.validate import (
+    SPATIALDATA_TABLE,
+    ZARR_SUFFIX,
+    check_replaceable_zarr,
+    is_spatialdata_prediction,
+)
 
-TABLE_NAME = "table"
+TABLE_NAME = SPATIALDATA_TABLE
 REGION_KEY = "region"
 INSTANCE_KEY = "spot_id"
 DEFAULT_IMAGE_MAX_SIZE = 4096
-ZARR_SUFFIX = ".zarr"
 
 
 def _spatialdata():
@@ -71,8 +77,6 @@ def prediction_to_spatialdata(
     import geopandas
     import pandas as pd
     from shapely.geometry import Point
-
-    from napari_stem.anndata_io import prediction_to_anndata
 
     sd = _spatialdata()
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
@@ -152,43 +156,8 @@ def write_prediction_zarr(
     return path
 
 
-def is_spatialdata_prediction(path: str | Path) -> bool:
-    """Cheap check (folder layout only): a SpatialData zarr whose table carries napari-stem's provenance."""
-    path = Path(path)
-    return path.is_dir() and (path / "tables" / TABLE_NAME / "uns" / "napari_stem").is_dir()
-
-
-def check_replaceable_zarr(path: str | Path) -> None:
-    path = Path(path)
-    if not is_spatialdata_prediction(path):
-        raise StemError(
-            f"{describe_path(path)} exists and is not a SpatialData prediction napari-stem wrote; "
-            "napari-stem never replaces other files or folders. Choose another output path."
-        )
-
-
-def check_spatialdata_output(path: str | Path, inputs: Any, needed_bytes: float = 0, flag: str = "--out") -> None:
-    """A SpatialData prediction may go to ``path``: a ``.zarr`` name, not an input, writable, and any
-    folder already there is a prediction napari-stem wrote."""
-    from napari_stem.validate import check_not_an_input, check_writable_folder
-
-    path = Path(path)
-    if path.suffix != ZARR_SUFFIX:
-        raise StemError(f"{flag} {describe_path(path)}: a SpatialData prediction is a folder named *.zarr.")
-    check_not_an_input(path, inputs, flag)
-    if path.exists():
-        if not path.is_dir():
-            raise StemError(
-                f"{describe_path(path)} is a file; a SpatialData prediction is a .zarr folder. Choose another path."
-            )
-        check_replaceable_zarr(path)
-    check_writable_folder(path.parent, needed_bytes, flag)
-
-
 def read_prediction_zarr(path: str | Path) -> tuple[Any, Any, Any]:
     """A SpatialData prediction back as ``(Prediction, Spots, SpatialData)``."""
-    from napari_stem.anndata_io import prediction_from_anndata
-
     sd = _spatialdata()
     path = Path(path)
     if not is_spatialdata_prediction(path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_stem.atomic import replace_atomically, write_text_atomically
-from napari_stem.embedding.embed import HEST_PATCH_SIZE_UM
+from napari_stem.embedding.patches import HEST_PATCH_SIZE_UM
 from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, hex_grid
 
 #: Genes whose names start like this are dropped by Stem's HMHVG filter; the generator includes a

@@ -21,7 +21,7 @@ def mask_overview(slide: Any, max_size: int = 2048) -> tuple[np.ndarray, float]:
     """The cheapest RGB overview to find ``slide``'s tissue on, and its scale (level-0 px → overview px).
 
     Why: on a one-level slide (the demo, many SVS crops) the pyramid's overview means decoding the
-    whole level (1.4 s for the demo's 2220 × 2967 px), while the scanner's stored thumbnail decodes
+    whole level (seconds for a large one-level slide), while the scanner's stored thumbnail decodes
     in milliseconds. The thumbnail is used when it is at least as fine as ``slide.thumbnail(max_size)``
     or as :data:`MASK_MAX_UM_PER_PX`; otherwise (no thumbnail, a large slide) the pyramid's overview.
     """
@@ -90,7 +90,7 @@ def tissue_mask_from_rgb(image: np.ndarray, min_object_fraction: float = 0.0005)
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation × 255 ((max − min) / max), as skimage's rgb2hsv gives it, without the hue
-    it also computes (3× faster: the mask is on the preview's critical path)."""
+    it also computes (the mask is on the preview's critical path)."""
     high = rgb.max(axis=-1).astype(np.float64)
     spread = high - rgb.min(axis=-1)
     return np.divide(spread, high, out=np.zeros_like(high), where=high > 0) * 255.0

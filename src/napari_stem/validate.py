@@ -9,18 +9,22 @@ minutes of embedding and sampling. Torch-free, so the checks never wait on a mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from napari_stem.errors import StemError, describe_path
 from napari_stem.stem.model_config import N_TRAIN_STEPS
+
+if TYPE_CHECKING:
+    from napari_stem.values import GridSpec
 
 T = TypeVar("T")
 
@@ -102,12 +106,13 @@ def mpp_in_range(mpp: float | None) -> bool:
     return mpp is not None and math.isfinite(mpp) and MPP_RANGE_UM[0] <= mpp <= MPP_RANGE_UM[1]
 
 
-def check_grid(pitch_um: Any, diameter_um: Any, min_tissue_fraction: Any = 0.5) -> tuple[float, float, float]:
-    """Grid settings: 0 < spot diameter ≤ pitch (spots may touch, not overlap), fraction in [0, 1]."""
-    diameter = check_float("grid spot diameter (µm)", diameter_um, 0.0, low_open=True)
-    pitch = check_float("grid pitch (µm)", pitch_um, diameter, why=" (the spot diameter: spots may not overlap)")
-    fraction = check_float("minimum tissue fraction", min_tissue_fraction, 0.0, 1.0)
-    return pitch, diameter, fraction
+def check_grid(grid: GridSpec) -> GridSpec:
+    """A :class:`~napari_stem.values.GridSpec` with 0 < spot diameter ≤ pitch (spots may touch, not
+    overlap) and a tissue fraction in [0, 1]; returned with plain floats."""
+    diameter = check_float("grid spot diameter (µm)", grid.spot_diameter_um, 0.0, low_open=True)
+    pitch = check_float("grid pitch (µm)", grid.pitch_um, diameter, why=" (the spot diameter: spots may not overlap)")
+    fraction = check_float("minimum tissue fraction", grid.min_tissue_fraction, 0.0, 1.0)
+    return dataclasses.replace(grid, pitch_um=pitch, spot_diameter_um=diameter, min_tissue_fraction=fraction)
 
 
 def argument_type(parse: Callable[[str], T], check: Callable[[T], Any] | None = None) -> Callable[[str], T]:
@@ -273,6 +278,42 @@ def is_napari_stem_h5ad(path: str | Path, *also: str) -> bool:
         return False
 
 
+#: A SpatialData prediction is a ``.zarr`` folder whose table of this name carries napari-stem's provenance.
+ZARR_SUFFIX = ".zarr"
+SPATIALDATA_TABLE = "table"
+
+
+def is_spatialdata_prediction(path: str | Path) -> bool:
+    """Cheap check (folder layout only): a SpatialData zarr whose table carries napari-stem's provenance."""
+    path = Path(path)
+    return path.is_dir() and (path / "tables" / SPATIALDATA_TABLE / "uns" / "napari_stem").is_dir()
+
+
+def check_replaceable_zarr(path: str | Path) -> None:
+    path = Path(path)
+    if not is_spatialdata_prediction(path):
+        raise StemError(
+            f"{describe_path(path)} exists and is not a SpatialData prediction napari-stem wrote; "
+            "napari-stem never replaces other files or folders. Choose another output path."
+        )
+
+
+def check_spatialdata_output(path: str | Path, inputs: Any, needed_bytes: float = 0, flag: str = "--out") -> None:
+    """A SpatialData prediction may go to ``path``: a ``.zarr`` name, not an input, writable, and any
+    folder already there is a prediction napari-stem wrote."""
+    path = Path(path)
+    if path.suffix != ZARR_SUFFIX:
+        raise StemError(f"{flag} {describe_path(path)}: a SpatialData prediction is a folder named *.zarr.")
+    check_not_an_input(path, inputs, flag)
+    if path.exists():
+        if not path.is_dir():
+            raise StemError(
+                f"{describe_path(path)} is a file; a SpatialData prediction is a .zarr folder. Choose another path."
+            )
+        check_replaceable_zarr(path)
+    check_writable_folder(path.parent, needed_bytes, flag)
+
+
 def nearest_existing_folder(path: Path) -> Path:
     folder = Path(path).absolute()
     while not folder.exists() and folder != folder.parent:
@@ -316,8 +357,6 @@ def check_prediction_output(
     already there is a prediction napari-stem wrote (nothing else is ever replaced)."""
     path = Path(path)
     if path.suffix == ".zarr":  # a SpatialData prediction folder: the same rules for a folder
-        from napari_stem.spatialdata_io import check_spatialdata_output
-
         return check_spatialdata_output(path, inputs, needed_bytes, flag)
     check_not_an_input(path, inputs, flag)
     if path.is_dir():

@@ -583,7 +583,7 @@ def run_baselines(
 
 
 def _write_baseline_prediction(path: Path, mean: np.ndarray, manifest: Any, slide: dict, provenance: dict) -> Path:
-    from napari_stem.anndata_io import write_prediction
+    from napari_stem.export import write_prediction
     from napari_stem.hest import hest_sample
     from napari_stem.spots import read_spots_h5ad
     from napari_stem.values import Prediction

@@ -2,13 +2,16 @@
 
 ``torchrun`` shards slides statically (rank r takes slides r, r + W, ...): a dead rank loses its
 share, a slow slide holds its rank and no worker can join later. Here each slide is one Dask task
+(a :class:`SlideTask` the command builds: ``predict.predict_slide``, ``prepare.embed_slide_task``)
 that runs the single-process per-slide code (``predict.predict_job``, ``prepare.embed_slide``), so
 the numbers do not depend on the scheduler; Dask gives a lost worker's slide to another worker;
 and each slide's fate is written next to its output (``<output>.state.json``: pending, running
 with host/pid/start, done with the output's checksum, failed with the error), so a rerun skips
 finished slides and retries failed ones when asked (``--retry-failed``). Outputs are written
 atomically by the per-slide code, so a killed worker never leaves a partial file under a final
-name. Each worker process loads the model and the encoder once for all its slides.
+name. Each worker process loads the model and the encoder once for all its slides
+(:mod:`stem_train.worker_models`). What a slide's task does is its command's business: this module
+imports neither command.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 from napari_stem.atomic import write_text_atomically
 from napari_stem.errors import StemError
 from napari_stem.validate import InputError, argument_type
+from stem_train.worker_models import models_loaded
 
 STATE_SUFFIX = ".state.json"
 #: Slides' states; "skipped" is not written, it is a report of a slide done by an earlier run.
@@ -369,7 +373,7 @@ def run_task(task: SlideTask, torch_threads: int | None = None, run_id: str = ""
         state.pid,
         state.error,
         state.result,
-        models_loaded=_models_loaded(),
+        models_loaded=models_loaded(),
         log=printed.getvalue(),
     )
 
@@ -668,41 +672,7 @@ def _lost(task: SlideTask, exc: BaseException) -> SlideOutcome:
     return SlideOutcome(task.name, "failed", 0.0, previous.attempt, previous.host, previous.pid, why)
 
 
-# ---------------------------------------------------------------------- models, once per worker process
-_MODELS: dict[tuple, Any] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def worker_checkpoint(path: str | Path) -> Any:
-    """The checkpoint at ``path``, loaded once per process (reloaded if its weights change)."""
-    from napari_stem.stem.checkpoint import load_checkpoint
-
-    folder = Path(path).resolve()
-    weights = folder / "weights.safetensors"
-    key = ("checkpoint", str(folder), weights.stat().st_mtime_ns if weights.exists() else 0)
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = load_checkpoint(folder)
-        return _MODELS[key]
-
-
-def worker_encoder(name: str, weights: Any, device: str, precision: str) -> Any:
-    """The encoder, built on first use once per process (a slide whose embeddings are cached never builds it)."""
-    from stem_train.prepare import LazyEncoder
-
-    key = ("encoder", name, str(weights) if weights is not None else None, device, precision)
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS[key] = LazyEncoder(name, weights, device, precision)
-        return _MODELS[key]
-
-
-def _models_loaded() -> int:
-    return sum(
-        1 for key, model in _MODELS.items() if key[0] == "checkpoint" or getattr(model, "_built", None) is not None
-    )
-
-
+# ---------------------------------------------------------------------- which device a worker uses
 def worker_device(requested: str) -> str:
     """``auto``/``cuda`` → this worker's GPU (local cluster workers are named 0..N-1), else the CPU."""
     if requested not in ("auto", "cuda"):
@@ -719,126 +689,11 @@ def worker_device(requested: str) -> str:
     return f"cuda:{index}"
 
 
-# ---------------------------------------------------------------------- predict and prepare as cohorts
-def predict_slide(
-    job: Any,
-    checkpoint_path: str | Path,
-    grid: tuple[float, float, float],
-    options: dict,
-    cache_dir: Path | None,
-    drop_off_slide_spots: bool,
-) -> dict:
-    """One slide of ``stem-train predict`` on a worker: ``predict_job`` with this worker's models."""
-    import h5py
-
-    from stem_train.predict import predict_job
-
-    checkpoint = worker_checkpoint(checkpoint_path)
-    options = dict(options)
-    options["device"] = worker_device(str(options.get("device") or "auto"))
-    encoder_name = str(checkpoint.embedding.get("encoder", ""))
-    options["encoder"] = worker_encoder(
-        encoder_name, options.get("encoder_weights"), options["device"], options.get("precision", "auto")
-    )
-    extra = {"drop_off_slide_spots": True} if drop_off_slide_spots else {}
-
-    def sampled(stage: str, done: int, total: int) -> None:
-        if stage == "sample":  # a spot counts once its samples are drawn
-            report_spots(done)
-
-    path = Path(
-        predict_job(job, checkpoint, grid=grid, options=options, cache_dir=cache_dir, progress=sampled, **extra)
-    )
-    if path.suffix != ".h5ad":  # a SpatialData .zarr: the spot file's count (a grid's is not known here)
-        return {"n_spots": _spot_count(job.spots_path)} if job.spots_path is not None else {}
-    with h5py.File(path, "r") as handle:
-        return {"n_spots": int(handle["obsm"]["spatial"].shape[0])}
-
-
-def predict_cohort(
-    jobs: Sequence[Any],
-    checkpoint: str | Path,
-    scheduler: Scheduler | str = "local",
-    *,
-    grid: tuple[float, float, float] = (100.0, 55.0, 0.5),
-    options: dict | None = None,
-    cache_dir: Path | None = None,
-    drop_off_slide_spots: bool = False,
-    retry_failed: bool = False,
-    progress: bool = True,
-    quiet: bool = False,
-    show_workers: bool = False,
-) -> CohortReport:
-    """``stem-train predict`` over many slides (:class:`~stem_train.predict.PredictJob`) as a cohort."""
-    weights = Path(checkpoint) / "weights.safetensors"
-    model = (str(checkpoint), *(_file_identity(weights) if weights.exists() else ()))
-    tasks = [
-        SlideTask(
-            job.name,
-            Path(job.out_path),
-            predict_slide,
-            {
-                "job": job,
-                "checkpoint_path": str(checkpoint),
-                "grid": tuple(grid),
-                "options": dict(options or {}),
-                "cache_dir": cache_dir,
-                "drop_off_slide_spots": drop_off_slide_spots,
-            },
-            n_spots=_spot_count(job.spots_path),
-            settings=settings_fingerprint(
-                model,
-                asdict(job),
-                grid,
-                options or {},
-                drop_off_slide_spots,
-                *(_file_identity(path) for path in (job.slide_path, job.spots_path) if path),
-            ),
-        )
-        for job in jobs
-    ]
-    return run_cohort(
-        tasks, scheduler, retry_failed=retry_failed, progress=progress, quiet=quiet, show_workers=show_workers
-    )
-
-
-def _file_identity(path: str | Path) -> tuple[int, int]:
-    """(size, mtime) of an input: a replaced slide or spot file makes its slide run again."""
+# ---------------------------------------------------------------------- helpers for the commands' cohorts
+def file_identity(path: str | Path) -> tuple[int, int]:
+    """(size, mtime) of an input, for a task's settings: a replaced slide or spot file makes its slide run again."""
     stat = Path(path).stat()
     return stat.st_size, stat.st_mtime_ns
-
-
-def _spot_count(spots_path: Path | None) -> int | None:
-    """Spots in an .h5ad without reading its matrix (None for a grid, known only once laid)."""
-    if spots_path is None:
-        return None
-    import h5py
-
-    try:
-        with h5py.File(spots_path, "r") as handle:
-            return int(handle["obsm"]["spatial"].shape[0])
-    except (OSError, KeyError):
-        return None
-
-
-def embed_slide_task(sample: Any, spots: Any, cache_path: Path, encoder: dict, patch: dict, options: dict) -> dict:
-    """One slide of ``stem-train prepare`` on a worker: ``prepare.embed_slide`` with this worker's encoder."""
-    from napari_stem.embedding.embed import PatchSpec
-    from stem_train.prepare import embed_slide
-
-    device = worker_device(encoder["device"] or "auto")
-    built = worker_encoder(encoder["name"], encoder["weights"], device, encoder["precision"])
-    dim = embed_slide(
-        cache_path,
-        sample,
-        spots,
-        built,
-        PatchSpec.from_dict(patch),
-        progress=False,
-        on_batch=lambda done, total: report_spots(done),
-        **options,
-    )
-    return {"n_spots": len(spots), "embedding_dim": int(dim)}
 
 
 def refuse_under_torchrun(scheduler: Scheduler) -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_stem import metrics
-from napari_stem.embedding.embed import N_AUGMENTATIONS, read_embedding_cache
+from napari_stem.embedding.augment import N_AUGMENTATIONS
+from napari_stem.embedding.cache import read_embedding_cache
 from napari_stem.errors import DatasetError, describe_path
 from stem_train.manifest import PreparedDataset, PreparedSlide
 
@@ -62,7 +63,7 @@ def slide_counts(manifest: PreparedDataset, slide: PreparedSlide) -> np.ndarray:
 
 
 def slide_embeddings(manifest: PreparedDataset, slide: PreparedSlide, *, augmented: bool = True):
-    """The slide's :class:`~napari_stem.embedding.embed.SlideEmbeddings`, checked against the manifest."""
+    """The slide's :class:`~napari_stem.embedding.cache.SlideEmbeddings`, checked against the manifest."""
     path = manifest.embeddings_path(slide)
     cached = read_embedding_cache(path)
     if cached.embeddings.shape != (slide.n_spots, manifest.embedding_dim):

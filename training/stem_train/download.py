@@ -1,6 +1,6 @@
 """``stem-train download``: HEST-1k samples from the Hugging Face Hub into the layout ``prepare`` reads.
 
-A thin command over :func:`napari_stem.hest.download` (:mod:`napari_stem.hest_download`).
+A thin command over :func:`napari_stem.hest_download.download`.
 """
 
 from __future__ import annotations
@@ -66,8 +66,7 @@ def _split(text: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_stem.hest import download
-    from napari_stem.hest_download import format_bytes
+    from napari_stem.hest_download import download, format_bytes
 
     filters = {name: _split(getattr(args, name)) for name in FILTER_COLUMNS}
     parts = _split(args.parts) + [p for p in _split(args.extra_parts) if p not in _split(args.parts)]

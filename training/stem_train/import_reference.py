@@ -56,11 +56,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_stem.embedding.embed import PatchSpec
     from napari_stem.embedding.encoders import get_encoder_spec
+    from napari_stem.embedding.patches import PatchSpec
     from napari_stem.errors import CheckpointError
-    from napari_stem.stem.checkpoint import check_replaceable, import_reference_checkpoint, save_checkpoint
+    from napari_stem.stem.checkpoint import check_replaceable, save_checkpoint
+    from napari_stem.stem.reference_import import import_reference_checkpoint
     from napari_stem.validate import check_not_an_input, check_writable_folder
+    from napari_stem.values import EmbeddingSpec
 
     check_not_an_input(args.out, (args.checkpoint, args.genes))
     if args.out.exists():  # refused now, not after reading the weights
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         genes=loaded.genes,
         ema=loaded.model,
         target_transform=loaded.target_transform,
-        embedding={"encoder": args.encoder, "dim": encoder_dim, "patch": patch.to_dict()},
+        embedding=EmbeddingSpec.from_dict({"encoder": args.encoder, "dim": encoder_dim, "patch": patch.to_dict()}),
         provenance={"imported_from": str(args.checkpoint.resolve())},
         overwrite=args.overwrite,
     )

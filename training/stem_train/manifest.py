@@ -22,6 +22,7 @@ from typing import Any
 
 from napari_stem.atomic import write_text_atomically
 from napari_stem.errors import DatasetError, describe_path
+from napari_stem.values import EmbeddingSpec
 
 MANIFEST_FILE = "manifest.json"
 GENE_LIST_FILE = "selected_gene_list.txt"
@@ -92,7 +93,7 @@ class PreparedDataset:
     encoder: str
     encoder_weights: str | None
     embedding_dim: int
-    patch: dict[str, Any]  # napari_stem.embedding.embed.PatchSpec.to_dict()
+    patch: dict[str, Any]  # napari_stem.embedding.patches.PatchSpec.to_dict()
     genes: list[str]
     gene_selection: dict[str, Any]  # method, requested count, whether held-out slides were used, ...
     slides: list[PreparedSlide] = field(default_factory=list)
@@ -109,9 +110,9 @@ class PreparedDataset:
     def st_path(self, slide: PreparedSlide) -> Path:
         return Path(self.data_dir) / "st" / f"{slide.sample_id}.h5ad"
 
-    def embedding_spec(self) -> dict[str, Any]:
-        """The ``embedding`` dict saved into checkpoints, so prediction embeds like training."""
-        return {"encoder": self.encoder, "dim": self.embedding_dim, "patch": dict(self.patch)}
+    def embedding_spec(self) -> EmbeddingSpec:
+        """What checkpoints trained on this data record about their embeddings, so prediction embeds like training."""
+        return EmbeddingSpec.from_dict({"encoder": self.encoder, "dim": self.embedding_dim, "patch": self.patch})
 
     def _root(self) -> Path:
         if self.root is None:

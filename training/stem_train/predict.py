@@ -2,12 +2,13 @@
 
 Runs the plugin's own prediction path (:func:`napari_stem.predict.iter_predict`) so the CLI and the
 GUI give the same numbers for the same settings, and writes each result with
-:func:`napari_stem.anndata_io.write_prediction` (scanpy spatial layout, slide thumbnail included).
+:func:`napari_stem.export.write_prediction` (scanpy spatial layout, slide thumbnail included).
 
 Many slides can be split over processes: under ``torchrun`` (or with ``RANK``/``WORLD_SIZE`` set)
 rank r predicts slides r, r + world_size, ...; no process group is needed for that. With
-``--scheduler`` each slide is instead one Dask task running :func:`predict_job`
-(:mod:`stem_train.cohort`): workers may die or join, and each slide's fate is recorded.
+``--scheduler`` each slide is instead one Dask task, :func:`predict_slide`, running the same
+:func:`predict_job` (:func:`predict_cohort` over :mod:`stem_train.cohort`): workers may die or
+join, and each slide's fate is recorded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,20 @@ from napari_stem.validate import (
     STEPS,
     check_steps,
 )
+from napari_stem.values import VISIUM_GRID, GridSpec, PredictOptions
+from stem_train.cohort import (
+    CohortReport,
+    Scheduler,
+    SlideTask,
+    file_identity,
+    refuse_under_torchrun,
+    report_spots,
+    run_cohort,
+    settings_fingerprint,
+    worker_device,
+)
+from stem_train.cohort import add_arguments as add_cohort_arguments
+from stem_train.worker_models import worker_checkpoint, worker_encoder
 
 
 @dataclass
@@ -246,8 +261,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     compute.add_argument(
         "--skip-existing", action="store_true", help="leave slides whose output .h5ad exists alone (resume a long run)"
     )
-    from stem_train.cohort import add_arguments as add_cohort_arguments
-
     add_cohort_arguments(parser.add_argument_group("cohort (many slides on Dask; see the README)"))
     return parser
 
@@ -278,8 +291,6 @@ def run(args: argparse.Namespace) -> int:
     embedding_spec(checkpoint)  # fail now, not after the first slide, if it names no encoder
     rank, world_size = shard_rank()
     if args.scheduler.distributed:
-        from stem_train.cohort import refuse_under_torchrun
-
         refuse_under_torchrun(args.scheduler)
     mine = shard(jobs, rank, world_size)
     device = rank_device(args.device)
@@ -287,35 +298,33 @@ def run(args: argparse.Namespace) -> int:
     n_samples = sample_count(levels, args.samples, device, prefix)
     print(
         f"{prefix}{len(mine)} of {len(jobs)} slides; checkpoint {checkpoint.path} ({len(checkpoint.genes)} genes, "
-        f"encoder {checkpoint.embedding.get('encoder')}); device {device}"
+        f"encoder {checkpoint.embedding.encoder}); device {device}"
     )
-    grid = (args.grid_pitch_um, args.grid_diameter_um, args.min_tissue_fraction)
-    options = {
-        "n_samples": n_samples,
-        "steps": args.steps,
-        "sampler": args.sampler,
-        "eta": args.eta,
-        "seed": args.seed,
-        "device": device,
-        "precision": args.precision,
-        "encoder_weights": args.encoder_weights,
-        "embed_batch_size": args.batch_size,
-        "num_workers": args.num_workers,
-        "sample_batch_size": args.sample_batch_size,
-        "quantiles": (0.5,) if args.median else None,
-        "intervals": levels,
-        "keep_samples": args.keep_samples,
-        "clip_x0": args.clip_x0,
-    }
+    grid = grid_spec(args)
+    options = PredictOptions(
+        n_samples=n_samples,
+        steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+        seed=args.seed,
+        device=device,
+        precision=args.precision,
+        embed_batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        sample_batch_size=args.sample_batch_size,
+        quantiles=(0.5,) if args.median else None,
+        intervals=levels,
+        keep_samples=args.keep_samples,
+        clip_x0=args.clip_x0,
+    )
     if args.scheduler.distributed:  # one Dask task per slide, each running predict_job below
-        from stem_train.cohort import predict_cohort
-
         report = predict_cohort(
             [job for job in jobs if not (args.skip_existing and job.out_path.exists())],
             args.checkpoint,
             args.scheduler,
             grid=grid,
             options=options,
+            encoder_weights=args.encoder_weights,
             cache_dir=args.cache_dir,
             drop_off_slide_spots=args.drop_off_slide_spots,
             retry_failed=args.retry_failed,
@@ -333,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint,
             grid=grid,
             options=options,
+            encoder_weights=args.encoder_weights,
             cache_dir=args.cache_dir,
             progress_prefix=prefix,
             drop_off_slide_spots=args.drop_off_slide_spots,
@@ -467,7 +477,7 @@ def check_outputs(jobs: Sequence[PredictJob], args: argparse.Namespace) -> None:
 
     read_metadata(args.checkpoint)  # a missing or damaged checkpoint is named before anything else
     if any(job.spots_path is None for job in jobs):
-        check_grid(args.grid_pitch_um, args.grid_diameter_um, args.min_tissue_fraction)
+        check_grid(grid_spec(args))
     checkpoint_files = list(Path(args.checkpoint).glob("*")) if Path(args.checkpoint).is_dir() else [args.checkpoint]
     inputs = [args.input, *checkpoint_files] + [path for job in jobs for path in (job.slide_path, job.spots_path)]
     for job in jobs:
@@ -477,7 +487,16 @@ def check_outputs(jobs: Sequence[PredictJob], args: argparse.Namespace) -> None:
         check_writable_folder(args.cache_dir, flag="--cache-dir")
 
 
-def job_spots(job: PredictJob, slide: Any, grid: tuple[float, float, float]) -> Any:
+def grid_spec(args: argparse.Namespace) -> GridSpec:
+    """The grid over tissue of ``--grid-pitch-um``, ``--grid-diameter-um`` and ``--min-tissue-fraction``."""
+    return GridSpec(
+        pitch_um=args.grid_pitch_um,
+        spot_diameter_um=args.grid_diameter_um,
+        min_tissue_fraction=args.min_tissue_fraction,
+    )
+
+
+def job_spots(job: PredictJob, slide: Any, grid: GridSpec = VISIUM_GRID) -> Any:
     """The job's spots: read from its h5ad, or a grid over the slide's tissue."""
     from napari_stem.grid import spots_over_tissue
     from napari_stem.spots import read_spots_h5ad
@@ -488,14 +507,13 @@ def job_spots(job: PredictJob, slide: Any, grid: tuple[float, float, float]) -> 
         return spots_from_spatialdata(job.spots_path, mpp=slide.mpp if slide.mpp else None)
     if job.spots_path is not None:
         return read_spots_h5ad(job.spots_path, mpp=slide.mpp if slide.mpp else None)
-    pitch_um, diameter_um, min_fraction = grid
-    spots = spots_over_tissue(slide, pitch_um=pitch_um, diameter_um=diameter_um, min_tissue_fraction=min_fraction)
+    spots = spots_over_tissue(slide, grid)
     if len(spots) == 0:
         raise StemError(
-            f"no tissue found on {describe_path(job.slide_path)} for a grid of {pitch_um:g} µm spots; lower "
+            f"no tissue found on {describe_path(job.slide_path)} for a grid of {grid.pitch_um:g} µm spots; lower "
             "--min-tissue-fraction or give the spots with --spots ST.h5ad."
         )
-    print(f"{job.name}: laid a {pitch_um:g} µm grid over the tissue: {len(spots)} spots")
+    print(f"{job.name}: laid a {grid.pitch_um:g} µm grid over the tissue: {len(spots)} spots")
     return spots
 
 
@@ -503,8 +521,10 @@ def predict_job(
     job: PredictJob,
     checkpoint: Any,
     *,
-    grid: tuple[float, float, float] = (100.0, 55.0, 0.5),
-    options: dict[str, Any] | None = None,
+    grid: GridSpec = VISIUM_GRID,
+    options: PredictOptions | None = None,
+    encoder_weights: Path | None = None,
+    encoder: Any = None,
     cache_dir: Path | None = None,
     progress_prefix: str = "",
     drop_off_slide_spots: bool = False,
@@ -514,15 +534,17 @@ def predict_job(
 
     The spots and the room for the result are checked once they are known, before embedding.
     ``progress(stage, done, total)`` is called after every batch too (a cohort's live spot count).
+    ``encoder`` is an already built encoder (a cohort worker's, built once for all its slides).
     """
     from tqdm.auto import tqdm
 
-    from napari_stem.anndata_io import write_prediction
+    from napari_stem.caches import embedding_cache_path
+    from napari_stem.export import write_prediction
     from napari_stem.predict import iter_predict
     from napari_stem.slide import open_slide
     from napari_stem.validate import check_prediction_output, check_spots, prediction_bytes
 
-    options = dict(options or {})
+    options = PredictOptions() if options is None else options
     with open_slide(job.slide_path, mpp=job.mpp) as slide:
         spots = job_spots(job, slide, grid)
         spots, dropped = check_spots(
@@ -530,18 +552,31 @@ def predict_job(
         )
         if dropped:
             print(f"{progress_prefix}{job.name}: dropped {dropped} spots off the slide; {len(spots)} left")
-        n_layers = 2 + 2 * len(options.get("intervals") or ()) + len(options.get("quantiles") or ())
-        kept = int(options.get("n_samples") or 0) if options.get("keep_samples") else 0
+        n_layers = 2 + 2 * len(options.intervals or ()) + len(options.quantiles or ())
+        kept = int(options.n_samples or 0) if options.keep_samples else 0
         check_prediction_output(
             job.out_path,
             [job.slide_path, job.spots_path],
             prediction_bytes(len(spots), len(checkpoint.genes), n_layers, kept),
         )
-        cache_path = Path(cache_dir) / f"{job.name}.h5" if cache_dir is not None else None
+        cache_path = None  # no --cache-dir: embeddings are not kept
+        if cache_dir is not None:
+            cache_path = embedding_cache_path(
+                job.slide_path, spots, checkpoint.embedding, encoder_weights, root=cache_dir, name=job.name
+            )
         bars: dict[str, Any] = {}
         prediction = None
         try:
-            for event in iter_predict(job.slide_path, spots, checkpoint, cache_path=cache_path, **options):
+            events = iter_predict(
+                job.slide_path,
+                spots,
+                checkpoint,
+                options,
+                encoder=encoder,
+                encoder_weights=encoder_weights,
+                cache_path=cache_path,
+            )
+            for event in events:
                 if event.stage == "done":
                     prediction = event.prediction
                     break
@@ -562,3 +597,114 @@ def predict_job(
         return write_prediction(
             job.out_path, prediction, spots, slide, format="zarr" if job.out_path.suffix == ".zarr" else "h5ad"
         )
+
+
+# ---------------------------------------------------------------------- many slides as a cohort
+def predict_cohort(
+    jobs: Sequence[PredictJob],
+    checkpoint: str | Path,
+    scheduler: Scheduler | str = "local",
+    *,
+    grid: GridSpec = VISIUM_GRID,
+    options: PredictOptions | None = None,
+    encoder_weights: Path | None = None,
+    cache_dir: Path | None = None,
+    drop_off_slide_spots: bool = False,
+    retry_failed: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+    show_workers: bool = False,
+) -> CohortReport:
+    """``stem-train predict`` over many slides as a cohort (:mod:`stem_train.cohort`): one
+    :func:`predict_slide` task per slide."""
+    options = PredictOptions() if options is None else options
+    weights = Path(checkpoint) / "weights.safetensors"
+    model = (str(checkpoint), *(file_identity(weights) if weights.exists() else ()))
+    tasks = [
+        SlideTask(
+            job.name,
+            Path(job.out_path),
+            predict_slide,
+            {
+                "job": job,
+                "checkpoint_path": str(checkpoint),
+                "grid": grid,
+                "options": options,
+                "encoder_weights": encoder_weights,
+                "cache_dir": cache_dir,
+                "drop_off_slide_spots": drop_off_slide_spots,
+            },
+            n_spots=_spot_count(job.spots_path),
+            settings=settings_fingerprint(
+                model,
+                asdict(job),
+                astuple(grid),  # as the runs before GridSpec recorded it
+                recorded_options(options, encoder_weights),
+                drop_off_slide_spots,
+                *(file_identity(path) for path in (job.slide_path, job.spots_path) if path),
+            ),
+        )
+        for job in jobs
+    ]
+    return run_cohort(
+        tasks, scheduler, retry_failed=retry_failed, progress=progress, quiet=quiet, show_workers=show_workers
+    )
+
+
+def recorded_options(options: PredictOptions, encoder_weights: Path | None) -> dict[str, Any]:
+    """The options as a slide's state file fingerprints them: every sampling option and the encoder
+    weights, one dict, as the runs before PredictOptions recorded it, so their done slides stay done."""
+    return {**asdict(options), "encoder_weights": encoder_weights}
+
+
+def predict_slide(
+    job: PredictJob,
+    checkpoint_path: str | Path,
+    grid: GridSpec,
+    options: PredictOptions,
+    encoder_weights: Path | None,
+    cache_dir: Path | None,
+    drop_off_slide_spots: bool,
+) -> dict:
+    """One slide of a cohort on a worker: :func:`predict_job` with this worker's device and models."""
+    import h5py
+
+    checkpoint = worker_checkpoint(checkpoint_path)
+    options = replace(options, device=worker_device(str(options.device or "auto")))
+    encoder_name = checkpoint.embedding.encoder or ""
+    encoder = worker_encoder(encoder_name, encoder_weights, options.device, options.precision)
+
+    def sampled(stage: str, done: int, total: int) -> None:
+        if stage == "sample":  # a spot counts once its samples are drawn
+            report_spots(done)
+
+    path = Path(
+        predict_job(
+            job,
+            checkpoint,
+            grid=grid,
+            options=options,
+            encoder_weights=encoder_weights,
+            encoder=encoder,
+            cache_dir=cache_dir,
+            progress=sampled,
+            drop_off_slide_spots=drop_off_slide_spots,
+        )
+    )
+    if path.suffix != ".h5ad":  # a SpatialData .zarr: the spot file's count (a grid's is not known here)
+        return {"n_spots": _spot_count(job.spots_path)} if job.spots_path is not None else {}
+    with h5py.File(path, "r") as handle:
+        return {"n_spots": int(handle["obsm"]["spatial"].shape[0])}
+
+
+def _spot_count(spots_path: Path | None) -> int | None:
+    """Spots in an .h5ad without reading its matrix (None for a grid, known only once laid)."""
+    if spots_path is None:
+        return None
+    import h5py
+
+    try:
+        with h5py.File(spots_path, "r") as handle:
+            return int(handle["obsm"]["spatial"].shape[0])
+    except (OSError, KeyError):
+        return None

@@ -17,14 +17,24 @@ from napari_stem.errors import DatasetError, describe_path
 from napari_stem.precision import PRECISION_HELP, PRECISIONS
 from napari_stem.validate import BATCH_SIZE, NON_NEGATIVE_INT, POSITIVE_INT
 from stem_train import genes as gene_selection
+from stem_train.cohort import (
+    SlideTask,
+    refuse_under_torchrun,
+    report_spots,
+    run_cohort,
+    settings_fingerprint,
+    worker_device,
+)
+from stem_train.cohort import add_arguments as add_cohort_arguments
 from stem_train.manifest import EMBEDDINGS_DIR, MANIFEST_FILE, PreparedDataset, PreparedSlide
+from stem_train.worker_models import LazyEncoder, worker_encoder
 
 DEFAULT_OUT_NAME = "stem_prepared"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from napari_stem.embedding.embed import PATCH_MODES
     from napari_stem.embedding.encoders import DEFAULT_ENCODER
+    from napari_stem.embedding.patches import PATCH_MODES
 
     parser = subparsers.add_parser(
         "prepare",
@@ -137,8 +147,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="device for the encoder: auto (a GPU if present), cpu, cuda, cuda:1, ... (default: auto)",
     )
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=f"encoder arithmetic. {PRECISION_HELP}")
-    from stem_train.cohort import add_arguments as add_cohort_arguments
-
     add_cohort_arguments(parser.add_argument_group("cohort (many slides on Dask; see the README)"))
     return parser
 
@@ -147,8 +155,9 @@ def run(args: argparse.Namespace) -> int:
     import anndata
     from tqdm.auto import tqdm
 
-    from napari_stem.embedding.embed import N_AUGMENTATIONS, PatchSpec
+    from napari_stem.embedding.augment import N_AUGMENTATIONS
     from napari_stem.embedding.encoders import encoder_weights_id, get_encoder_spec
+    from napari_stem.embedding.patches import PatchSpec
     from napari_stem.hest import iter_hest_samples
     from napari_stem.validate import check_writable_folder
 
@@ -253,14 +262,7 @@ def _embed_samples(
     }
     dims: dict[str, int] = {}
     if args.scheduler.distributed:  # one Dask task per slide, each running embed_slide below
-        from napari_stem.embedding.embed import spots_fingerprint
-        from stem_train.cohort import (
-            SlideTask,
-            embed_slide_task,
-            refuse_under_torchrun,
-            run_cohort,
-            settings_fingerprint,
-        )
+        from napari_stem.embedding.cache import spots_fingerprint
 
         refuse_under_torchrun(args.scheduler)
         encoder_spec = {
@@ -344,7 +346,7 @@ def embed_slide(
     """
     from tqdm.auto import tqdm
 
-    from napari_stem.embedding.embed import TRAINING_DATA_OWNER, iter_embed_slide_cached
+    from napari_stem.embedding.cache import TRAINING_DATA_OWNER, iter_embed_slide_cached
 
     embedding_dim = 0
     with tqdm(total=len(spots), desc=f"embedding {sample.sample_id}", unit="spot", disable=not progress) as bar:
@@ -368,6 +370,25 @@ def embed_slide(
             if on_batch is not None:
                 on_batch(event.done, event.total)
     return embedding_dim
+
+
+def embed_slide_task(sample: Any, spots: Any, cache_path: Path, encoder: dict, patch: dict, options: dict) -> dict:
+    """One slide of a ``prepare`` cohort on a worker: :func:`embed_slide` with this worker's device and encoder."""
+    from napari_stem.embedding.patches import PatchSpec
+
+    device = worker_device(encoder["device"] or "auto")
+    built = worker_encoder(encoder["name"], encoder["weights"], device, encoder["precision"])
+    dim = embed_slide(
+        cache_path,
+        sample,
+        spots,
+        built,
+        PatchSpec.from_dict(patch),
+        progress=False,
+        on_batch=lambda done, total: report_spots(done),
+        **options,
+    )
+    return {"n_spots": len(spots), "embedding_dim": int(dim)}
 
 
 def parse_held_out(text: str, sample_ids: list[str]) -> list[str]:
@@ -405,51 +426,6 @@ def choose_genes(
         selection = gene_selection.select_hvg(deciding, args.n_genes, all_adatas=adatas, prefixes=prefixes)
     selection.info.update(slides=list(deciding), includes_held_out=use_held_out and bool(held_out))
     return selection
-
-
-class LazyEncoder:
-    """The encoder, built on first use: a fully cached rerun never loads (or downloads) its weights.
-
-    Its name, weights id and (for registered encoders) dimension are known without building, which
-    is all the embedding cache needs to decide whether it can be reused.
-    """
-
-    def __init__(self, name: str, weights: Any, device: str | None, precision: str = "auto") -> None:
-        from napari_stem.embedding.encoders import encoder_weights_id, get_encoder_spec
-
-        self.name = name
-        self.weights = weights
-        self.weights_id = encoder_weights_id(name, weights)
-        self._spec_dim = int(get_encoder_spec(name).dim)
-        self._device = device
-        self._precision = precision
-        self._built = None
-
-    def _build(self) -> Any:
-        if self._built is None:
-            from napari_stem.embedding.encoders import create_encoder
-
-            self._built = create_encoder(
-                self.name, weights=self.weights, device=self._device, precision=self._precision
-            )
-        return self._built
-
-    @property
-    def dim(self) -> int:
-        if self._built is None and self._spec_dim:
-            return self._spec_dim
-        return int(self._build().dim)  # a generic timm name reveals its width only when built
-
-    @property
-    def device(self) -> Any:
-        return getattr(self._build(), "device", None)
-
-    @property
-    def precision(self) -> str:
-        return str(getattr(self._build(), "precision", "fp32"))
-
-    def __call__(self, batch: Any) -> Any:
-        return self._build()(batch)
 
 
 def _previous_slides(out: Path) -> dict[str, PreparedSlide]:

@@ -1,6 +1,6 @@
 """``stem-train push``: publish a napari-stem checkpoint as a Hugging Face Hub model repo.
 
-A thin command over :func:`napari_stem.hub.push_checkpoint`; the uploaded repo is what
+A thin command over :func:`napari_stem.hub_publish.push_checkpoint`; the uploaded repo is what
 ``--checkpoint hf-hub:owner/name`` loads.
 """
 
@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from napari_stem.hub import model_card, push_checkpoint
+    from napari_stem.hub_publish import model_card, push_checkpoint
     from napari_stem.stem.checkpoint import read_metadata
 
     if args.card_only:

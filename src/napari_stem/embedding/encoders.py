@@ -2,7 +2,7 @@
 
 A small registry in the spirit of timm's: an encoder *name* maps to an :class:`EncoderSpec` (a timm
 architecture and its create kwargs, where the weights come from, the eval transform and the output
-dimension). :func:`create_encoder` builds it once per run and returns an :class:`Encoder`, a
+dimension). :func:`create_encoder` builds it once per run and returns an :class:`~napari_stem.values.Encoder`, a
 callable that takes a batch of patches and applies its own eval transform, so every caller (CLI,
 GUI, training) embeds a patch the same way.
 
@@ -18,24 +18,35 @@ Registered names:
   time, the offline default.
 
 Any other timm model name works with a local weights file (``.safetensors``, or ``.pth``/``.bin``
-read with ``torch.load(weights_only=True)``, never unpickling code).
+read with ``torch.load(weights_only=True)``, never unpickling code: :mod:`.weights`); without one,
+the registered source is used (:mod:`.default_weights`). Every loaded encoder satisfies the
+:class:`napari_stem.values.Encoder` protocol.
 
 torch and timm are imported inside functions so ``import napari_stem`` stays light.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from napari_stem.allocator import keep_tensor_buffers_in_heap
+from napari_stem.embedding.default_weights import default_weights_path, hub_download
+from napari_stem.embedding.weights import (
+    CLI_WEIGHTS_HINT,
+    file_fingerprint,
+    first_line,
+    load_matching_state_dict,
+    load_weights_file,
+    resolve_weights_path,
+)
 from napari_stem.errors import EncoderError, describe_path
 from napari_stem.precision import autocast, resolve_precision
+
+if TYPE_CHECKING:
+    from napari_stem.values import Encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,9 +55,6 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_ENCODER = "efficientnet_lite0"
-
-_WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-_CLI_WEIGHTS_HINT = "pass it as the encoder weights (CLI: --encoder-weights PATH)"
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,7 @@ def encoder_weights_id(name: str, weights: str | Path | Mapping[str, str | Path]
     if weights is not None:
         if isinstance(weights, Mapping):
             raise EncoderError(f"encoder '{name}' takes one weights file, not a mapping {dict(weights)}")
-        return "file:" + _file_fingerprint(_weights_path(weights), name)
+        return "file:" + file_fingerprint(resolve_weights_path(weights), name)
     if spec.package_weights is not None:
         module, relative = spec.package_weights
         return f"package:{module}/{relative}"
@@ -188,21 +196,12 @@ def encoder_weights_id(name: str, weights: str | Path | Mapping[str, str | Path]
     return "none"
 
 
-def _file_fingerprint(path: Path, encoder_name: str) -> str:
-    _require_file(path, encoder_name)
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        digest.update(handle.read(1 << 20))
-        if size > 2 << 20:
-            handle.seek(-(1 << 20), os.SEEK_END)
-            digest.update(handle.read(1 << 20))
-    return f"{path.name}:{size}:{digest.hexdigest()[:16]}"
-
-
 # ---------------------------------------------------------------------- encoders
-class Encoder:
+class LoadedEncoder:
     """A loaded encoder: ``encoder(batch) -> (N, dim)`` float32 features on the CPU.
+
+    The shared base of the encoders :func:`create_encoder` builds; what callers rely on is the
+    :class:`napari_stem.values.Encoder` protocol.
 
     ``batch`` is uint8 ``(N, H, W, 3)`` (patches as read from the slide) or float ``(N, 3, H, W)``
     in [0, 1]. The encoder resizes to its input size, normalises with its own mean/std and runs
@@ -225,7 +224,7 @@ class Encoder:
         )
 
 
-class _SingleEncoder(Encoder):
+class _SingleEncoder(LoadedEncoder):
     """One network with one eval transform; ``forward`` maps the normalised batch to features."""
 
     def __init__(
@@ -294,10 +293,10 @@ class _SingleEncoder(Encoder):
         return features
 
 
-class ConcatEncoder(Encoder):
+class ConcatEncoder(LoadedEncoder):
     """Several encoders on the same patches, features concatenated in order (e.g. UNI ‖ CONCH)."""
 
-    def __init__(self, name: str, parts: list[Encoder]) -> None:
+    def __init__(self, name: str, parts: list[LoadedEncoder]) -> None:
         self.name = name
         self.parts = parts
         self.dim = sum(part.dim for part in parts)
@@ -326,7 +325,7 @@ def create_encoder(
     *,
     precision: str = "auto",
     model_kwargs: Mapping[str, Any] | None = None,
-) -> Encoder:
+) -> LoadedEncoder:
     """Build an encoder once, in eval mode on ``device``, computing in ``precision``.
 
     ``weights`` is a local file; without it the registered default source is used (the packaged
@@ -364,6 +363,15 @@ def create_encoder(
     return encoder
 
 
+def resolve_encoder(
+    encoder: Encoder | str, weights: Any = None, device: str | None = None, precision: str = "auto"
+) -> Encoder:
+    """``encoder`` itself, or the registered encoder of that name built with ``weights``."""
+    if isinstance(encoder, str):
+        return create_encoder(encoder, weights=weights, device=device, precision=precision)
+    return encoder
+
+
 def _split_weights(spec: EncoderSpec, weights: Any) -> dict[str, str | Path]:
     """``{"uni": a, "conch": b}`` from a mapping or ``"uni=a,conch=b"``; a bare path is ambiguous."""
     if weights is None:
@@ -392,11 +400,11 @@ def _split_weights(spec: EncoderSpec, weights: Any) -> dict[str, str | Path]:
 # ---------------------------------------------------------------------- timm encoders
 def _create_timm(
     spec: EncoderSpec, weights: str | Path | None, device: Any, model_kwargs: Mapping[str, Any]
-) -> Encoder:
+) -> LoadedEncoder:
     import timm
     import torch
 
-    path = _weights_path(weights) if weights is not None else _default_weights_path(spec)
+    path = resolve_weights_path(weights) if weights is not None else default_weights_path(spec)
     state = load_weights_file(path, spec.name)
     weights_id = encoder_weights_id(spec.name, weights)
     kwargs = {**spec.create_kwargs, **model_kwargs}
@@ -406,7 +414,7 @@ def _create_timm(
         raise EncoderError(
             f"timm could not build '{spec.architecture}' for encoder '{spec.name}' with {kwargs}: {exc}"
         ) from exc
-    _load_matching_state_dict(model, state, spec, path)
+    load_matching_state_dict(model, state, spec, path)
     model.eval().to(device=device, memory_format=torch.channels_last)
 
     if spec.name in ENCODERS:
@@ -427,194 +435,11 @@ def _create_timm(
     return _SingleEncoder(spec, model, forward, dim, device, weights_id, mean, std, input_size, interpolation)
 
 
-def _weights_path(weights: str | Path) -> Path:
-    """A local weights file, or ``hf-hub:owner/name[@rev][/file]`` fetched to the Hub cache (:mod:`napari_stem.hub`)."""
-    from napari_stem.hub import resolve_weights_file
-
-    return resolve_weights_file(weights)
-
-
-def _default_weights_path(spec: EncoderSpec) -> Path:
-    """Where the registered default weights are: inside a package, or downloaded from the Hub."""
-    if spec.package_weights is not None:
-        module, relative = spec.package_weights
-        found = importlib.util.find_spec(module)
-        if found is None or not found.submodule_search_locations:
-            raise EncoderError(
-                f"encoder '{spec.name}' takes its weights from the Python package '{module}', which is not "
-                f"installed. Fix: {spec.package_install}, or pass a weights file."
-            )
-        path = Path(next(iter(found.submodule_search_locations))) / relative
-        if not path.exists():
-            raise EncoderError(
-                f"encoder '{spec.name}': the package '{module}' is installed but {describe_path(path)} is "
-                f"missing; reinstall it ({spec.package_install} --force-reinstall)."
-            )
-        return path
-    if spec.hub_repo is not None:
-        return hub_download(spec)
-    raise EncoderError(
-        f"encoder '{spec.name}' ({spec.architecture}) has no built-in weights source; give a local weights "
-        f"file (.safetensors, .pth or .bin) for that architecture; {_CLI_WEIGHTS_HINT}."
-    )
-
-
-def hub_download(spec: EncoderSpec) -> Path:
-    """The encoder's weights file from the Hugging Face Hub (or its local cache)."""
-    url = f"https://huggingface.co/{spec.hub_repo}"
-    fix = (
-        f"Fix: download {spec.hub_file} from {url} after accepting its terms (gated model: log in with "
-        f"`hf auth login` or set HF_TOKEN) and {_CLI_WEIGHTS_HINT}."
-    )
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError as exc:
-        raise EncoderError(
-            f"encoder '{spec.name}' needs huggingface_hub to fetch {url} (pip install huggingface_hub). {fix}"
-        ) from exc
-    offline = hub_offline()
-    try:
-        return Path(
-            hf_hub_download(
-                spec.hub_repo,
-                spec.hub_file,
-                local_files_only=offline,
-                endpoint=os.environ.get("HF_ENDPOINT") or None,
-            )
-        )
-    except Exception as exc:
-        if offline:
-            reason = (
-                "the Hugging Face Hub is switched off (HF_HUB_OFFLINE is set) and the file is not in the local cache"
-            )
-        else:
-            reason = f"it could not be downloaded ({type(exc).__name__}: {_first_line(exc)})"
-        raise EncoderError(f"encoder '{spec.name}' needs {spec.hub_file} from {url}, but {reason}. {fix}") from exc
-
-
-def hub_offline() -> bool:
-    """True when the user switched the Hub off (read at call time, unlike huggingface_hub's constant)."""
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    if any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - older/odd huggingface_hub
-        return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
-
-
-# ---------------------------------------------------------------------- weights files
-def _require_file(path: Path, encoder_name: str) -> None:
-    if not path.exists():
-        raise EncoderError(
-            f"weights file {describe_path(path)} for encoder '{encoder_name}' does not exist; check the path "
-            f"(or omit it to use the encoder's default weights source)."
-        )
-    if path.is_dir():
-        raise EncoderError(
-            f"weights for encoder '{encoder_name}' must be a file, but {describe_path(path)} is a folder."
-        )
-
-
-def load_weights_file(path: str | Path, encoder_name: str) -> dict[str, Any]:
-    """A flat ``{key: tensor}`` state dict from ``.safetensors`` or a tensors-only torch pickle.
-
-    ``torch.load(weights_only=True)`` refuses pickles that would run code; wrappers such as
-    ``{"state_dict": ...}`` / ``{"model": ...}`` and DistributedDataParallel's ``module.`` prefix
-    are unwrapped.
-    """
-    import torch
-
-    path = Path(path)
-    _require_file(path, encoder_name)
-    suffix = path.suffix.lower()
-    if suffix not in _WEIGHTS_SUFFIXES:
-        raise EncoderError(
-            f"weights file {describe_path(path)} for encoder '{encoder_name}' has an unsupported type "
-            f"'{suffix}'; use one of {', '.join(_WEIGHTS_SUFFIXES)}."
-        )
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state: Any = load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise EncoderError(
-                f"could not read weights file {describe_path(path)} for encoder '{encoder_name}': {_first_line(exc)}. "
-                "It may be truncated or not a safetensors file; re-download it."
-            ) from exc
-    else:
-        from napari_stem.safe_load import torch_load_tensors
-
-        state = torch_load_tensors(path, f"weights file for encoder '{encoder_name}'", EncoderError)
-    for wrapper in ("state_dict", "model", "module", "teacher"):
-        if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
-            state = state[wrapper]
-            break
-    if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise EncoderError(
-            f"weights file {describe_path(path)} for encoder '{encoder_name}' does not hold a state dict "
-            "(a mapping of names to tensors)."
-        )
-    if state and all(key.startswith("module.") for key in state):
-        state = {key[len("module.") :]: value for key, value in state.items()}
-    return dict(state)
-
-
-def _load_matching_state_dict(model: Any, state: dict[str, Any], spec: EncoderSpec, path: Path) -> None:
-    """Load ``state`` strictly, or raise an :class:`EncoderError` naming the first mismatching key."""
-    expected = model.state_dict()
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    if classifier and getattr(model, "num_classes", None) == 0:
-        # A headless model happily takes a checkpoint that still carries its classifier.
-        state = {key: value for key, value in state.items() if not key.startswith(f"{classifier}.")}
-    if spec.positional_keys and set(state) != set(expected):
-        state = _map_positionally(state, expected)
-    for key, value in expected.items():
-        if key not in state:
-            problem = f"'{key}' is missing from the file"
-            break
-        if tuple(state[key].shape) != tuple(value.shape):
-            problem = f"'{key}' has shape {tuple(state[key].shape)} in the file but {tuple(value.shape)} in the model"
-            break
-    else:
-        unexpected = [key for key in state if key not in expected]
-        if not unexpected:
-            model.load_state_dict(state, strict=True)
-            return
-        problem = f"'{unexpected[0]}' in the file is not part of the model"
-    n_missing = sum(key not in state for key in expected)
-    n_unexpected = sum(key not in expected for key in state)
-    raise EncoderError(
-        f"weights file {describe_path(path)} does not match encoder '{spec.name}' ({spec.architecture}): first "
-        f"mismatching key {problem} ({n_missing} keys missing, {n_unexpected} unexpected). The file was probably "
-        f"saved for another architecture; give the weights of {spec.architecture}"
-        + (f", e.g. {spec.hub_file} from https://huggingface.co/{spec.hub_repo}." if spec.hub_repo else ".")
-    )
-
-
-def _map_positionally(state: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename ``state``'s keys to ``expected``'s in order when the tensors line up shape for shape."""
-    if len(state) != len(expected):
-        return dict(state)
-    pairs = list(zip(state.items(), expected.items(), strict=True))
-    if any(tuple(value.shape) != tuple(target.shape) for (_, value), (_, target) in pairs):
-        return dict(state)
-    return {target_key: value for (_, value), (target_key, _) in pairs}
-
-
 # ---------------------------------------------------------------------- CONCH
-def _create_conch(spec: EncoderSpec, weights: str | Path | None, device: Any) -> Encoder:
+def _create_conch(spec: EncoderSpec, weights: str | Path | None, device: Any) -> LoadedEncoder:
     """CONCH's vision tower via the ``conch`` package (its CoCa model is not in timm)."""
     create_model_from_pretrained = _import_conch()
-    path = _weights_path(weights) if weights is not None else hub_download(spec)
+    path = resolve_weights_path(weights) if weights is not None else hub_download(spec)
     state = load_weights_file(path, spec.name)  # safe load + a clear error before CONCH's own loader
     if not any(key.startswith("visual.") for key in state):
         first = next(iter(state), "<empty>")
@@ -629,7 +454,7 @@ def _create_conch(spec: EncoderSpec, weights: str | Path | None, device: Any) ->
         )
     except Exception as exc:
         raise EncoderError(
-            f"CONCH could not load {describe_path(path)} for encoder 'conch': {_first_line(exc)}"
+            f"CONCH could not load {describe_path(path)} for encoder 'conch': {first_line(exc)}"
         ) from exc
     model.eval()
 
@@ -651,7 +476,7 @@ def _import_conch() -> Any:
             "encoder 'conch' needs the CONCH package, which is not installed. Fix: pip install "
             "git+https://github.com/Mahmoodlab/CONCH.git ; then either set HF_TOKEN to a Hugging Face token "
             "that has accepted the terms of https://huggingface.co/MahmoodLab/CONCH, or download its "
-            f"pytorch_model.bin and {_CLI_WEIGHTS_HINT}. (For UNI alone use --encoder uni; offline, "
+            f"pytorch_model.bin and {CLI_WEIGHTS_HINT}. (For UNI alone use --encoder uni; offline, "
             f"--encoder {DEFAULT_ENCODER}.)"
         ) from exc
     return create_model_from_pretrained

@@ -1,17 +1,19 @@
 """Qt-free state behind the prediction widget: inputs → validated job → run → results → export.
 
-The widget (``widget.py``) turns napari layers into the plain inputs below (world coordinates,
-the slide layer's transform) and only wires signals; everything that can go wrong is decided here
-and unit-testable without a viewer. Nothing here imports napari or Qt.
+The widget (``widget.py``) turns napari layers into the plain inputs of :mod:`napari_stem.plugin.jobs`
+(world coordinates, the slide layer's transform) and only wires signals; everything that can go wrong
+is decided here and unit-testable without a viewer. Nothing here imports napari or Qt.
 
-Job lifecycle. :meth:`PredictController.prepare` validates the inputs and raises a
-:class:`~napari_stem.errors.StemError` naming the problem and its fix. :meth:`~PredictController.run`
-is the generator a napari ``thread_worker`` (or, with ``NAPARI_STEM_NOTHREADS=1``, a plain loop)
-drives: it wraps :func:`napari_stem.predict.iter_predict` — the one prediction path shared with
-``stem-train predict`` — and stops at the next batch once a cancel was requested. Events come back
-on the main thread through :meth:`~PredictController.apply`, which folds each sampled batch into a
-:class:`PredictionResult` (NaN = spot not sampled yet) so partial results can be drawn. Stale
-events of an older job are ignored ("latest job wins").
+Job lifecycle. :meth:`PredictController.prepare` validates the inputs (the checks of
+:mod:`~napari_stem.plugin.jobs`) and raises a :class:`~napari_stem.errors.StemError` naming the
+problem and its fix; grids come from the controller's :class:`~napari_stem.caches.GridCache`, which
+the preview shares, and the embedding file from :func:`~napari_stem.caches.embedding_cache_path`.
+:meth:`~PredictController.run` is the generator a napari ``thread_worker`` (or, with
+``NAPARI_STEM_NOTHREADS=1``, a plain loop) drives: it wraps :func:`napari_stem.predict.iter_predict`
+— the one prediction path shared with ``stem-train predict`` — and stops at the next batch once a
+cancel was requested. Events come back on the main thread through :meth:`~PredictController.apply`,
+which folds each sampled batch into a :class:`PredictionResult` (NaN = spot not sampled yet) so
+partial results can be drawn. Stale events of an older job are ignored ("latest job wins").
 
 End states. Done: all spots. Cancelled: the spots finished so far are kept as a complete,
 smaller result (the widget names its layers "… (partial k/n)"); nothing is kept if no spot
@@ -20,26 +22,34 @@ finished. Failed: the result is dropped, so nothing half-drawn remains.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_stem.errors import CheckpointError, EncoderError, SlideError, SpotsError, StemError, describe_path
-from napari_stem.plugin.layers import SlideFrame
-from napari_stem.predict import DEFAULT_SAMPLER, SAMPLERS
+from napari_stem.caches import GridCache, embedding_cache_path
+from napari_stem.errors import CheckpointError, SpotsError, StemError, describe_path
+from napari_stem.plugin.jobs import (
+    GRID,
+    PointsInput,
+    PredictJob,
+    PredictSettings,
+    RegionInput,
+    SlideInput,
+    check_encoder_weights,
+    check_sampling,
+    check_slide,
+    select_region,
+    slide_shape,
+    spots_from_points,
+)
 from napari_stem.preview import format_duration
-from napari_stem.spots import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM, Spots
-from napari_stem.validate import check_grid, check_mpp, check_samples, check_spots, check_steps
-
-GRID = "grid over tissue"
-WHOLE_SLIDE = "whole slide"
-DEVICES = ("auto", "cpu", "cuda")
+from napari_stem.spots import Spots
+from napari_stem.validate import check_grid, check_spots
+from napari_stem.values import EmbeddingSpec
 
 #: Least time between two progress events sent to the GUI while sampling (cancel is checked at
 #: every step regardless): often enough for a moving bar, rare enough not to flood the event loop.
@@ -48,69 +58,7 @@ PROGRESS_INTERVAL_S = 0.2
 MAX_KEPT_SAMPLE_VALUES = 64_000_000
 
 
-# ---------------------------------------------------------------------- plain inputs
-@dataclass
-class SlideInput:
-    """A slide image layer as plain data: its file, µm/px (None = unknown) and transform."""
-
-    name: str
-    path: Path | None
-    mpp: float | None
-    frame: SlideFrame
-
-
-@dataclass
-class PointsInput:
-    """A Points layer as plain data, in world coordinates."""
-
-    name: str
-    world_rc: np.ndarray  # (n, 2) world (row, col)
-    diameter_world: float
-    features: Any = None  # pandas DataFrame or None
-
-
-@dataclass
-class RegionInput:
-    """A Shapes layer as ``(shape_type, world vertices)`` pairs; no shapes = whole slide."""
-
-    name: str
-    shapes: list[tuple[str, np.ndarray]] = field(default_factory=list)
-
-
-@dataclass
-class PredictSettings:
-    checkpoint: Path | None = None
-    n_samples: int = 4
-    steps: int = 25
-    intervals: tuple[float, ...] = ()  # central interval levels (napari_stem.intervals)
-    sampler: str = DEFAULT_SAMPLER
-    device: str = "auto"
-    seed: int = 0
-    encoder_weights: Path | None = None
-    mpp_override: float = 0.0  # > 0 replaces the slide's µm/px
-    pitch_um: float = VISIUM_PITCH_UM
-    diameter_um: float = VISIUM_SPOT_DIAMETER_UM
-    min_tissue_fraction: float = 0.5
-
-
-@dataclass
-class PredictJob:
-    """Everything one run needs, validated; spots are in the slide's level-0 pixels."""
-
-    job_id: int
-    slide_path: Path
-    slide_name: str
-    mpp: float
-    frame: SlideFrame
-    spots: Spots
-    checkpoint: Path
-    genes: list[str]
-    encoder: str
-    settings: PredictSettings
-    cache_path: Path
-    region_name: str | None = None
-
-
+# ---------------------------------------------------------------------- results
 @dataclass
 class PredictionResult:
     """The results of one job, filled batch by batch (rows of NaN are spots not sampled yet)."""
@@ -163,6 +111,8 @@ class PredictController:
     def __init__(self, embedding_cache_dir: str | Path | None = None) -> None:
         #: Where per-slide embedding caches go (default: ``<napari-stem cache>/embeddings``).
         self.embedding_cache_dir = Path(embedding_cache_dir) if embedding_cache_dir else None
+        #: Tissue masks and grids over them, shared with the widget's preview.
+        self.grids = GridCache()
         #: Spots per sampling batch (None: napari-stem's default per device); smaller = more partial draws.
         self.sample_batch_size: int | None = None
         #: Patches per encoder pass (None: napari-stem's default per device).
@@ -214,65 +164,28 @@ class PredictController:
         settings: PredictSettings,
     ) -> PredictJob:
         """Validate everything a run needs; raise a :class:`StemError` naming problem and fix."""
-        from napari_stem.regions import has_area_shapes, select_in_shapes
-
         if self.running:
             raise StemError("a prediction is already running; wait for it or press Cancel.")
-        if slide is None:
-            raise SlideError(
-                "no slide chosen: open a slide (File > Open, or a HEST folder) and pick its layer under 'slide'."
-            )
-        if slide.path is None or not Path(slide.path).is_file():
-            raise SlideError(
-                f"the layer '{slide.name}' has no slide file behind it"
-                + (f" ({describe_path(slide.path)} is missing)" if slide.path else "")
-                + "; open the slide file with napari-stem (File > Open) and pick that layer."
-            )
-        mpp = check_mpp(settings.mpp_override, "'µm/px'") if settings.mpp_override else slide.mpp
-        if not mpp:
-            raise SlideError(
-                f"slide {describe_path(slide.path)} does not record its pixel size (µm/px), which patches and "
-                "spot sizes need. Fix: enter it in the 'µm/px' field (e.g. 0.5 for a 20× scan, 0.25 for 40×)."
-            )
+        mpp = check_slide(slide, settings)
         metadata = _checkpoint_metadata(settings.checkpoint)
         checkpoint = Path(settings.checkpoint)  # type: ignore[arg-type]
-        embedding = metadata.get("embedding") or {}
-        encoder = embedding.get("encoder")
+        embedding = EmbeddingSpec.from_dict(metadata.get("embedding"))
+        encoder = embedding.encoder
         if not encoder:
             raise CheckpointError(
                 f"checkpoint {describe_path(checkpoint)} does not say which image encoder it was trained on "
                 "(config 'embedding'); re-save it with stem-train, or choose another checkpoint."
             )
         genes = [str(g) for g in metadata.get("genes") or []]
-        if settings.encoder_weights is not None and not Path(settings.encoder_weights).is_file():
-            raise EncoderError(
-                f"encoder weights file {describe_path(settings.encoder_weights)} does not exist; choose the "
-                f"weights file of '{encoder}' or clear the field to use its default source."
-            )
-        _check_sampling(settings)
+        check_encoder_weights(settings.encoder_weights, encoder)
+        check_sampling(settings)
 
         all_spots = self._spots(slide, mpp, spots, settings)
-        frame = slide.frame
-        selected = all_spots
-        region_name = None
-        if region is not None and region.shapes:
-            if not has_area_shapes([shape_type for shape_type, _ in region.shapes]):
-                raise SpotsError(
-                    f"the region layer '{region.name}' holds only lines or paths; draw a polygon, rectangle "
-                    "or ellipse, or choose 'whole slide'."
-                )
-            mask = select_in_shapes(frame.pixels_to_world(all_spots.centers_px), region.shapes)
-            selected = all_spots.subset(mask)
-            region_name = region.name
-            if len(selected) == 0:
-                raise SpotsError(
-                    f"no spots lie inside the region '{region.name}' ({len(all_spots)} spots on the slide); "
-                    "draw the region over the spots / tissue, or choose 'whole slide'."
-                )
+        selected, region_name = select_region(all_spots, region, slide.frame)
         if len(selected) == 0:
             raise SpotsError("there are no spots to predict; choose a spots layer with points, or a grid over tissue.")
         selected, _ = check_spots(
-            selected, _slide_shape(Path(slide.path)), f"the spots '{getattr(spots, 'name', spots)}'"
+            selected, slide_shape(Path(slide.path)), f"the spots '{getattr(spots, 'name', spots)}'"
         )
 
         self._job_counter += 1
@@ -280,14 +193,16 @@ class PredictController:
             job_id=self._job_counter,
             slide_path=Path(slide.path),
             slide_name=slide.name,
-            mpp=float(mpp),
-            frame=frame,
+            mpp=mpp,
+            frame=slide.frame,
             spots=selected,
             checkpoint=checkpoint,
             genes=genes,
             encoder=str(encoder),
             settings=settings,
-            cache_path=self._cache_path(Path(slide.path), selected, embedding, settings.encoder_weights),
+            cache_path=embedding_cache_path(
+                slide.path, selected, embedding, settings.encoder_weights, root=self.embedding_cache_dir
+            ),
             region_name=region_name,
         )
 
@@ -299,42 +214,14 @@ class PredictController:
         if isinstance(spots, str):
             if spots != GRID:
                 raise SpotsError(f"unknown spots choice {spots!r}")
-            from napari_stem.preview import grid_over_tissue
-
-            check_grid(settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction)
-            # the preview's grid: the tissue mask (seconds) is kept per slide, grids per settings
-            grid = grid_over_tissue(
-                slide.path, mpp, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction
-            )
+            grid = self.grids.grid(slide.path, mpp, check_grid(settings.grid))  # the preview's grid
             if len(grid) == 0:
                 raise SpotsError(
-                    f"no tissue found on {describe_path(slide.path)} for a {settings.pitch_um:g} µm grid; "
+                    f"no tissue found on {describe_path(slide.path)} for a {settings.grid.pitch_um:g} µm grid; "
                     "check the slide, or use a spots layer instead."
                 )
             return grid
         return spots_from_points(spots, slide.frame, mpp)
-
-    def _cache_path(self, slide_path: Path, spots: Spots, embedding: dict, weights: Path | None) -> Path:
-        """One embedding file per slide + spots + encoder: re-runs with other sampling settings reuse it."""
-        from napari_stem.embedding.embed import spots_fingerprint
-
-        key = json.dumps(
-            [
-                str(slide_path.resolve()),
-                spots_fingerprint(spots),
-                embedding.get("encoder"),
-                embedding.get("patch"),
-                str(weights or ""),
-            ],
-            sort_keys=True,
-            default=str,
-        )
-        root = self.embedding_cache_dir
-        if root is None:
-            from napari_stem.datasets import cache_dir
-
-            root = cache_dir() / "embeddings"
-        return root / f"{slide_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.h5"
 
     # ------------------------------------------------------------------ running
     def start(self, job: PredictJob) -> None:
@@ -385,10 +272,10 @@ class PredictController:
             job.slide_path,
             job.spots,
             job.checkpoint,
+            options,
             encoder_weights=settings.encoder_weights,
             cache_path=job.cache_path,
             step_events=True,
-            **options.as_kwargs(),
         )
         last_sent = 0.0
         try:
@@ -500,33 +387,17 @@ class PredictController:
     def _ensure_result(self) -> PredictionResult:
         """The result buffers, made at the first sampled batch (so nothing exists while embedding)."""
         if self.result is None:
-            from napari_stem.intervals import plan_intervals
             from napari_stem.values import Prediction
 
             job = self.job
-            n_genes = len(job.genes)
-            settings = job.settings
-            samples = None
-            if self.keeps_samples(job):
-                samples = np.full((len(job.spots), settings.n_samples, n_genes), np.nan, dtype=np.float32)
-            provenance = self._metadata or {  # iter_predict's own provenance; this only if it sent none
-                "checkpoint": str(job.checkpoint),
-                "encoder": job.encoder,
-                "n_samples": settings.n_samples,
-                "steps": settings.steps,
-                "sampler": settings.sampler,
-                "seed": settings.seed,
-            }
-            prediction = Prediction(
-                mean=np.full((len(job.spots), n_genes), np.nan, dtype=np.float32),
-                variance=np.full((len(job.spots), n_genes), np.nan, dtype=np.float32),
-                genes=list(job.genes),
-                samples=samples,
-                interval_specs=(specs := plan_intervals(settings.intervals, settings.n_samples)),
-                intervals=np.full((len(specs), 2, len(job.spots), n_genes), np.nan, dtype=np.float32)
-                if specs
-                else None,
-                metadata={**provenance, "slide": str(job.slide_path), "mpp": job.mpp, "status": "running"},
+            prediction = Prediction.from_batches(  # NaN rows until their batch arrives
+                [],
+                job.genes,
+                n_samples=job.settings.n_samples,
+                intervals=job.settings.intervals,
+                keep_samples=self.keeps_samples(job),
+                n_spots=len(job.spots),
+                metadata={**self._metadata, "slide": str(job.slide_path), "mpp": job.mpp, "status": "running"},
             )
             self.result = PredictionResult(job=job, prediction=prediction, from_cache=self._from_cache)
         return self.result
@@ -579,7 +450,7 @@ class PredictController:
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path | None) -> Path:
         """Write the current result to ``.h5ad`` (same as ``stem-train predict``) or ``.csv``."""
-        from napari_stem.plugin.writer import write_prediction_csv
+        from napari_stem.csv_io import write_prediction_csv
 
         if self.result is None or self.running:
             raise StemError("nothing to export yet: run a prediction first (and let it finish or cancel it).")
@@ -592,7 +463,7 @@ class PredictController:
             return write_prediction_csv(path, prediction, spots)
         if suffix != ".h5ad":
             raise StemError(f"cannot export to {describe_path(path)}: use a file name ending in .h5ad or .csv.")
-        from napari_stem.anndata_io import write_prediction
+        from napari_stem.export import write_prediction
         from napari_stem.slide import open_slide
 
         with open_slide(self.result.job.slide_path, mpp=self.result.job.mpp) as slide:
@@ -602,39 +473,11 @@ class PredictController:
 # ---------------------------------------------------------------------- helpers
 def describe_checkpoint(metadata: dict) -> str:
     """ "24 genes · encoder efficientnet_lite0 · hest patches", from a checkpoint's config."""
-    embedding = metadata.get("embedding") or {}
-    patch = (embedding.get("patch") or {}).get("mode", "hest")
+    embedding = EmbeddingSpec.from_dict(metadata.get("embedding"))
+    patch = embedding.patch["mode"]
     genes = metadata.get("genes") or []
-    encoder = embedding.get("encoder", "?")
+    encoder = "?" if embedding.encoder is None else embedding.encoder
     return f"{len(genes)} genes · encoder {encoder} · {patch} patches"
-
-
-def spots_from_points(points: PointsInput, frame: SlideFrame, mpp: float) -> Spots:
-    """Spots in level-0 slide pixels from a Points layer given in world coordinates."""
-    import pandas as pd
-
-    world = np.asarray(points.world_rc, dtype=np.float64).reshape(-1, 2)
-    if len(world) == 0:
-        raise SpotsError(f"the points layer '{points.name}' has no spots; add points, or choose '{GRID}'.")
-    diameter_px = frame.length_to_pixels(points.diameter_world)
-    if not diameter_px > 0:
-        raise SpotsError(f"the points layer '{points.name}' has spots of size 0; set a spot size in µm.")
-    features = points.features
-    barcodes = None
-    obs = None
-    if features is not None and len(features.columns):
-        table = pd.DataFrame(features).reset_index(drop=True)
-        if "barcode" in table:
-            barcodes = np.asarray(table["barcode"], dtype=str).astype(object)
-            table = table.drop(columns="barcode")
-        if barcodes is not None:
-            table.index = pd.Index(barcodes.astype(str), name="barcode")
-        obs = table
-    if barcodes is None:
-        barcodes = np.array([f"spot_{i}" for i in range(len(world))], dtype=object)
-        if obs is not None:
-            obs.index = pd.Index(barcodes.astype(str), name="barcode")
-    return Spots(centers_px=frame.world_to_pixels(world), diameter_px=diameter_px, mpp=mpp, barcodes=barcodes, obs=obs)
 
 
 def error_message(error: BaseException) -> str:
@@ -655,27 +498,6 @@ def _checkpoint_metadata(path: str | Path | None) -> dict:
     from napari_stem.stem.checkpoint import read_metadata
 
     return read_metadata(path)
-
-
-def _slide_shape(path: Path) -> tuple[int, int]:
-    from napari_stem.slide import open_slide
-
-    with open_slide(path) as opened:
-        return opened.shape
-
-
-def _check_sampling(settings: PredictSettings) -> None:
-    check_samples(settings.n_samples, "'samples per spot'")
-    if settings.sampler not in SAMPLERS:
-        raise StemError(f"unknown sampler {settings.sampler!r}; use {' or '.join(SAMPLERS)}.")
-    check_steps(settings.steps, "'steps'", settings.sampler)
-    if settings.device not in DEVICES and not str(settings.device).startswith("cuda:"):
-        raise StemError(f"unknown device {settings.device!r}; use {', '.join(DEVICES)}.")
-    if str(settings.device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise StemError("device 'cuda' was chosen but no CUDA GPU is usable here; choose 'auto' or 'cpu'.")
 
 
 def _with_spots(job: PredictJob, spots: Spots) -> PredictJob:

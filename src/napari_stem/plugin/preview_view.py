@@ -1,8 +1,8 @@
 """The widget's live preview: the spots a run would predict (and the tissue mask) drawn as soon as
 slide, spots, pitch, diameter, minimum tissue fraction or region change, with count and cost.
 
-Changes are gathered for a moment (a quick series of edits redraws once). Grids come from
-:mod:`napari_stem.preview`, the same the run uses; the slow part, the slide's tissue mask, is
+Changes are gathered for a moment (a quick series of edits redraws once). Grids come from the
+controller's :class:`napari_stem.caches.GridCache`, the same the run uses; the slow part, the slide's tissue mask, is
 computed once per slide in a thread worker (the GUI stays responsive on large slides without a
 stored thumbnail, whose whole overview level is decoded) and kept.
 Layers are touched on the main thread only.
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_stem.errors import StemError
+from napari_stem.values import EmbeddingSpec
 
 if TYPE_CHECKING:
     from napari_stem.plugin.widget import PredictWidget
@@ -67,8 +68,6 @@ class SpotPreview:
     # ------------------------------------------------------------------ drawing
     def update(self) -> None:
         """Compute and draw the preview now (never raises: problems go into the preview line)."""
-        from napari_stem.preview import cached_tissue
-
         widget = self.widget
         if not self.enabled or widget.controller.running:
             return
@@ -82,7 +81,7 @@ class SpotPreview:
             if not mpp:
                 return self._clear("enter the slide's µm/px to see the spots")
             needs_tissue = widget.spots.value == _grid() or bool(widget.show_mask.value)
-            if needs_tissue and cached_tissue(slide.path, mpp) is None:
+            if needs_tissue and widget.controller.grids.cached_tissue(slide.path, mpp) is None:
                 return self._find_tissue(slide.path, mpp)
             preview = self._compute(slide, mpp, settings)
         except StemError as exc:
@@ -100,17 +99,16 @@ class SpotPreview:
         return None
 
     def _compute(self, slide: Any, mpp: float, settings: Any) -> Any:
-        from napari_stem.plugin.controller import spots_from_points
-        from napari_stem.preview import Preview, cached_tissue, grid_over_tissue
+        from napari_stem.plugin.jobs import spots_from_points
+        from napari_stem.preview import Preview
         from napari_stem.regions import has_area_shapes, select_in_shapes
 
         widget = self.widget
         choice = widget.spots_input()
-        tissue = cached_tissue(slide.path, mpp)
+        grids = widget.controller.grids
+        tissue = grids.cached_tissue(slide.path, mpp)
         if choice == _grid():
-            spots = grid_over_tissue(
-                slide.path, mpp, settings.pitch_um, settings.diameter_um, settings.min_tissue_fraction
-            )
+            spots = grids.grid(slide.path, mpp, settings.grid)
         elif choice is None or isinstance(choice, str):
             raise StemError("choose spots: a Points layer or the grid over tissue")
         else:
@@ -138,27 +136,25 @@ class SpotPreview:
             metadata = _checkpoint_metadata(settings.checkpoint)
         except StemError:
             return f"~{n} spots (choose a checkpoint for a time estimate)"
-        embedding = metadata.get("embedding") or {}
-        encoder = str(embedding.get("encoder", ""))
+        embedding = EmbeddingSpec.from_dict(metadata.get("embedding"))
+        encoder = embedding.encoder or ""
         embedded = self._embedded(slide, preview, embedding, settings)
         seconds = estimate_seconds(n, settings.n_samples, settings.steps, settings.device, encoder, embedded)
         return describe_cost(n, seconds, settings.device) + (" · embeddings cached" if embedded else "")
 
-    def _embedded(self, slide: Any, preview: Any, embedding: dict, settings: Any) -> bool:
-        from pathlib import Path
+    def _embedded(self, slide: Any, preview: Any, embedding: EmbeddingSpec, settings: Any) -> bool:
+        from napari_stem.caches import embedding_cache_path
 
         try:
             selected = preview.spots.subset(preview.selected)
-            return self.widget.controller._cache_path(
-                Path(slide.path), selected, embedding, settings.encoder_weights
-            ).exists()
+            root = self.widget.controller.embedding_cache_dir
+            return embedding_cache_path(slide.path, selected, embedding, settings.encoder_weights, root=root).exists()
         except Exception:  # an estimate only
             return False
 
     def _find_tissue(self, path: Any, mpp: float) -> None:
         """The tissue mask in a worker (seconds on a whole slide); redraw when it is there."""
-        from napari_stem.preview import slide_tissue
-
+        slide_tissue = self.widget.controller.grids.tissue
         self.widget.preview_info.value = "finding the tissue…"
         if not self.widget.use_threads:
             slide_tissue(path, mpp)
@@ -282,7 +278,7 @@ def _find(viewer: Any, name: str) -> Any:
 
 
 def _grid() -> str:
-    from napari_stem.plugin.controller import GRID
+    from napari_stem.plugin.jobs import GRID
 
     return GRID
 

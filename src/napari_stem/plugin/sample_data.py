@@ -3,7 +3,7 @@ demo model's prediction over it.
 
 *File > Open Sample* calls these on napari's GUI thread, so nothing slow happens there: the grid
 is the preview's (tissue found on the slide's stored thumbnail, milliseconds), and the demo
-prediction (the first time: building the model, then embedding every spot, ~30 s on a CPU) runs
+prediction (the first time: building the model, then embedding every spot: minutes on a CPU) runs
 in a thread worker that adds its layers when done, with a progress bar and notifications.
 """
 
@@ -26,10 +26,10 @@ def demo_slide() -> list:
 
 
 def _demo_spots(slide: Any) -> Any:
-    """The default grid over the demo tissue: the widget's preview grid (same spots, cached)."""
-    from napari_stem.preview import grid_over_tissue
+    """The default grid over the demo tissue: the spots the widget's preview and run lay there."""
+    from napari_stem.caches import GridCache
 
-    return grid_over_tissue(slide.path, slide.require_mpp(), 100.0, 55.0, 0.5)
+    return GridCache().grid(slide.path, slide.require_mpp())
 
 
 def _embedding_cache() -> Path:
@@ -54,11 +54,12 @@ def demo_prediction() -> list:
     from napari_stem.predict import predict
     from napari_stem.slide import open_slide
     from napari_stem.stem.checkpoint import load_checkpoint
+    from napari_stem.values import PredictOptions
 
     checkpoint = load_checkpoint(demo_checkpoint_path())
     slide = open_slide(demo_slide_path())
     spots = _demo_spots(slide)
-    prediction = predict(slide.path, spots, checkpoint, cache_path=_embedding_cache(), seed=0)
+    prediction = predict(slide.path, spots, checkpoint, PredictOptions(seed=0), cache_path=_embedding_cache())
     label_colorbars_when_added()
     return [slide_layer_data(slide, name="demo H&E"), *_prediction_layers(prediction, spots, slide.path)]
 
@@ -101,6 +102,7 @@ def _demo_prediction_events(slide_path: Path) -> Any:
     from napari_stem import known_models
     from napari_stem.predict import iter_predict
     from napari_stem.slide import open_slide
+    from napari_stem.values import PredictOptions
 
     with open_slide(slide_path) as slide:
         spots = _demo_spots(slide)
@@ -113,7 +115,10 @@ def _demo_prediction_events(slide_path: Path) -> Any:
         checkpoint = build_demo_model()
     n_spots = max(len(spots), 1)
     prediction = None
-    for event in iter_predict(slide_path, spots, checkpoint, cache_path=_embedding_cache(), seed=0, step_events=True):
+    events = iter_predict(
+        slide_path, spots, checkpoint, PredictOptions(seed=0), cache_path=_embedding_cache(), step_events=True
+    )
+    for event in events:
         if event.stage == "embed":
             yield "embed", 0.5 * event.done / n_spots
         elif event.stage == "step":
@@ -150,7 +155,7 @@ def start_demo_prediction(viewer: Any, slide_path: Path) -> Any:
             shown["stage"] = stage
             bar.set_description(f"napari-stem demo: {_STAGES.get(stage, stage)}")
             if stage == "build":
-                from napari_stem.known_models import DEMO_BUILD_TIME
+                from napari_stem.datasets import DEMO_BUILD_TIME
 
                 show_info(f"napari-stem: building the demo model once ({DEMO_BUILD_TIME}); it is kept for next time…")
         percent = min(99, int(100 * fraction))

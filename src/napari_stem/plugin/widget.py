@@ -47,20 +47,13 @@ from napari_stem.intervals import describe as describe_intervals
 from napari_stem.intervals import samples_for_levels
 from napari_stem.known_models import HUB_PREFIX
 from napari_stem.plugin import result_layers
-from napari_stem.plugin.controller import (
-    DEVICES,
-    GRID,
-    WHOLE_SLIDE,
-    PointsInput,
-    PredictController,
-    PredictSettings,
-    RegionInput,
-    SlideInput,
-)
+from napari_stem.plugin.controller import PredictController
+from napari_stem.plugin.jobs import DEVICES, GRID, WHOLE_SLIDE, PointsInput, PredictSettings, RegionInput, SlideInput
 from napari_stem.plugin.layers import SPOT_OPACITY, UNCERTAINTY_KINDS, SlideFrame, has_interval, prediction_layer_data
 from napari_stem.plugin.torch_guard import block_triton_if_llvm_loaded
 from napari_stem.predict import DEFAULT_SAMPLER, DEFAULT_SETTINGS, SAMPLERS
 from napari_stem.validate import MAX_DIFFUSION_STEPS
+from napari_stem.values import GridSpec
 
 if TYPE_CHECKING:
     import napari
@@ -335,7 +328,7 @@ class PredictWidget(Container):
 
     def _on_known_model(self, value: Any = None, *_: Any) -> None:
         """A known model fills 'checkpoint'; the demo model is built first when it is not yet."""
-        from napari_stem import known_models
+        from napari_stem import datasets, known_models
 
         if value is None:
             return
@@ -351,7 +344,7 @@ class PredictWidget(Container):
 
         from napari_stem.preview import format_duration
 
-        message = f"building the demo model once ({known_models.DEMO_BUILD_TIME}); it is kept for next time…"
+        message = f"building the demo model once ({datasets.DEMO_BUILD_TIME}); it is kept for next time…"
         self._set_status(message)
         show_info(f"napari-stem: {message}")
         self.run_button.enabled = False
@@ -362,7 +355,7 @@ class PredictWidget(Container):
         ticker.timeout.connect(
             lambda: self._set_status(
                 f"building the demo model once: {format_duration(time.perf_counter() - started)} so far "
-                f"({known_models.DEMO_BUILD_TIME}); it is kept for next time…"
+                f"({datasets.DEMO_BUILD_TIME}); it is kept for next time…"
             )
         )
         ticker.start()
@@ -474,9 +467,11 @@ class PredictWidget(Container):
             seed=int(self.seed.value),
             encoder_weights=self.encoder_weights.value,
             mpp_override=float(self.mpp.value),
-            pitch_um=float(self.pitch_um.value),
-            diameter_um=float(self.diameter_um.value),
-            min_tissue_fraction=float(self.min_tissue.value),
+            grid=GridSpec(
+                pitch_um=float(self.pitch_um.value),
+                spot_diameter_um=float(self.diameter_um.value),
+                min_tissue_fraction=float(self.min_tissue.value),
+            ),
         )
 
     def slide_input(self) -> SlideInput | None:
@@ -932,7 +927,7 @@ def _to_world(layer: Any, coords: Any) -> np.ndarray:
 
 
 def build_demo_model() -> Path:
-    """Train the demo model once (slow: see :data:`napari_stem.known_models.DEMO_BUILD_TIME`).
+    """Train the demo model once (slow: see :data:`napari_stem.datasets.DEMO_BUILD_TIME`).
 
     The plugin asks the training toolkit, shipped beside it, to build it; the core never imports it.
     """

@@ -2,9 +2,9 @@
 
 The prediction layers (``<gene> mean``, ``<gene> sd`` …) carry the :class:`~napari_stem.values.Prediction` and
 :class:`~napari_stem.spots.Spots` behind them in their metadata, so the ``.h5ad`` goes through
-:func:`napari_stem.anndata_io.write_prediction`: one code path with the CLI. Only spots still in
-the layer and already predicted (not NaN, e.g. after a cancelled run) are written. Both writes are
-atomic: a temporary file next to the target, renamed over it when complete.
+:func:`napari_stem.export.write_prediction`: one code path with the CLI. Only spots still in
+the layer and already predicted (not NaN, e.g. after a cancelled run) are written; the ``.csv`` goes
+through :func:`napari_stem.csv_io.write_prediction_csv`, as the widget's export. Both writes are atomic.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from napari_stem.atomic import replace_atomically
 from napari_stem.errors import StemError, describe_path
 
 
 def write_h5ad(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
     """npe2 multi-layer writer: the prediction behind the given layers, as AnnData."""
-    from napari_stem.anndata_io import write_prediction
+    from napari_stem.export import write_prediction
 
     prediction, spots, slide_path = prediction_from_layers(layer_data, path)
     slide = _open_slide_or_none(slide_path, spots.mpp)
@@ -34,44 +33,10 @@ def write_h5ad(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
 
 def write_csv(path: str, layer_data: list[tuple[Any, dict, str]]) -> list[str]:
     """npe2 multi-layer writer: one row per spot, mean and variance of every gene."""
+    from napari_stem.csv_io import write_prediction_csv
+
     prediction, spots, _ = prediction_from_layers(layer_data, path)
     return [str(write_prediction_csv(path, prediction, spots))]
-
-
-def prediction_table(prediction: Any, spots: Any) -> Any:
-    """The CSV table: ``barcode``, spot annotations, centres in px (and µm), ``mean_<gene>``, ``variance_<gene>``,
-    then ``lo90_<gene>``/``hi90_<gene>`` for each interval (named by the level it has, as in the ``.h5ad``)."""
-    import pandas as pd
-
-    table = spots.obs.reset_index(drop=True).copy()
-    table = table.loc[:, [c for c in table.columns if not str(c).startswith("_") and c != "barcode"]]
-    table.insert(0, "barcode", np.asarray(spots.barcodes, dtype=str))
-    table["x_px"] = spots.centers_px[:, 0]
-    table["y_px"] = spots.centers_px[:, 1]
-    if spots.mpp:
-        table["x_um"] = spots.centers_um[:, 0]
-        table["y_um"] = spots.centers_um[:, 1]
-    genes = [str(g) for g in prediction.genes]
-    mean = pd.DataFrame(np.asarray(prediction.mean), columns=[f"mean_{g}" for g in genes])
-    variance = pd.DataFrame(np.asarray(prediction.variance), columns=[f"variance_{g}" for g in genes])
-    ends = []
-    for spec, bounds in zip(getattr(prediction, "interval_specs", ()) or (), _intervals(prediction), strict=False):
-        for layer, values in zip((spec.lower_layer, spec.upper_layer), bounds, strict=True):
-            ends.append(pd.DataFrame(np.asarray(values), columns=[f"{layer}_{g}" for g in genes]))
-    return pd.concat([table, mean, variance, *ends], axis=1)
-
-
-def _intervals(prediction: Any) -> Any:
-    intervals = getattr(prediction, "intervals", None)
-    return () if intervals is None else intervals
-
-
-def write_prediction_csv(path: str | Path, prediction: Any, spots: Any) -> Path:
-    """Write :func:`prediction_table` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = prediction_table(prediction, spots)
-    return replace_atomically(path, lambda partial: table.to_csv(partial, index=False))
 
 
 def prediction_from_layers(

@@ -4,16 +4,13 @@ Why our own format: the reference saves bare state dicts (no architecture, no ge
 whole modules, which run arbitrary code when loaded. Ours holds the architecture, the ordered gene
 list, the target transform, the embedding spec and provenance next to safetensors weights, and
 loading it never unpickles anything. Writes are atomic: a temporary folder renamed into place.
-
-Reference trainer checkpoints ({"model", "ema", "opt"} state dicts) are imported with
-``torch.load(weights_only=True)``; released "full model" pickles are refused with a recipe.
+Reference trainer checkpoints are converted into it by :mod:`napari_stem.stem.reference_import`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,7 +20,7 @@ from typing import TYPE_CHECKING
 from napari_stem.atomic import remove_stale_temporaries, temporary_sibling
 from napari_stem.devices import resolve_device_name
 from napari_stem.errors import CheckpointError, describe_path
-from napari_stem.gene_list import read_gene_list as read_gene_list_file
+from napari_stem.values import EmbeddingSpec
 
 if TYPE_CHECKING:  # torch is imported where weights are touched: reading metadata stays instant
     from napari_stem.stem.model import StemConfig, StemModel
@@ -33,20 +30,6 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 EMA_PREFIX, MODEL_PREFIX = "ema.", "model."
-REFERENCE_HEADS = 6  # the reference's default for hidden 384; not recoverable from weights
-
-# Reference (Stem/models.py) parameter-name prefixes -> ours; everything else is identical.
-REFERENCE_RENAMES = {
-    "gene_joint_embed.gene_name_ebd": "gene_embed.identity_table",
-    "gene_joint_embed.gene_count_ebd.": "gene_embed.value_mlp.",
-    "label_embed.": "cond_embed.",
-}
-
-CONVERT_FULL_MODEL_RECIPE = """\
-# only in a trusted environment where the reference code (Stem/) is importable:
-import torch
-full_model = torch.load("FILE.pt", weights_only=False, map_location="cpu")
-torch.save({"ema": full_model.state_dict()}, "FILE_state_dict.pt")"""
 
 
 @dataclass
@@ -58,27 +41,15 @@ class StemCheckpoint:
     genes: list[str]
     target_transform: str
     model: StemModel
-    embedding: dict = field(default_factory=dict)
+    embedding: EmbeddingSpec = field(default_factory=EmbeddingSpec)
     provenance: dict = field(default_factory=dict)
     #: Per-gene {"min": [...], "max": [...]} of the training targets (stem-train fit records it);
     #: samplers clip their predicted x_0 to it. None (e.g. imported reference weights): no clipping.
     target_range: dict | None = None
 
-
-def reference_to_ours(state_dict: dict) -> dict:
-    return {_rename(k, REFERENCE_RENAMES): v for k, v in state_dict.items()}
-
-
-def ours_to_reference(state_dict: dict) -> dict:
-    inverse = {v: k for k, v in REFERENCE_RENAMES.items()}
-    return {_rename(k, inverse): v for k, v in state_dict.items()}
-
-
-def _rename(key: str, prefixes: dict[str, str]) -> str:
-    for old, new in prefixes.items():
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
+    def __post_init__(self) -> None:
+        if not isinstance(self.embedding, EmbeddingSpec):  # the config's dict form
+            self.embedding = EmbeddingSpec.from_dict(self.embedding)
 
 
 # -- saving ---------------------------------------------------------------------------------
@@ -92,7 +63,7 @@ def save_checkpoint(
     ema,
     model=None,
     target_transform: str = "log2p1",
-    embedding: dict | None = None,
+    embedding: EmbeddingSpec | dict | None = None,
     provenance: dict | None = None,
     overwrite: bool = False,
     target_range: dict | None = None,
@@ -101,8 +72,9 @@ def save_checkpoint(
 
     ``ema`` (the weights used for sampling) and the optional ``model`` (raw training weights) are
     modules or state dicts of a :class:`StemModel` built from ``config``. ``embedding`` describes
-    the condition (encoder name, dim, patch mode, patch size µm, µm/px...) and ``provenance`` the
-    run (steps, data); both are stored as given and must be JSON-serialisable. ``target_range``
+    the condition (an :class:`~napari_stem.values.EmbeddingSpec`, or its dict form: encoder name,
+    dim, patch spec) and ``provenance`` the run (steps, data); both are stored as given and must be
+    JSON-serialisable. ``target_range``
     ({"min": G values, "max": G values}) is the training targets' per-gene range.
     """
     import torch
@@ -123,7 +95,7 @@ def save_checkpoint(
     for prefix, weights in ((EMA_PREFIX, ema), (MODEL_PREFIX, model)):
         if weights is None:
             continue
-        state = _validated_state_dict(weights, config, f"{describe_path(path)} ({prefix[:-1]})")
+        state = validated_state_dict(weights, config, f"{describe_path(path)} ({prefix[:-1]})")
         tensors.update({prefix + k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()})
     metadata = {
         "format": FORMAT_NAME,
@@ -131,7 +103,7 @@ def save_checkpoint(
         "architecture": config.to_dict(),
         "genes": genes,
         "target_transform": target_transform,
-        "embedding": dict(embedding or {}),
+        "embedding": embedding.to_dict() if isinstance(embedding, EmbeddingSpec) else dict(embedding or {}),
         "provenance": dict(provenance or {}),
         "weights": {"file": WEIGHTS_FILE, "ema": True, "model": model is not None},
     }
@@ -232,7 +204,8 @@ def _swap_into_place(staging: Path, path: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def _validated_state_dict(weights, config: StemConfig, where: str, template: StemModel | None = None) -> dict:
+def validated_state_dict(weights, config: StemConfig, where: str, template: StemModel | None = None) -> dict:
+    """The state dict of ``weights`` (a module or a dict), refused unless it fits ``config`` exactly."""
     import torch
 
     from napari_stem.stem.model import StemModel
@@ -327,9 +300,9 @@ def load_checkpoint(
     try:
         config = StemConfig.from_dict(metadata["architecture"])
         genes = [str(g) for g in metadata["genes"]]
+        embedding = EmbeddingSpec.from_dict(metadata.get("embedding"))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{describe_path(folder / CONFIG_FILE)} is malformed: {exc}") from exc
-    embedding = metadata.get("embedding", {})
     check_compatible(folder, genes, config.cond_dim, embedding, expected_genes, expected_cond_dim)
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
@@ -343,7 +316,7 @@ def load_checkpoint(
             f"e.g. '{damaged[0]}': the file is damaged or its training diverged. Use an earlier checkpoint of the run."
         )
     model = StemModel(config)
-    _validated_state_dict(state, config, describe_path(folder), template=model)
+    validated_state_dict(state, config, describe_path(folder), template=model)
     map_location = resolve_device_name(map_location, torch.cuda.is_available)
     model.load_state_dict(state)
     model.to(map_location).eval()
@@ -379,7 +352,7 @@ def _read_weights(file: Path, prefix: str) -> dict:
 def check_compatible(path, genes, cond_dim, embedding, expected_genes=None, expected_cond_dim=None) -> None:
     """Raise CheckpointError when the checkpoint's genes or condition dim differ from the caller's."""
     if expected_cond_dim is not None and int(expected_cond_dim) != cond_dim:
-        encoder = embedding.get("encoder")
+        encoder = embedding.encoder
         made_with = f" (made with encoder '{encoder}')" if encoder else ""
         raise CheckpointError(
             f"checkpoint {describe_path(path)} expects {cond_dim}-dim embeddings{made_with}, "
@@ -414,129 +387,3 @@ def _gene_difference(in_checkpoint: list[str], expected: list[str]) -> str:
         f"{len(only_expected)} expected genes are not in the checkpoint {_preview(only_expected)}; "
         f"{len(only_checkpoint)} checkpoint genes were not expected {_preview(only_checkpoint)}"
     )
-
-
-# -- reference import -----------------------------------------------------------------------
-
-
-def import_reference_checkpoint(
-    pt_path,
-    gene_list_file,
-    *,
-    num_heads: int | None = None,
-    out_path=None,
-    target_transform: str = "log2p1",
-    embedding: dict | None = None,
-    provenance: dict | None = None,
-    overwrite: bool = False,
-    map_location="cpu",
-) -> StemCheckpoint:
-    """Load a reference trainer checkpoint ({"model", "ema", "opt"} or {"ema"}) safely.
-
-    The architecture comes from the tensor shapes; the head count cannot, so ``num_heads`` is
-    required unless the hidden size is the reference default 384 (6 heads). The gene list file
-    (one symbol per line, the trainer's ``selected_gene_list.txt``) must match the checkpoint's
-    gene count. With ``out_path`` the result is also saved in our format.
-    """
-    from napari_stem.stem.model import StemModel
-
-    pt_path = Path(pt_path)
-    raw = _torch_load_weights_only(pt_path)
-    ema_state, model_state = _reference_state_dicts(raw, pt_path)
-    config = infer_reference_config(ema_state, num_heads=num_heads, source=pt_path)
-    genes = read_gene_list(gene_list_file)
-    if len(genes) != config.n_genes:
-        raise CheckpointError(
-            f"gene list {describe_path(gene_list_file)} has {len(genes)} genes, but checkpoint "
-            f"{describe_path(pt_path)} was trained on {config.n_genes}"
-        )
-    model = StemModel(config)
-    model.load_state_dict(_validated_state_dict(reference_to_ours(ema_state), config, describe_path(pt_path)))
-    step = int(pt_path.stem) if pt_path.stem.isdigit() else None
-    provenance = {
-        "source": "reference-import",
-        "reference_file": pt_path.name,
-        "steps": step,
-        "gene_list_file": Path(gene_list_file).name,
-        "weights": "ema" if "ema" in raw else "model" if "model" in raw else "state_dict",
-        **(provenance or {}),
-    }
-    embedding = dict(embedding or {})
-    if out_path is not None:
-        save_checkpoint(
-            out_path,
-            config=config,
-            genes=genes,
-            ema=model,
-            model=reference_to_ours(model_state) if model_state is not None else None,
-            target_transform=target_transform,
-            embedding=embedding,
-            provenance=provenance,
-            overwrite=overwrite,
-        )
-    model.to(map_location).eval()
-    return StemCheckpoint(
-        path=Path(out_path) if out_path is not None else pt_path,
-        config=config,
-        genes=genes,
-        target_transform=target_transform,
-        model=model,
-        embedding=embedding,
-        provenance=provenance,
-    )
-
-
-def _torch_load_weights_only(pt_path: Path):
-    from napari_stem.safe_load import torch_load_tensors
-
-    return torch_load_tensors(pt_path, "reference checkpoint", CheckpointError, recipe=CONVERT_FULL_MODEL_RECIPE)
-
-
-def _reference_state_dicts(raw, pt_path: Path) -> tuple[dict, dict | None]:
-    """(weights to sample with, raw training weights or None) from a reference checkpoint."""
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{describe_path(pt_path)} does not hold a state dict")
-    if "ema" in raw or "model" in raw:
-        ema = raw.get("ema", raw.get("model"))
-        return ema, raw.get("model") if "ema" in raw else None
-    if "gene_joint_embed.gene_name_ebd" in raw:  # a bare state dict, as find_model() accepts
-        return raw, None
-    raise CheckpointError(
-        f"{describe_path(pt_path)} holds neither 'ema'/'model' state dicts nor Stem weights (keys: {sorted(raw)[:5]})"
-    )
-
-
-def infer_reference_config(state_dict: dict, *, num_heads: int | None = None, source="checkpoint") -> StemConfig:
-    """Architecture from reference tensor shapes (genes, condition dim, hidden, depth, MLP ratio)."""
-    from napari_stem.stem.model import StemConfig
-
-    try:
-        n_genes, hidden = state_dict["gene_joint_embed.gene_name_ebd"].shape
-        cond_dim = state_dict["label_embed.0.weight"].shape[1]
-        mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
-    except KeyError as exc:
-        raise CheckpointError(f"{describe_path(source)} is not a Stem state dict: no {exc}") from exc
-    depth = len({m.group(1) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-    if num_heads is None:
-        if hidden != 384:
-            raise CheckpointError(
-                f"{describe_path(source)} has hidden size {hidden}; the number of attention heads "
-                f"is not stored in the weights, pass num_heads (the --num_heads used in training)"
-            )
-        num_heads = REFERENCE_HEADS
-    try:
-        return StemConfig(
-            n_genes=int(n_genes),
-            cond_dim=int(cond_dim),
-            hidden_size=int(hidden),
-            depth=depth,
-            num_heads=int(num_heads),
-            mlp_ratio=mlp_hidden / hidden,
-        )
-    except ValueError as exc:
-        raise CheckpointError(f"{describe_path(source)}: {exc}") from exc
-
-
-def read_gene_list(path) -> list[str]:
-    """The gene list a reference checkpoint was trained on (its ``selected_gene_list.txt``)."""
-    return read_gene_list_file(path, error=CheckpointError)

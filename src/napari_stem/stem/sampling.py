@@ -341,40 +341,63 @@ def sample_expression(
         genes = checkpoint.genes
     elif genes is None:
         genes = [f"gene{i}" for i in range(config.n_genes)]
-
-    def gather(name: str, axis: int = 0):
-        parts = [getattr(b, name) for b in batches]
-        if not parts or parts[0] is None:
-            return None
-        return np.concatenate(parts, axis=axis)
-
-    n_genes = config.n_genes
-    empty = np.zeros((0, n_genes), dtype=np.float32)
-    return Prediction(
-        mean=gather("mean") if batches else empty,
-        variance=gather("variance") if batches else empty,
-        genes=list(genes),
-        samples=gather("samples"),
-        quantile_levels=tuple(sorted(quantiles)) if quantiles else None,
-        quantiles=gather("quantiles", axis=1),
-        interval_specs=plan_intervals(intervals, n_samples),
-        intervals=gather("intervals", axis=2),
-        metadata={
-            "n_samples": n_samples,
-            "steps": steps,
-            "sampler": sampler,
-            "eta": eta,
-            "seed": seed,
-            **({"spacing": spacing or SOLVER_SPACING[sampler]} if sampler in SOLVERS else {}),
-            "clip_x0": bool(
-                clip_x0
-                and (target_range is not None or (checkpoint is not None and checkpoint.target_range is not None))
-            ),
-            "clip_margin": float(clip_margin),
-            "variance_ddof": VARIANCE_DDOF,
-            "device": str(device),
-            "precision": precision,
-            "target_transform": checkpoint.target_transform if checkpoint else None,
-            "checkpoint": str(checkpoint.path) if checkpoint else None,
-        },
+    metadata = sampling_provenance(
+        checkpoint,
+        n_samples=n_samples,
+        steps=steps,
+        sampler=sampler,
+        eta=eta,
+        seed=seed,
+        device=device,
+        precision=precision,
+        clip_x0=clip_x0,
+        clip_margin=clip_margin,
+        spacing=spacing,
+        target_range=target_range,
     )
+    return Prediction.from_batches(
+        batches,
+        genes,
+        n_samples=n_samples,
+        quantiles=quantiles,
+        intervals=intervals,
+        keep_samples=keep_samples,
+        n_spots=len(embeddings),
+        metadata=metadata,
+    )
+
+
+def sampling_provenance(
+    checkpoint: StemCheckpoint | None,
+    *,
+    n_samples: int,
+    steps: int | str,
+    sampler: str,
+    eta: float,
+    seed: int,
+    device: str | torch.device,
+    precision: str,
+    clip_x0: bool,
+    clip_margin: float = X0_CLIP_MARGIN,
+    spacing: str | None = None,
+    target_range=None,
+) -> dict:
+    """How samples were drawn, as a prediction's metadata records it: the sampler's settings as run
+    (resolved device and precision, the solver's spacing, whether x_0 was clipped), the checkpoint
+    and its target transform. The same keys whether the plugin, the CLI or a script sampled."""
+    clipped = clip_x0 and (target_range is not None or getattr(checkpoint, "target_range", None) is not None)
+    return {
+        "checkpoint": str(checkpoint.path) if checkpoint is not None else None,
+        "target_transform": checkpoint.target_transform if checkpoint is not None else None,
+        "n_samples": int(n_samples),
+        "steps": int(steps) if str(steps).isdigit() else str(steps),
+        "sampler": sampler,
+        "eta": float(eta),
+        "seed": int(seed),
+        **({"spacing": spacing or SOLVER_SPACING[sampler]} if sampler in SOLVERS else {}),
+        "clip_x0": bool(clipped),
+        "clip_margin": float(clip_margin),
+        "variance_ddof": VARIANCE_DDOF,
+        "device": str(device),
+        "precision": precision,
+    }
