@@ -25,16 +25,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tissue_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Slides whose tissue overview was read (the slow part of a grid)."""
-    import napari_stem.tissue as tissue
+    import napari_stem.grid as grid
 
     reads: list[str] = []
-    original = tissue.mask_overview
+    original = grid.tissue_mask
 
     def counted(slide):
         reads.append(str(slide.path))
         return original(slide)
 
-    monkeypatch.setattr(tissue, "mask_overview", counted)
+    monkeypatch.setattr(grid, "tissue_mask", counted)
     return reads
 
 
@@ -52,6 +52,20 @@ def test_grid_cache_keeps_one_tissue_mask_per_slide_and_one_grid_per_spec(
     assert coarse is not visium and len(coarse) < len(visium)
     assert len(tissue_reads) == 1  # another grid over the same tissue mask
     assert GridCache().cached_tissue(demo_slide_file, 0.499) is None  # no cache shared behind the objects' backs
+
+
+def test_the_cli_and_the_widget_lay_the_same_grid(demo_slide_file: Path) -> None:
+    """``stem-train predict slide`` (spots_over_tissue on the open slide) and the widget's cached grid
+    find tissue the same way, so the spots a preview shows are the spots the CLI predicts."""
+    from napari_stem.grid import spots_over_tissue
+    from napari_stem.slide import open_slide
+
+    for spec in (GridSpec(), GridSpec(pitch_um=150.0, spot_diameter_um=80.0, min_tissue_fraction=0.9)):
+        with open_slide(demo_slide_file) as slide:
+            cli = spots_over_tissue(slide, spec)
+            widget = GridCache().grid(demo_slide_file, slide.mpp, spec)
+        assert len(cli) > 10 and list(cli.obs.index) == list(widget.obs.index)
+        np.testing.assert_array_equal(cli.centers_px, widget.centers_px)
 
 
 def test_grid_cache_forgets_the_oldest_beyond_its_size(demo_slide_file: Path, tissue_reads: list[str]) -> None:

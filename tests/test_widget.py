@@ -540,15 +540,16 @@ def test_preview_tissue_from_the_stored_thumbnail_matches_the_decoded_level(demo
     """The preview's mask comes from the SVS's stored thumbnail (milliseconds, not a decoded level):
     grids over it keep nearly the same spots, with nearly the same tissue fractions."""
     from napari_stem.caches import GridCache
-    from napari_stem.grid import spots_over_tissue, tissue_mask
+    from napari_stem.grid import spots_over_tissue
     from napari_stem.slide import open_slide
-    from napari_stem.tissue import mask_overview
+    from napari_stem.tissue import mask_overview, tissue_mask_from_rgb
     from napari_stem.values import GridSpec
 
     with open_slide(demo_slide_file) as slide:
         overview, scale = mask_overview(slide)
         assert overview.shape == (768, 574, 3) and scale == pytest.approx(574 / 2220)  # the thumbnail, not level 0
-        full = tissue_mask(slide)
+        level, level_scale = slide.thumbnail(2048)  # decoded from the pyramid, not the stored thumbnail
+        full = tissue_mask_from_rgb(level), level_scale
         grids = GridCache()
         for pitch, diameter, fraction in (
             (100.0, 55.0, 0.5),

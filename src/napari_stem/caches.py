@@ -53,12 +53,11 @@ class GridCache:
         """``(mask, scale level-0 px → mask px)`` of the slide's tissue, found once per file."""
         key = (*_file_key(path), float(mpp))
         if key not in self._tissue:
+            from napari_stem.grid import tissue_mask
             from napari_stem.slide import open_slide
-            from napari_stem.tissue import mask_overview, tissue_mask_from_rgb
 
             with open_slide(path, mpp=mpp) as slide:
-                overview, scale = mask_overview(slide)
-            self._remember(self._tissue, key, (tissue_mask_from_rgb(overview), scale))
+                self._remember(self._tissue, key, tissue_mask(slide))
         return self._tissue[key]
 
     def grid(self, path: str | Path, mpp: float, grid: GridSpec = VISIUM_GRID) -> Spots:

@@ -8,7 +8,7 @@ import pandas as pd
 from napari_stem.errors import describe_path
 from napari_stem.slide import Slide
 from napari_stem.spots import Spots, hex_grid
-from napari_stem.tissue import tissue_fraction_at, tissue_mask_from_rgb
+from napari_stem.tissue import mask_overview, tissue_fraction_at, tissue_mask_from_rgb
 from napari_stem.validate import check_grid, check_grid_size
 from napari_stem.values import VISIUM_GRID, GridSpec
 
@@ -17,8 +17,10 @@ _MASK_MAX_SIZE = 2048
 
 
 def tissue_mask(slide: Slide) -> tuple[np.ndarray, float]:
-    """The slide's tissue mask on an overview, and the overview's scale (level-0 px → mask px)."""
-    overview, scale = slide.thumbnail(_MASK_MAX_SIZE)
+    """The slide's tissue mask and its scale (level-0 px → mask px), found on
+    :func:`~napari_stem.tissue.mask_overview` (the file's stored thumbnail when it is fine enough):
+    one definition of tissue, so ``stem-train predict``, the demo and the widget lay the same grid."""
+    overview, scale = mask_overview(slide, _MASK_MAX_SIZE)
     return tissue_mask_from_rgb(overview), scale
 
 
