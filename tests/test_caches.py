@@ -130,3 +130,27 @@ def test_controller_and_cli_name_embedding_files_by_one_policy(
     with pytest.raises(Stop):
         predict_job(cli_job, checkpoint)  # no --cache-dir: no file kept
     assert calls[0][2] is None
+
+
+def test_the_demo_sample_embeds_into_the_widgets_file(
+    demo_slide_file: Path, tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """File > Open Sample > Demo prediction and a widget run over the same grid share one embedding file."""
+    from napari_stem.plugin import sample_data
+    from napari_stem.plugin.controller import PredictController
+    from napari_stem.plugin.jobs import GRID, PredictSettings, SlideInput
+    from napari_stem.plugin.layers import SlideFrame
+    from napari_stem.slide import open_slide
+
+    monkeypatch.setenv("NAPARI_STEM_CACHE", str(tmp_path / "cache"))
+    job = PredictController().prepare(
+        SlideInput("demo", demo_slide_file, 0.499, SlideFrame.microns(0.499)),
+        GRID,
+        None,
+        PredictSettings(checkpoint=tiny_checkpoint, device="cpu"),
+    )
+    with open_slide(demo_slide_file, mpp=0.499) as slide:
+        spots = sample_data._demo_spots(slide)
+    assert list(spots.obs.index) == list(job.spots.obs.index)
+    assert sample_data._embedding_cache(demo_slide_file, spots, tiny_checkpoint) == job.cache_path
+    assert job.cache_path.parent == tmp_path / "cache" / "embeddings"

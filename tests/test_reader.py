@@ -88,7 +88,7 @@ def test_sample_data_demo_prediction_does_not_block_napari(
     monkeypatch.setattr(known_models, "demo_checkpoint", lambda: tiny_checkpoint)  # the tiny model, 5 spots
     grid = sample_data._demo_spots
     monkeypatch.setattr(sample_data, "_demo_spots", lambda slide: grid(slide).subset(np.arange(5)))
-    monkeypatch.setattr(sample_data, "_embedding_cache", lambda: tmp_path / "demo.h5")
+    monkeypatch.setattr(sample_data, "_embedding_cache", lambda *_: tmp_path / "demo.h5")
     shown = threading.Event()
     events = sample_data._demo_prediction_events
 

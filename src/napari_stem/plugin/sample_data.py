@@ -32,10 +32,13 @@ def _demo_spots(slide: Any) -> Any:
     return GridCache().grid(slide.path, slide.require_mpp())
 
 
-def _embedding_cache() -> Path:
-    from napari_stem.datasets import cache_dir
+def _embedding_cache(slide_path: Path, spots: Any, checkpoint: Path) -> Path:
+    """The widget's embedding file for these spots and this model (:func:`napari_stem.caches.embedding_cache_path`):
+    predicting the same grid in the widget afterwards embeds nothing."""
+    from napari_stem.caches import embedding_cache_path
+    from napari_stem.stem.checkpoint import read_metadata
 
-    return cache_dir() / "embeddings" / "demo_sample.h5"
+    return embedding_cache_path(slide_path, spots, read_metadata(checkpoint).get("embedding"))
 
 
 def demo_prediction() -> list:
@@ -59,7 +62,8 @@ def demo_prediction() -> list:
     checkpoint = load_checkpoint(demo_checkpoint_path())
     slide = open_slide(demo_slide_path())
     spots = _demo_spots(slide)
-    prediction = predict(slide.path, spots, checkpoint, PredictOptions(seed=0), cache_path=_embedding_cache())
+    cache_path = _embedding_cache(slide.path, spots, checkpoint)
+    prediction = predict(slide.path, spots, checkpoint, PredictOptions(seed=0), cache_path=cache_path)
     label_colorbars_when_added()
     return [slide_layer_data(slide, name="demo H&E"), *_prediction_layers(prediction, spots, slide.path)]
 
@@ -116,7 +120,12 @@ def _demo_prediction_events(slide_path: Path) -> Any:
     n_spots = max(len(spots), 1)
     prediction = None
     events = iter_predict(
-        slide_path, spots, checkpoint, PredictOptions(seed=0), cache_path=_embedding_cache(), step_events=True
+        slide_path,
+        spots,
+        checkpoint,
+        PredictOptions(seed=0),
+        cache_path=_embedding_cache(slide_path, spots, checkpoint),
+        step_events=True,
     )
     for event in events:
         if event.stage == "embed":
