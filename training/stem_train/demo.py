@@ -159,6 +159,7 @@ def ensure_demo_model(size: DemoSize = FULL, device: str = "auto", retrain: bool
     paths = demo_paths(size)
     if (paths.checkpoint / "config.json").exists() and not retrain:
         return paths
+    load_torch_openmp_first()
     building = DemoPaths(root=paths.root.with_name(paths.root.name + ".building"), slide=paths.slide)
     shutil.rmtree(building.root, ignore_errors=True)
     building.root.mkdir(parents=True)
@@ -207,6 +208,18 @@ def ensure_demo_model(size: DemoSize = FULL, device: str = "auto", retrain: bool
         shutil.rmtree(paths.root)
     building.root.rename(paths.root)
     return paths
+
+
+def load_torch_openmp_first() -> None:
+    """Load torch (and the OpenMP runtime it ships) before anything else can load another one.
+
+    ``prepare`` selects genes with scanpy, whose numba import loads the system ``libgomp.so.1``;
+    torch, imported later in the same process, then binds to that runtime instead of its own,
+    and its CPU attention runs MKL matrix products as nested OpenMP teams that create threads on
+    every call: the sampling that follows in the same process (the demo's first build) slows many
+    times over. Importing torch first keeps its own runtime for the whole process.
+    """
+    import torch  # noqa: F401
 
 
 def _relocate_manifest(prepared: Path, final_hest: Path) -> None:

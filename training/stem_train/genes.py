@@ -61,6 +61,15 @@ def common_genes(adatas: Mapping[str, Any]) -> list[str]:
     return sorted(names)
 
 
+def _scanpy():
+    """scanpy, imported after torch: numba (which scanpy imports) loads the system OpenMP runtime, and a
+    torch imported later binds to it instead of its own (see :func:`stem_train.demo.load_torch_openmp_first`)."""
+    import importlib
+
+    importlib.import_module("torch")  # first, and not an import statement a sorter could move
+    return importlib.import_module("scanpy")
+
+
 def drop_prefixed(genes: Sequence[str], prefixes: Sequence[str]) -> list[str]:
     """The genes whose names start with none of ``prefixes`` (step 3), order kept."""
     prefixes = tuple(prefixes)
@@ -69,7 +78,7 @@ def drop_prefixed(genes: Sequence[str], prefixes: Sequence[str]) -> list[str]:
 
 def slide_hvgs(adata: Any, genes: Sequence[str], n_top_genes: int = HVG_PER_SLIDE) -> set[str]:
     """One slide's highly variable genes among ``genes``, with the reference's scanpy recipe (step 2)."""
-    import scanpy as sc
+    sc = _scanpy()
 
     sub = _float_copy(adata, genes)
     sc.pp.filter_cells(sub, min_genes=1)
@@ -178,7 +187,8 @@ def select_hvg(
     """Plain scanpy HVGs of the stacked slides: median-normalised, log1p, top ``n_genes`` by
     normalised dispersion (``seurat`` flavour), after the same prefix filter; sorted by name."""
     import anndata
-    import scanpy as sc
+
+    sc = _scanpy()
 
     shared = common_genes(all_adatas if all_adatas is not None else adatas)
     stacked = anndata.concat([_float_copy(adata, shared) for adata in adatas.values()], join="inner", index_unique="-")

@@ -32,13 +32,15 @@ def _demo_spots(slide: Any) -> Any:
     return GridCache().grid(slide.path, slide.require_mpp())
 
 
-def _embedding_cache(slide_path: Path, spots: Any, checkpoint: Path) -> Path:
+def _embedding_cache(slide_path: Path, spots: Any, checkpoint: Any) -> Path:
     """The widget's embedding file for these spots and this model (:func:`napari_stem.caches.embedding_cache_path`):
     predicting the same grid in the widget afterwards embeds nothing."""
     from napari_stem.caches import embedding_cache_path
     from napari_stem.stem.checkpoint import read_metadata
 
-    return embedding_cache_path(slide_path, spots, read_metadata(checkpoint).get("embedding"))
+    if isinstance(checkpoint, (str, Path)):
+        return embedding_cache_path(slide_path, spots, read_metadata(checkpoint).get("embedding"))
+    return embedding_cache_path(slide_path, spots, checkpoint.embedding)  # a loaded StemCheckpoint
 
 
 def demo_prediction() -> list:
