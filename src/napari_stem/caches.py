@@ -53,24 +53,32 @@ class GridCache:
         """``(mask, scale level-0 px → mask px)`` of the slide's tissue, found once per file."""
         key = (*_file_key(path), float(mpp))
         if key not in self._tissue:
-            from napari_stem.grid import tissue_mask
             from napari_stem.slide import open_slide
 
             with open_slide(path, mpp=mpp) as slide:
-                self._remember(self._tissue, key, tissue_mask(slide))
+                return self._find_tissue(key, slide)
         return self._tissue[key]
 
     def grid(self, path: str | Path, mpp: float, grid: GridSpec = VISIUM_GRID) -> Spots:
-        """:func:`napari_stem.grid.spots_over_tissue` of a slide file over its kept tissue mask."""
-        key = (*_file_key(path), float(mpp), grid)
+        """:func:`napari_stem.grid.spots_over_tissue` of a slide file over its kept tissue mask
+        (the slide is opened once, for the mask too when it is not kept yet)."""
+        tissue_key = (*_file_key(path), float(mpp))
+        key = (*tissue_key, grid)
         if key not in self._grids:
             from napari_stem.grid import spots_over_tissue
             from napari_stem.slide import open_slide
 
-            tissue = self.tissue(path, mpp)
             with open_slide(path, mpp=mpp) as slide:
+                tissue = self._tissue.get(tissue_key) or self._find_tissue(tissue_key, slide)
                 self._remember(self._grids, key, spots_over_tissue(slide, grid, tissue=tissue))
         return self._grids[key]
+
+    def _find_tissue(self, key: tuple, slide: Any) -> tuple[np.ndarray, float]:
+        from napari_stem.grid import tissue_mask
+
+        mask = tissue_mask(slide)
+        self._remember(self._tissue, key, mask)
+        return mask
 
     def _remember(self, cache: OrderedDict, key: tuple, value: Any) -> None:
         cache[key] = value
